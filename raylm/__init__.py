@@ -1,0 +1,1 @@
+"""raylm: the LLM lifecycle as Ray jobs."""

@@ -1,0 +1,254 @@
+"""The ``raylm`` command: run a job here, submit it as a Ray job, manage the local cluster.
+
+``raylm JOB CONFIG [key=value ...]`` and ``raylm submit JOB CONFIG ...`` run the same
+``jobs/JOB.py`` entrypoint: the first as a child process of this shell (joined to the
+current cluster), the second through Ray's job API, so it appears in the dashboard and
+survives this terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from raylm import config
+from raylm.cluster import ClusterError, LocalCluster, resolve_address, resolve_dashboard
+from raylm.config import WORKSPACE_ENV, ConfigError
+from raylm.runner import split_argv
+
+# Never upload these with a job: environments, caches, run outputs.
+UPLOAD_EXCLUDES = [
+    ".venv/", ".git/", "outputs/", "**/__pycache__/", ".ruff_cache/", ".pytest_cache/",
+    "*.egg-info/", "**/.ipynb_checkpoints/", "*.safetensors", "*.bin",
+]  # fmt: skip
+
+
+def project_root() -> Path:
+    """The checkout holding ``jobs/``: beside the package (editable install) or the cwd."""
+    beside = Path(__file__).resolve().parent.parent
+    return beside if (beside / "jobs").is_dir() else Path.cwd()
+
+
+def job_script(job: str) -> Path:
+    script = project_root() / "jobs" / f"{job}.py"
+    if not script.exists():
+        raise ConfigError(f"no entrypoint for job {job!r} at {script}")
+    return script
+
+
+def run_local(job: str, argv: list[str], address: str | None) -> int:
+    """Validate, then run the entrypoint in a child process joined to the cluster."""
+    files, overrides = split_argv(argv)
+    config.load(job, files, overrides)
+    env = dict(os.environ)
+    target = resolve_address(address)
+    if target:
+        env["RAY_ADDRESS"] = target
+    return subprocess.call([sys.executable, str(job_script(job)), *argv], env=env)
+
+
+def submit(job: str, argv: list[str], args: argparse.Namespace) -> int:
+    """Submit ``jobs/JOB.py`` through JobSubmissionClient; tail its logs unless --no-wait."""
+    from ray.job_submission import JobSubmissionClient
+
+    files, overrides = split_argv(argv)
+    config.load(job, files, overrides)  # fail here, not minutes later on the cluster
+    root = project_root()
+    rel_files = [_inside(root, f) for f in files]
+    dashboard = resolve_dashboard(args.address)
+    local = _is_local(dashboard)
+    python = args.python or (sys.executable if local else "python")
+    env_vars = {WORKSPACE_ENV: str(Path.cwd())} if local else {}
+    client = JobSubmissionClient(dashboard)
+    sid = client.submit_job(
+        entrypoint=shlex.join([python, f"jobs/{job}.py", *rel_files, *overrides]),
+        runtime_env={"working_dir": str(root), "excludes": UPLOAD_EXCLUDES, "env_vars": env_vars},
+        submission_id=args.submission_id,
+        metadata={"raylm_job": job},
+        entrypoint_num_cpus=0,
+    )
+    print(f"submitted {job} job {sid} to {dashboard}", flush=True)
+    if args.no_wait:
+        return 0
+    return _follow(client, sid)
+
+
+def _inside(root: Path, path: str) -> str:
+    """Config files travel in the uploaded working dir, so they must live in the project."""
+    full = Path(path).resolve()
+    if not full.is_relative_to(root):
+        raise ConfigError(
+            f"{path} is outside the project {root}; only files inside it are uploaded"
+        )
+    return str(full.relative_to(root))
+
+
+def _is_local(dashboard: str) -> bool:
+    info = LocalCluster().info()
+    return (info is not None and info.dashboard_url == dashboard) or "127.0.0.1" in dashboard
+
+
+def _follow(client: Any, sid: str) -> int:
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(sid):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+    status = _wait_terminal(client, sid)
+    print(f"job {sid}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _wait_terminal(client: Any, sid: str, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = str(client.get_job_status(sid).value)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED") or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+def jobs_command(args: argparse.Namespace) -> int:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(resolve_dashboard(args.address))
+    if args.action == "list":
+        rows = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+        print(f"{'SUBMISSION ID':<28} {'STATUS':<10} {'JOB':<9} ENTRYPOINT")
+        for j in rows:
+            job = (j.metadata or {}).get("raylm_job", "-")
+            print(f"{j.submission_id or '-':<28} {j.status.value:<10} {job:<9} {j.entrypoint[:80]}")
+        return 0
+    if not args.id:
+        raise ConfigError(f"raylm jobs {args.action} needs a submission id")
+    if args.action == "status":
+        info = client.get_job_info(args.id)
+        print(json.dumps({"status": info.status.value, "message": info.message}, indent=2))
+    elif args.action == "logs":
+        if args.follow:
+            return _follow(client, args.id)
+        print(client.get_job_logs(args.id), end="")
+    elif args.action == "stop":
+        print("stop requested" if client.stop_job(args.id) else "job already finished")
+    return 0
+
+
+def cluster_command(args: argparse.Namespace) -> int:
+    cluster = LocalCluster()
+    if args.action == "up":
+        info = cluster.up(num_cpus=args.num_cpus)
+        print(
+            f"local Ray cluster up\n  RAY_ADDRESS={info.gcs_address}\n  dashboard: {info.dashboard_url}"
+        )
+    elif args.action == "down":
+        print("local Ray cluster stopped" if cluster.down() else "no local Ray cluster running")
+    else:
+        status = cluster.status()
+        print(json.dumps(status, indent=2) if status else "no local Ray cluster running")
+        return 0 if status else 1
+    return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """``raylm serve status`` / ``raylm serve down NAME``: the apps, not a new deployment."""
+    from raylm.serve import deploy
+
+    action, names = args.rest[0], args.rest[1:]
+    if action == "status":
+        print(json.dumps(deploy.status(args.address), indent=2))
+        return 0
+    if len(names) != 1:
+        raise ConfigError("usage: raylm serve down APP_NAME")
+    removed = deploy.down(names[0], args.address)
+    print(f"app {names[0]} deleted" if removed else f"no app named {names[0]}")
+    return 0 if removed else 1
+
+
+def config_command(args: argparse.Namespace) -> int:
+    if args.action == "keys":
+        for key, typed_default, doc in config.describe(config.config_class(args.job)):
+            print(f"{key}: {typed_default}\n    {doc}")
+        return 0
+    files, overrides = split_argv(args.rest)
+    print(config.to_yaml(config.load(args.job, files, overrides)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raylm", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for job in config.job_names():
+        extra = " (or: serve status | serve down APP)" if job == "serve" else ""
+        p = sub.add_parser(job, help=f"run the {job} job on the current cluster{extra}")
+        p.add_argument("rest", nargs="*", metavar="CONFIG.yaml | key=value")
+        p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS or the local one)")
+    p = sub.add_parser("submit", help="submit a job through Ray's job API")
+    p.add_argument("job", choices=config.job_names())
+    p.add_argument("rest", nargs="*", metavar="CONFIG.yaml | key=value")
+    p.add_argument("--address", help="dashboard URL, e.g. http://head:8265")
+    p.add_argument("--submission-id", help="job id (default: generated by Ray)")
+    p.add_argument("--python", help="interpreter on the cluster (default: this one if local)")
+    p.add_argument("--no-wait", action="store_true", help="return after submitting")
+    p = sub.add_parser("jobs", help="list, inspect and stop submitted jobs")
+    p.add_argument("action", choices=["list", "status", "logs", "stop"])
+    p.add_argument("id", nargs="?", help="submission id")
+    p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    p.add_argument("--address", help="dashboard URL")
+    p = sub.add_parser("cluster", help="the embedded local Ray cluster")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--num-cpus", type=int, help="CPUs to advertise (default: all)")
+    p = sub.add_parser("config", help="print a resolved config, or every key of a job")
+    p.add_argument("action", choices=["show", "keys"])
+    p.add_argument("job", choices=config.job_names())
+    p.add_argument("rest", nargs="*", metavar="CONFIG.yaml | key=value")
+    p = sub.add_parser("lineage", help="show what a pipeline run's served model came from")
+    p.add_argument("run_dir", help="a pipeline run directory (workspace/name)")
+    p = sub.add_parser("tiny-model", help="build the tiny offline Llama model")
+    p.add_argument("out_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ConfigError, ClusterError) as err:
+        kind = "config error" if isinstance(err, ConfigError) else "cluster error"
+        print(f"raylm: {kind}: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "submit":
+        return submit(args.job, args.rest, args)
+    if args.command == "jobs":
+        return jobs_command(args)
+    if args.command == "cluster":
+        return cluster_command(args)
+    if args.command == "config":
+        return config_command(args)
+    if args.command == "lineage":
+        from raylm.pipeline.lineage import describe
+
+        print(describe(Path(args.run_dir)))
+        return 0
+    if args.command == "serve" and args.rest[:1] in (["status"], ["down"]):
+        return serve_command(args)
+    if args.command == "tiny-model":
+        from raylm.models.tiny import build
+
+        print(build(args.out_dir))
+        return 0
+    return run_local(args.command, args.rest, args.address)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

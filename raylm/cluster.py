@@ -1,0 +1,290 @@
+"""The embedded local Ray cluster, and how every command finds the cluster to use.
+
+``ray stop`` stops every Ray cluster on the machine, which breaks a test suite or a
+second user sharing the box. A LocalCluster therefore owns exactly one head node: it
+runs ``ray start --head --block`` in a new process group, with its own temp dir and
+free ports, and ``down`` ends that process group by PID and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HOME_ENV = "RAYLM_HOME"
+"""Directory for raylm's local state (the cluster record); default ``~/.raylm``."""
+
+
+def raylm_home() -> Path:
+    return Path(os.environ.get(HOME_ENV, Path.home() / ".raylm"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class ClusterInfo:
+    """What a running local cluster is and how to reach it (persisted as JSON)."""
+
+    gcs_address: str
+    """``host:port`` of the GCS: what ``ray.init(address=...)`` and RAY_ADDRESS take."""
+
+    dashboard_url: str
+    """Dashboard and job API: what JobSubmissionClient and ``ray job submit`` take."""
+
+    temp_dir: str
+    """Ray's session/log directory for this cluster only."""
+
+    pid: int
+    """PID of ``ray start --block``; its process group holds every process of the cluster."""
+
+    num_cpus: int
+    """Logical CPUs the head advertises."""
+
+    started_at: float
+    """Unix time the cluster came up."""
+
+
+class ClusterError(RuntimeError):
+    """The local cluster could not be started, reached or stopped."""
+
+
+class LocalCluster:
+    """One single-node Ray cluster owned by this machine's user (or by one test)."""
+
+    def __init__(self, state_dir: Path | None = None) -> None:
+        self.state_dir = Path(state_dir or raylm_home() / "cluster")
+        self.state_file = self.state_dir / "cluster.json"
+
+    def info(self) -> ClusterInfo | None:
+        """The recorded cluster if its head process is still alive."""
+        if not self.state_file.exists():
+            return None
+        info = ClusterInfo(**json.loads(self.state_file.read_text()))
+        return info if _alive(info.pid) else None
+
+    def up(self, num_cpus: int | None = None, timeout: float = 300.0) -> ClusterInfo:
+        """Start the cluster (or return the running one) and wait for its dashboard."""
+        running = self.info()
+        if running is not None:
+            return running
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # Unix socket paths are capped at 107 bytes, so the temp dir must be short.
+        temp_dir = tempfile.mkdtemp(prefix="raylm-", dir="/tmp")
+        ports = {name: free_port() for name in _PORT_FLAGS}
+        cpus = num_cpus or os.cpu_count() or 1
+        cmd = [_ray_cli(), "start", "--head", "--block", f"--num-cpus={cpus}"]
+        cmd += [f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats"]
+        cmd += ["--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1"]
+        cmd += [f"--{flag}={port}" for flag, port in ports.items()]
+        log = open(self.state_dir / "ray-start.log", "ab")  # noqa: SIM115 (the child owns it)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=_child_env()
+        )
+        info = ClusterInfo(
+            gcs_address=f"127.0.0.1:{ports['port']}",
+            dashboard_url=f"http://127.0.0.1:{ports['dashboard-port']}",
+            temp_dir=temp_dir,
+            pid=proc.pid,
+            num_cpus=cpus,
+            started_at=time.time(),
+        )
+        self.state_file.write_text(json.dumps(dataclasses.asdict(info), indent=2))
+        try:
+            _wait_ready(info, proc, timeout, self.state_dir / "ray-start.log")
+        except ClusterError:
+            self.down()
+            raise
+        return info
+
+    def down(self, timeout: float = 30.0) -> bool:
+        """Stop this cluster's processes (and only them); False if none was running."""
+        if not self.state_file.exists():
+            return False
+        info = ClusterInfo(**json.loads(self.state_file.read_text()))
+        stopped = _kill_group(info.pid, timeout)
+        self.state_file.unlink(missing_ok=True)
+        shutil.rmtree(info.temp_dir, ignore_errors=True)
+        return stopped
+
+    def status(self) -> dict[str, Any] | None:
+        """Liveness plus the resources Ray reports, for ``raylm cluster status``."""
+        info = self.info()
+        if info is None:
+            return None
+        with _get(f"{info.dashboard_url}/api/cluster_status", timeout=10) as r:
+            body = json.loads(r.read())
+        return {"cluster": dataclasses.asdict(info), "ray": body.get("data", body)}
+
+
+# Every port the head opens, so two clusters on one machine never collide.
+_PORT_FLAGS = (
+    "port",
+    "dashboard-port",
+    "ray-client-server-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+    "node-manager-port",
+    "object-manager-port",
+)
+
+
+def _ray_cli() -> str:
+    """The ``ray`` script of this interpreter's environment, so the cluster runs our stack."""
+    candidate = Path(sys.executable).parent / "ray"
+    return str(candidate) if candidate.exists() else "ray"
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)  # the head must not try to join another cluster
+    # A single node has nowhere to drain work to; draining only delays `down` by 30 s.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+    # Job drivers inherit PATH from the raylet: put our interpreter first.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _wait_ready(info: ClusterInfo, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise ClusterError(f"ray start exited with {proc.returncode}:\n{tail}")
+        with contextlib.suppress(OSError), _get(f"{info.dashboard_url}/api/jobs/", 2) as r:
+            if r.status == 200:
+                return
+        time.sleep(0.5)
+    raise ClusterError(f"local Ray cluster not ready after {timeout:.0f}s; see {log}")
+
+
+def use_token_auth_if_configured() -> None:
+    """Send Ray's auth token from this process when the machine has one.
+
+    Ray 2.60 starts clusters with token auth whenever ``~/.ray/auth_token`` exists (and a
+    local ``ray.init()`` creates that file), and ``ray start`` / ``ray.init`` switch
+    their own process to token mode. A plain JobSubmissionClient does not, and gets 401;
+    this does what they do, before any dashboard call.
+    """
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def _get(url: str, timeout: float) -> Any:
+    """GET a dashboard endpoint, with Ray's auth header when token auth is on."""
+    from ray._private.authentication.http_token_authentication import (
+        get_auth_headers_if_auth_enabled,
+    )
+
+    use_token_auth_if_configured()
+    request = urllib.request.Request(url, headers=get_auth_headers_if_auth_enabled({}))
+    return urllib.request.urlopen(request, timeout=timeout)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited child we have not reaped) counts as dead.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+            return False
+    return True
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":
+                    members.append(int(entry.name))
+    return members
+
+
+def _kill_group(pgid: int, timeout: float) -> bool:
+    """Stop the cluster's process group, escalating until nothing of it is left.
+
+    First SIGTERM to ``ray start --block`` alone (it stops its services in order); if it
+    died before installing its handler, its children are orphaned in the group, so the
+    group then gets SIGTERM and finally SIGKILL.
+    """
+    if not _group_members(pgid):
+        return False
+    steps = (
+        (lambda: os.kill(pgid, signal.SIGTERM), timeout * 0.6),
+        (lambda: os.killpg(pgid, signal.SIGTERM), timeout * 0.3),
+        (lambda: os.killpg(pgid, signal.SIGKILL), timeout * 0.1),
+    )
+    for send, wait in steps:
+        with contextlib.suppress(ProcessLookupError):
+            send()
+        deadline = time.monotonic() + wait
+        while _group_members(pgid) and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(-pgid, os.WNOHANG)
+            time.sleep(0.2)
+        if not _group_members(pgid):
+            break
+    return True
+
+
+def resolve_address(explicit: str | None = None) -> str | None:
+    """The GCS address a job should join: flag, RAY_ADDRESS, the local cluster, or None."""
+    if explicit:
+        return explicit
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    info = LocalCluster().info()
+    return info.gcs_address if info else None
+
+
+def resolve_dashboard(explicit: str | None = None) -> str:
+    """The job-API URL for ``raylm submit`` / ``raylm jobs``."""
+    use_token_auth_if_configured()
+    for candidate in (explicit, os.environ.get("RAY_DASHBOARD_ADDRESS")):
+        if candidate:
+            return candidate
+    if os.environ.get("RAY_ADDRESS", "").startswith("http"):
+        return os.environ["RAY_ADDRESS"]
+    info = LocalCluster().info()
+    if info is None:
+        raise ClusterError(
+            "no cluster to submit to: pass --address http://HEAD:8265, set RAY_ADDRESS, "
+            "or start the local one with `raylm cluster up`"
+        )
+    return info.dashboard_url
+
+
+def init_ray(address: str | None = None, namespace: str = "raylm") -> dict[str, Any]:
+    """Join the cluster a job should run on, or start an embedded one in this process."""
+    import ray
+
+    target = resolve_address(address)
+    use_token_auth_if_configured()  # ray.init never does it for an explicit address
+    ctx = ray.init(address=target, namespace=namespace, ignore_reinit_error=True)
+    return {"address": target or "embedded", "dashboard_url": ctx.dashboard_url}

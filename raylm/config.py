@@ -1,0 +1,327 @@
+"""Typed job configs: dataclasses merged with YAML and dotlist overrides by OmegaConf.
+
+Every job has one root dataclass registered in ``JOBS``. Loading goes
+dataclass defaults -> YAML file(s) -> ``key=value`` overrides, in OmegaConf's struct
+mode, so a typo or a wrong type fails at load time, before any Ray worker starts.
+OmegaConf's own messages are terse, so ``load`` rewrites them into ``ConfigError``s
+that name the key, the value, what was expected and the closest valid key.
+
+The stage-specific groups live next to their stage (``raylm.data.config`` ...) so
+each stage owns its knobs; this module owns loading, validation and the registry.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib
+import inspect
+import itertools
+import os
+import textwrap
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+T = TypeVar("T")
+
+WORKSPACE_ENV = "RAYLM_WORKSPACE"
+"""Relative output paths resolve against this directory (default: the current one).
+
+``raylm submit`` sets it for jobs on the local cluster, whose working directory is a
+Ray-managed copy of the project that is deleted after the job."""
+
+
+class ConfigError(ValueError):
+    """A config a user wrote is wrong; the message says where and what was expected."""
+
+
+def choice(key: str, value: str, options: Sequence[str]) -> None:
+    """Reject ``value`` unless it is one of ``options`` (OmegaConf has no Literal type)."""
+    if value not in options:
+        hint = _suggest(str(value), options)
+        raise ConfigError(f"{key}={value!r} is not one of {list(options)}{hint}")
+
+
+def positive(key: str, value: float, allow_zero: bool = False) -> None:
+    """Reject numbers that would make a job divide by zero or loop forever."""
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value!r} must be {bound}")
+
+
+def resolve_path(path: str) -> str:
+    """Make a relative local path absolute against the workspace; leave URIs alone."""
+    if not path or "://" in path or os.path.isabs(path):
+        return path
+    return str(Path(os.environ.get(WORKSPACE_ENV, os.getcwd())) / path)
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A local model dir (relative paths against the workspace) if it exists, else a hub id.
+
+    ``outputs/models/tiny`` and ``meta-llama/Llama-3.1-8B`` look alike; only the disk can
+    tell them apart, and Ray workers run in another working directory.
+    """
+    local = resolve_path(name_or_path)
+    return local if Path(local).exists() else name_or_path
+
+
+@dataclasses.dataclass
+class RayConfig:
+    """How a job connects to Ray."""
+
+    address: str | None = None
+    """Ray cluster to run on (``auto``, ``ray://host:10001`` or ``host:6379``).
+    None: ``RAY_ADDRESS``, else the raylm local cluster, else a fresh embedded one."""
+
+    namespace: str = "raylm"
+    """Ray namespace, so raylm's named actors and Serve apps do not collide with others."""
+
+
+@dataclasses.dataclass
+class CheckConfig:
+    """The ``check`` job: a smoke test that the cluster schedules work and has the stack."""
+
+    num_tasks: int = 4
+    """Ray tasks to spread over the cluster; each reports its node and library versions."""
+
+    output_dir: str = "outputs/check"
+    """Where ``check.json`` and the manifest go."""
+
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    """Cluster connection."""
+
+    def __post_init__(self) -> None:
+        positive("num_tasks", self.num_tasks)
+
+
+_JOBS: dict[str, str] = {
+    "check": "raylm.config:CheckConfig",
+    "data": "raylm.data.config:DataJobConfig",
+    "train": "raylm.train.config:TrainJobConfig",
+    "eval": "raylm.eval.config:EvalJobConfig",
+    "serve": "raylm.serve.config:ServeJobConfig",
+    "generate": "raylm.serve.config:GenerateJobConfig",
+    "pipeline": "raylm.pipeline.config:PipelineConfig",
+}
+"""Job name -> root config class, as import strings so ``raylm --help`` stays fast."""
+
+
+def job_names() -> list[str]:
+    return list(_JOBS)
+
+
+def config_class(job: str) -> type:
+    if job not in _JOBS:
+        raise ConfigError(
+            f"unknown job {job!r}; expected one of {list(_JOBS)}{_suggest(job, _JOBS)}"
+        )
+    module, _, name = _JOBS[job].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load(job: str, paths: Iterable[str | Path] = (), overrides: Sequence[str] = ()) -> Any:
+    """Build the typed config of ``job`` from YAML files and ``a.b=value`` overrides.
+
+    Returns an instance of the job's dataclass (``__post_init__`` validation has run).
+    A flat LLaMA-Factory training YAML is recognised and translated first.
+    """
+    cls = config_class(job)
+    cfg = OmegaConf.structured(cls)
+    for path in paths:
+        cfg = _merge(cfg, _read_yaml(job, Path(path)), source=str(path))
+    if overrides:
+        cfg = _merge(cfg, _parse_overrides(overrides), source="command-line overrides")
+    return to_object(cfg, cls)
+
+
+def to_object(cfg: DictConfig, cls: type[T]) -> T:
+    """Instantiate the dataclasses, turning missing values and validation into ConfigError."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        docs = "; ".join(f"{k}: {field_doc(cls, k) or 'no description'}" for k in missing)
+        raise ConfigError(f"missing required value(s): {', '.join(missing)} ({docs})")
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _explain(err, cls, source="config") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A config instance as plain data, e.g. for manifests and the resolved YAML."""
+    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(obj: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(obj))
+
+
+def save_resolved(obj: Any, out_dir: str | Path) -> Path:
+    """Write ``config.resolved.yaml`` beside a job's output: what exactly ran."""
+    out = Path(out_dir) / "config.resolved.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(to_yaml(obj))
+    return out
+
+
+def _read_yaml(job: str, path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys, got {type(data).__name__}")
+    if job == "train":
+        from raylm.train.llamafactory import is_llamafactory, translate
+
+        if is_llamafactory(data):
+            data = translate(data, source=str(path))
+    return data
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value (e.g. train.lr=1e-4), got {bad}")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {err}") from None
+
+
+def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _explain(err, OmegaConf.get_type(base), source) from None
+
+
+def _explain(err: OmegaConfBaseException, cls: Any, source: str) -> ConfigError:
+    """Turn an OmegaConf error into one naming the key, the value and what was expected."""
+    full_key = str(getattr(err, "full_key", "") or "")
+    if isinstance(err, ConfigKeyError | ConfigAttributeError) and "not in" in str(err):
+        parent, _, leaf = full_key.rpartition(".")
+        valid = field_names(cls, parent)
+        where = f"under '{parent}'" if parent else "at the top level"
+        return ConfigError(
+            f"{source}: unknown key '{full_key}'{_suggest(leaf, valid)}. "
+            f"Valid keys {where}: {', '.join(valid)}"
+        )
+    if isinstance(err, ValidationError):
+        expected = _field_type(cls, full_key)
+        value = getattr(err, "value", None) if hasattr(err, "value") else None
+        shown = repr(value) if value is not None else "the given value"
+        return ConfigError(
+            f"{source}: wrong type for '{full_key}': {shown} cannot be used as {expected}. "
+            f"({str(err).splitlines()[0]})"
+        )
+    if isinstance(err, MissingMandatoryValue):
+        return ConfigError(f"{source}: missing required value '{full_key}'")
+    cause = err.__cause__ or err
+    if isinstance(cause, ConfigError):
+        return cause
+    return ConfigError(f"{source}: {str(cause).splitlines()[0]}")
+
+
+def _suggest(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _walk(cls: Any, dotted: str) -> Any:
+    """The type at ``a.b`` below ``cls``: a dataclass, a plain type, or None if absent."""
+    for part in filter(None, dotted.split(".")):
+        hints = typing.get_type_hints(cls) if _is_dc(cls) else {}
+        if part not in hints:
+            return None
+        cls = _strip_optional(hints[part])
+    return cls
+
+
+def _is_dc(cls: Any) -> bool:
+    return isinstance(cls, type) and dataclasses.is_dataclass(cls)
+
+
+def _strip_optional(hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return args[0] if is_union and len(args) == 1 else hint
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def field_names(cls: Any, dotted: str = "") -> list[str]:
+    target = _walk(cls, dotted)
+    return [f.name for f in dataclasses.fields(target)] if _is_dc(target) else []
+
+
+def _field_type(cls: Any, full_key: str) -> str:
+    hint = _walk(cls, full_key)
+    return "the declared type" if hint is None else _type_name(hint)
+
+
+@cache
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """Field docstrings (the string literal under each field), as litgpt writes them."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for stmt, nxt in itertools.pairwise(body):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_doc(cls: Any, dotted: str) -> str:
+    parent, _, leaf = dotted.rpartition(".")
+    owner = _walk(cls, parent)
+    return _attribute_docs(owner).get(leaf, "") if _is_dc(owner) else ""
+
+
+def describe(cls: Any, prefix: str = "") -> list[tuple[str, str, str]]:
+    """Every key below ``cls`` as (dotted key, default, doc): ``raylm config keys``."""
+    rows: list[tuple[str, str, str]] = []
+    hints = typing.get_type_hints(cls)
+    docs = _attribute_docs(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        sub = _strip_optional(hints[f.name])
+        if _is_dc(sub):
+            rows.extend(describe(sub, prefix=f"{key}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        rows.append((key, f"{_type_name(hints[f.name])} = {default}", docs.get(f.name, "")))
+    return rows

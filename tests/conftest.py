@@ -1,0 +1,92 @@
+"""Shared fixtures. Tests that need Ray get their own local cluster and stop only it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from raylm.cluster import HOME_ENV, ClusterInfo, LocalCluster
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tier marker follows the folder, so no test can forget it."""
+    for item in items:
+        for tier in ("unit", "integration", "e2e"):
+            if f"{os.sep}{tier}{os.sep}" in str(item.path):
+                item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_token_auth() -> None:
+    """Run every cluster and client of the suite in Ray's token-auth mode.
+
+    Ray 2.60 turns token auth on for any cluster started once ``~/.ray/auth_token``
+    exists, and the first local ``ray.init()`` creates that file: left alone, clusters
+    started before and after it would disagree. Making the mode explicit up front keeps
+    the suite deterministic, and exercises the mode real users end up in.
+    """
+    from ray._private.authentication.authentication_token_setup import (
+        _get_default_token_path,
+        generate_and_save_token,
+    )
+    from ray._raylet import Config
+
+    if not _get_default_token_path().exists():
+        generate_and_save_token()
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")  # Ray caches the mode at import; make this process see it
+
+
+@pytest.fixture(scope="session")
+def raylm_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private RAYLM_HOME, so tests never see or stop a developer's own cluster."""
+    home = tmp_path_factory.mktemp("raylm_home")
+    old = os.environ.get(HOME_ENV)
+    os.environ[HOME_ENV] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop(HOME_ENV, None)
+    else:
+        os.environ[HOME_ENV] = old
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(raylm_home: Path) -> Iterator[ClusterInfo]:
+    """One 2-CPU local cluster for the session (own temp dir and ports), RAY_ADDRESS set."""
+    cluster = LocalCluster(raylm_home / "cluster")
+    info = cluster.up(num_cpus=2)
+    old = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = info.gcs_address
+    try:
+        yield info
+    finally:
+        if old is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = old
+        cluster.down()
+
+
+@pytest.fixture
+def ray_connected(ray_cluster: ClusterInfo) -> Iterator[ClusterInfo]:
+    """This process joined to the session cluster for one test."""
+    import ray
+
+    ray.init(address=ray_cluster.gcs_address, namespace="raylm-tests", ignore_reinit_error=True)
+    try:
+        yield ray_cluster
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama + BPE tokenizer, built once per session."""
+    from raylm.models.tiny import build
+
+    return build(tmp_path_factory.mktemp("models") / "tiny")

@@ -1,0 +1,243 @@
+"""The data job's config: inputs and format at the top, one typed group per stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from raylm.config import ConfigError, RayConfig, choice, positive
+
+INPUT_FORMATS = ("auto", "text", "alpaca", "sharegpt", "openai", "preference")
+SCRIPTS = ("latin", "cjk", "cyrillic", "arabic")
+
+
+@dataclass
+class FilterConfig:
+    """Quality filters. Each only reads; a removed document is counted under its filter."""
+
+    enabled: bool = True
+    """Run the filters at all (false: only normalisation, PII and dedup)."""
+
+    nfkc: bool = True
+    """Unicode NFKC-normalise all text first (full-width forms, ligatures, compat chars)."""
+
+    min_chars: int = 1
+    """Drop documents shorter than this many characters (after normalisation)."""
+
+    max_chars: int | None = None
+    """Drop documents longer than this many characters (None: no bound)."""
+
+    min_words: int = 0
+    """Drop documents with fewer words (a CJK character counts as one word)."""
+
+    max_words: int | None = None
+    """Drop documents with more words (None: no bound)."""
+
+    script: str | None = None
+    """Required script: latin, cjk, cyrillic or arabic (None: any script)."""
+
+    min_script_ratio: float = 0.95
+    """Share of letters that must be in ``script`` (e.g. 0.95 keeps >= 95% CJK)."""
+
+    max_symbol_ratio: float = 0.1
+    """Largest share of symbol/emoji characters (Unicode S* categories) among non-space ones."""
+
+    max_control_ratio: float = 0.0
+    """Largest share of control characters other than tab/newline (0: any one drops it)."""
+
+    max_dup_line_fraction: float = 0.3
+    """Gopher: largest share of lines that repeat an earlier line."""
+
+    max_top_ngram_fraction: float = 0.2
+    """Gopher: largest share of characters covered by the most frequent word 2-gram."""
+
+    max_dup_ngram_fraction: float = 0.15
+    """Gopher: largest share of characters inside repeated word 5-grams."""
+
+    min_mean_word_length: float = 0.0
+    """Gopher: smallest mean word length in characters (Gopher uses 3; 0 disables)."""
+
+    max_mean_word_length: float = 12.0
+    """Gopher: largest mean word length (Gopher uses 10; catches minified code, hashes)."""
+
+    examples: int = 3
+    """Examples of removed documents per filter written to stats.json (truncated text)."""
+
+    def __post_init__(self) -> None:
+        if self.script is not None:
+            choice("filters.script", self.script, SCRIPTS)
+        for name in ("min_chars", "min_words", "examples", "min_mean_word_length"):
+            positive(f"filters.{name}", getattr(self, name), allow_zero=True)
+        for name in (
+            "min_script_ratio",
+            "max_symbol_ratio",
+            "max_control_ratio",
+            "max_dup_line_fraction",
+            "max_top_ngram_fraction",
+            "max_dup_ngram_fraction",
+        ):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"filters.{name}={value} must be a fraction in [0, 1]")
+        if self.max_chars is not None and self.max_chars < self.min_chars:
+            raise ConfigError(f"filters.max_chars={self.max_chars} < min_chars={self.min_chars}")
+        if self.max_words is not None and self.max_words < self.min_words:
+            raise ConfigError(f"filters.max_words={self.max_words} < min_words={self.min_words}")
+
+
+@dataclass
+class PiiConfig:
+    """PII scrubbing: matches are replaced by typed placeholders and counted."""
+
+    enabled: bool = True
+    """Scrub at all."""
+
+    email: bool = True
+    """E-mail addresses -> ``<EMAIL>``."""
+
+    phone: bool = True
+    """Phone numbers, international (+CC ...), North-American and mainland-China -> ``<PHONE>``."""
+
+    ip: bool = True
+    """IPv4 and IPv6 addresses -> ``<IP_ADDRESS>``."""
+
+    credit_card: bool = True
+    """13-19 digit card numbers that pass the Luhn check -> ``<CREDIT_CARD>``."""
+
+    cn_id: bool = True
+    """18-character Chinese resident ID numbers with a valid checksum -> ``<CN_ID>``."""
+
+
+@dataclass
+class DedupConfig:
+    """Exact (normalised-text hash) and fuzzy (MinHash-LSH) deduplication."""
+
+    exact: bool = True
+    """Drop documents whose normalised text (lower case, collapsed spaces) is identical."""
+
+    fuzzy: bool = True
+    """Drop near-duplicates found by MinHash-LSH."""
+
+    threshold: float = 0.8
+    """Jaccard similarity of word-shingle sets above which two documents are duplicates."""
+
+    num_perm: int = 128
+    """MinHash permutations (signature length); more is more accurate and slower."""
+
+    ngram: int = 5
+    """Words per shingle (a document shorter than this is one shingle)."""
+
+    bands: int | None = None
+    """LSH bands (None: chosen with ``rows`` from the threshold, as datasketch does)."""
+
+    rows: int | None = None
+    """Rows per band; bands * rows must not exceed num_perm."""
+
+    verify: bool = True
+    """Check each LSH candidate pair's exact Jaccard on its shingle sets, so no pair below
+    the threshold is merged (LSH alone merges some); costs two shuffles of shingle sets."""
+
+    false_positive_weight: float = 0.05
+    """Weight of false positives when choosing bands/rows (1 - this weighs false negatives).
+    Low by default because ``verify`` removes false positives; use 0.5 (datasketch's
+    choice) with verify=false."""
+
+    seed: int = 1
+    """Seed of the hash permutations: the same seed gives the same clusters."""
+
+    max_rounds: int = 50
+    """Cap on label-propagation rounds of the connected components (graph diameter)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"dedup.threshold={self.threshold} must be in (0, 1)")
+        positive("dedup.num_perm", self.num_perm)
+        positive("dedup.ngram", self.ngram)
+        positive("dedup.max_rounds", self.max_rounds)
+        if (self.bands is None) != (self.rows is None):
+            raise ConfigError("dedup.bands and dedup.rows must be set together (or both None)")
+        if self.bands is not None and self.rows is not None:
+            positive("dedup.bands", self.bands)
+            positive("dedup.rows", self.rows)
+            if self.bands * self.rows > self.num_perm:
+                raise ConfigError(
+                    f"dedup.bands*rows={self.bands * self.rows} exceeds num_perm={self.num_perm}"
+                )
+        if not 0.0 <= self.false_positive_weight <= 1.0:
+            raise ConfigError("dedup.false_positive_weight must be in [0, 1]")
+
+
+@dataclass
+class TokenizeConfig:
+    """Tokenization and packing into training-ready shards (off: write cleaned records)."""
+
+    enabled: bool = False
+    """Tokenize; false writes the cleaned records (text / messages / pairs) instead."""
+
+    tokenizer: str | None = None
+    """A Hugging Face model or tokenizer directory (with a chat template for sft/dpo)."""
+
+    cutoff_len: int = 1024
+    """Longest example in tokens; longer ones are truncated (LLaMA-Factory's cutoff_len)."""
+
+    pack: bool = False
+    """Pack several short examples into rows of cutoff_len tokens (pt and sft only)."""
+
+    min_loss_tokens: int = 1
+    """Drop examples with fewer trainable tokens (e.g. the answer was truncated away)."""
+
+    def __post_init__(self) -> None:
+        positive("tokenize.cutoff_len", self.cutoff_len)
+        positive("tokenize.min_loss_tokens", self.min_loss_tokens, allow_zero=True)
+        if self.enabled and not self.tokenizer:
+            raise ConfigError("tokenize.enabled=true needs tokenize.tokenizer (a model directory)")
+
+
+@dataclass
+class DataJobConfig:
+    """The ``data`` job: raw corpora -> cleaned, deduplicated, tokenized Parquet shards."""
+
+    inputs: list[str] = MISSING
+    """Files, directories, globs or URIs (jsonl, json, parquet, txt), or a LLaMA-Factory
+    ``dataset_info.json`` (``path/dataset_info.json#name1,name2`` selects datasets)."""
+
+    format: str = "auto"
+    """Record format: auto (per record), text, alpaca, sharegpt, openai, preference."""
+
+    columns: dict[str, str] = field(default_factory=dict)
+    """Canonical name -> column, LLaMA-Factory style (prompt, query, response, system,
+    history, messages, chosen, rejected, role_tag, content_tag)."""
+
+    text_column: str = "text"
+    """Column holding the document of raw-text records."""
+
+    id_column: str | None = None
+    """Column with a record id (None: ``file:line`` ids, deterministic)."""
+
+    text_unit: str = "line"
+    """Plain-text files: one document per ``line`` or per ``file``."""
+
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    """Quality filters."""
+
+    pii: PiiConfig = field(default_factory=PiiConfig)
+    """PII scrubbing."""
+
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    """Deduplication."""
+
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    """Tokenization and packing."""
+
+    output_dir: str = "outputs/data"
+    """Where shards/, stats.json, quarantine/, dedup/ and manifest.json go (replaced)."""
+
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Cluster connection."""
+
+    def __post_init__(self) -> None:
+        choice("format", self.format, INPUT_FORMATS)
+        choice("text_unit", self.text_unit, ("line", "file"))
+        if not self.inputs:
+            raise ConfigError("inputs is empty: give at least one file, glob or directory")

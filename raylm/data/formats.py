@@ -1,0 +1,242 @@
+"""Record formats -> one canonical shape per task kind.
+
+Datasets arrive as alpaca, sharegpt, OpenAI ``messages`` or preference pairs, with
+column names that vary by source (LLaMA-Factory's ``dataset_info.json`` renames them).
+Everything downstream (filters, dedup, tokenization, the train job) sees only
+``[{"role", "content"}]`` conversations or ``(prompt_messages, chosen, rejected)``, so
+format quirks live here and nowhere else. A malformed record raises ``ValueError``
+naming the field, so the data job can quarantine it with a reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+FORMATS = ("text", "alpaca", "sharegpt", "openai", "preference")
+"""Record formats the data job reads (``openai`` = a ``messages`` list of role/content)."""
+
+ROLES = ("system", "user", "assistant")
+
+# sharegpt ``from`` values (and OpenAI roles) -> canonical roles.
+_ROLE_ALIASES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+}
+
+# Canonical column name -> default record key, per format (LLaMA-Factory's names).
+DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
+    "text": {"text": "text"},
+    "alpaca": {
+        "prompt": "instruction",
+        "query": "input",
+        "response": "output",
+        "system": "system",
+        "history": "history",
+    },
+    "sharegpt": {
+        "messages": "conversations",
+        "system": "system",
+        "role_tag": "from",
+        "content_tag": "value",
+    },
+    "openai": {"messages": "messages", "role_tag": "role", "content_tag": "content"},
+    "preference": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"},
+}
+
+
+def kind_of(fmt: str) -> str:
+    """The task kind a format feeds: pt (raw text), sft (conversations) or dpo (pairs)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
+    return {"text": "pt", "preference": "dpo"}.get(fmt, "sft")
+
+
+def _cols(fmt: str, columns: dict | None) -> dict[str, str]:
+    return {**DEFAULT_COLUMNS.get(fmt, {}), **(columns or {})}
+
+
+def _text(record: dict, key: str, required: bool = True) -> str:
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise ValueError(f"missing field {key!r} (have {sorted(record)})")
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def to_text(record: dict, columns: dict | None = None) -> str:
+    """The document text of a raw-text record."""
+    return _text(record, _cols("text", columns)["text"])
+
+
+def to_messages(record: dict, fmt: str, columns: dict | None = None) -> list[dict]:
+    """A conversation as ``[{"role": "system"|"user"|"assistant", "content": str}]``.
+
+    ``columns`` maps canonical names (prompt, query, response, system, history, messages,
+    role_tag, content_tag) to the record's keys, as LLaMA-Factory's ``columns`` does.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"record must be a JSON object, got {type(record).__name__}")
+    cols = _cols(fmt, columns)
+    if fmt == "alpaca":
+        messages = _alpaca(record, cols)
+    elif fmt in ("sharegpt", "openai"):
+        messages = _chat(record, cols, fmt)
+    else:
+        raise ValueError(f"format {fmt!r} has no conversation; expected alpaca, sharegpt, openai")
+    _check_conversation(messages)
+    return messages
+
+
+def _alpaca(record: dict, cols: dict[str, str]) -> list[dict]:
+    prompt = _text(record, cols["prompt"])
+    query = _text(record, cols["query"], required=False)
+    response = _text(record, cols["response"])
+    messages: list[dict] = []
+    system = _text(record, cols["system"], required=False)
+    if system:
+        messages.append({"role": "system", "content": system})
+    history = record.get(cols["history"]) or []
+    if not isinstance(history, list):
+        raise ValueError(f"field {cols['history']!r} must be a list of [prompt, response] pairs")
+    for i, turn in enumerate(history):
+        if not (
+            isinstance(turn, list | tuple)
+            and len(turn) == 2
+            and all(isinstance(t, str) for t in turn)
+        ):
+            raise ValueError(
+                f"field {cols['history']!r}[{i}] must be a [prompt, response] pair of strings"
+            )
+        messages += [
+            {"role": "user", "content": turn[0]},
+            {"role": "assistant", "content": turn[1]},
+        ]
+    user = "\n".join(part for part in (prompt, query) if part)
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
+    return messages
+
+
+def _chat(record: dict, cols: dict[str, str], fmt: str) -> list[dict]:
+    key = cols["messages"]
+    turns = record.get(key)
+    if turns is None and fmt == "sharegpt" and "messages" in record:
+        key, turns = "messages", record["messages"]  # sharegpt files often use OpenAI's key
+    if turns is None:
+        raise ValueError(f"missing field {key!r} (have {sorted(record)})")
+    messages = parse_turns(
+        turns, field=key, role_tag=cols.get("role_tag"), content_tag=cols.get("content_tag")
+    )
+    system = record.get(cols.get("system", "system"))
+    if isinstance(system, str) and system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def parse_turns(
+    turns: Any, field: str, role_tag: str | None = None, content_tag: str | None = None
+) -> list[dict]:
+    """A list of turns in sharegpt (from/value) or OpenAI (role/content) shape."""
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"field {field!r} must be a non-empty list of turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise ValueError(f"{field}[{i}] must be an object, got {type(turn).__name__}")
+        rtag = role_tag if role_tag in turn else ("role" if "role" in turn else "from")
+        ctag = content_tag if content_tag in turn else ("content" if "content" in turn else "value")
+        role = _ROLE_ALIASES.get(str(turn.get(rtag, "")).lower())
+        if role is None:
+            raise ValueError(
+                f"{field}[{i}].{rtag}={turn.get(rtag)!r} is not a known role; "
+                f"expected one of {sorted(_ROLE_ALIASES)}"
+            )
+        content = turn.get(ctag)
+        if not isinstance(content, str):
+            raise ValueError(f"{field}[{i}].{ctag} must be a string, got {type(content).__name__}")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _check_conversation(messages: list[dict]) -> None:
+    """Trainers assume user/assistant alternation after an optional system turn."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not body:
+        raise ValueError("conversation has no user or assistant turn")
+    for i, msg in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if msg["role"] != expected:
+            raise ValueError(
+                f"turn {i} has role {msg['role']!r} but {expected!r} was expected "
+                "(turns must alternate user/assistant after an optional system turn)"
+            )
+    if body[-1]["role"] != "assistant":
+        raise ValueError("conversation must end with an assistant turn (nothing to train on)")
+
+
+def to_preference(record: dict, columns: dict | None = None) -> tuple[list[dict], str, str]:
+    """``(prompt_messages, chosen, rejected)`` from a preference-pair record.
+
+    The prompt may be a string, a message list, alpaca instruction/input or sharegpt
+    ``conversations``; chosen/rejected may be strings, one message, or full conversations
+    (as in HH-RLHF style data) whose last turn is the assistant's answer.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"record must be a JSON object, got {type(record).__name__}")
+    cols = _cols("preference", columns)
+    prompt = _preference_prompt(record, cols)
+    chosen, chosen_prefix = _answer(record, cols["chosen"])
+    rejected, _ = _answer(record, cols["rejected"])
+    if prompt is None:
+        if not chosen_prefix:
+            raise ValueError(
+                f"missing field {cols['prompt']!r} (have {sorted(record)}) and "
+                f"{cols['chosen']!r} is not a conversation that contains the prompt"
+            )
+        prompt = chosen_prefix
+    if not prompt or prompt[-1]["role"] != "user":
+        raise ValueError("the prompt must end with a user turn")
+    return prompt, chosen, rejected
+
+
+def _preference_prompt(record: dict, cols: dict[str, str]) -> list[dict] | None:
+    value = record.get(cols["prompt"])
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list):
+        return parse_turns(value, field=cols["prompt"])
+    if value is not None:
+        raise ValueError(f"field {cols['prompt']!r} must be a string or a list of turns")
+    if "instruction" in record:
+        parts = [_text(record, "instruction"), _text(record, "input", required=False)]
+        return [{"role": "user", "content": "\n".join(p for p in parts if p)}]
+    for key in ("conversations", "messages"):
+        if key in record:
+            return parse_turns(record[key], field=key)
+    return None
+
+
+def _answer(record: dict, key: str) -> tuple[str, list[dict]]:
+    """The answer text, plus the turns before it when the answer is a full conversation."""
+    value = record.get(key)
+    if value is None:
+        raise ValueError(f"missing field {key!r} (have {sorted(record)})")
+    if isinstance(value, str):
+        return value, []
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        turns = parse_turns(value, field=key)
+        if turns[-1]["role"] != "assistant":
+            raise ValueError(f"field {key!r} must end with an assistant turn")
+        return turns[-1]["content"], turns[:-1]
+    raise ValueError(
+        f"field {key!r} must be a string or a list of turns, got {type(value).__name__}"
+    )

@@ -1,0 +1,110 @@
+"""PII scrubbing with typed placeholders.
+
+Regexes alone over-match (any 16 digits is not a card, any 18 digits is not an ID), so
+card numbers must pass the Luhn check and Chinese resident IDs their ISO 7064 checksum
+and a plausible birth date; near misses stay untouched.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+
+from raylm.data.config import PiiConfig
+
+PLACEHOLDERS = {
+    "email": "<EMAIL>",
+    "phone": "<PHONE>",
+    "ip": "<IP_ADDRESS>",
+    "credit_card": "<CREDIT_CARD>",
+    "cn_id": "<CN_ID>",
+}
+
+_EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+_CN_ID = re.compile(r"(?<![0-9A-Za-z])[1-9]\d{16}[\dXx](?![0-9A-Za-z])")
+_CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])")
+_PHONE = re.compile(
+    r"(?<![\w+])(?:"
+    r"\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}"  # international
+    r"|(?:\+?86[ -]?)?1[3-9]\d[ -]?\d{4}[ -]?\d{4}"  # mainland-China mobile
+    r"|0\d{2,3}-\d{7,8}"  # mainland-China landline
+    r"|\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}"  # North-American
+    r")(?!\w)"
+)
+_IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
+_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+
+_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_ID_CHECK = "10X98765432"
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def cn_id_ok(value: str) -> bool:
+    """ISO 7064 MOD 11-2 checksum plus a plausible YYYYMMDD birth date."""
+    year, month, day = int(value[6:10]), int(value[10:12]), int(value[12:14])
+    if not (1900 <= year <= 2100 and 1 <= month <= 12 and 1 <= day <= 31):
+        return False
+    check = _ID_CHECK[sum(int(c) * w for c, w in zip(value[:17], _ID_WEIGHTS, strict=True)) % 11]
+    return value[17].upper() == check
+
+
+def _card(match: re.Match) -> bool:
+    digits = re.sub(r"\D", "", match.group())
+    return 13 <= len(digits) <= 19 and luhn_ok(digits)
+
+
+def _ip(match: re.Match) -> bool:
+    try:
+        ipaddress.ip_address(match.group())
+    except ValueError:
+        return False
+    return True
+
+
+def _phone(match: re.Match) -> bool:
+    return len(re.sub(r"\D", "", match.group())) >= 7
+
+
+_ALWAYS: Callable[[re.Match], bool] = lambda m: True  # noqa: E731
+
+# Order matters: IDs and cards before phones, whose patterns would eat their digits.
+_RULES: tuple[tuple[str, tuple[re.Pattern, ...], Callable[[re.Match], bool]], ...] = (
+    ("email", (_EMAIL,), _ALWAYS),
+    ("cn_id", (_CN_ID,), lambda m: cn_id_ok(m.group())),
+    ("credit_card", (_CARD,), _card),
+    ("ip", (_IPV4, _IPV6), _ip),
+    ("phone", (_PHONE,), _phone),
+)
+
+
+def scrub(text: str, cfg: PiiConfig) -> tuple[str, dict[str, int]]:
+    """``text`` with PII replaced, and how many of each type were replaced."""
+    counts = dict.fromkeys(PLACEHOLDERS, 0)
+    if not cfg.enabled:
+        return text, counts
+    for kind, patterns, valid in _RULES:
+        if not getattr(cfg, kind):
+            continue
+        for pattern in patterns:
+            text = pattern.sub(_replacer(kind, valid, counts), text)
+    return text, counts
+
+
+def _replacer(kind: str, valid: Callable[[re.Match], bool], counts: dict[str, int]):
+    def replace(match: re.Match) -> str:
+        if not valid(match):
+            return match.group()
+        counts[kind] += 1
+        return PLACEHOLDERS[kind]
+
+    return replace

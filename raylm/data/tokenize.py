@@ -1,0 +1,127 @@
+"""Token ids and loss masks for pt / sft / dpo, plus greedy packing.
+
+The masks are derived from the tokenizer's own chat template by rendering prefixes of
+the conversation, never from a hard-coded template, so any model's template works:
+the assistant content of turn i is the text between ``render(turns[:i], generation
+prompt)`` and ``render(turns[:i+1])``. Character spans map to tokens through the fast
+tokenizer's offsets, so the ids are exactly those of tokenizing the whole rendered chat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+
+def tokenize_pt(text: str, tokenizer: Any, cutoff_len: int | None) -> dict[str, list[int]]:
+    """Pre-training: every token is a target; EOS marks where the document ends."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    if cutoff_len is not None:
+        ids = ids[:cutoff_len]
+    return {"input_ids": ids, "loss_mask": [1] * len(ids)}
+
+
+def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def _assistant_spans(tokenizer: Any, messages: list[dict], only_last: bool) -> tuple[str, list]:
+    """The rendered chat and, per trained assistant turn, (content start, content end, turn end)."""
+    full = _render(tokenizer, messages)
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant" or (only_last and i != len(messages) - 1):
+            continue
+        before = _render(tokenizer, messages[:i], generation_prompt=True)
+        upto = _render(tokenizer, messages[: i + 1])
+        start = len(before) if full.startswith(before) else 0
+        end = len(upto) if full.startswith(upto) else len(full)
+        content = msg["content"].strip()
+        at = full.find(content, start, end) if content else -1
+        c_start, c_end = (at, at + len(content)) if at >= 0 else (start, start)
+        spans.append((c_start, c_end, end))
+    return full, spans
+
+
+def _chat_ids(
+    tokenizer: Any, messages: list[dict], cutoff_len: int | None, only_last: bool = False
+) -> tuple[list[int], list[int]]:
+    """Ids of the whole rendered chat; mask 1 on assistant content + its end-of-turn token."""
+    full, spans = _assistant_spans(tokenizer, messages, only_last)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    mask = [0] * len(ids)
+    for c_start, c_end, turn_end in spans:
+        closed = False
+        for t, (a, b) in enumerate(offsets):
+            if b > c_start and a < c_end:
+                mask[t] = 1
+            elif not closed and a >= c_end and b <= turn_end and full[a:b].strip():
+                mask[t] = 1  # the end-of-turn token: the model must learn to stop
+                closed = True
+    if cutoff_len is not None:
+        ids, mask = ids[:cutoff_len], mask[:cutoff_len]
+    return ids, mask
+
+
+def tokenize_sft(
+    messages: list[dict], tokenizer: Any, cutoff_len: int | None
+) -> dict[str, list[int]]:
+    """Supervised fine-tuning: the loss sees only what the assistant says."""
+    ids, mask = _chat_ids(tokenizer, messages, cutoff_len)
+    return {"input_ids": ids, "loss_mask": mask}
+
+
+def tokenize_preference(
+    prompt_messages: list[dict],
+    chosen: str,
+    rejected: str,
+    tokenizer: Any,
+    cutoff_len: int | None,
+) -> dict[str, list[int]]:
+    """DPO: the same prompt completed both ways; only the response tokens are scored."""
+    out: dict[str, list[int]] = {}
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        chat = [*prompt_messages, {"role": "assistant", "content": answer}]
+        ids, mask = _chat_ids(tokenizer, chat, cutoff_len, only_last=True)
+        out[f"{name}_input_ids"], out[f"{name}_loss_mask"] = ids, mask
+    return out
+
+
+def pack(examples: Iterable[dict], block_len: int, max_open: int = 8) -> Iterator[dict]:
+    """First-fit packing into rows of at most ``block_len`` tokens.
+
+    ``position_ids`` restart at 0 for each packed sample, which lets a trainer with
+    varlen attention (flash-attention's position-id mode) keep samples from attending
+    to each other. A few bins stay open so short samples fill gaps; the fullest bin is
+    emitted when too many are open, keeping memory bounded on an endless stream.
+    Examples longer than ``block_len`` are truncated (the data job truncates at
+    cutoff_len first, so this only guards direct callers).
+    """
+    if block_len <= 0:
+        raise ValueError(f"block_len must be > 0, got {block_len}")
+    bins: list[dict] = []
+    for ex in examples:
+        ids = list(ex["input_ids"])[:block_len]
+        mask = list(ex.get("loss_mask") or [1] * len(ids))[: len(ids)]
+        target = next((b for b in bins if len(b["input_ids"]) + len(ids) <= block_len), None)
+        if target is None:
+            target = {"input_ids": [], "loss_mask": [], "position_ids": [], "source_ids": []}
+            bins.append(target)
+        target["input_ids"] += ids
+        target["loss_mask"] += mask
+        target["position_ids"] += list(range(len(ids)))
+        target["source_ids"].append(ex.get("id"))
+        if len(target["input_ids"]) == block_len:
+            bins.remove(target)
+            yield target
+        elif len(bins) > max_open:
+            fullest = max(bins, key=lambda b: len(b["input_ids"]))
+            bins.remove(fullest)
+            yield fullest
+    yield from bins

@@ -1,0 +1,91 @@
+"""The data job as users run it: `jobs/data.py` on the cluster and `raylm submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env(ray_cluster) -> dict[str, str]:
+    return {**os.environ, "RAY_ADDRESS": ray_cluster.gcs_address}
+
+
+@pytest.mark.timeout(420)
+def test_pt_job_writes_packed_shards_the_train_job_can_read(
+    ray_cluster, tiny_model, tmp_path: Path
+) -> None:
+    out = tmp_path / "pt"
+    cmd = [
+        sys.executable, "jobs/data.py", "conf/data/sample_pt.yaml", f"output_dir={out}",
+        "tokenize.enabled=true", f"tokenize.tokenizer={tiny_model}", "tokenize.cutoff_len=128",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=_env(ray_cluster), capture_output=True, text=True, timeout=280
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((out / "dataset_meta.json").read_text())
+    assert meta | {"num_rows": 0, "num_tokens": 0} == {
+        "kind": "pt", "task": "pt", "tokenized": True, "packed": True, "tokenizer": str(tiny_model),
+        "cutoff_len": 128, "num_rows": 0, "num_tokens": 0,
+    }  # fmt: skip
+    table = pa.concat_tables(
+        pq.read_table(f) for f in sorted((out / "shards").glob("part-*.parquet"))
+    )
+    assert table.schema.field("input_ids").type == pa.list_(pa.int32())
+    assert table.schema.field("loss_mask").type == pa.list_(pa.int8())
+    assert table.schema.field("position_ids").type == pa.list_(pa.int32())
+    assert table.schema.field("source_ids").type == pa.list_(pa.string())
+    rows = table.to_pylist()
+    assert (
+        len(rows) == meta["num_rows"]
+        and sum(len(r["input_ids"]) for r in rows) == meta["num_tokens"]
+    )
+    assert all(len(r["input_ids"]) <= 128 for r in rows)
+    stats = json.loads((out / "stats.json").read_text())
+    assert sum(len(r["source_ids"]) for r in rows) == stats["documents_out"]
+    assert stats["accounting_ok"] and stats["tokens_out"] == meta["num_tokens"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "succeeded" and manifest["job"] == "data"
+    assert all(h.startswith("sha256:") for h in manifest["inputs"].values())
+    assert (out / "config.resolved.yaml").exists() and list((out / "quarantine").glob("*.jsonl"))
+
+
+@pytest.mark.timeout(420)
+def test_sft_job_via_raylm_submit(ray_cluster, tiny_model, tmp_path: Path) -> None:
+    out = tmp_path / "sft"
+    cmd = [
+        sys.executable, "-m", "raylm.cli", "submit", "data", "conf/data/sample_sft.yaml",
+        f"output_dir={out}", "tokenize.enabled=true", f"tokenize.tokenizer={tiny_model}",
+        "--address", ray_cluster.dashboard_url,
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=_env(ray_cluster), capture_output=True, text=True, timeout=280
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    table = pa.concat_tables(
+        pq.read_table(f) for f in sorted((out / "shards").glob("part-*.parquet"))
+    )
+    assert {"id", "input_ids", "loss_mask", "position_ids"} <= set(table.column_names)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    row = table.slice(0, 1).to_pylist()[0]
+    trained = tok.decode([i for i, m in zip(row["input_ids"], row["loss_mask"], strict=True) if m])
+    assert trained.endswith("<|im_end|>") and "<|im_start|>" not in trained
+    assert json.loads((out / "stats.json").read_text())["quarantined"] == 2
+
+
+def test_bad_config_key_exits_2_naming_the_key(tmp_path: Path) -> None:
+    cmd = [sys.executable, "jobs/data.py", "conf/data/sample_pt.yaml", "dedup.treshold=0.5"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "dedup.treshold" in proc.stderr and "threshold" in proc.stderr

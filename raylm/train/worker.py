@@ -1,0 +1,310 @@
+"""The per-worker training loop: one DeepSpeed engine per Ray Train worker.
+
+Position in the data is a pure function of the optimizer step (``epoch_order`` per
+epoch, fixed micro-batches per step), so resuming at step s replays exactly the batches
+an uninterrupted run would have seen from s on: nothing twice, nothing skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from raylm.config import ConfigError
+from raylm.train import checkpoint as ckpt
+from raylm.train.config import TrainJobConfig
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Entry point Ray Train runs on every worker."""
+    cfg: TrainJobConfig = config["cfg"]
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
+    import ray.train
+    import torch
+
+    ctx = ray.train.get_context()
+    state = _Loop(cfg, Path(config["run_dir"]), ctx.get_world_rank(), ctx.get_world_size())
+    state.fault = config.get("fault")
+    torch.manual_seed(cfg.train.seed)
+    state.setup(ray.train.get_dataset_shard("train"))
+    state.resume()
+    state.run()
+    state.export()
+
+
+class _Loop:
+    def __init__(self, cfg: TrainJobConfig, run_dir: Path, rank: int, world: int) -> None:
+        self.cfg, self.run_dir, self.rank, self.world = cfg, run_dir, rank, world
+        self.step = 0
+        self.fault: dict[str, Any] | None = None
+        self.metrics_file = run_dir / "metrics.jsonl"
+        self.events_file = run_dir / "events.jsonl"
+        self.samples_file = run_dir / "samples.jsonl"
+
+    # ---- setup -------------------------------------------------------------------------
+    def setup(self, shard: Any) -> None:
+        import deepspeed
+        import torch
+        import transformers
+
+        from raylm.train.data import REF_COLUMNS, load_shard_rows
+        from raylm.train.ds_config import deepspeed_config
+        from raylm.train.model import load_model, load_reference, load_tokenizer
+
+        cfg, t = self.cfg, self.cfg.train
+        self.tok = load_tokenizer(cfg)
+        self.rows = load_shard_rows(shard, cfg.stage)
+        self.per_step = t.micro_batch_size * t.grad_accum
+        self.steps_per_epoch = self._all_min(len(self.rows) // self.per_step)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"each of {self.world} workers has {len(self.rows)} examples, fewer than one step "
+                f"needs (micro_batch_size*grad_accum={self.per_step}); add data or reduce them"
+            )
+        self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
+        model = load_model(cfg)
+        self.precomputed_ref = cfg.stage == "dpo" and all(c in self.rows[0] for c in REF_COLUMNS)
+        self.ref = None
+        if (
+            cfg.stage == "dpo"
+            and not self.precomputed_ref
+            and cfg.finetuning_type in ("full", "freeze")
+        ):
+            self.ref = load_reference(cfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.n_trainable = sum(p.numel() for p in params)
+        optim = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        sched = transformers.get_scheduler(
+            t.lr_scheduler,
+            optim,
+            num_warmup_steps=int(t.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+        self.ds_config = deepspeed_config(cfg, self.world)
+        self.engine, self.optim, _, self.sched = deepspeed.initialize(
+            model=model, optimizer=optim, lr_scheduler=sched, config=self.ds_config,
+            dist_init_required=False,
+        )  # fmt: skip
+        self.gauges = _gauges(cfg.run_name) if self.rank == 0 and _in_ray() else None
+
+    def _all_min(self, value: int) -> int:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([value])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    # ---- resume ------------------------------------------------------------------------
+    def resume(self) -> None:
+        import torch
+
+        latest = ckpt.latest_complete(self.run_dir)
+        if latest is None:
+            self._event({"event": "start", "total_steps": self.total_steps})
+            return
+        step, path = latest
+        self.engine.load_checkpoint(
+            str(path), tag=ckpt.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        own = torch.load(path / f"trainer_state_rank{self.rank}.pt", weights_only=False)
+        ckpt.set_rng_state(own["rng"])
+        self.step = own["step"]
+        assert self.step == step, (self.step, step)
+        if self.rank == 0:
+            _truncate_metrics(self.metrics_file, self.step)
+            _truncate_metrics(self.samples_file, self.step)
+        self._event({"event": "resume", "from_step": self.step, "checkpoint": path.name})
+
+    # ---- training ----------------------------------------------------------------------
+    def run(self) -> None:
+        from raylm.train.data import epoch_order
+
+        cached_epoch, order = -1, []
+        while self.step < self.total_steps:
+            epoch, k = divmod(self.step, self.steps_per_epoch)
+            if epoch != cached_epoch:
+                cached_epoch, order = epoch, epoch_order(len(self.rows), self.cfg.train.seed, epoch)
+            start = time.perf_counter()
+            losses, tokens, samples, ids = [], 0, 0, []
+            for micro in range(self.cfg.train.grad_accum):
+                first = (k * self.cfg.train.grad_accum + micro) * self.cfg.train.micro_batch_size
+                rows = [
+                    self.rows[i] for i in order[first : first + self.cfg.train.micro_batch_size]
+                ]
+                self._maybe_fault("mid_step", micro)
+                loss, n_tok = self._loss(rows)
+                self.engine.backward(loss)
+                self.engine.step()
+                losses.append(float(loss.detach()))
+                tokens, samples = tokens + n_tok, samples + len(rows)
+                ids += [r.get("id") for r in rows]
+            self.step += 1
+            self._audit(epoch, ids)
+            self._log(epoch, losses, tokens, samples, time.perf_counter() - start)
+            if self.step % self.cfg.checkpoint.save_steps == 0 or self.step == self.total_steps:
+                self.save()
+
+    def _loss(self, rows: list[dict[str, Any]]):
+        import torch
+
+        from raylm.train import objectives as obj
+
+        pad = self.tok.pad_token_id
+        if self.cfg.stage != "dpo":
+            batch = obj.collate(rows, "", pad)
+            loss, _ = obj.lm_loss(self.engine, batch)
+            return loss, int(batch["attention_mask"].sum())
+        batch = obj.pair_batch(rows, pad)
+        chosen, rejected = obj.sequence_logps(self.engine, batch).chunk(2)
+        if self.precomputed_ref:
+            ref_c = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=chosen.dtype)
+            ref_r = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=chosen.dtype)
+        else:
+            with torch.no_grad():
+                ref_c, ref_r = self._ref_logps(batch).chunk(2)
+        d = self.cfg.dpo
+        loss = obj.dpo_loss(chosen, rejected, ref_c, ref_r, d.beta, d.label_smoothing)
+        return loss, int(batch["attention_mask"].sum())
+
+    def _ref_logps(self, batch):
+        from raylm.train.objectives import sequence_logps
+
+        if self.ref is not None:
+            return sequence_logps(self.ref, batch)
+        with self.engine.module.disable_adapter():  # LoRA: the base model is the reference
+            return sequence_logps(self.engine.module, batch)
+
+    def _log(self, epoch: int, losses: list[float], tokens: int, samples: int, secs: float) -> None:
+        import torch
+        import torch.distributed as dist
+
+        totals = torch.tensor(
+            [sum(losses) / len(losses), float(tokens), float(samples)], dtype=torch.float64
+        )
+        dist.all_reduce(totals)
+        loss = totals[0].item() / self.world
+        tps = totals[1].item() / secs
+        grad_norm = self.engine.get_global_grad_norm()
+        if self.rank != 0 or (
+            self.step % self.cfg.train.logging_steps and self.step != self.total_steps
+        ):
+            return
+        record = {
+            "step": self.step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": self.sched.get_last_lr()[0],
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens": int(totals[1].item()),
+            "tokens_per_s": tps,
+            "samples_seen": self.step * self.per_step * self.world,
+            "time": time.time(),
+        }
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.gauges:
+            self.gauges["loss"].set(loss)
+            self.gauges["tokens_per_s"].set(tps)
+            self.gauges["step"].set(self.step)
+        print(f"step {self.step}/{self.total_steps} loss {loss:.4f} tok/s {tps:.0f}", flush=True)
+
+    def _audit(self, epoch: int, ids: list[Any]) -> None:
+        if not self.cfg.checkpoint.log_sample_ids:
+            return
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, ids)
+        if self.rank == 0:
+            flat = [i for rank_ids in gathered for i in rank_ids]
+            with self.samples_file.open("a") as f:
+                f.write(json.dumps({"step": self.step, "epoch": epoch, "ids": flat}) + "\n")
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def save(self) -> None:
+        import ray.train
+        import torch
+        import torch.distributed as dist
+
+        name = self._broadcast_name(ckpt.checkpoint_name(self.step))
+        local = Path(tempfile.mkdtemp(prefix=f"raylm-ckpt-r{self.rank}-"))
+        self.engine.save_checkpoint(str(local), tag=ckpt.DS_TAG, client_state={"step": self.step})
+        own = {"step": self.step, "rng": ckpt.rng_state()}
+        torch.save(own, local / f"trainer_state_rank{self.rank}.pt")
+        metrics = {"step": self.step, "checkpoint_name": name}
+        checkpoint = ray.train.Checkpoint.from_directory(str(local))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                         delete_local_checkpoint_after_upload=True)  # fmt: skip
+        self._maybe_fault("after_upload", 0)
+        dist.barrier()  # every rank's files are in storage now
+        if self.rank == 0:
+            ckpt.mark_complete(self.run_dir / name, self.step, self.world)
+            self._event({"event": "checkpoint", "step": self.step, "name": name})
+        dist.barrier()
+
+    def _broadcast_name(self, name: str) -> str:
+        import torch.distributed as dist
+
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _maybe_fault(self, where: str, micro: int) -> None:
+        """Test hook: SIGKILL this worker once at a chosen point, as a lost node would."""
+        f = self.fault
+        if not f or f["where"] != where or f["rank"] != self.rank or micro != 0:
+            return
+        if self.step != f["step"] or Path(f["marker"]).exists():
+            return
+        Path(f["marker"]).write_text(json.dumps({"step": self.step, "time": time.time()}))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def _event(self, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            with self.events_file.open("a") as f:
+                f.write(json.dumps(record | {"time": time.time()}) + "\n")
+
+    # ---- export ------------------------------------------------------------------------
+    def export(self) -> None:
+        from raylm.train.export import export_final
+
+        export_final(self)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from: they are replayed."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _in_ray() -> bool:
+    """Ray metrics need a Ray worker; the same loop also runs under torchrun (bench)."""
+    import ray
+
+    return ray.is_initialized()
+
+
+def _gauges(run_name: str) -> dict[str, Any]:
+    """Ray metrics, visible in the dashboard's Metrics tab and Prometheus."""
+    from ray.util.metrics import Gauge
+
+    tags = {"run": run_name}
+    gauges = {
+        "loss": Gauge("raylm_train_loss", "training loss (mean over ranks)", tag_keys=("run",)),
+        "tokens_per_s": Gauge(
+            "raylm_train_tokens_per_s", "tokens/s over all ranks", tag_keys=("run",)
+        ),
+        "step": Gauge("raylm_train_step", "optimizer step", tag_keys=("run",)),
+    }
+    for g in gauges.values():
+        g.set_default_tags(tags)
+    return gauges

@@ -1,0 +1,133 @@
+"""Train-job pieces that need no Ray cluster: DeepSpeed config, data, checkpoints, QLoRA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raylm.config import ConfigError, load
+from raylm.train import checkpoint as ckpt
+from raylm.train.data import data_inputs, epoch_order
+from raylm.train.ds_config import deepspeed_config
+from raylm.train.model import check_qlora_device
+from raylm.train.objectives import collate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cfg(*overrides: str, files=("conf/train/sft_lora.yaml",)):
+    return load("train", [ROOT / f for f in files], list(overrides))
+
+
+def test_deepspeed_config_is_generated_from_the_typed_config() -> None:
+    c = cfg("train.micro_batch_size=2", "train.grad_accum=3", "deepspeed.stage=2",
+            "deepspeed.offload_optimizer=true", "train.max_grad_norm=0.5")  # fmt: skip
+    ds = deepspeed_config(c, world_size=2)
+    assert ds["train_batch_size"] == 2 * 3 * 2
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert not ds["bf16"]["enabled"]
+    z3 = deepspeed_config(cfg("deepspeed.stage=3", "train.precision=bf16"), world_size=4)
+    assert z3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    assert z3["bf16"]["enabled"]
+
+
+def test_user_deepspeed_json_is_merged(tmp_path: Path) -> None:
+    user = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 1000, "overlap_comm": "auto"},
+        "communication_data_type": "fp32",
+    }  # fmt: skip
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    ds = deepspeed_config(cfg("deepspeed.stage=2", f"deepspeed.config_file={path}"), 2)
+    assert ds["zero_optimization"]["stage"] == 3  # the user's JSON wins
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 1000
+    assert ds["zero_optimization"]["overlap_comm"] is False  # "auto" keeps ours
+    assert ds["train_micro_batch_size_per_gpu"] == 4  # "auto" filled from the config
+    assert ds["communication_data_type"] == "fp32"
+
+
+@pytest.mark.parametrize(
+    ("user", "message"),
+    [
+        ({"gradient_accumulation_steps": 8}, "disagrees with the train config"),
+        ({"optimizer": {"type": "AdamW"}}, "remove the 'optimizer' section"),
+    ],
+)
+def test_user_deepspeed_json_conflicts_are_named(tmp_path: Path, user: dict, message: str) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    with pytest.raises(ConfigError, match=message):
+        deepspeed_config(cfg(f"deepspeed.config_file={path}"), 2)
+
+
+def test_qlora_on_cpu_is_a_clear_error() -> None:
+    c = cfg("finetuning_type=qlora")
+    with pytest.raises(ConfigError, match="qlora needs CUDA GPUs"):
+        check_qlora_device(c, cuda_available=False)
+    check_qlora_device(cfg("finetuning_type=lora"), cuda_available=False)  # LoRA is fine
+
+
+def test_qlora_load_model_refuses_on_cpu(tiny_model: Path) -> None:
+    """The same path the workers run: load_model checks the device before loading 4-bit."""
+    from raylm.train.model import load_model
+
+    with pytest.raises(ConfigError, match="bitsandbytes 4-bit"):
+        load_model(cfg("finetuning_type=qlora", f"model.name_or_path={tiny_model}"))
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch() -> None:
+    a = epoch_order(50, seed=1, epoch=0)
+    assert a == epoch_order(50, seed=1, epoch=0)
+    assert sorted(a) == list(range(50))
+    assert a != epoch_order(50, seed=1, epoch=1)
+    assert a != epoch_order(50, seed=2, epoch=0)
+
+
+def test_collate_masks_padding_and_packed_sample_starts() -> None:
+    rows = [
+        {"input_ids": [5, 6, 7, 8], "loss_mask": [1, 1, 1, 1], "position_ids": [0, 1, 0, 1]},
+        {"input_ids": [9, 10], "loss_mask": [1, 1], "position_ids": [0, 1]},
+    ]
+    b = collate(rows, "", pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    # position 0 of each packed sample is not a target; padding is never a target
+    assert b["loss_mask"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 0]]
+
+
+def test_data_path_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="found nothing at"):
+        data_inputs(cfg(f"data.path={tmp_path / 'missing.jsonl'}"))
+    shards = tmp_path / "shards_dir"
+    (shards / "shards").mkdir(parents=True)
+    (shards / "dataset_meta.json").write_text(json.dumps({"kind": "pt", "tokenized": True}))
+    with pytest.raises(ConfigError, match="holds 'pt' data but stage='sft'"):
+        data_inputs(cfg(f"data.path={shards}"))
+
+
+def test_llamafactory_dataset_name_resolves_through_dataset_info() -> None:
+    c = load("train", [ROOT / "conf/train/llamafactory_lora_sft.yaml"])
+    src = data_inputs(c)
+    assert src["kind"] == "raw" and src["format"] == "alpaca"
+    assert src["path"].endswith("conf/train/data/alpaca_demo.json")
+    assert c.finetuning_type == "lora" and c.lora.target == ["all"]
+    assert c.train.grad_accum == 2 and c.checkpoint.save_steps == 4
+
+
+def test_only_complete_checkpoints_count(tmp_path: Path) -> None:
+    done2 = tmp_path / ckpt.checkpoint_name(2)
+    done2.mkdir()
+    ckpt.mark_complete(done2, 2, world_size=2)
+    partial4 = tmp_path / ckpt.checkpoint_name(4)
+    partial4.mkdir()
+    (partial4 / "trainer_state_rank0.pt").write_bytes(b"half")
+    assert ckpt.latest_complete(tmp_path) == (2, done2)
+    assert [(s, ok) for s, _, ok in ckpt.list_checkpoints(tmp_path)] == [(2, True), (4, False)]
+    assert ckpt.latest_complete(tmp_path / "nothing") is None

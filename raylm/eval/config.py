@@ -1,0 +1,243 @@
+"""The eval job's config: what to score, how to generate, how sure to be, what must pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from raylm.config import ConfigError, RayConfig, choice, positive
+
+METRICS = ("perplexity", "exact_match", "contains", "rouge_l", "bleu", "length_compliance")
+"""Every metric the eval job knows; perplexity needs ``data.perplexity_path``, the rest
+need ``data.eval_path``."""
+
+GENERATION_METRICS = METRICS[1:]
+ENGINES = ("hf", "vllm")
+PROMPT_FORMATS = ("auto", "chat", "raw")
+
+
+@dataclass
+class EvalDataConfig:
+    """The held-out data the model is scored on."""
+
+    eval_path: str | None = None
+    """jsonl of generation records: ``prompt`` (or chat ``messages``) plus ``reference``
+    (a string or a list of acceptable strings). None: no generation metrics."""
+
+    perplexity_path: str | None = None
+    """Held-out text for perplexity: jsonl/json (``text`` or ``messages``), .txt (documents
+    separated by blank lines), or parquet (file or directory; ``text`` or ``messages`` column).
+    None: skip."""
+
+    max_samples: int | None = None
+    """Score at most this many generation records and perplexity documents (None: all)."""
+
+    perplexity_max_length: int = 512
+    """Tokens per perplexity window; longer documents are split into consecutive windows."""
+
+    perplexity_batch_size: int = 4
+    """Windows per forward pass when computing perplexity."""
+
+    def __post_init__(self) -> None:
+        positive("data.perplexity_max_length", self.perplexity_max_length)
+        positive("data.perplexity_batch_size", self.perplexity_batch_size)
+        if self.max_samples is not None:
+            positive("data.max_samples", self.max_samples)
+
+
+@dataclass
+class GenerationConfig:
+    """How answers are generated: greedy, so a rerun gives the same text."""
+
+    engine: str = "hf"
+    """hf (transformers ``generate``, batched) or vllm (vLLM offline ``LLM`` in a subprocess)."""
+
+    max_new_tokens: int = 32
+    """Longest answer, in tokens."""
+
+    batch_size: int = 8
+    """Prompts per ``generate`` call (hf engine)."""
+
+    prompt_format: str = "auto"
+    """How a ``prompt`` record becomes model input: chat (the tokenizer's chat template, as a
+    user turn), raw (the text as is), auto (chat if the tokenizer has a template).
+    ``messages`` records always use the chat template."""
+
+    vllm_kvcache_gib: int = 1
+    """VLLM_CPU_KVCACHE_SPACE for the vllm engine on CPU (GiB of KV cache)."""
+
+    def __post_init__(self) -> None:
+        choice("generation.engine", self.engine, ENGINES)
+        choice("generation.prompt_format", self.prompt_format, PROMPT_FORMATS)
+        positive("generation.max_new_tokens", self.max_new_tokens)
+        positive("generation.batch_size", self.batch_size)
+        positive("generation.vllm_kvcache_gib", self.vllm_kvcache_gib)
+
+
+@dataclass
+class LengthBudgetConfig:
+    """The length an answer must stay within for ``length_compliance``.
+
+    A record may carry its own ``max_tokens`` / ``max_chars`` to override these."""
+
+    max_tokens: int | None = None
+    """Most tokens (the evaluated model's tokenizer) an answer may have; None: no limit."""
+
+    max_chars: int | None = None
+    """Most characters an answer may have; None: no limit."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_tokens", "max_chars"):
+            value = getattr(self, key)
+            if value is not None:
+                positive(f"length_budget.{key}", value)
+
+
+@dataclass
+class BootstrapConfig:
+    """Percentile bootstrap over examples, for every metric's interval and the paired test."""
+
+    resamples: int = 1000
+    """Bootstrap resamples; more gives steadier interval ends (1000 is the usual choice)."""
+
+    confidence: float = 0.95
+    """Coverage of the reported intervals."""
+
+    seed: int = 0
+    """Seed of the resampling, so the same predictions give the same intervals."""
+
+    def __post_init__(self) -> None:
+        positive("bootstrap.resamples", self.resamples)
+        if not 0.0 < self.confidence < 1.0:
+            raise ConfigError(f"bootstrap.confidence={self.confidence} must be in (0, 1)")
+
+
+@dataclass
+class ImprovementConfig:
+    """Tuned must beat base on one metric by the paired bootstrap."""
+
+    metric: str = "rouge_l"
+    """The metric compared (perplexity counts lower as better)."""
+
+    p_value: float = 0.05
+    """Largest one-sided p-value accepted for "tuned is better than base"."""
+
+    min_diff: float = 0.0
+    """Smallest improvement (in the metric's units) that counts; 0: any improvement."""
+
+    def __post_init__(self) -> None:
+        choice("gate.require_improvement_over_base.metric", self.metric, METRICS)
+        if not 0.0 < self.p_value <= 1.0:
+            raise ConfigError(
+                f"gate.require_improvement_over_base.p_value={self.p_value} must be in (0, 1]"
+            )
+        positive("gate.require_improvement_over_base.min_diff", self.min_diff, allow_zero=True)
+
+
+@dataclass
+class GateConfig:
+    """Thresholds a model must meet to be deployed; all given ones must hold."""
+
+    max_perplexity: float | None = None
+    """Highest perplexity accepted (None: not checked)."""
+
+    min_metric: dict[str, float] = field(default_factory=dict)
+    """Lowest accepted value per metric, e.g. ``{rouge_l: 0.2, exact_match: 0.5}``."""
+
+    max_metric: dict[str, float] = field(default_factory=dict)
+    """Highest accepted value per metric, e.g. ``{perplexity: 50}``."""
+
+    require_improvement_over_base: ImprovementConfig | None = None
+    """If set, the model must beat ``base_model`` on this metric (paired bootstrap)."""
+
+    use_ci_bound: bool = False
+    """Check thresholds against the pessimistic end of the confidence interval (the lower
+    end for a minimum, the upper for a maximum) instead of the point estimate."""
+
+    def __post_init__(self) -> None:
+        if self.max_perplexity is not None:
+            positive("gate.max_perplexity", self.max_perplexity)
+        for group in ("min_metric", "max_metric"):
+            for name in getattr(self, group):
+                choice(f"gate.{group} key", name, METRICS)
+
+    def metrics_used(self) -> set[str]:
+        used = set(self.min_metric) | set(self.max_metric)
+        if self.max_perplexity is not None:
+            used.add("perplexity")
+        if self.require_improvement_over_base is not None:
+            used.add(self.require_improvement_over_base.metric)
+        return used
+
+
+@dataclass
+class EvalJobConfig:
+    """The eval job: score a model (and optionally its base) and decide if it may ship."""
+
+    model: str = MISSING
+    """Model directory: a full Hugging Face model or a PEFT adapter (adapter_config.json)."""
+
+    base_model: str | None = None
+    """A second model to compare against with the paired bootstrap (e.g. the untuned base)."""
+
+    adapter_base: str | None = None
+    """Base model under a PEFT adapter, when the adapter's ``base_model_name_or_path`` does not
+    point at a loadable directory (e.g. it was trained on another machine)."""
+
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    """Metrics to compute: perplexity, exact_match, contains, rouge_l, bleu, length_compliance."""
+
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    """Held-out data."""
+
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Answer generation."""
+
+    length_budget: LengthBudgetConfig = field(default_factory=LengthBudgetConfig)
+    """Budget for length_compliance."""
+
+    normalize: bool = True
+    """Compare answers case-, punctuation- and whitespace-insensitively for exact_match and
+    contains (ROUGE-L always lowercases; BLEU uses sacrebleu's own tokenization)."""
+
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    """Confidence intervals and the paired test."""
+
+    gate: GateConfig = field(default_factory=GateConfig)
+    """Deployment thresholds; the verdict goes into eval.json."""
+
+    fail_on_gate: bool = False
+    """Exit with code 3 when the gate fails (for CI scripts); by default the job succeeds and
+    the verdict in eval.json decides, so a pipeline can report why a model was held back."""
+
+    num_cpus: float = 1.0
+    """CPUs reserved by each model's Ray evaluation task (two run side by side with a base)."""
+
+    output_dir: str = "outputs/eval"
+    """Where eval.json, report.md, predictions.jsonl and the manifest go."""
+
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Cluster connection."""
+
+    def __post_init__(self) -> None:
+        if not self.metrics:
+            raise ConfigError(f"metrics must name at least one of {list(METRICS)}")
+        for name in self.metrics:
+            choice("metrics", name, METRICS)
+        positive("num_cpus", self.num_cpus)
+        if "perplexity" in self.metrics and not self.data.perplexity_path:
+            raise ConfigError("metrics has perplexity but data.perplexity_path is not set")
+        generation = [m for m in self.metrics if m in GENERATION_METRICS]
+        if generation and not self.data.eval_path:
+            raise ConfigError(f"metrics {generation} need data.eval_path (a jsonl eval set)")
+        self._check_gate()
+
+    def _check_gate(self) -> None:
+        missing = sorted(self.gate.metrics_used() - set(self.metrics))
+        if missing:
+            raise ConfigError(
+                f"gate checks {missing}, which metrics={self.metrics} does not compute"
+            )
+        if self.gate.require_improvement_over_base is not None and not self.base_model:
+            raise ConfigError("gate.require_improvement_over_base needs base_model to be set")

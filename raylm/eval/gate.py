@@ -1,0 +1,101 @@
+"""The deployment gate: thresholds checked against eval results, with reasons a human reads.
+
+``gate`` takes the eval job's results (the dict in ``eval.json``), so the pipeline can
+re-check a finished evaluation against new thresholds without re-running it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from raylm.eval.config import GateConfig
+
+
+@dataclass(frozen=True)
+class Check:
+    """One threshold and how the model fared against it."""
+
+    name: str
+    """min_metric, max_metric, max_perplexity or require_improvement_over_base."""
+    metric: str
+    value: float | None
+    threshold: float
+    passed: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether the model may be deployed, and why (one reason per check, failures first)."""
+
+    passed: bool
+    reasons: list[str]
+    checks: list[Check] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def gate(results: dict[str, Any], cfg: GateConfig) -> Verdict:
+    """Check ``results`` (eval.json's content) against every threshold in ``cfg``."""
+    metrics = results.get("metrics", {})
+    checks = [
+        *(_bound(metrics, m, t, "min_metric", cfg.use_ci_bound) for m, t in cfg.min_metric.items()),
+        *(_bound(metrics, m, t, "max_metric", cfg.use_ci_bound) for m, t in cfg.max_metric.items()),
+    ]
+    if cfg.max_perplexity is not None:
+        checks.append(
+            _bound(metrics, "perplexity", cfg.max_perplexity, "max_perplexity", cfg.use_ci_bound)
+        )
+    if cfg.require_improvement_over_base is not None:
+        checks.append(_improvement(results, cfg))
+    if not checks:
+        return Verdict(True, ["no gate thresholds configured: passed by default"], [])
+    ordered = sorted(checks, key=lambda c: c.passed)
+    return Verdict(all(c.passed for c in checks), [c.message for c in ordered], ordered)
+
+
+def _fmt(x: float | None) -> str:
+    return "undefined" if x is None else f"{x:.4g}"
+
+
+def _bound(metrics: dict, metric: str, threshold: float, name: str, use_ci: bool) -> Check:
+    is_min = name == "min_metric"
+    entry = metrics.get(metric)
+    if not entry:
+        msg = f"FAILED {name}: {metric} was not computed, so it cannot be checked against {threshold:g}"
+        return Check(name, metric, None, threshold, False, msg)
+    value = entry.get("value")
+    label = metric
+    if use_ci:
+        value = entry.get("ci_low" if is_min else "ci_high")
+        label = f"{metric} {'lower' if is_min else 'upper'} CI bound"
+    ok = value is not None and (value >= threshold if is_min else value <= threshold)
+    op = (">=" if ok else "<") if is_min else ("<=" if ok else ">")
+    kind = "min" if is_min else "max"
+    status = "ok" if ok else "FAILED"
+    msg = f"{status} {name}: {label} = {_fmt(value)} {op} {kind} {threshold:g}"
+    return Check(name, metric, value, threshold, ok, msg)
+
+
+def _improvement(results: dict, cfg: GateConfig) -> Check:
+    req = cfg.require_improvement_over_base
+    assert req is not None
+    name, metric = "require_improvement_over_base", req.metric
+    comp = (results.get("comparison") or {}).get(metric)
+    if not comp:
+        msg = f"FAILED {name}: no comparison with a base model on {metric} in the results"
+        return Check(name, metric, None, req.p_value, False, msg)
+    diff, p = comp.get("diff"), comp["p_value"]
+    gain = None if diff is None else (diff if comp["higher_is_better"] else -diff)
+    better = gain is not None and gain > req.min_diff
+    ok = better and p < req.p_value
+    direction = "higher" if comp["higher_is_better"] else "lower"
+    detail = (
+        f"tuned {_fmt(comp['tuned'])} vs base {_fmt(comp['base'])} "
+        f"(diff {_fmt(diff)}, {direction} is better, min improvement {req.min_diff:g}), "
+        f"one-sided p = {p:.4g} {'<' if p < req.p_value else '>='} {req.p_value:g}"
+    )
+    msg = f"{'ok' if ok else 'FAILED'} {name}: {metric} {detail}"
+    return Check(name, metric, p, req.p_value, ok, msg)

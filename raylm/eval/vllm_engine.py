@@ -1,0 +1,69 @@
+"""Greedy generation with vLLM's offline ``LLM``, in a child process.
+
+A child process because vLLM's engine spawns its own processes (it needs a ``__main__``
+guard) and a live engine slows everything else in its process; the parent passes token
+ids, so both engines see exactly the same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from raylm.eval.model import ModelInfo
+
+
+def merged_dir(info: ModelInfo, model: object, tokenizer: object, workdir: Path) -> str:
+    """vLLM loads a directory: an adapter is served from its merged weights."""
+    if info.kind == "full":
+        return info.path
+    out = workdir / "merged"
+    model.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
+    tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
+    return str(out)
+
+
+def generate_vllm(
+    model_dir: str, prompts: Sequence[list[int]], max_new_tokens: int, kvcache_gib: int = 1
+) -> list[list[int]]:
+    """Generated token ids per prompt (the caller decodes, as for the hf engine)."""
+    with tempfile.TemporaryDirectory(prefix="raylm-vllm-") as tmp:
+        request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        request.write_text(
+            json.dumps(
+                {
+                    "model": model_dir,
+                    "prompts": list(map(list, prompts)),
+                    "max_new_tokens": max_new_tokens,
+                }
+            )
+        )
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kvcache_gib))
+        cmd = [sys.executable, "-m", "raylm.eval.vllm_engine", str(request), str(result)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"vLLM generation failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+            )
+        return json.loads(result.read_text())
+
+
+def _main(request_path: str, result_path: str) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    req = json.loads(Path(request_path).read_text())
+    llm = LLM(model=req["model"], dtype="float32", enforce_eager=True, seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=req["max_new_tokens"])
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in req["prompts"]]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    Path(result_path).write_text(json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,350 @@
+"""Serving benchmark: raylm's Ray Serve app vs vLLM's own OpenAI server, same tiny model.
+
+    .venv/bin/python bench/serve.py [--model DIR] [--requests-per-client 2] [--max-tokens 64]
+
+In one run, one after the other (never both at once: each engine gets the machine):
+1. ``python -m vllm.entrypoints.openai.api_server`` in its own process;
+2. raylm's app (``jobs/serve.py``) on a private 2-CPU local Ray cluster.
+For each, 1, 8 and 32 concurrent streaming clients (loopback): output tokens/s, time to
+first token p50/p99 and inter-token latency. Then on raylm only: autoscaling (time from
+load arriving to a 2nd replica RUNNING, and from load ending to scale-down) and a bounded
+load test (fixed request count, capped duration) that must end with zero failures.
+Prints a Markdown table with raylm/vLLM ratios; results also go to --out as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from raylm.cluster import LocalCluster, free_port  # noqa: E402
+from raylm.serve import deploy  # noqa: E402
+
+APP = "raylm-bench"
+EXTRA: list[str] = []  # --set overrides for every raylm deploy
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+async def one_request(c: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int) -> dict:
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    stream = await c.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text and first is None:
+            first = time.perf_counter()
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    end = time.perf_counter()
+    ttft = (first or end) - start
+    itl = (end - (first or end)) / max(tokens - 1, 1)
+    return {"ttft": ttft, "itl": itl, "tokens": tokens}
+
+
+async def run_level(
+    url: str, key: str, model: str, clients: int, per_client: int, max_tokens: int
+) -> dict:
+    c = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0, timeout=600)
+    results: list[dict] = []
+    failures: list[str] = []
+
+    async def client(i: int) -> None:
+        for j in range(per_client):
+            try:
+                results.append(await one_request(c, model, f"Client {i} request {j}:", max_tokens))
+            except Exception as err:
+                failures.append(repr(err)[:200])
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    wall = time.perf_counter() - start
+    await c.close()
+    toks = sum(r["tokens"] for r in results)
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "failed": len(failures),
+        "output_tok_s": toks / wall,
+        "ttft_p50_ms": 1000 * pct([r["ttft"] for r in results], 0.5),
+        "ttft_p99_ms": 1000 * pct([r["ttft"] for r in results], 0.99),
+        "itl_mean_ms": 1000 * statistics.fmean(r["itl"] for r in results) if results else 0,
+        "wall_s": wall,
+    }
+
+
+def measure(url: str, key: str, model: str, args: argparse.Namespace) -> list[dict]:
+    asyncio.run(run_level(url, key, model, 2, 1, 8))  # warm-up (compiles, caches)
+    rows = []
+    for clients in (1, 8, 32):
+        row = asyncio.run(
+            run_level(url, key, model, clients, args.requests_per_client, args.max_tokens)
+        )
+        print(f"  {clients:>2} clients: {json.dumps(row)}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} not up after {timeout}s")
+
+
+def bench_vllm(model_dir: str, args: argparse.Namespace, work: Path) -> list[dict]:
+    port = free_port()
+    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_dir,
+        "--served-model-name",
+        "tiny",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--max-model-len",
+        "512",
+        "--max-num-seqs",
+        "32",
+        "--enforce-eager",
+    ]
+    log = open(work / "vllm.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        t0 = time.monotonic()
+        wait_http(f"http://127.0.0.1:{port}/v1/models", 600, proc)
+        print(f"vLLM server up in {time.monotonic() - t0:.0f}s", flush=True)
+        return measure(f"http://127.0.0.1:{port}/v1", "none", "tiny", args)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def deploy_raylm(model_dir: str, env: dict, work: Path, *overrides: str) -> str:
+    cmd = [
+        sys.executable,
+        str(ROOT / "jobs" / "serve.py"),
+        str(ROOT / "conf/serve/tiny.yaml"),
+        f"model.path={model_dir}",
+        f"app_name={APP}",
+        "http.port=0",
+        "auth.api_keys=[sk-bench]",
+        f"output_dir={work / 'serve'}",
+        "engine.max_num_seqs=32",
+        *EXTRA,
+        *overrides,
+    ]
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((work / "serve" / "manifest.json").read_text())["outputs"]["url"]
+
+
+def bench_raylm(model_dir: str, args: argparse.Namespace, work: Path) -> dict:
+    home = work / "raylm_home"
+    cluster = LocalCluster(home / "cluster")
+    info = cluster.up(num_cpus=2)
+    env = os.environ | {"RAYLM_HOME": str(home), "RAY_ADDRESS": info.gcs_address}
+    try:
+        t0 = time.monotonic()
+        url = deploy_raylm(model_dir, env, work, "autoscaling.max_replicas=1")
+        print(f"raylm app RUNNING in {time.monotonic() - t0:.0f}s at {url}", flush=True)
+        rows = measure(url, "sk-bench", "tiny", args)
+        scaling = autoscale(model_dir, env, work, info.dashboard_url)
+        bounded = asyncio.run(
+            bounded_load(url, requests=args.bounded_requests, clients=16, max_seconds=180)
+        )
+        print(f"  bounded load: {json.dumps(bounded)}", flush=True)
+        return {"levels": rows, "autoscaling": scaling, "bounded_load": bounded}
+    finally:
+        try:
+            deploy.down(APP, info.dashboard_url)
+        finally:
+            cluster.down()
+
+
+def autoscale(model_dir: str, env: dict, work: Path, dashboard: str) -> dict:
+    """Lightweight update to min 1 / max 2, then load until 2 replicas, then idle until 1."""
+    url = deploy_raylm(
+        model_dir,
+        env,
+        work,
+        "autoscaling.max_replicas=2",
+        "autoscaling.target_ongoing_requests=2",
+        "autoscaling.upscale_delay_s=1",
+        "autoscaling.downscale_delay_s=5",
+    )
+    result = asyncio.run(load_until(url, dashboard, clients=16, target=2, max_seconds=300))
+    t0 = time.monotonic()
+    down_s = None
+    while time.monotonic() - t0 < 180:
+        if deploy.replica_count(APP, "tiny", dashboard) <= 1:
+            down_s = time.monotonic() - t0
+            break
+        time.sleep(1)
+    result["scale_down_s"] = down_s
+    print(f"  autoscaling: {json.dumps(result)}", flush=True)
+    return result
+
+
+async def load_until(
+    url: str, dashboard: str, clients: int, target: int, max_seconds: float
+) -> dict:
+    c = openai.AsyncOpenAI(base_url=url, api_key="sk-bench", max_retries=0, timeout=600)
+    stop = asyncio.Event()
+    stats = {"ok": 0, "failed": 0}
+
+    async def client(i: int) -> None:
+        while not stop.is_set():
+            try:
+                await one_request(c, "tiny", f"Load {i}", 48)
+                stats["ok"] += 1
+            except Exception:
+                stats["failed"] += 1
+
+    start = time.monotonic()
+    tasks = [asyncio.create_task(client(i)) for i in range(clients)]
+    up_s = None
+    while time.monotonic() - start < max_seconds:
+        await asyncio.sleep(1)
+        n = await asyncio.to_thread(deploy.replica_count, APP, "tiny", dashboard)
+        if n >= target:
+            up_s = time.monotonic() - start
+            break
+    stop.set()
+    await asyncio.gather(*tasks)
+    await c.close()
+    return {**stats, "scale_up_s": up_s, "clients": clients}
+
+
+async def bounded_load(url: str, requests: int, clients: int, max_seconds: float) -> dict:
+    """Exactly ``requests`` requests from ``clients`` workers, abandoned after max_seconds."""
+    c = openai.AsyncOpenAI(base_url=url, api_key="sk-bench", max_retries=0, timeout=600)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    stats = {"requests": requests, "ok": 0, "failed": 0}
+
+    async def worker() -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            try:
+                r = await one_request(c, "tiny", f"Bounded {i}", 32)
+                stats["ok"] += r["tokens"] == 32
+                stats["failed"] += r["tokens"] != 32
+            except Exception:
+                stats["failed"] += 1
+
+    start = time.monotonic()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(clients))), max_seconds)
+    except TimeoutError:
+        stats["timed_out"] = True
+    stats["wall_s"] = round(time.monotonic() - start, 1)
+    stats["not_run"] = requests - stats["ok"] - stats["failed"]
+    await c.close()
+    return stats
+
+
+def table(vllm: list[dict], raylm: dict) -> str:
+    head = (
+        "| clients | engine | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL mean ms |"
+        " tok/s ratio | TTFT p50 overhead ms |\n|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for v, r in zip(vllm, raylm["levels"], strict=True):
+        for name, row in (("vLLM server", v), ("raylm app", r)):
+            extra = ""
+            if name == "raylm app":
+                ratio = r["output_tok_s"] / v["output_tok_s"]
+                extra = f" {ratio:.2f}x | {r['ttft_p50_ms'] - v['ttft_p50_ms']:+.0f} |"
+            else:
+                extra = " | |"
+            lines.append(
+                f"| {row['clients']} | {name} | {row['output_tok_s']:.0f} | "
+                f"{row['ttft_p50_ms']:.0f} | {row['ttft_p99_ms']:.0f} | {row['itl_mean_ms']:.1f} |"
+                + extra
+            )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="HF model dir (default: build the tiny model)")
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--bounded-requests", type=int, default=200)
+    parser.add_argument("--out", default="outputs/bench/serve.json")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="serve config override for raylm, e.g. stream_batching_interval_ms=10",
+    )
+    args = parser.parse_args()
+    EXTRA.extend(args.set)
+    work = Path(tempfile.mkdtemp(prefix="raylm-bench-serve-"))
+    model_dir = args.model
+    if not model_dir:
+        from raylm.models.tiny import build
+
+        model_dir = str(build(work / "tiny"))
+    print("== vLLM OpenAI server ==", flush=True)
+    vllm = bench_vllm(model_dir, args, work)
+    print("== raylm Ray Serve app ==", flush=True)
+    raylm = bench_raylm(model_dir, args, work)
+    print(table(vllm, raylm))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"vllm": vllm, "raylm": raylm, "args": vars(args)}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Serving: an OpenAI-compatible Ray Serve app over vLLM (ray.serve.llm), and batch inference."""

@@ -1,0 +1,178 @@
+"""raylm's serve config -> a Ray Serve config that runs ``ray.serve.llm:build_openai_app``.
+
+The result is plain data (the YAML ``serve deploy`` takes): one application whose
+import path is ray.serve.llm's own builder, whose args are an ``LLMServingArgs``
+(one LLMConfig plus raylm's ingress class), and whose deployments get raylm's
+resource and autoscaling choices. Nothing here imports Ray, so it is unit-tested and
+an operator can deploy the written file with ``serve deploy`` unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from raylm.config import ConfigError, resolve_path
+from raylm.serve import lora
+from raylm.serve.config import ServeJobConfig
+from raylm.serve.validation import hash_key
+
+INGRESS_CLS = "raylm.serve.ingress:RaylmIngress"
+SERVER_CLS = "raylm.serve.lora:LocalLoraLLMServer"
+BUILDER = "ray.serve.llm:build_openai_app"
+
+
+def api_key_hashes(cfg: ServeJobConfig) -> list[str]:
+    """Keys from the config and the env var, as digests: the written YAML holds no secret."""
+    keys = list(cfg.auth.api_keys)
+    env = os.environ.get(cfg.auth.api_key_env, "") if cfg.auth.api_key_env else ""
+    keys += [k.strip() for k in env.split(",") if k.strip()]
+    if not keys and cfg.auth.required:
+        raise ConfigError(
+            f"no API key: set {cfg.auth.api_key_env} or auth.api_keys, "
+            "or auth.required=false to serve without authentication"
+        )
+    return sorted({hash_key(k) for k in keys})
+
+
+def engine_kwargs(cfg: ServeJobConfig, model_dir: str) -> dict[str, Any]:
+    e = cfg.engine
+    kwargs: dict[str, Any] = {
+        "tokenizer": model_dir,
+        "dtype": e.dtype,
+        "max_model_len": e.max_model_len,
+        "max_num_seqs": e.max_num_seqs,
+        "tensor_parallel_size": e.tensor_parallel_size,
+        "enforce_eager": e.enforce_eager,
+    }
+    if cfg.resources.use_gpu:
+        kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
+    if cfg.lora.enabled:
+        kwargs |= {
+            "enable_lora": True,
+            "max_lora_rank": cfg.lora.max_lora_rank,
+            "max_loras": cfg.lora.max_adapters_per_replica,
+        }
+    return kwargs | dict(e.extra)
+
+
+def placement(cfg: ServeJobConfig) -> dict[str, Any]:
+    r = cfg.resources
+    if r.use_gpu:
+        bundle = {"GPU": r.gpus_per_replica, "CPU": 1}
+        out: dict[str, Any] = {
+            "placement_group_config": {
+                "bundles": [bundle] * cfg.engine.tensor_parallel_size,
+                "strategy": "PACK",
+            }
+        }
+        if r.accelerator_type:
+            out["accelerator_type"] = r.accelerator_type
+        return out
+    return {
+        "placement_group_config": {"bundles": [{"CPU": r.cpus_per_replica}], "strategy": "PACK"}
+    }
+
+
+def deployment_config(cfg: ServeJobConfig) -> dict[str, Any]:
+    a = cfg.autoscaling
+    auto = {
+        "min_replicas": a.min_replicas,
+        "max_replicas": a.max_replicas,
+        "target_ongoing_requests": a.target_ongoing_requests,
+        "upscale_delay_s": a.upscale_delay_s,
+        "downscale_delay_s": a.downscale_delay_s,
+        "look_back_period_s": 5.0,
+    }
+    if a.initial_replicas is not None:
+        auto["initial_replicas"] = a.initial_replicas
+    return {
+        "autoscaling_config": auto,
+        "max_ongoing_requests": a.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": cfg.resources.actor_num_cpus},
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+    }
+
+
+def llm_config(cfg: ServeJobConfig) -> dict[str, Any]:
+    """The ``LLMConfig`` (as a dict) of the served model."""
+    model_dir = resolve_path(cfg.model.path)
+    if "://" not in model_dir and not (Path(model_dir) / "config.json").is_file():
+        raise ConfigError(
+            f"model.path={model_dir!r} is not a Hugging Face model dir (no config.json)"
+        )
+    env = {} if cfg.resources.use_gpu else {"VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_gib)}
+    out: dict[str, Any] = {
+        "model_loading_config": {"model_id": cfg.model.name, "model_source": model_dir},
+        "engine_kwargs": engine_kwargs(cfg, model_dir),
+        "deployment_config": deployment_config(cfg),
+        "runtime_env": {"env_vars": env},
+        "log_engine_metrics": cfg.log_engine_metrics,
+        **placement(cfg),
+    }
+    out["experimental_configs"] = {"stream_batching_interval_ms": cfg.stream_batching_interval_ms}
+    if cfg.lora.enabled:
+        out["server_cls"] = SERVER_CLS
+        out["lora_config"] = {"max_num_adapters_per_replica": cfg.lora.max_adapters_per_replica}
+        out["experimental_configs"][lora.EXPERIMENTAL_KEY] = lora_locations(cfg)
+    return out
+
+
+def lora_locations(cfg: ServeJobConfig) -> dict[str, Any]:
+    adapters = {n: resolve_path(p) for n, p in cfg.lora.adapters.items()}
+    missing = {n: p for n, p in adapters.items() if not (Path(p) / lora.ADAPTER_CONFIG).is_file()}
+    if missing:
+        raise ConfigError(f"lora.adapters without {lora.ADAPTER_CONFIG}: {missing}")
+    adapters_dir = resolve_path(cfg.lora.adapters_dir) if cfg.lora.adapters_dir else None
+    return {"adapters_dir": adapters_dir, "adapters": adapters}
+
+
+def serving_args(cfg: ServeJobConfig, key_hashes: list[str]) -> dict[str, Any]:
+    """``LLMServingArgs`` for build_openai_app: the model plus raylm's ingress."""
+    llm = llm_config(cfg)
+    locations = llm.get("experimental_configs", {}).get(lora.EXPERIMENTAL_KEY, {})
+    model_dir = llm["model_loading_config"]["model_source"]
+    settings = {
+        "key_hashes": key_hashes,
+        "max_request_bytes": cfg.limits.max_request_bytes,
+        "max_n": cfg.limits.max_n,
+        "models": {
+            cfg.model.name: {
+                "max_model_len": cfg.engine.max_model_len,
+                "tokenizer_path": None if "://" in model_dir else model_dir,
+                "adapters_dir": locations.get("adapters_dir"),
+                "adapters": locations.get("adapters", {}),
+            }
+        },
+    }
+    return {
+        "llm_configs": [llm],
+        "ingress_cls_config": {
+            "ingress_cls": INGRESS_CLS,
+            "ingress_extra_kwargs": {"settings": settings},
+        },
+        "ingress_deployment_config": {
+            "ray_actor_options": {"num_cpus": cfg.resources.ingress_num_cpus}
+        },
+    }
+
+
+def app_config(cfg: ServeJobConfig, key_hashes: list[str]) -> dict[str, Any]:
+    """One entry of a Serve config's ``applications`` list."""
+    return {
+        "name": cfg.app_name,
+        "route_prefix": cfg.route_prefix,
+        "import_path": BUILDER,
+        "args": serving_args(cfg, key_hashes),
+    }
+
+
+def serve_config(cfg: ServeJobConfig, key_hashes: list[str], port: int) -> dict[str, Any]:
+    """A complete Serve config file (what ``serve deploy FILE`` takes)."""
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": cfg.http.host, "port": port},
+        "applications": [app_config(cfg, key_hashes)],
+    }

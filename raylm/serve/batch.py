@@ -1,0 +1,188 @@
+"""Offline batch inference: Ray Data reads prompts, ``ray.data.llm`` runs vLLM, Parquet out.
+
+Ray Data's LLM processor chains CPU stages (chat template, tokenize, detokenize) around
+one vLLM engine actor per worker. With default resources every stage asks for a whole
+CPU and the engine for a bundle, which on a 2-CPU node leaves nothing for the stages
+feeding it: the pipeline deadlocks. raylm gives each stage a fractional ``num_cpus``
+from the config and the engine a CPU-only placement bundle of its own size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from raylm.config import ConfigError, resolve_path
+from raylm.serve.config import GenerateJobConfig
+
+ERROR_COLUMN = "__inference_error__"
+OUTPUT_COLUMNS = ["row_id", "prompt", "completion", "prompt_tokens", "completion_tokens"]
+
+
+def read_prompts(cfg: GenerateJobConfig) -> Any:
+    import ray.data
+
+    path = resolve_path(cfg.input.path)
+    p = Path(path)
+    if "://" not in path and not p.exists():
+        raise ConfigError(f"input.path={path!r} does not exist")
+    # A read task asks for a whole CPU by default: on 2 CPUs with an engine running it
+    # would wait forever, so it gets the same fraction as the other CPU stages.
+    remote = {"num_cpus": cfg.tokenize_stage.num_cpus}
+    if p.is_dir() or path.endswith(".parquet"):
+        ds = ray.data.read_parquet(path, ray_remote_args=remote)
+    elif path.endswith((".jsonl", ".json")):
+        ds = ray.data.read_json(path, ray_remote_args=remote)
+    else:
+        raise ConfigError(f"input.path={path!r}: expected .jsonl, .json, .parquet or a directory")
+    if cfg.input.prompt_column not in ds.schema().names:
+        raise ConfigError(
+            f"input.prompt_column={cfg.input.prompt_column!r} is not a column of {path}; "
+            f"columns: {ds.schema().names}"
+        )
+    if cfg.input.limit:
+        ds = ds.limit(cfg.input.limit)
+    return ds
+
+
+def processor_config(cfg: GenerateJobConfig) -> Any:
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    model = resolve_path(cfg.model)
+    engine = {
+        "dtype": cfg.engine.dtype,
+        "max_model_len": cfg.engine.max_model_len,
+        "max_num_seqs": cfg.engine.max_num_seqs,
+        "enforce_eager": cfg.engine.enforce_eager,
+        **cfg.engine.extra,
+    }
+    if cfg.lora_path:
+        engine |= {"enable_lora": True, "max_lora_rank": 64, "max_loras": 1}
+    cpu = {"num_cpus": cfg.tokenize_stage.num_cpus, "concurrency": cfg.tokenize_stage.concurrency}
+    return vLLMEngineProcessorConfig(
+        model_source=model,
+        engine_kwargs=engine,
+        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_gib)}},
+        batch_size=cfg.batch_size,
+        concurrency=cfg.engine_stage.concurrency,
+        placement_group_config={"bundles": [{"CPU": cfg.engine_stage.num_cpus}]},
+        chat_template_stage={"enabled": cfg.input.chat, **cpu},
+        tokenize_stage={"enabled": True, **cpu},
+        detokenize_stage={"enabled": True, **cpu},
+        should_continue_on_error=True,
+        max_concurrent_batches=2,
+    )
+
+
+def _preprocess(cfg: GenerateJobConfig) -> Any:
+    column, chat, lora_path = cfg.input.prompt_column, cfg.input.chat, cfg.lora_path
+    sampling = {
+        "max_tokens": cfg.sampling.max_tokens,
+        "temperature": cfg.sampling.temperature,
+        "top_p": cfg.sampling.top_p,
+    }
+    if cfg.sampling.seed is not None:
+        sampling["seed"] = cfg.sampling.seed
+    lora = resolve_path(lora_path) if lora_path else None
+
+    def pre(row: dict[str, Any]) -> dict[str, Any]:
+        text = row[column]
+        out: dict[str, Any] = {
+            "row_id": row["row_id"],
+            "source_prompt": str(text),
+            "sampling_params": sampling,
+        }
+        if chat:
+            msgs = text if isinstance(text, list) else [{"role": "user", "content": str(text)}]
+            out["messages"] = msgs
+        else:
+            out["prompt"] = str(text)
+        if lora:
+            out["model"] = lora  # a local path is loaded as-is by ray.data.llm
+        return out
+
+    return pre
+
+
+def _postprocess(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "row_id": row["row_id"],
+        "prompt": row["source_prompt"],
+        "completion": row.get("generated_text", ""),
+        "prompt_tokens": int(row.get("num_input_tokens", 0)),
+        "completion_tokens": int(row.get("num_generated_tokens", 0)),
+    }
+
+
+class _RowIds:
+    """One actor numbers every row, so each output (or failure) traces back to its input."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        n = len(next(iter(batch.values())))
+        batch["row_id"] = np.arange(self.next, self.next + n)
+        self.next += n
+        return batch
+
+
+def _with_row_ids(ds: Any) -> Any:
+    # Blocks reach the numbering actor in file order only if Ray Data preserves order.
+    import ray.data
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    return ds.map_batches(_RowIds, batch_format="numpy", num_cpus=0.1, concurrency=1)
+
+
+def run_generate(cfg: GenerateJobConfig, out_dir: Path) -> dict[str, Any]:
+    """Generate for every prompt; write predictions/ and quarantine/ (failed rows)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from ray.data.llm import build_processor
+
+    ds = _with_row_ids(read_prompts(cfg))
+    small = {"num_cpus": cfg.tokenize_stage.num_cpus}
+    processor = build_processor(
+        processor_config(cfg),
+        preprocess=_preprocess(cfg),
+        postprocess=_keep_errors,
+        preprocess_map_kwargs=small,
+        postprocess_map_kwargs=small,
+    )
+    table = processor(ds).to_arrow_refs()
+    import ray
+
+    full = _concat([ray.get(t) for t in table])
+    failed_mask = pc.invert(pc.equal(pc.fill_null(full[ERROR_COLUMN], ""), ""))
+    good = full.filter(pc.invert(failed_mask)).sort_by("row_id")
+    bad = full.filter(failed_mask).sort_by("row_id")
+    pred_dir, quarantine = out_dir / "predictions", out_dir / "quarantine"
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(good.select(OUTPUT_COLUMNS), pred_dir / "part-00000.parquet")
+    if bad.num_rows:
+        quarantine.mkdir(parents=True, exist_ok=True)
+        # Failed rows skip postprocess, so their prompt is still in source_prompt.
+        keep = [
+            c for c in ("row_id", "source_prompt", "prompt", ERROR_COLUMN) if c in bad.column_names
+        ]
+        pq.write_table(bad.select(keep), quarantine / "failed.parquet")
+    return {
+        "rows_in": full.num_rows,
+        "rows_out": good.num_rows,
+        "rows_failed": bad.num_rows,
+        "prompt_tokens": int(pc.sum(good["prompt_tokens"]).as_py() or 0),
+        "completion_tokens": int(pc.sum(good["completion_tokens"]).as_py() or 0),
+    }
+
+
+def _keep_errors(row: dict[str, Any]) -> dict[str, Any]:
+    return _postprocess(row) | {ERROR_COLUMN: str(row.get(ERROR_COLUMN) or "")}
+
+
+def _concat(tables: list[Any]) -> Any:
+    import pyarrow as pa
+
+    return pa.concat_tables([t for t in tables if t.num_rows], promote_options="default")

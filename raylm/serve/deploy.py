@@ -1,0 +1,132 @@
+"""Declarative deploys through the Serve REST API, as ``serve deploy`` does.
+
+The controller owns an app deployed this way, so it outlives the command (a job that
+calls ``serve.run`` does not). The REST API takes the *whole* list of applications:
+a PUT without an app deletes it. So deploying or removing one raylm app reads the
+current config and writes it back with only that app added, replaced or removed,
+leaving everyone else's apps alone.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from raylm.cluster import ClusterError, free_port, resolve_dashboard
+
+
+def _client(address: str | None) -> Any:
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    return ServeSubmissionClient(resolve_dashboard(address))
+
+
+def details(address: str | None = None) -> dict[str, Any]:
+    """The Serve REST API's view: proxy options and every app with its deployments."""
+    return _client(address).get_serve_details()
+
+
+def current_port(info: dict[str, Any]) -> int | None:
+    """The port of the running proxy (fixed for Serve's lifetime), or None if Serve is down."""
+    if not info.get("controller_info", {}).get("node_id"):
+        return None
+    return (info.get("http_options") or {}).get("port")
+
+
+def choose_port(requested: int, address: str | None = None) -> int:
+    """Serve runs one proxy per cluster: reuse its port, else the requested or a free one."""
+    return current_port(details(address)) or requested or free_port()
+
+
+def _declared_apps(info: dict[str, Any]) -> list[dict[str, Any]]:
+    apps = []
+    for app in (info.get("applications") or {}).values():
+        declared = app.get("deployed_app_config")
+        if declared:
+            apps.append(declared)
+    return apps
+
+
+def merged(info: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The full config to PUT: ``config``'s apps added or replaced, everyone else's kept."""
+    mine = {a["name"] for a in config["applications"]}
+    others = [a for a in _declared_apps(info) if a["name"] not in mine]
+    body = dict(config)
+    port = current_port(info)
+    if port:  # the proxy cannot move; asking for another port would be rejected
+        body["http_options"] = {**config.get("http_options", {}), "port": port}
+    body["applications"] = others + list(config["applications"])
+    return body
+
+
+def without(info: dict[str, Any], name: str) -> dict[str, Any]:
+    """The full config to PUT with app ``name`` removed."""
+    http = {k: v for k, v in (info.get("http_options") or {}).items() if k in ("host", "port")}
+    return {
+        "http_options": http,
+        "proxy_location": info.get("proxy_location") or "HeadOnly",
+        "applications": [a for a in _declared_apps(info) if a["name"] != name],
+    }
+
+
+def deploy(config: dict[str, Any], address: str | None = None) -> None:
+    """Add or replace the apps in ``config``; other declared apps keep running."""
+    _client(address).deploy_applications(merged(details(address), config))
+
+
+def down(name: str, address: str | None = None) -> bool:
+    """Delete app ``name``; False if no such app. Other apps keep running."""
+    info = details(address)
+    if name not in (info.get("applications") or {}):
+        return False
+    _client(address).deploy_applications(without(info, name))
+    return True
+
+
+def status(address: str | None = None) -> dict[str, Any]:
+    """Per app: status, message, URL and each deployment's status and RUNNING replicas."""
+    return summarize(details(address))
+
+
+def summarize(info: dict[str, Any]) -> dict[str, Any]:
+    http = info.get("http_options") or {}
+    apps = {}
+    for name, app in (info.get("applications") or {}).items():
+        deps = {}
+        for dname, d in (app.get("deployments") or {}).items():
+            running = [r for r in d.get("replicas", []) if r.get("state") == "RUNNING"]
+            deps[dname] = {
+                "status": d.get("status"),
+                "replicas": len(running),
+                "message": d.get("message", ""),
+            }
+        prefix = (app.get("route_prefix") or "/").rstrip("/")
+        apps[name] = {
+            "status": app.get("status"),
+            "message": app.get("message", ""),
+            "route_prefix": prefix or "/",
+            "url": f"http://{http.get('host', '127.0.0.1')}:{http.get('port')}{prefix}/v1",
+            "deployments": deps,
+        }
+    return {"http": {"host": http.get("host"), "port": http.get("port")}, "applications": apps}
+
+
+def wait_running(name: str, timeout: float, address: str | None = None) -> dict[str, Any]:
+    """Block until app ``name`` is RUNNING; fail fast with Serve's message if it broke."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        last = status(address)["applications"].get(name, {})
+        if last.get("status") == "RUNNING":
+            return last
+        if last.get("status") in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise ClusterError(f"serve app {name!r} {last['status']}: {last.get('message')}")
+        time.sleep(1.0)
+    raise ClusterError(f"serve app {name!r} not RUNNING after {timeout:.0f}s: {last}")
+
+
+def replica_count(name: str, model_id: str, address: str | None = None) -> int:
+    """RUNNING replicas serving ``model_id`` (its deployment is named ``<ServerClass>:<id>``)."""
+    app = status(address)["applications"].get(name, {})
+    deps = app.get("deployments", {})
+    return sum(d["replicas"] for n, d in deps.items() if n.endswith(f":{model_id}"))

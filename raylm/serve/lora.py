@@ -1,0 +1,113 @@
+"""LoRA adapters from a local or shared filesystem, for ray.serve.llm's multiplexing.
+
+``ray.serve.llm`` loads adapters on demand (Serve model multiplexing: a request for
+``BASE:NAME`` goes to a replica that has NAME loaded, or loads it there), but only from
+cloud storage: its LoraConfig rejects a local path. Training writes adapters to a
+directory, so raylm keeps ray.serve.llm's routing and swaps only the loader: the
+replica resolves NAME to a directory (an explicit name -> path map, then a
+sub-directory of ``adapters_dir``) and hands that path to vLLM unchanged. Because the
+lookup happens per request, an adapter copied into ``adapters_dir`` later is served
+without redeploying the base model.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+ADAPTER_CONFIG = "adapter_config.json"
+EXPERIMENTAL_KEY = "raylm_lora"
+"""Key in ``LLMConfig.experimental_configs`` carrying the adapter locations to replicas."""
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def valid_name(name: str) -> bool:
+    """Adapter names become path components: refuse anything that could escape the dir."""
+    return bool(_NAME.match(name)) and ".." not in name
+
+
+def list_adapters(adapters_dir: str | None, adapters: dict[str, str]) -> dict[str, str]:
+    """Every servable adapter right now: name -> directory holding ``adapter_config.json``."""
+    found: dict[str, str] = {}
+    if adapters_dir and Path(adapters_dir).is_dir():
+        for sub in sorted(Path(adapters_dir).iterdir()):
+            if valid_name(sub.name) and (sub / ADAPTER_CONFIG).is_file():
+                found[sub.name] = str(sub)
+    for name, path in adapters.items():
+        if (Path(path) / ADAPTER_CONFIG).is_file():
+            found[name] = str(path)
+    return found
+
+
+def resolve_adapter(name: str, adapters_dir: str | None, adapters: dict[str, str]) -> str | None:
+    """The directory of adapter ``name``, or None if there is no such adapter (yet)."""
+    if name in adapters and (Path(adapters[name]) / ADAPTER_CONFIG).is_file():
+        return adapters[name]
+    if adapters_dir and valid_name(name):
+        candidate = Path(adapters_dir) / name
+        if (candidate / ADAPTER_CONFIG).is_file():
+            return str(candidate)
+    return None
+
+
+def lora_settings(llm_config: Any) -> dict[str, Any]:
+    return dict(llm_config.experimental_configs.get(EXPERIMENTAL_KEY) or {})
+
+
+def _loader_cls() -> type:
+    """Built lazily: importing ray.llm pulls in FastAPI and pydantic models."""
+    from fastapi import HTTPException
+    from ray.llm._internal.common.models import global_id_manager
+    from ray.llm._internal.common.utils.lora_utils import get_lora_id
+    from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
+    from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
+
+    class LocalLoraModelLoader(LoraModelLoader):
+        """Resolve ``BASE:NAME`` to a local directory instead of downloading it."""
+
+        async def load_model_from_config(self, lora_model_id: str, llm_config: Any):
+            if lora_model_id in self.disk_cache:
+                return self.disk_cache[lora_model_id]
+            settings = lora_settings(llm_config)
+            name = get_lora_id(lora_model_id)
+            path = resolve_adapter(name, settings.get("adapters_dir"), settings.get("adapters", {}))
+            if path is None:
+                raise HTTPException(404, f"LoRA adapter {name!r} not found")
+            disk = DiskMultiplexConfig.model_validate(
+                {
+                    "model_id": lora_model_id,
+                    "max_total_tokens": None,
+                    "local_path": path,
+                    "lora_assigned_int_id": global_id_manager.next(),
+                }
+            )
+            self.disk_cache[lora_model_id] = disk
+            return disk
+
+    return LocalLoraModelLoader
+
+
+def _server_cls() -> type:
+    from ray.serve.llm.deployment import LLMServer
+
+    class LocalLoraLLMServer(LLMServer):
+        """ray.serve.llm's LLMServer with adapters read from the filesystem."""
+
+        async def __init__(self, llm_config: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("model_downloader", _loader_cls())
+            await super().__init__(llm_config, **kwargs)
+
+    LocalLoraLLMServer.__module__ = __name__
+    LocalLoraLLMServer.__qualname__ = "LocalLoraLLMServer"
+    return LocalLoraLLMServer
+
+
+def __getattr__(name: str) -> Any:
+    """``raylm.serve.lora:LocalLoraLLMServer`` as an import string, without eager ray.llm."""
+    if name == "LocalLoraLLMServer":
+        cls = _server_cls()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)

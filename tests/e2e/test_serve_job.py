@@ -1,0 +1,349 @@
+"""`raylm serve` end to end: the real CLI deploys the tiny model (and PEFT adapters) on the
+session cluster through the Serve REST API; the real `openai` client calls it.
+
+One deployment for the whole module (a replica takes about a minute to start on CPU);
+the autoscaling test runs last because it loads the app; teardown deletes the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from raylm.cluster import ClusterInfo
+from raylm.serve import deploy
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf" / "serve" / "autoscale_lora.yaml"
+APP = "raylm-e2e"
+KEY_ENV = "sk-e2e-env-7c1d2f"  # test-only keys; the test checks they never reach a log
+KEY_CONF = "sk-e2e-conf-88a0b3"
+SERVER_PREFIX = "LocalLoraLLMServer"
+
+
+def make_adapter(base: Path, out: Path, seed: int) -> Path:
+    """A PEFT LoRA on the tiny model with random nonzero B, so its outputs differ from base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft = get_peft_model(
+        model,
+        LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        ),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, weight in peft.named_parameters():
+            if "lora_" in name:
+                weight.copy_(torch.randn(weight.shape, generator=gen) * 0.5)
+    peft.save_pretrained(out)
+    return out
+
+
+@dataclass
+class Served:
+    url: str
+    out: Path
+    adapters: Path
+    later: Path
+    cluster: ClusterInfo
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster: ClusterInfo, tiny_model: Path, tmp_path_factory) -> Served:
+    root = tmp_path_factory.mktemp("serve")
+    adapters = root / "adapters"
+    make_adapter(tiny_model, adapters / "a1", seed=1)
+    make_adapter(tiny_model, adapters / "a2", seed=2)
+    later = make_adapter(tiny_model, root / "later" / "a3", seed=3)
+    out = root / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "raylm.cli",
+        "serve",
+        str(CONF),
+        f"model.path={tiny_model}",
+        f"lora.adapters_dir={adapters}",
+        f"app_name={APP}",
+        f"output_dir={out}",
+        "http.port=0",
+        f"auth.api_keys=[{KEY_CONF}]",
+        "autoscaling.target_ongoing_requests=2",
+        "autoscaling.upscale_delay_s=1",
+        "autoscaling.downscale_delay_s=5",
+        "limits.max_n=4",
+        "wait_ready_s=420",
+    ]
+    env = os.environ | {"RAYLM_API_KEY": KEY_ENV}
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        url = json.loads((out / "manifest.json").read_text())["outputs"]["url"]
+        yield Served(url=url, out=out, adapters=adapters, later=later, cluster=ray_cluster)
+    finally:
+        deploy.down(APP)
+
+
+def client(s: Served, key: str = KEY_ENV) -> openai.OpenAI:
+    return openai.OpenAI(base_url=s.url, api_key=key, max_retries=0, timeout=120)
+
+
+def greedy(c: openai.OpenAI, model: str, prompt: str = "Once upon a time") -> str:
+    r = c.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
+    return r.choices[0].text
+
+
+@pytest.mark.timeout(600)
+def test_models_lists_base_and_adapters(served: Served) -> None:
+    ids = [m.id for m in client(served).models.list().data]
+    assert ids == ["tiny", "tiny:a1", "tiny:a2"]
+
+
+def test_completion_with_usage(served: Served) -> None:
+    r = client(served, KEY_CONF).completions.create(
+        model="tiny", prompt="The cat", max_tokens=8, temperature=0
+    )
+    assert r.choices[0].text and r.usage.completion_tokens == 8
+    assert r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+
+
+def test_chat_uses_template_and_streams_with_usage(served: Served) -> None:
+    c = client(served)
+    msgs = [{"role": "user", "content": "hello"}]
+    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0)
+    # ChatML wraps "hello" in role markers: far more prompt tokens than the bare word.
+    bare = c.completions.create(model="tiny", prompt="hello", max_tokens=1).usage.prompt_tokens
+    assert r.usage.prompt_tokens > bare + 4
+    chunks = list(
+        c.chat.completions.create(
+            model="tiny",
+            messages=msgs,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == r.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_async_client_streaming_and_not(served: Served) -> None:
+    async def run() -> tuple[str, str, list[str]]:
+        c = openai.AsyncOpenAI(base_url=served.url, api_key=KEY_ENV, max_retries=0)
+        plain = await c.completions.create(
+            model="tiny", prompt="A dog", max_tokens=8, temperature=0
+        )
+        stream = await c.completions.create(
+            model="tiny", prompt="A dog", max_tokens=8, temperature=0, stream=True
+        )
+        pieces = [ch.choices[0].text async for ch in stream if ch.choices]
+        many = await asyncio.gather(
+            *(
+                c.chat.completions.create(
+                    model="tiny:a1", messages=[{"role": "user", "content": str(i)}], max_tokens=4
+                )
+                for i in range(4)
+            )
+        )
+        await c.close()
+        return plain.choices[0].text, "".join(pieces), [m.choices[0].message.content for m in many]
+
+    plain, streamed, many = asyncio.run(run())
+    assert streamed == plain
+    assert all(many) and len(many) == 4
+
+
+def test_lora_adapters_selected_by_name(served: Served) -> None:
+    c = client(served)
+    base, a1, a2 = greedy(c, "tiny"), greedy(c, "tiny:a1"), greedy(c, "tiny:a2")
+    assert len({base, a1, a2}) == 3
+    assert greedy(c, "tiny:a1") == a1  # deterministic per adapter, not per call
+
+
+def _replica_ids() -> set[str]:
+    app = deploy.details()["applications"][APP]
+    return {
+        r["replica_id"]
+        for name, d in app["deployments"].items()
+        if name.startswith(SERVER_PREFIX)
+        for r in d["replicas"]
+    }
+
+
+def test_new_adapter_is_served_without_redeploy(served: Served) -> None:
+    c = client(served)
+    before = _replica_ids()
+    with pytest.raises(openai.NotFoundError):
+        greedy(c, "tiny:a3")
+    shutil.copytree(served.later, served.adapters / "a3")
+    assert "tiny:a3" in [m.id for m in c.models.list().data]
+    assert greedy(c, "tiny:a3") not in (greedy(c, "tiny"), greedy(c, "tiny:a1"))
+    assert _replica_ids() == before  # same replicas: the base model was not redeployed
+
+
+def test_auth_rejects_missing_and_wrong_keys(served: Served) -> None:
+    with pytest.raises(openai.AuthenticationError) as err:
+        client(served, "wrong-key").models.list()
+    assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+    r = httpx.get(f"{served.url}/models", timeout=30)  # no Authorization header at all
+    assert r.status_code == 401 and "Missing API key" in r.json()["error"]["message"]
+    r = httpx.post(
+        f"{served.url}/chat/completions",
+        headers={"Authorization": "Bearer nope"},
+        content=b"{not json",
+        timeout=30,
+    )
+    assert r.status_code == 401  # auth comes before the body is even parsed
+
+
+BAD = [
+    ("completions", b"{oops", 400, None),
+    ("completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
+    ("completions", {"model": "tiny:nope", "prompt": "x"}, 404, "model"),
+    ("completions", {"model": "tiny", "prompt": "word " * 1500}, 400, "prompt"),
+    (
+        "chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "w " * 1500}]},
+        400,
+        "messages",
+    ),
+    ("completions", {"model": "tiny", "prompt": "x", "temperature": 7}, 400, "temperature"),
+    ("completions", {"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("completions", {"model": "tiny", "prompt": "x", "n": 50}, 400, "n"),
+    ("completions", {"model": "tiny", "prompt": "x", "max_tokens": 10**6}, 400, "max_tokens"),
+    ("completions", {"model": "tiny", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+    ("completions", {"model": "tiny", "prompt": "x" * 2_000_000}, 413, None),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "status", "param"), BAD)
+def test_bad_input_gets_4xx_naming_the_field(served: Served, route, body, status, param) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(
+        f"{served.url}/{route}",
+        content=content,
+        timeout=60,
+        headers={"Authorization": f"Bearer {KEY_ENV}", "Content-Type": "application/json"},
+    )
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"]
+    if param:
+        assert param in err["message"]
+
+
+def test_openai_client_sees_field_errors_and_server_keeps_serving(served: Served) -> None:
+    c = client(served)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.completions.create(model="tiny", prompt="x", temperature=-1)
+    assert err.value.body["param"] == "temperature"
+    assert greedy(c, "tiny")  # after all the bad requests above, still serving
+
+
+def test_status_and_written_serve_config(served: Served) -> None:
+    st = deploy.status()["applications"][APP]
+    assert st["status"] == "RUNNING" and st["url"] == served.url
+    assert {d["status"] for d in st["deployments"].values()} == {"HEALTHY"}
+    written = yaml.safe_load((served.out / "serve_config.yaml").read_text())
+    app = written["applications"][0]
+    assert app["import_path"] == "ray.serve.llm:build_openai_app"
+    assert app["args"]["ingress_cls_config"]["ingress_cls"] == "raylm.serve.ingress:RaylmIngress"
+    assert deploy.down("no-such-app") is False
+
+
+def test_keys_never_written_or_logged(served: Served) -> None:
+    client(served, KEY_CONF).models.list()
+    with pytest.raises(openai.AuthenticationError):
+        client(served, "sk-leaked-wrong-key").models.list()
+    roots = [served.out, Path(served.cluster.temp_dir) / "session_latest" / "logs"]
+    for root in roots:
+        for f in root.rglob("*"):
+            if f.is_file() and f.stat().st_size < 50_000_000:
+                data = f.read_bytes()
+                for secret in (KEY_ENV, KEY_CONF, "sk-leaked-wrong-key"):
+                    assert secret.encode() not in data, f"{secret} found in {f}"
+
+
+def test_engine_and_request_metrics_exported(served: Served) -> None:
+    sd = Path(served.cluster.temp_dir) / "session_latest" / "prom_metrics_service_discovery.json"
+    targets = [t for group in json.loads(sd.read_text()) for t in group["targets"]]
+    wanted = {
+        "ray_vllm_generation_tokens_total",
+        "ray_vllm_time_to_first_token_seconds_bucket",
+        "ray_serve_http_request_latency_ms_bucket",
+    }
+    seen: set[str] = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not wanted <= seen:
+        for t in targets:
+            try:
+                text = httpx.get(f"http://{t}/metrics", timeout=10).text
+            except httpx.HTTPError:
+                continue
+            seen |= {line.split("{")[0].split(" ")[0] for line in text.splitlines()} & wanted
+        time.sleep(2)
+    assert wanted <= seen, wanted - seen
+
+
+@pytest.mark.timeout(400)
+def test_second_replica_starts_under_bounded_load(served: Served) -> None:
+    """16 loopback streaming clients until a 2nd replica serves (<= 240 s), then stop."""
+    assert deploy.replica_count(APP, "tiny") == 1
+    result = asyncio.run(_load_until_scaled(served, clients=16, max_seconds=240))
+    print(f"autoscaling: {result}")
+    assert result["failed"] == 0, result
+    assert result["scaled_after_s"] is not None, result
+    assert result["ok"] > 0
+
+
+async def _load_until_scaled(served: Served, clients: int, max_seconds: float) -> dict:
+    c = openai.AsyncOpenAI(base_url=served.url, api_key=KEY_ENV, max_retries=0, timeout=120)
+    stop = asyncio.Event()
+    stats = {"ok": 0, "failed": 0, "errors": []}
+
+    async def one_client(i: int) -> None:
+        while not stop.is_set():
+            try:
+                stream = await c.completions.create(
+                    model="tiny", prompt=f"Load {i}", max_tokens=48, stream=True
+                )
+                async for _ in stream:
+                    pass
+                stats["ok"] += 1
+            except Exception as err:  # counted, and the test fails on any
+                stats["failed"] += 1
+                stats["errors"].append(repr(err)[:200])
+
+    start = time.monotonic()
+    tasks = [asyncio.create_task(one_client(i)) for i in range(clients)]
+    scaled_after = None
+    while time.monotonic() - start < max_seconds:
+        await asyncio.sleep(2)
+        n = await asyncio.to_thread(deploy.replica_count, APP, "tiny")
+        if n >= 2:
+            scaled_after = time.monotonic() - start
+            break
+    stop.set()
+    await asyncio.gather(*tasks)
+    await c.close()
+    return {**stats, "scaled_after_s": scaled_after, "clients": clients}

@@ -1,0 +1,1 @@
+"""One YAML, every stage: data -> train -> eval -> gate -> serve as Ray jobs."""

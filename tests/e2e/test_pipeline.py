@@ -1,0 +1,146 @@
+"""The whole pipeline on the tiny model: notebook run, re-run with a failing gate, resume.
+
+The tests share one pipeline run (the notebook's), in order: re-running it must skip
+the unchanged data and train stages, and a stricter gate must block deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from ray.job_submission import JobSubmissionClient
+
+from raylm import cli
+from raylm.cluster import ClusterInfo
+from raylm.manifest import hash_path
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN = "e2e-quickstart"
+RUN_DIR = ROOT / "outputs" / "pipelines" / RUN
+
+
+@pytest.fixture(scope="module")
+def notebook_run(ray_cluster: ClusterInfo) -> dict:
+    """Execute notebooks/quickstart.ipynb top to bottom (it runs the demo pipeline)."""
+    import shutil
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    from raylm.models.tiny import build
+
+    build(ROOT / "outputs" / "models" / "tiny")
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
+    os.environ["RAYLM_QUICKSTART_NAME"] = RUN
+    nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    NotebookClient(
+        nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
+    return nb
+
+
+def _outputs(nb: dict) -> str:
+    texts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            texts.append(
+                out.get("text", "") or json.dumps(out.get("data", {}).get("text/plain", ""))
+            )
+    return "\n".join(texts)
+
+
+@pytest.mark.timeout(1500)
+def test_notebook_runs_the_pipeline_end_to_end(notebook_run: dict) -> None:
+    text = _outputs(notebook_run)
+    assert "completion:" in text and "CompletionUsage" in text
+    assert "removed: True" in text  # the notebook cleans up the app it deployed
+    stages = {p.stem: json.loads(p.read_text()) for p in (RUN_DIR / "stages").glob("*.json")}
+    assert set(stages) == {"data", "train", "eval", "serve"}
+
+
+@pytest.mark.timeout(300)
+def test_lineage_links_served_model_to_raw_inputs(notebook_run: dict) -> None:
+    lineage = json.loads((RUN_DIR / "lineage.json").read_text())
+    final = lineage["training"]["checkpoint"]
+    assert lineage["served"]["status"] == "succeeded"
+    assert final in lineage["served"]["inputs"] and final in lineage["evaluation"]["inputs"]
+    assert lineage["evaluation"]["gate"]["passed"] is True
+    assert lineage["training"]["inputs"][str(RUN_DIR / "data")].startswith("sha256:")
+    assert lineage["training"]["outputs"]["data_manifest"] == str(
+        RUN_DIR / "data" / "manifest.json"
+    )
+    raw = lineage["data"]["input_files"]
+    assert raw, "the data manifest names no input files"
+    for path, digest in raw.items():
+        assert hash_path(path) == digest, f"{path} changed or was recorded wrongly"
+    assert "curated" in cli_lineage()
+
+
+def cli_lineage() -> str:
+    from raylm.pipeline.lineage import describe
+
+    return describe(RUN_DIR)
+
+
+@pytest.mark.timeout(900)
+def test_rerun_skips_done_stages_and_gate_blocks_deploy(notebook_run: dict) -> None:
+    from raylm.serve import deploy
+
+    code = cli.main(
+        ["pipeline", "conf/pipeline/demo.yaml", f"name={RUN}",
+         "serve.overrides=[auth.required=false,app_name=quickstart,http.port=0]",
+         "eval.overrides=[gate.max_perplexity=1.0]"]
+    )  # fmt: skip
+    assert code == 3  # GATE_BLOCKED
+    summary = json.loads((RUN_DIR / "manifest.json").read_text())["metrics"]
+    assert summary["stages"] == {
+        "data": "skipped",
+        "train": "skipped",
+        "eval": "ran",
+        "serve": "blocked",
+    }
+    assert summary["gate"]["passed"] is False
+    assert any("perplexity" in r for r in summary["gate"]["reasons"])
+    assert "quickstart" not in deploy.status()["applications"]
+
+
+@pytest.mark.timeout(1200)
+def test_interrupted_training_resumes_on_rerun(ray_cluster: ClusterInfo, tmp_path: Path) -> None:
+    name = "e2e-interrupt"
+    run_dir = ROOT / "outputs" / "pipelines" / name
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    args = ["conf/pipeline/demo.yaml", f"name={name}", "eval.config=null", "serve.config=null",
+            "gate=false", "train.overrides=[checkpoint.save_steps=2,train.epochs=2]"]  # fmt: skip
+    client = JobSubmissionClient(ray_cluster.dashboard_url)
+    assert (
+        cli.main(["submit", "pipeline", *args, "--no-wait", "--address", ray_cluster.dashboard_url])
+        == 0
+    )
+    _wait_for_checkpoint(run_dir / "train", timeout=900)
+    for job in client.list_jobs():  # preempt everything: the pipeline and its train stage
+        meta = job.metadata or {}
+        if job.status.value == "RUNNING" and (
+            meta.get("raylm_pipeline") == name or name in job.entrypoint
+        ):
+            client.stop_job(job.submission_id)
+    time.sleep(5)
+    assert cli.main(["pipeline", *args]) == 0
+    summary = json.loads((run_dir / "manifest.json").read_text())["metrics"]
+    assert summary["stages"] == {"data": "skipped", "train": "ran"}
+    train = json.loads((run_dir / "train" / "manifest.json").read_text())["metrics"]
+    assert train["resumes"] >= 1, "training restarted from scratch instead of resuming"
+
+
+def _wait_for_checkpoint(train_dir: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(train_dir.glob("**/COMPLETE")):
+            return
+        time.sleep(2)
+    raise AssertionError(f"no complete checkpoint under {train_dir} after {timeout}s")

@@ -1,0 +1,62 @@
+"""cluster.yaml and the KubeRay manifests validate with Ray's own schemas and loaders."""
+
+from __future__ import annotations
+
+import copy
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raylm import config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_cluster_yaml_passes_the_autoscaler_schema() -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(raw)))
+    types = raw["available_node_types"]
+    assert types["gpu_spot"]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert types["gpu_spot"]["resources"]["GPU"] >= 1 and types["gpu_spot"]["min_workers"] == 0
+    assert any("raylm[gpu]" in cmd for cmd in raw["setup_commands"])
+    # A misspelt key must fail the same validation (the test can fail).
+    broken = copy.deepcopy(raw)
+    broken["available_node_types"]["gpu_spot"]["min_worker"] = 1
+    with pytest.raises(Exception, match="min_worker"):
+        validate_config(prepare_config(broken))
+
+
+def test_rayservice_serve_config_validates_with_serve_and_serve_llm() -> None:
+    from ray.serve.llm import LLMServingArgs
+    from ray.serve.schema import ServeDeploySchema
+
+    manifest = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayService")
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    schema = ServeDeploySchema.model_validate(serve_config)
+    app = schema.applications[0]
+    assert app.import_path == "ray.serve.llm:build_openai_app"
+    args = LLMServingArgs.model_validate(app.args)
+    assert args.llm_configs[0].accelerator_type == "A10G"
+    ingress = app.args["ingress_cls_config"]["ingress_cls"]
+    module, _, name = ingress.partition(":")
+    assert hasattr(__import__(module, fromlist=[name]), name)
+
+
+def test_rayjob_entrypoint_runs_a_valid_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
+    manifest = yaml.safe_load((ROOT / "deploy" / "rayjob-pipeline.yaml").read_text())
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayJob")
+    python, script, *argv = shlex.split(manifest["spec"]["entrypoint"])
+    assert python == "python" and (ROOT / script).is_file()
+    monkeypatch.chdir(ROOT)
+    files = [a for a in argv if "=" not in a]
+    cfg = config.load("pipeline", files, [a for a in argv if "=" in a])
+    assert cfg.workspace == "/mnt/shared/pipelines"
+    assert "scaling.use_gpu=true" in cfg.train.overrides
+    groups = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    gpu = next(g for g in groups if g["groupName"] == "gpu-spot")
+    assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1

@@ -12,7 +12,9 @@ without redeploying the base model.
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +92,30 @@ def _loader_cls() -> type:
 
 
 def _server_cls() -> type:
+    from ray import serve
     from ray.serve.llm.deployment import LLMServer
 
     class LocalLoraLLMServer(LLMServer):
         """ray.serve.llm's LLMServer with adapters read from the filesystem."""
 
         async def __init__(self, llm_config: Any, **kwargs: Any) -> None:
+            self._lora_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
             kwargs.setdefault("model_downloader", _loader_cls())
             await super().__init__(llm_config, **kwargs)
+
+        async def _maybe_resolve_lora_from_multiplex(self) -> None:
+            """Load each adapter once, however many first requests arrive together.
+
+            ray.serve.llm checks "is it loaded?" and then awaits vLLM's load, so two
+            concurrent first requests for one adapter both load it and vLLM fails the
+            second ("has already been loaded"): a 500 for a valid request. One lock per
+            adapter makes the later requests wait for the first load instead.
+            """
+            model_id = serve.get_multiplexed_model_id()
+            if not model_id:
+                return
+            async with self._lora_locks[model_id]:
+                await super()._maybe_resolve_lora_from_multiplex()
 
     LocalLoraLLMServer.__module__ = __name__
     LocalLoraLLMServer.__qualname__ = "LocalLoraLLMServer"

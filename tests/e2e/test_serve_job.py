@@ -71,6 +71,7 @@ def served(ray_cluster: ClusterInfo, tiny_model: Path, tmp_path_factory) -> Serv
     make_adapter(tiny_model, adapters / "a1", seed=1)
     make_adapter(tiny_model, adapters / "a2", seed=2)
     later = make_adapter(tiny_model, root / "later" / "a3", seed=3)
+    make_adapter(tiny_model, root / "later" / "a4", seed=4)
     out = root / "out"
     cmd = [
         sys.executable,
@@ -198,6 +199,27 @@ def test_new_adapter_is_served_without_redeploy(served: Served) -> None:
     assert "tiny:a3" in [m.id for m in c.models.list().data]
     assert greedy(c, "tiny:a3") not in (greedy(c, "tiny"), greedy(c, "tiny:a1"))
     assert _replica_ids() == before  # same replicas: the base model was not redeployed
+
+
+def test_concurrent_first_requests_for_a_new_adapter_all_succeed(served: Served) -> None:
+    """ray.serve.llm loads an adapter per request without a lock; the first burst for a
+    new adapter used to fail all but one request with vLLM's "already been loaded"."""
+    shutil.copytree(served.later.parent / "a4", served.adapters / "a4")
+
+    async def burst() -> list[str]:
+        c = openai.AsyncOpenAI(base_url=served.url, api_key=KEY_ENV, max_retries=0, timeout=120)
+        try:
+            rs = await asyncio.gather(
+                *(
+                    c.completions.create(model="tiny:a4", prompt=str(i), max_tokens=4)
+                    for i in range(8)
+                )
+            )
+        finally:
+            await c.close()
+        return [r.choices[0].text for r in rs]
+
+    assert len(asyncio.run(burst())) == 8
 
 
 def test_auth_rejects_missing_and_wrong_keys(served: Served) -> None:

@@ -130,10 +130,13 @@ class _RowIds:
 
 
 def _with_row_ids(ds: Any) -> Any:
-    # Blocks reach the numbering actor in file order only if Ray Data preserves order.
-    import ray.data
+    """Blocks reach the numbering actor in input order only if Ray Data preserves order.
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    It must be set on the dataset's own context: a read copies the global DataContext
+    when it is created, so setting the global one afterwards changes nothing and rows
+    were numbered in completion order (completions paired with the wrong prompts).
+    """
+    ds.context.execution_options.preserve_order = True
     return ds.map_batches(_RowIds, batch_format="numpy", num_cpus=0.1, concurrency=1)
 
 

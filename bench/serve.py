@@ -194,6 +194,8 @@ def bench_raylm(model_dir: str, args: argparse.Namespace, work: Path) -> dict:
         url = deploy_raylm(model_dir, env, work, "autoscaling.max_replicas=1")
         print(f"raylm app RUNNING in {time.monotonic() - t0:.0f}s at {url}", flush=True)
         rows = measure(url, "sk-bench", "tiny", args)
+        if args.skip_scaling:
+            return {"levels": rows}
         scaling = autoscale(model_dir, env, work, info.dashboard_url)
         bounded = asyncio.run(
             bounded_load(url, requests=args.bounded_requests, clients=16, max_seconds=180)
@@ -319,6 +321,9 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--bounded-requests", type=int, default=200)
     parser.add_argument("--out", default="outputs/bench/serve.json")
+    parser.add_argument(
+        "--skip-scaling", action="store_true", help="only the 1/8/32-client comparison"
+    )
     parser.add_argument(
         "--set",
         action="append",

@@ -19,7 +19,7 @@ from raylm.serve.config import ServeJobConfig
 from raylm.serve.validation import hash_key
 
 INGRESS_CLS = "raylm.serve.ingress:RaylmIngress"
-SERVER_CLS = "raylm.serve.lora:LocalLoraLLMServer"
+SERVER_CLS = "raylm.serve.server:RaylmLLMServer"
 BUILDER = "ray.serve.llm:build_openai_app"
 
 
@@ -113,8 +113,8 @@ def llm_config(cfg: ServeJobConfig) -> dict[str, Any]:
         **placement(cfg),
     }
     out["experimental_configs"] = {"stream_batching_interval_ms": cfg.stream_batching_interval_ms}
+    out["server_cls"] = SERVER_CLS
     if cfg.lora.enabled:
-        out["server_cls"] = SERVER_CLS
         out["lora_config"] = {"max_num_adapters_per_replica": cfg.lora.max_adapters_per_replica}
         out["experimental_configs"][lora.EXPERIMENTAL_KEY] = lora_locations(cfg)
     return out

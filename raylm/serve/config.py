@@ -261,8 +261,9 @@ class ServeJobConfig:
     """HTTP proxy settings."""
 
     stream_batching_interval_ms: float = 50.0
-    """ray.serve.llm sends streamed tokens in batches this often: lower cuts time to first
-    token (up to one interval) but costs more messages per token between Serve's processes."""
+    """After the first streamed chunk (sent at once), later chunks go out in batches this
+    often: bounds the messages per token between Serve's processes under load; 0 sends
+    every chunk alone."""
 
     log_engine_metrics: bool = True
     """Export vLLM engine metrics (TTFT, tokens/s, KV cache use) to Ray's Prometheus endpoint."""

@@ -12,9 +12,7 @@ without redeploying the base model.
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +56,7 @@ def lora_settings(llm_config: Any) -> dict[str, Any]:
     return dict(llm_config.experimental_configs.get(EXPERIMENTAL_KEY) or {})
 
 
-def _loader_cls() -> type:
+def loader_cls() -> type:
     """Built lazily: importing ray.llm pulls in FastAPI and pydantic models."""
     from fastapi import HTTPException
     from ray.llm._internal.common.models import global_id_manager
@@ -89,43 +87,3 @@ def _loader_cls() -> type:
             return disk
 
     return LocalLoraModelLoader
-
-
-def _server_cls() -> type:
-    from ray import serve
-    from ray.serve.llm.deployment import LLMServer
-
-    class LocalLoraLLMServer(LLMServer):
-        """ray.serve.llm's LLMServer with adapters read from the filesystem."""
-
-        async def __init__(self, llm_config: Any, **kwargs: Any) -> None:
-            self._lora_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-            kwargs.setdefault("model_downloader", _loader_cls())
-            await super().__init__(llm_config, **kwargs)
-
-        async def _maybe_resolve_lora_from_multiplex(self) -> None:
-            """Load each adapter once, however many first requests arrive together.
-
-            ray.serve.llm checks "is it loaded?" and then awaits vLLM's load, so two
-            concurrent first requests for one adapter both load it and vLLM fails the
-            second ("has already been loaded"): a 500 for a valid request. One lock per
-            adapter makes the later requests wait for the first load instead.
-            """
-            model_id = serve.get_multiplexed_model_id()
-            if not model_id:
-                return
-            async with self._lora_locks[model_id]:
-                await super()._maybe_resolve_lora_from_multiplex()
-
-    LocalLoraLLMServer.__module__ = __name__
-    LocalLoraLLMServer.__qualname__ = "LocalLoraLLMServer"
-    return LocalLoraLLMServer
-
-
-def __getattr__(name: str) -> Any:
-    """``raylm.serve.lora:LocalLoraLLMServer`` as an import string, without eager ray.llm."""
-    if name == "LocalLoraLLMServer":
-        cls = _server_cls()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(name)

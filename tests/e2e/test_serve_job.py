@@ -30,7 +30,7 @@ CONF = ROOT / "conf" / "serve" / "autoscale_lora.yaml"
 APP = "raylm-e2e"
 KEY_ENV = "sk-e2e-env-7c1d2f"  # test-only keys; the test checks they never reach a log
 KEY_CONF = "sk-e2e-conf-88a0b3"
-SERVER_PREFIX = "LocalLoraLLMServer"
+SERVER_PREFIX = "RaylmLLMServer"
 
 
 def make_adapter(base: Path, out: Path, seed: int) -> Path:

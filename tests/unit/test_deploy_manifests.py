@@ -42,9 +42,12 @@ def test_rayservice_serve_config_validates_with_serve_and_serve_llm() -> None:
     assert app.import_path == "ray.serve.llm:build_openai_app"
     args = LLMServingArgs.model_validate(app.args)
     assert args.llm_configs[0].accelerator_type == "A10G"
-    ingress = app.args["ingress_cls_config"]["ingress_cls"]
-    module, _, name = ingress.partition(":")
-    assert hasattr(__import__(module, fromlist=[name]), name)
+    for path in (
+        app.args["ingress_cls_config"]["ingress_cls"],
+        app.args["llm_configs"][0]["server_cls"],
+    ):
+        module, _, name = path.partition(":")
+        assert hasattr(__import__(module, fromlist=[name]), name)
 
 
 def test_rayjob_entrypoint_runs_a_valid_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,106 @@
+"""raylm's model server: ray.serve.llm's LLMServer with three changes, used for every model.
+
+1. **The first streamed chunk goes out at once.** ray.serve.llm batches stream chunks
+   and yields a batch every ``stream_batching_interval_ms`` (default 50 ms), the first
+   one included, so every streamed request pays up to one interval of extra time to
+   first token. Batching exists to bound the number of messages per token under load;
+   it has no reason to hold back the first one. Here the first chunk is sent as soon as
+   it exists and later chunks are batched as before.
+2. **Each LoRA adapter is loaded once** however many first requests arrive together
+   (ray.serve.llm checks "loaded?" and then awaits the load without a lock, and vLLM
+   fails the second load with "already been loaded": a 500 for a valid request).
+3. **Adapters come from a local or shared filesystem** (``raylm.serve.lora``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import AsyncGenerator
+from typing import Any, TypeVar
+
+from raylm.serve import lora
+
+T = TypeVar("T")
+
+
+async def eager_batches(
+    source: AsyncGenerator[T, None], interval_s: float | None
+) -> AsyncGenerator[list[T], None]:
+    """Chunks of ``source`` as lists: the first alone and at once, then one list per interval.
+
+    ``interval_s=None`` collects everything into one list (ray.serve.llm's meaning for
+    non-streaming requests); ``0`` yields every chunk alone.
+    """
+    if not interval_s:
+        if interval_s is None:
+            yield [item async for item in source]
+            return
+        async for item in source:
+            yield [item]
+        return
+    queue: asyncio.Queue[T] = asyncio.Queue()
+    arrived, done = asyncio.Event(), asyncio.Event()
+
+    async def read() -> None:
+        try:
+            async for item in source:
+                queue.put_nowait(item)
+                arrived.set()
+        finally:
+            done.set()
+            arrived.set()
+
+    reader = asyncio.create_task(read())
+    try:
+        await arrived.wait()
+        while True:
+            batch = [queue.get_nowait() for _ in range(queue.qsize())]
+            finished = done.is_set()
+            if batch:
+                yield batch
+            if finished and queue.empty():
+                reader.result()  # re-raise the engine's error, if any
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout=interval_s)
+    finally:
+        if not reader.done():
+            reader.cancel()
+
+
+def _server_cls() -> type:
+    """Built lazily: importing ray.serve.llm pulls in vLLM-facing modules."""
+    from ray import serve
+    from ray.serve.llm.deployment import LLMServer
+
+    class RaylmLLMServer(LLMServer):
+        async def __init__(self, llm_config: Any, **kwargs: Any) -> None:
+            self._lora_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+            kwargs.setdefault("model_downloader", lora.loader_cls())
+            await super().__init__(llm_config, **kwargs)
+
+        def _batch_output_stream(self, generator: AsyncGenerator[T, None]) -> Any:
+            interval_ms = self._get_batch_interval_ms()
+            return eager_batches(generator, None if interval_ms is None else interval_ms / 1000)
+
+        async def _maybe_resolve_lora_from_multiplex(self) -> None:
+            model_id = serve.get_multiplexed_model_id()
+            if not model_id:
+                return
+            async with self._lora_locks[model_id]:
+                await super()._maybe_resolve_lora_from_multiplex()
+
+    RaylmLLMServer.__module__ = __name__
+    RaylmLLMServer.__qualname__ = "RaylmLLMServer"
+    return RaylmLLMServer
+
+
+def __getattr__(name: str) -> Any:
+    """``raylm.serve.server:RaylmLLMServer`` as an import string, without eager ray.llm."""
+    if name == "RaylmLLMServer":
+        cls = _server_cls()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)

@@ -1,0 +1,83 @@
+"""raylm's stream batching: the first chunk is never held back, nothing is lost or reordered."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator
+
+import pytest
+
+from raylm.serve.server import eager_batches
+
+
+async def ticking(n: int, gap_s: float, fail_at: int | None = None) -> AsyncGenerator[int, None]:
+    for i in range(n):
+        if i == fail_at:
+            raise RuntimeError("engine died")
+        yield i
+        await asyncio.sleep(gap_s)
+
+
+async def collect(source: AsyncGenerator[int, None], interval_s: float | None) -> list:
+    start = time.perf_counter()
+    out = []
+    async for batch in eager_batches(source, interval_s):
+        out.append((time.perf_counter() - start, batch))
+    return out
+
+
+def test_first_chunk_goes_out_before_the_interval() -> None:
+    out = asyncio.run(collect(ticking(6, 0.05), interval_s=1.0))
+    first_at, first = out[0]
+    assert first == [0]
+    assert first_at < 0.5  # ray.serve.llm's Batcher would hold it for the full second
+    assert [i for _, batch in out for i in batch] == list(range(6))
+    assert len(out) < 6  # later chunks are batched, not sent one by one
+
+
+def test_every_chunk_arrives_in_order_when_batched() -> None:
+    out = asyncio.run(collect(ticking(50, 0.001), interval_s=0.02))
+    assert [i for _, batch in out for i in batch] == list(range(50))
+    assert all(batch for _, batch in out)
+
+
+@pytest.mark.parametrize(("interval", "expected"), [(None, [[0, 1, 2]]), (0, [[0], [1], [2]])])
+def test_none_collects_all_and_zero_sends_each(interval, expected) -> None:
+    out = asyncio.run(collect(ticking(3, 0.0), interval_s=interval))
+    assert [batch for _, batch in out] == expected
+
+
+def test_engine_error_reaches_the_client_after_what_came_before() -> None:
+    seen: list[int] = []
+
+    async def run() -> None:
+        async for batch in eager_batches(ticking(5, 0.01, fail_at=3), 0.005):
+            seen.extend(batch)
+
+    with pytest.raises(RuntimeError, match="engine died"):
+        asyncio.run(run())
+    assert seen == [0, 1, 2]
+
+
+def test_client_going_away_stops_reading_the_engine() -> None:
+    produced: list[int] = []
+
+    async def endless() -> AsyncGenerator[int, None]:
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+            await asyncio.sleep(0.001)
+
+    async def run() -> None:
+        stream = eager_batches(endless(), 0.01)
+        async for _ in stream:
+            break
+        await stream.aclose()
+        count = len(produced)
+        await asyncio.sleep(0.05)
+        assert len(produced) == count  # the reader task was cancelled
+
+    asyncio.run(run())

@@ -232,7 +232,8 @@ def run_raylm(src: Path, out: Path, threshold: float, num_perm: int) -> set[int]
         dedup=DedupConfig(threshold=threshold, num_perm=num_perm),
         output_dir=str(out),
     )
-    run(cfg)
+    stats = run(cfg)
+    print(f"  raylm stage seconds: {json.dumps(stats['seconds'])}", flush=True)
     kept = pq.read_table(out / "shards", columns=["id"]).column("id").to_pylist()
     n = sum(1 for _ in src.open())
     return set(range(n)) - {int(i) for i in kept}

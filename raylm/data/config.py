@@ -138,7 +138,7 @@ class DedupConfig:
     """Check each LSH candidate pair's exact Jaccard on its shingle sets, so no pair below
     the threshold is merged (LSH alone merges some); costs two shuffles of shingle sets."""
 
-    false_positive_weight: float = 0.05
+    false_positive_weight: float = 0.02
     """Weight of false positives when choosing bands/rows (1 - this weighs false negatives).
     Low by default because ``verify`` removes false positives; use 0.5 (datasketch's
     choice) with verify=false."""
@@ -218,6 +218,11 @@ class DataJobConfig:
     text_unit: str = "line"
     """Plain-text files: one document per ``line`` or per ``file``."""
 
+    read_block_mb: float = 16.0
+    """Largest byte range of a JSONL or line-text file that one read task reads: bounds
+    that task's memory and sets read parallelism (a corpus of >= 1 MiB is also split
+    into >= 2 ranges per cluster CPU, none under 256 KiB, so one big file uses them all)."""
+
     filters: FilterConfig = field(default_factory=FilterConfig)
     """Quality filters."""
 
@@ -239,5 +244,6 @@ class DataJobConfig:
     def __post_init__(self) -> None:
         choice("format", self.format, INPUT_FORMATS)
         choice("text_unit", self.text_unit, ("line", "file"))
+        positive("read_block_mb", self.read_block_mb)
         if not self.inputs:
             raise ConfigError("inputs is empty: give at least one file, glob or directory")

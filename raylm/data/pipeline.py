@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import shutil
+import time
 from collections import Counter
 from functools import cache
 from pathlib import Path
@@ -119,7 +120,7 @@ def _process_row(row: dict, cfg: DataJobConfig, kind: str) -> dict[str, Any]:
         return out
     try:
         record = json.loads(row["raw"])
-        columns = json.loads(row["columns"])
+        columns = _columns(row["columns"])
         payload = to_payload(record, row["fmt"], columns, cfg.text_column)
         if payload_kind(payload) != kind:
             raise ValueError(f"record is {payload_kind(payload)} data but this job is {kind}")
@@ -149,8 +150,18 @@ def _process_row(row: dict, cfg: DataJobConfig, kind: str) -> dict[str, Any]:
     payload = map_strings(payload, scrub)
     out.update({f"pii_{k}": totals[k] for k in PII_KINDS})
     out["doc"] = json.dumps(payload, ensure_ascii=False)
-    out["exact_hash"] = dedup.exact_hash(strings_of(payload))
+    out[_TEXT] = strings_of(payload)
     return out
+
+
+_TEXT = "_text"
+"""Row key carrying a kept row's text to the batch's shingling (not a table column)."""
+
+
+@cache
+def _columns(spec: str) -> dict[str, str]:
+    """One source's column mapping, parsed once per worker rather than once per row."""
+    return json.loads(spec)
 
 
 def process_batch(cfg: DataJobConfig, kind: str):
@@ -159,9 +170,11 @@ def process_batch(cfg: DataJobConfig, kind: str):
     def fn(batch: pa.Table) -> pa.Table:
         rows = [_process_row(r, cfg, kind) for r in batch.to_pylist()]
         kept = [r for r in rows if not r["status"]]
+        if kept:
+            for r, digest in zip(kept, dedup.exact_hashes([r[_TEXT] for r in kept]), strict=True):
+                r["exact_hash"] = digest
         if cfg.dedup.fuzzy and kept:
-            texts = [strings_of(json.loads(r["doc"])) for r in kept]
-            flat, lengths = dedup.shingle_batch(texts, cfg.dedup.ngram)
+            flat, lengths = dedup.shingle_batch([r[_TEXT] for r in kept], cfg.dedup.ngram)
             sigs = dedup.minhash_flat(flat, lengths, cfg.dedup.num_perm, cfg.dedup.seed)
             sets = np.split(flat, np.cumsum(lengths)[:-1])
             for r, sig, shingles in zip(kept, sigs, sets, strict=True):
@@ -263,28 +276,52 @@ def _strip_sort_keys(batch: pa.Table) -> pa.Table:
     return batch
 
 
-def apply_dedup(kept: Any, cfg: DataJobConfig) -> tuple[Any, Any | None, dict[str, Any]]:
-    """(kept docs, removal records or None, dedup info).
+def _dedup_input(table: pa.Table) -> pa.Table:
+    """Kept rows only, with the columns dedup needs and ids made sortable."""
+    kept = table.filter(pa.compute.equal(table.column("status"), ""))
+    return _with_sort_keys(kept.select(["id", "doc", "exact_hash", "sig", "shingles"]))
+
+
+def _final_rows(removed: bool):
+    """After the merge: documents (method is null) or removal records, original ids."""
+
+    def fn(table: pa.Table) -> pa.Table:
+        if "method" not in table.column_names:  # no removals at all: plain documents
+            return _strip_sort_keys(table.select(["id", "doc"]))
+        is_removal = pa.compute.is_valid(table.column("method"))
+        mask = is_removal if removed else pa.compute.invert(is_removal)
+        cols = ["id", "dup_of", "method"] if removed else ["id", "doc"]
+        return _strip_sort_keys(table.filter(mask).select(cols))
+
+    return fn
+
+
+def apply_dedup(processed: Any, cfg: DataJobConfig) -> tuple[Any, Any | None, dict[str, Any]]:
+    """(kept docs, removal records or None, dedup info) as materialised Datasets.
 
     The representative of a cluster is its smallest id in natural order (line 9 before
-    line 10), so the first occurrence in the input is the one kept.
+    line 10), so the first occurrence in the input is the one kept. Every step is a
+    plain Ray task over block refs: a Ray Data execution costs ~0.5 s of start-up on a
+    small cluster, and dedup has a dozen steps.
     """
-    docs, removed, info = _apply_dedup(
-        kept.map_batches(_with_sort_keys, batch_format="pyarrow").materialize(), cfg
-    )
-    docs = docs.map_batches(_strip_sort_keys, batch_format="pyarrow")
-    if removed is not None:
-        removed = removed.map_batches(_strip_sort_keys, batch_format="pyarrow")
+    import ray
+
+    refs = dedup.map_blocks(processed.to_arrow_refs(), _dedup_input)
+    removals, info = _removals(refs, cfg)
+    if not removals:
+        return ray.data.from_arrow_refs(dedup.map_blocks(refs, _final_rows(False))), None, info
+    parts = dedup.map_blocks(refs, _as_final(("id", "doc")))
+    parts += dedup.map_blocks(removals, _as_final(("id", "dup_of", "method")))
+    merged = dedup.shuffle_blocks(parts, "id", _resolve)
+    docs = ray.data.from_arrow_refs(dedup.map_blocks(merged, _final_rows(False)))
+    removed = ray.data.from_arrow_refs(dedup.map_blocks(merged, _final_rows(True)))
     return docs, removed, info
 
 
-def _apply_dedup(kept: Any, cfg: DataJobConfig) -> tuple[Any, Any | None, dict[str, Any]]:
+def _removals(refs: list, cfg: DataJobConfig) -> tuple[list, dict[str, Any]]:
+    """Blocks of removal records (exact, then fuzzy) and what the fuzzy pass did."""
     info: dict[str, Any] = {}
-    removals = []
-    if cfg.dedup.exact:
-        exact = dedup.exact_duplicates(kept)
-        if exact is not None:
-            removals.append(exact)
+    removals = dedup.exact_duplicates(refs) if cfg.dedup.exact else []
     if cfg.dedup.fuzzy:
         bands, rows = cfg.dedup.bands, cfg.dedup.rows
         if bands is None or rows is None:
@@ -293,26 +330,10 @@ def _apply_dedup(kept: Any, cfg: DataJobConfig) -> tuple[Any, Any | None, dict[s
             )
         info.update(bands=bands, rows=rows, threshold=cfg.dedup.threshold)
         verify = cfg.dedup.threshold if cfg.dedup.verify else None
-        fuzzy, rounds = dedup.fuzzy_duplicates(kept, bands, rows, cfg.dedup.max_rounds, verify)
+        fuzzy, rounds = dedup.fuzzy_duplicates(refs, bands, rows, cfg.dedup.max_rounds, verify)
         info["cc_rounds"] = rounds
-        if fuzzy is not None:
-            removals.append(fuzzy)
-    docs = kept.select_columns(["id", "doc"])
-    if not removals:
-        return docs, None, info
-    parts = [docs.map_batches(_as_final(("id", "doc")), batch_format="pyarrow")]
-    parts += [
-        r.map_batches(_as_final(("id", "dup_of", "method")), batch_format="pyarrow")
-        for r in removals
-    ]
-    merged = dedup._by_key(parts[0].union(*parts[1:]), "id", _resolve).materialize()
-    from ray.data.expressions import col
-
-    out_docs = merged.filter(expr=col("method").is_null()).select_columns(["id", "doc"])
-    out_removed = merged.filter(expr=col("method").is_not_null()).select_columns(
-        ["id", "dup_of", "method"]
-    )
-    return out_docs, out_removed, info
+        removals += fuzzy
+    return removals, info
 
 
 # ---- tokenization and output ------------------------------------------------------------
@@ -475,21 +496,23 @@ def run(cfg: DataJobConfig) -> dict[str, Any]:
     sources = readers.expand_inputs(cfg.inputs, cfg.format, cfg.columns)
     kind = decide_kind(cfg, sources)
     log.info("data job: %d file(s), kind=%s", len(sources), kind)
-    raw = readers.read_dataset(sources, cfg.text_column, cfg.text_unit)
-    processed = raw.map_batches(process_batch(cfg, kind), batch_format="pyarrow").materialize()
+    raw = readers.read_dataset(sources, cfg.text_column, cfg.text_unit, cfg.read_block_mb)
+    clock = _Stopwatch()
+    # Plain tasks, one per read block: the blocks are already sized for one task each.
+    processed = ray.data.from_arrow_refs(
+        dedup.map_blocks(raw.to_arrow_refs(), process_batch(cfg, kind))
+    )
     totals = aggregate(processed)
-
-    from ray.data.expressions import col
+    clock.lap("read_clean_sign")
 
     quarantined = totals["reasons"].get(QUARANTINE, 0)
     if quarantined:
         processed.map_batches(_quarantine_rows, batch_format="pyarrow").write_json(
             str(out / QUARANTINE), filename_provider=_PartNames("jsonl")
         )
-    kept = processed.filter(expr=col("status") == "").select_columns(
-        ["id", "doc", "exact_hash", "sig", "shingles"]
-    )
-    docs, removed, dedup_info = apply_dedup(kept.materialize(), cfg)
+    clock.lap("quarantine_write")
+    docs, removed, dedup_info = apply_dedup(processed, cfg)
+    clock.lap("dedup_plan")
     removed_counts: Counter[str] = Counter()
     if removed is not None:
         removed = removed.materialize()
@@ -498,7 +521,9 @@ def run(cfg: DataJobConfig) -> dict[str, Any]:
         if removed.count():
             removed.write_parquet(str(out / "dedup"), filename_provider=_PartNames("parquet"))
     docs = docs.materialize()
+    clock.lap("dedup_apply")
     shards_info = write_shards(docs, cfg, kind, out)
+    clock.lap("tokenize_write")
 
     filter_counts = {
         r.removeprefix("filter:"): n
@@ -531,11 +556,26 @@ def run(cfg: DataJobConfig) -> dict[str, Any]:
         "documents_out": documents_out,
         **shards_info,
         "accounting_ok": identity,
+        "seconds": clock.laps,
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
     if not identity:
         raise RuntimeError(f"accounting identity broken (see {out / 'stats.json'})")
     return stats
+
+
+class _Stopwatch:
+    """Wall seconds per stage, for stats.json: where a slow run spends its time."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
+        log.info("data job: %s took %.2f s", name, self.laps[name])
 
 
 def _quarantine_rows(batch: pa.Table) -> pa.Table:

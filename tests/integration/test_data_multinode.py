@@ -56,7 +56,7 @@ def test_two_nodes_keep_the_same_set_as_one(ray_cluster, tmp_path: Path, monkeyp
 
     assert _result(tmp_path / "one") == _result(tmp_path / "two")
     assert single["fuzzy_dups"] > 0 and single["exact_dups"] > 0
-    drop = ("filter_examples",)
+    drop = ("filter_examples", "seconds")  # wall times differ run to run
     assert {k: v for k, v in single.items() if k not in drop} == {
         k: v for k, v in multi.items() if k not in drop
     }

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylm.data import dedup
+from raylm.data import dedup, readers
 from raylm.data.config import DataJobConfig, DedupConfig, FilterConfig
 from raylm.data.corpus import SAMPLE_DIR
 from raylm.data.pipeline import run, sort_key
@@ -169,3 +169,27 @@ def test_every_input_format(ray_connected, tmp_path: Path) -> None:
         "rejected",
     }
     assert json.loads((tmp_path / "dpo" / "dataset_meta.json").read_text())["kind"] == "text"
+
+
+@pytest.mark.timeout(300)
+def test_read_dataset_splits_a_big_file_and_keeps_order(ray_connected, tmp_path: Path) -> None:
+    big = tmp_path / "a_big.jsonl"
+    lines = [json.dumps({"text": f"doc {i} " + "w" * (i % 300)}).encode() for i in range(14_000)]
+    # CRLF endings, and a whitespace-only line after every fifth: numbered, never read.
+    big.write_bytes(
+        b"".join(line + (b"\r\n" if i % 5 else b"\n  \n") for i, line in enumerate(lines))
+    )
+    assert big.stat().st_size > 2 * readers.SPREAD_MIN_BYTES
+    small = tmp_path / "b_small.json"
+    small.write_text(json.dumps([{"text": "x"}, {"text": "y"}]))
+    sources = readers.expand_inputs([str(tmp_path)], "auto", {})
+    ds = readers.read_dataset(sources, "text", "line", 16.0).materialize()
+    assert ds.num_blocks() > 2  # the big file alone is split (2 CPUs: >= 4 ranges)
+    expected = [
+        row
+        for path in (big, small)
+        for row in readers.read_file(
+            {"path": str(path), "name": path.name, "fmt": "auto", "columns": "{}"}, "text", "line"
+        )
+    ]
+    assert ds.take_all() == expected

@@ -63,6 +63,9 @@ def test_band_keys_collide_only_on_equal_bands() -> None:
 def test_exact_hash_ignores_case_and_spacing_only() -> None:
     assert dedup.exact_hash("Hello   World\n") == dedup.exact_hash("hello world")
     assert dedup.exact_hash("hello world") != dedup.exact_hash("hello world!")
+    assert dedup.exact_hash(" \tA\n\n b ") == dedup.exact_hash("a b")
+    batch = dedup.exact_hashes(["x", " X ", "y", "x y"])
+    assert batch[0] == batch[1] and len(set(batch)) == 3
 
 
 def _rows(path: Path, fmt: str = "auto", **kw) -> list[dict]:
@@ -154,3 +157,22 @@ def test_processing_scrubs_pii_inside_conversations() -> None:
     )
     out = _process(raw)
     assert out["pii_email"] == 2 and "bob@" not in out["doc"]
+
+
+def test_small_buckets_propose_every_pair_not_just_a_star() -> None:
+    """With exact verification, a star around "a" would lose the near-duplicate pair
+    (b, c) whenever "a" itself is below the threshold with both."""
+    import pandas as pd
+
+    df = pd.DataFrame({"bucket": [7, 7, 7, 9], "id": ["a", "b", "c", "d"]})
+    edges = set(map(tuple, dedup._bucket_edges(df)[["src", "dst"]].to_numpy().tolist()))
+    assert edges == {("a", "b"), ("a", "c"), ("b", "c")}
+
+
+def test_huge_buckets_fall_back_to_a_star() -> None:
+    import pandas as pd
+
+    n = dedup.PAIRS_MAX_BUCKET + 5
+    ids = [f"{i:03d}" for i in range(n)]
+    edges = dedup._bucket_edges(pd.DataFrame({"bucket": [1] * n, "id": ids}))
+    assert len(edges) == n - 1 and set(edges["src"]) == {"000"}

@@ -10,6 +10,13 @@
    (ray.serve.llm checks "loaded?" and then awaits the load without a lock, and vLLM
    fails the second load with "already been loaded": a 500 for a valid request).
 3. **Adapters come from a local or shared filesystem** (``raylm.serve.lora``).
+4. **A one-device engine runs in one process.** On CPU, ray.serve.llm forces vLLM's
+   multiprocess executor even for a single worker, which puts the model in a second
+   process that exchanges every step with the engine core through shared memory and
+   busy polling: on a 2-core node that alone takes a core. vLLM's own server uses the
+   in-process ("uni") executor for one device; so does raylm. Multi-device engines
+   (tensor/pipeline parallel, and every GPU engine, which uses Ray's executor) are left
+   exactly as ray.serve.llm configures them.
 """
 
 from __future__ import annotations
@@ -70,12 +77,37 @@ async def eager_batches(
             reader.cancel()
 
 
+def single_process_executor(parallel_config: Any) -> bool:
+    """Switch a one-worker multiprocess executor to vLLM's in-process one; True if switched."""
+    if parallel_config.world_size == 1 and parallel_config.distributed_executor_backend == "mp":
+        parallel_config.distributed_executor_backend = "uni"
+        return True
+    return False
+
+
+def _engine_cls() -> type:
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+
+    class RaylmVLLMEngine(VLLMEngine):
+        def _start_async_llm_engine(
+            self, vllm_engine_args: Any, vllm_engine_config: Any, placement_group: Any
+        ) -> Any:
+            single_process_executor(vllm_engine_config.parallel_config)
+            return super()._start_async_llm_engine(
+                vllm_engine_args, vllm_engine_config, placement_group
+            )
+
+    return RaylmVLLMEngine
+
+
 def _server_cls() -> type:
     """Built lazily: importing ray.serve.llm pulls in vLLM-facing modules."""
     from ray import serve
     from ray.serve.llm.deployment import LLMServer
 
     class RaylmLLMServer(LLMServer):
+        _default_engine_cls = _engine_cls()
+
         async def __init__(self, llm_config: Any, **kwargs: Any) -> None:
             self._lora_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
             kwargs.setdefault("model_downloader", lora.loader_cls())

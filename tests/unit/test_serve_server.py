@@ -81,3 +81,17 @@ def test_client_going_away_stops_reading_the_engine() -> None:
         assert len(produced) == count  # the reader task was cancelled
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("world_size", "backend", "expected"),
+    [(1, "mp", "uni"), (2, "mp", "mp"), (1, "ray", "ray"), (4, "ray", "ray")],
+)
+def test_only_a_one_worker_multiprocess_engine_runs_in_process(world_size, backend, expected):
+    from types import SimpleNamespace
+
+    from raylm.serve.server import single_process_executor
+
+    cfg = SimpleNamespace(world_size=world_size, distributed_executor_backend=backend)
+    assert single_process_executor(cfg) == (expected != backend)
+    assert cfg.distributed_executor_backend == expected

@@ -307,6 +307,8 @@ def apply_dedup(processed: Any, cfg: DataJobConfig) -> tuple[Any, Any | None, di
     import ray
 
     refs = dedup.map_blocks(processed.to_arrow_refs(), _dedup_input)
+    if cfg.id_column:
+        _check_unique_ids(refs, cfg.id_column)
     removals, info = _removals(refs, cfg)
     if not removals:
         return ray.data.from_arrow_refs(dedup.map_blocks(refs, _final_rows(False))), None, info
@@ -316,6 +318,31 @@ def apply_dedup(processed: Any, cfg: DataJobConfig) -> tuple[Any, Any | None, di
     docs = ray.data.from_arrow_refs(dedup.map_blocks(merged, _final_rows(False)))
     removed = ray.data.from_arrow_refs(dedup.map_blocks(merged, _final_rows(True)))
     return docs, removed, info
+
+
+def _repeated(df: pd.DataFrame) -> pd.DataFrame:
+    counts = df["id"].value_counts()
+    return pd.DataFrame({"id": counts.index[counts > 1], "n": counts[counts > 1].to_numpy()})
+
+
+def _check_unique_ids(refs: list, id_column: str) -> None:
+    """Dedup, the merge and the removal audit key on ids: two documents sharing one would
+    be kept or dropped together. Fail naming the ids instead of guessing."""
+    import ray
+
+    parts = ray.get(
+        dedup.map_blocks(
+            dedup.shuffle_blocks(refs, "id", _repeated, ["id"]), lambda t: t.to_pylist()
+        )
+    )
+    repeated = [r for part in parts for r in part]
+    if repeated:
+        examples = sorted(f"{r['id'].rpartition(_SEP)[2]!r} x{r['n']}" for r in repeated)[:5]
+        raise ValueError(
+            f"id_column={id_column!r} is not unique: {len(repeated)} id(s) repeat "
+            f"(e.g. {', '.join(examples)}); fix the data, or set id_column=null to use "
+            "file:line ids"
+        )
 
 
 def _removals(refs: list, cfg: DataJobConfig) -> tuple[list, dict[str, Any]]:

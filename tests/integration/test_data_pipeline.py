@@ -193,3 +193,18 @@ def test_read_dataset_splits_a_big_file_and_keeps_order(ray_connected, tmp_path:
         )
     ]
     assert ds.take_all() == expected
+
+
+def test_repeated_ids_in_id_column_fail_naming_them(ray_connected, tmp_path: Path) -> None:
+    """Two documents sharing an id would be kept or dropped together by dedup's merge."""
+    rows = [{"id": i, "text": f"Distinct document {w} number {i}."} for i, w in enumerate("abcd")]
+    rows += [{"id": 2, "text": "Another document that reuses id two."}]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = DataJobConfig(
+        inputs=[str(tmp_path / "in.jsonl")],
+        format="text",
+        id_column="id",
+        output_dir=str(tmp_path / "out"),
+    )
+    with pytest.raises(ValueError, match=r"id_column='id' is not unique: 1 id\(s\) repeat.*'2' x2"):
+        run(cfg)

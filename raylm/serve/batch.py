@@ -136,8 +136,11 @@ def _with_row_ids(ds: Any) -> Any:
     when it is created, so setting the global one afterwards changes nothing and rows
     were numbered in completion order (completions paired with the wrong prompts).
     """
+    from ray.data import ActorPoolStrategy
+
     ds.context.execution_options.preserve_order = True
-    return ds.map_batches(_RowIds, batch_format="numpy", num_cpus=0.1, concurrency=1)
+    one_actor = ActorPoolStrategy(size=1)  # one counter, so ids are consecutive
+    return ds.map_batches(_RowIds, batch_format="numpy", num_cpus=0.1, compute=one_actor)
 
 
 def run_generate(cfg: GenerateJobConfig, out_dir: Path) -> dict[str, Any]:

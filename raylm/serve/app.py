@@ -83,7 +83,9 @@ def deployment_config(cfg: ServeJobConfig) -> dict[str, Any]:
         "target_ongoing_requests": a.target_ongoing_requests,
         "upscale_delay_s": a.upscale_delay_s,
         "downscale_delay_s": a.downscale_delay_s,
-        "look_back_period_s": 5.0,
+        # Replicas report load every 10 s (Serve's metrics_interval_s); a shorter window
+        # can hold no report at all, and Serve warns it will reject one.
+        "look_back_period_s": 15.0,
     }
     if a.initial_replicas is not None:
         auto["initial_replicas"] = a.initial_replicas

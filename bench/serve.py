@@ -1,21 +1,26 @@
 """Serving benchmark: raylm's Ray Serve app vs vLLM's own OpenAI server, same tiny model.
 
-    .venv/bin/python bench/serve.py [--model DIR] [--requests-per-client 2] [--max-tokens 64]
+    .venv/bin/python bench/serve.py [--model DIR] [--rounds 3] [--min-requests 48]
 
-In one run, one after the other (never both at once: each engine gets the machine):
-1. ``python -m vllm.entrypoints.openai.api_server`` in its own process;
-2. raylm's app (``jobs/serve.py``) on a private 2-CPU local Ray cluster.
-For each, 1, 8 and 32 concurrent streaming clients (loopback): output tokens/s, time to
-first token p50/p99 and inter-token latency. Then on raylm only: autoscaling (time from
-load arriving to a 2nd replica RUNNING, and from load ending to scale-down) and a bounded
-load test (fixed request count, capped duration) that must end with zero failures.
-Prints a Markdown table with raylm/vLLM ratios; results also go to --out as JSON.
+Each system has the machine to itself, in three phases: vLLM's own server
+(``python -m vllm.entrypoints.openai.api_server``), then raylm's app (``jobs/serve.py``) on
+a private 2-CPU local Ray cluster, then vLLM's server again. This machine's speed drifts by
+10-20 % over minutes; measuring the peer before and after raylm brackets that drift (both
+phases are printed, and the vLLM rows pool them). Per phase, ``--rounds`` passes over 1, 8
+and 32 concurrent streaming clients (loopback), at least ``--min-requests`` requests per
+level and pass. Per system and level: output tokens/s (median over passes, with the
+range), time to first token p50/p99 and mean inter-token latency (over all requests).
+raylm alone then gets autoscaling (time from load arriving to a 2nd replica RUNNING, and
+from load ending to scale-down) and a bounded load test (fixed request count, capped
+duration) that must end with zero failures. Prints a Markdown table with raylm/vLLM
+ratios; results also go to --out as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -24,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -98,19 +104,43 @@ async def run_level(
         "ttft_p99_ms": 1000 * pct([r["ttft"] for r in results], 0.99),
         "itl_mean_ms": 1000 * statistics.fmean(r["itl"] for r in results) if results else 0,
         "wall_s": wall,
+        "samples": results,
     }
 
 
-def measure(url: str, key: str, model: str, args: argparse.Namespace) -> list[dict]:
-    asyncio.run(run_level(url, key, model, 2, 1, 8))  # warm-up (compiles, caches)
-    rows = []
-    for clients in (1, 8, 32):
-        row = asyncio.run(
-            run_level(url, key, model, clients, args.requests_per_client, args.max_tokens)
-        )
-        print(f"  {clients:>2} clients: {json.dumps(row)}", flush=True)
-        rows.append(row)
+LEVELS = (1, 8, 32)
+
+
+def measure(system: dict, args: argparse.Namespace, tag: str) -> dict[int, list[dict]]:
+    """``args.rounds`` passes over the levels; one row per level and round."""
+    url, key = system["url"], system["key"]
+    # Warm-up at full length: the first requests of a new size pay one-off costs.
+    asyncio.run(run_level(url, key, "tiny", 4, 1, args.max_tokens))
+    rows: dict[int, list[dict]] = {c: [] for c in LEVELS}
+    for rnd in range(args.rounds):
+        for clients in LEVELS:
+            per_client = max(args.requests_per_client, -(-args.min_requests // clients))
+            row = asyncio.run(run_level(url, key, "tiny", clients, per_client, args.max_tokens))
+            brief = {k: round(v, 1) for k, v in row.items() if k != "samples"}
+            print(f"  {tag} round {rnd}: {json.dumps(brief)}", flush=True)
+            rows[clients].append(row)
     return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    samples = [x for r in rows for x in r["samples"]]
+    tok_s = [r["output_tok_s"] for r in rows]
+    return {
+        "clients": rows[0]["clients"],
+        "rounds": len(rows),
+        "requests": len(samples),
+        "failed": sum(r["failed"] for r in rows),
+        "output_tok_s": statistics.median(tok_s),
+        "output_tok_s_range": [min(tok_s), max(tok_s)],
+        "ttft_p50_ms": 1000 * pct([x["ttft"] for x in samples], 0.5),
+        "ttft_p99_ms": 1000 * pct([x["ttft"] for x in samples], 0.99),
+        "itl_mean_ms": 1000 * statistics.fmean(x["itl"] for x in samples),
+    }
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -127,7 +157,8 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
     raise RuntimeError(f"{url} not up after {timeout}s")
 
 
-def bench_vllm(model_dir: str, args: argparse.Namespace, work: Path) -> list[dict]:
+@contextlib.contextmanager
+def vllm_server(model_dir: str, work: Path) -> Iterator[dict]:
     port = free_port()
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [
@@ -156,7 +187,7 @@ def bench_vllm(model_dir: str, args: argparse.Namespace, work: Path) -> list[dic
         t0 = time.monotonic()
         wait_http(f"http://127.0.0.1:{port}/v1/models", 600, proc)
         print(f"vLLM server up in {time.monotonic() - t0:.0f}s", flush=True)
-        return measure(f"http://127.0.0.1:{port}/v1", "none", "tiny", args)
+        yield {"url": f"http://127.0.0.1:{port}/v1", "key": "none", "pgid": proc.pid}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -184,7 +215,23 @@ def deploy_raylm(model_dir: str, env: dict, work: Path, *overrides: str) -> str:
     return json.loads((work / "serve" / "manifest.json").read_text())["outputs"]["url"]
 
 
-def bench_raylm(model_dir: str, args: argparse.Namespace, work: Path) -> dict:
+def run(model_dir: str, args: argparse.Namespace, work: Path) -> dict:
+    """vLLM alone, then raylm alone, then vLLM again: drift shows as before != after."""
+    with vllm_server(model_dir, work) as vllm:
+        before = measure(vllm, args, "vLLM (before)")
+    raylm = measure_raylm(model_dir, args, work)
+    with vllm_server(model_dir, work) as vllm:
+        after = measure(vllm, args, "vLLM (after)")
+    drift = {
+        c: [statistics.median(r["output_tok_s"] for r in phase[c]) for phase in (before, after)]
+        for c in LEVELS
+    }
+    print(f"vLLM tok/s before vs after raylm, per level: {json.dumps(drift)}", flush=True)
+    vllm_rows = [summarize(before[c] + after[c]) for c in LEVELS]
+    return {"vllm": vllm_rows, "vllm_before_after_tok_s": drift, "raylm": raylm}
+
+
+def measure_raylm(model_dir: str, args: argparse.Namespace, work: Path) -> dict:
     home = work / "raylm_home"
     cluster = LocalCluster(home / "cluster")
     info = cluster.up(num_cpus=2)
@@ -193,15 +240,17 @@ def bench_raylm(model_dir: str, args: argparse.Namespace, work: Path) -> dict:
         t0 = time.monotonic()
         url = deploy_raylm(model_dir, env, work, "autoscaling.max_replicas=1")
         print(f"raylm app RUNNING in {time.monotonic() - t0:.0f}s at {url}", flush=True)
-        rows = measure(url, "sk-bench", "tiny", args)
+        rows = measure({"url": url, "key": "sk-bench"}, args, "raylm")
+        out: dict = {"levels": [summarize(rows[c]) for c in LEVELS]}
         if args.skip_scaling:
-            return {"levels": rows}
-        scaling = autoscale(model_dir, env, work, info.dashboard_url)
+            return out
+        out["autoscaling"] = autoscale(model_dir, env, work, info.dashboard_url)
         bounded = asyncio.run(
             bounded_load(url, requests=args.bounded_requests, clients=16, max_seconds=180)
         )
         print(f"  bounded load: {json.dumps(bounded)}", flush=True)
-        return {"levels": rows, "autoscaling": scaling, "bounded_load": bounded}
+        out["bounded_load"] = bounded
+        return out
     finally:
         try:
             deploy.down(APP, info.dashboard_url)
@@ -294,12 +343,13 @@ async def bounded_load(url: str, requests: int, clients: int, max_seconds: float
 
 def table(vllm: list[dict], raylm: dict) -> str:
     head = (
-        "| clients | engine | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL mean ms |"
+        "| clients | engine | output tok/s (range) | TTFT p50 ms | TTFT p99 ms | ITL mean ms |"
         " tok/s ratio | TTFT p50 overhead ms |\n|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for v, r in zip(vllm, raylm["levels"], strict=True):
         for name, row in (("vLLM server", v), ("raylm app", r)):
+            lo, hi = row["output_tok_s_range"]
             extra = ""
             if name == "raylm app":
                 ratio = r["output_tok_s"] / v["output_tok_s"]
@@ -307,7 +357,7 @@ def table(vllm: list[dict], raylm: dict) -> str:
             else:
                 extra = " | |"
             lines.append(
-                f"| {row['clients']} | {name} | {row['output_tok_s']:.0f} | "
+                f"| {row['clients']} | {name} | {row['output_tok_s']:.0f} ({lo:.0f}-{hi:.0f}) | "
                 f"{row['ttft_p50_ms']:.0f} | {row['ttft_p99_ms']:.0f} | {row['itl_mean_ms']:.1f} |"
                 + extra
             )
@@ -317,8 +367,12 @@ def table(vllm: list[dict], raylm: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="HF model dir (default: build the tiny model)")
-    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--min-requests", type=int, default=48, help="per level and round (1 client: sequential)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="turns per system and level")
     parser.add_argument("--bounded-requests", type=int, default=200)
     parser.add_argument("--out", default="outputs/bench/serve.json")
     parser.add_argument(
@@ -339,14 +393,11 @@ def main() -> int:
         from raylm.models.tiny import build
 
         model_dir = str(build(work / "tiny"))
-    print("== vLLM OpenAI server ==", flush=True)
-    vllm = bench_vllm(model_dir, args, work)
-    print("== raylm Ray Serve app ==", flush=True)
-    raylm = bench_raylm(model_dir, args, work)
-    print(table(vllm, raylm))
+    result = run(model_dir, args, work)
+    print(table(result["vllm"], result["raylm"]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"vllm": vllm, "raylm": raylm, "args": vars(args)}, indent=2))
+    out.write_text(json.dumps({**result, "args": vars(args)}, indent=2))
     print(f"wrote {out}")
     return 0
 

@@ -260,10 +260,13 @@ class ServeJobConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     """HTTP proxy settings."""
 
-    stream_batching_interval_ms: float = 50.0
+    stream_batching_interval_ms: float = 100.0
     """After the first streamed chunk (sent at once), later chunks go out in batches this
     often: bounds the messages per token between Serve's processes under load; 0 sends
-    every chunk alone."""
+    every chunk alone. 100 (ray.serve.llm uses 50) because on CPU nodes those messages
+    take cores from the engine: +13 % tokens/s at 32 clients on 2 cores, same time to
+    first token (docs/benchmarks.md). Where Serve has its own cores (GPU nodes), 50 gives
+    smoother streams."""
 
     log_engine_metrics: bool = True
     """Export vLLM engine metrics (TTFT, tokens/s, KV cache use) to Ray's Prometheus endpoint."""

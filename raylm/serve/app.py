@@ -1,7 +1,8 @@
-"""raylm's serve config -> a Ray Serve config that runs ``ray.serve.llm:build_openai_app``.
+"""raylm's serve config -> a Ray Serve config that runs ray.serve.llm's deployments.
 
 The result is plain data (the YAML ``serve deploy`` takes): one application whose
-import path is ray.serve.llm's own builder, whose args are an ``LLMServingArgs``
+import path is raylm's builder (ray.serve.llm's ``build_openai_app`` with a leaner HTTP
+app, ``raylm.serve.builder``), whose args are an ``LLMServingArgs``
 (one LLMConfig plus raylm's ingress class), and whose deployments get raylm's
 resource and autoscaling choices. Nothing here imports Ray, so it is unit-tested and
 an operator can deploy the written file with ``serve deploy`` unchanged.
@@ -20,7 +21,7 @@ from raylm.serve.validation import hash_key
 
 INGRESS_CLS = "raylm.serve.ingress:RaylmIngress"
 SERVER_CLS = "raylm.serve.server:RaylmLLMServer"
-BUILDER = "ray.serve.llm:build_openai_app"
+BUILDER = "raylm.serve.builder:build_app"
 
 
 def api_key_hashes(cfg: ServeJobConfig) -> list[str]:

@@ -25,6 +25,8 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (
     ModelList,
 )
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
+from ray.llm._internal.serve.core.ingress.middleware import get_request_id
+from ray.llm._internal.serve.utils.server_utils import get_response_for_error
 from starlette.responses import JSONResponse, Response
 
 from raylm.serve import lora
@@ -131,12 +133,19 @@ class RaylmIngress(OpenAiIngress):
     # ---- implementation ----
 
     async def _guard(self, request: Request, handler: Any) -> Response:
-        """Auth first, then the handler; an ApiError becomes its OpenAI error body."""
+        """Auth first, then the handler; any error becomes its OpenAI error body.
+
+        Errors are answered here rather than by an exception middleware: such a
+        middleware would sit around every streamed chunk too (raylm.serve.builder).
+        """
         try:
             check_auth(request.headers.get("authorization"), self._settings.key_hashes)
             return await handler()
         except ApiError as err:
             return JSONResponse(err.body(), status_code=err.status)
+        except Exception as err:  # the engine's and router's errors, as ray.serve.llm maps them
+            body = get_response_for_error(err, get_request_id(request))
+            return JSONResponse(body.model_dump(), status_code=body.error.code)
 
     async def _unsupported(self) -> Response:
         raise ApiError(404, "This endpoint is not served by raylm", code="not_found")

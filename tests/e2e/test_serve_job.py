@@ -290,7 +290,7 @@ def test_status_and_written_serve_config(served: Served) -> None:
     assert {d["status"] for d in st["deployments"].values()} == {"HEALTHY"}
     written = yaml.safe_load((served.out / "serve_config.yaml").read_text())
     app = written["applications"][0]
-    assert app["import_path"] == "ray.serve.llm:build_openai_app"
+    assert app["import_path"] == "raylm.serve.builder:build_app"
     assert app["args"]["ingress_cls_config"]["ingress_cls"] == "raylm.serve.ingress:RaylmIngress"
     assert deploy.down("no-such-app") is False
 

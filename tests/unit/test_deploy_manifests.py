@@ -39,10 +39,11 @@ def test_rayservice_serve_config_validates_with_serve_and_serve_llm() -> None:
     serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     schema = ServeDeploySchema.model_validate(serve_config)
     app = schema.applications[0]
-    assert app.import_path == "ray.serve.llm:build_openai_app"
+    assert app.import_path == "raylm.serve.builder:build_app"
     args = LLMServingArgs.model_validate(app.args)
     assert args.llm_configs[0].accelerator_type == "A10G"
     for path in (
+        app.import_path,
         app.args["ingress_cls_config"]["ingress_cls"],
         app.args["llm_configs"][0]["server_cls"],
     ):

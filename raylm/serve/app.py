@@ -17,6 +17,7 @@ from typing import Any
 from raylm.config import ConfigError, resolve_path
 from raylm.serve import lora
 from raylm.serve.config import ServeJobConfig
+from raylm.serve.server import SINGLE_PROCESS_KEY
 from raylm.serve.validation import hash_key
 
 INGRESS_CLS = "raylm.serve.ingress:RaylmIngress"
@@ -115,7 +116,10 @@ def llm_config(cfg: ServeJobConfig) -> dict[str, Any]:
         "log_engine_metrics": cfg.log_engine_metrics,
         **placement(cfg),
     }
-    out["experimental_configs"] = {"stream_batching_interval_ms": cfg.stream_batching_interval_ms}
+    out["experimental_configs"] = {
+        "stream_batching_interval_ms": cfg.stream_batching_interval_ms,
+        SINGLE_PROCESS_KEY: cfg.engine.single_process,
+    }
     out["server_cls"] = SERVER_CLS
     if cfg.lora.enabled:
         out["lora_config"] = {"max_num_adapters_per_replica": cfg.lora.max_adapters_per_replica}

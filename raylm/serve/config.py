@@ -61,6 +61,11 @@ class EngineConfig:
     enforce_eager: bool = True
     """Skip CUDA graph / torch.compile warm-up: replicas start faster, decode a bit slower."""
 
+    single_process: bool = True
+    """Run a one-device CPU engine inside vLLM's engine-core process instead of vLLM's
+    CPU default of an extra, busy-polling worker process (faster on small nodes); false
+    keeps vLLM's default, e.g. where OpenMP thread binding matters on a large node."""
+
     extra: dict[str, Any] = field(default_factory=dict)
     """Any other vLLM engine argument, passed through unchanged (e.g. ``seed: 0``)."""
 

@@ -10,11 +10,14 @@
    (ray.serve.llm checks "loaded?" and then awaits the load without a lock, and vLLM
    fails the second load with "already been loaded": a 500 for a valid request).
 3. **Adapters come from a local or shared filesystem** (``raylm.serve.lora``).
-4. **A one-device engine runs in one process.** On CPU, ray.serve.llm forces vLLM's
-   multiprocess executor even for a single worker, which puts the model in a second
-   process that exchanges every step with the engine core through shared memory and
-   busy polling: on a 2-core node that alone takes a core. vLLM's own server uses the
-   in-process ("uni") executor for one device; so does raylm. Multi-device engines
+4. **A one-device CPU engine runs in one process** (``engine.single_process``, default
+   on). vLLM's CPU platform always picks its multiprocess executor, even for a single
+   worker (vLLM's own server does too), which puts the model in a second process that
+   exchanges every step with the engine core through shared memory and busy polling:
+   on a 2-core node that alone takes a large share of a core. raylm switches it to the
+   in-process ("uni") executor. vLLM's reason for the second process is that OpenMP
+   thread settings only take effect in a fresh process; on a large CPU node where
+   thread binding matters, set ``engine.single_process: false``. Multi-device engines
    (tensor/pipeline parallel, and every GPU engine, which uses Ray's executor) are left
    exactly as ray.serve.llm configures them.
 """
@@ -28,6 +31,9 @@ from collections.abc import AsyncGenerator
 from typing import Any, TypeVar
 
 from raylm.serve import lora
+
+SINGLE_PROCESS_KEY = "raylm_single_process"
+"""Key in ``LLMConfig.experimental_configs`` carrying ``engine.single_process``."""
 
 T = TypeVar("T")
 
@@ -77,8 +83,10 @@ async def eager_batches(
             reader.cancel()
 
 
-def single_process_executor(parallel_config: Any) -> bool:
+def single_process_executor(parallel_config: Any, enabled: bool = True) -> bool:
     """Switch a one-worker multiprocess executor to vLLM's in-process one; True if switched."""
+    if not enabled:
+        return False
     if parallel_config.world_size == 1 and parallel_config.distributed_executor_backend == "mp":
         parallel_config.distributed_executor_backend = "uni"
         return True
@@ -92,7 +100,8 @@ def _engine_cls() -> type:
         def _start_async_llm_engine(
             self, vllm_engine_args: Any, vllm_engine_config: Any, placement_group: Any
         ) -> Any:
-            single_process_executor(vllm_engine_config.parallel_config)
+            enabled = self.llm_config.experimental_configs.get(SINGLE_PROCESS_KEY, True)
+            single_process_executor(vllm_engine_config.parallel_config, enabled)
             return super()._start_async_llm_engine(
                 vllm_engine_args, vllm_engine_config, placement_group
             )

@@ -10,6 +10,7 @@ import yaml
 from raylm.config import ConfigError, load
 from raylm.serve import app
 from raylm.serve.config import ServeJobConfig
+from raylm.serve.server import SINGLE_PROCESS_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,3 +88,11 @@ def test_generate_config_validates() -> None:
         load("generate", [], ["model=m", "input.path=p", "sampling.top_p=0"])
     with pytest.raises(ConfigError, match="missing required value"):
         load("generate", [], ["input.path=p"])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"), [((), True), (("engine.single_process=false",), False)]
+)
+def test_single_process_choice_reaches_the_replicas(model_dir: Path, override, expected) -> None:
+    llm = app.llm_config(_cfg(model_dir, *override))
+    assert llm["experimental_configs"][SINGLE_PROCESS_KEY] is expected

@@ -14,6 +14,13 @@ raylm alone then gets autoscaling (time from load arriving to a 2nd replica RUNN
 from load ending to scale-down) and a bounded load test (fixed request count, capped
 duration) that must end with zero failures. Prints a Markdown table with raylm/vLLM
 ratios; results also go to --out as JSON.
+
+Engine for engine: raylm runs a one-device CPU engine in vLLM's engine-core process
+(``engine.single_process``), while vLLM's CPU default adds a busy-polling worker process.
+So vLLM's server gets ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, which gives it the same two
+processes (API server + engine core with the model), and the ratios measure the serving
+layer. ``--vllm-env VLLM_ENABLE_V1_MULTIPROCESSING=1 --set engine.single_process=false``
+compares both with vLLM's CPU default instead.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from raylm.serve import deploy  # noqa: E402
 
 APP = "raylm-bench"
 EXTRA: list[str] = []  # --set overrides for every raylm deploy
+VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # same engine processes as raylm's
 
 
 def pct(values: list[float], q: float) -> float:
@@ -185,7 +193,7 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
 @contextlib.contextmanager
 def vllm_server(model_dir: str, work: Path) -> Iterator[dict]:
     port = free_port()
-    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"} | VLLM_ENV
     cmd = [
         sys.executable,
         "-m",
@@ -410,8 +418,16 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="serve config override for raylm, e.g. stream_batching_interval_ms=10",
     )
+    parser.add_argument(
+        "--vllm-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for vLLM's server, e.g. VLLM_ENABLE_V1_MULTIPROCESSING=0",
+    )
     args = parser.parse_args()
     EXTRA.extend(args.set)
+    VLLM_ENV.update(kv.split("=", 1) for kv in args.vllm_env)
     work = Path(tempfile.mkdtemp(prefix="raylm-bench-serve-"))
     model_dir = args.model
     if not model_dir:

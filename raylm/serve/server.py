@@ -1,11 +1,13 @@
 """raylm's model server: ray.serve.llm's LLMServer with three changes, used for every model.
 
-1. **The first streamed chunk goes out at once.** ray.serve.llm batches stream chunks
-   and yields a batch every ``stream_batching_interval_ms`` (default 50 ms), the first
-   one included, so every streamed request pays up to one interval of extra time to
-   first token. Batching exists to bound the number of messages per token under load;
-   it has no reason to hold back the first one. Here the first chunk is sent as soon as
-   it exists and later chunks are batched as before.
+1. **Chunks go out at once until the first text has.** ray.serve.llm batches stream
+   chunks and yields a batch every ``stream_batching_interval_ms`` (default 50 ms), the
+   first one included, so every streamed request pays up to one interval of extra time
+   to first token. Batching exists to bound the number of messages per token under
+   load; it has no reason to hold back the first text. Here every chunk is sent as soon
+   as it exists until one carries text (a chat stream's role-only chunk, or a first
+   token that decodes to nothing, such as half of a multi-byte character, does not), and
+   later chunks are batched as before.
 2. **Each LoRA adapter is loaded once** however many first requests arrive together
    (ray.serve.llm checks "loaded?" and then awaits the load without a lock, and vLLM
    fails the second load with "already been loaded": a 500 for a valid request).
@@ -26,8 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections import defaultdict
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, TypeVar
 
 from raylm.serve import lora
@@ -37,11 +40,37 @@ SINGLE_PROCESS_KEY = "raylm_single_process"
 
 T = TypeVar("T")
 
+DELTA_TEXT = ("content", "tool_calls", "reasoning_content", "reasoning")
+"""Chat delta fields that carry generated output (a role-only first chunk has none)."""
+
+
+def carries_text(item: Any) -> bool:
+    """Whether a streamed item holds generated text, i.e. whether the first token has
+    really reached the client. Items are vLLM's SSE strings; anything else (an error, a
+    whole response) counts as text, so it is never held back."""
+    if not isinstance(item, str):
+        return True
+    for line in item.splitlines():
+        if not line.startswith("data: {"):
+            continue
+        try:
+            choices = json.loads(line[6:]).get("choices") or []
+        except ValueError:
+            return True
+        for choice in choices:
+            delta = choice.get("delta") or {}
+            if choice.get("text") or any(delta.get(k) for k in DELTA_TEXT):
+                return True
+    return False
+
 
 async def eager_batches(
-    source: AsyncGenerator[T, None], interval_s: float | None
+    source: AsyncGenerator[T, None],
+    interval_s: float | None,
+    is_first_text: Callable[[T], bool] = lambda _: True,
 ) -> AsyncGenerator[list[T], None]:
-    """Chunks of ``source`` as lists: the first alone and at once, then one list per interval.
+    """Chunks of ``source`` as lists: at once until ``is_first_text`` holds for one, then
+    one list per interval.
 
     ``interval_s=None`` collects everything into one list (ray.serve.llm's meaning for
     non-streaming requests); ``0`` yields every chunk alone.
@@ -66,6 +95,7 @@ async def eager_batches(
             arrived.set()
 
     reader = asyncio.create_task(read())
+    eager = True
     try:
         await arrived.wait()
         while True:
@@ -73,9 +103,15 @@ async def eager_batches(
             finished = done.is_set()
             if batch:
                 yield batch
+                eager = eager and not any(is_first_text(item) for item in batch)
             if finished and queue.empty():
                 reader.result()  # re-raise the engine's error, if any
                 return
+            if eager:  # wait for the next chunk, not for the interval
+                arrived.clear()
+                if queue.empty() and not done.is_set():
+                    await arrived.wait()
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), timeout=interval_s)
     finally:
@@ -124,7 +160,8 @@ def _server_cls() -> type:
 
         def _batch_output_stream(self, generator: AsyncGenerator[T, None]) -> Any:
             interval_ms = self._get_batch_interval_ms()
-            return eager_batches(generator, None if interval_ms is None else interval_ms / 1000)
+            interval_s = None if interval_ms is None else interval_ms / 1000
+            return eager_batches(generator, interval_s, carries_text)
 
         async def _maybe_resolve_lora_from_multiplex(self) -> None:
             model_id = serve.get_multiplexed_model_id()

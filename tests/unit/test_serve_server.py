@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncGenerator
 from types import SimpleNamespace
 
 import pytest
 
-from raylm.serve.server import eager_batches, single_process_executor
+from raylm.serve.server import carries_text, eager_batches, single_process_executor
 
 
 async def ticking(n: int, gap_s: float, fail_at: int | None = None) -> AsyncGenerator[int, None]:
@@ -113,3 +114,50 @@ def test_single_process_executor_only_for_one_cpu_worker(
     pc = SimpleNamespace(world_size=world_size, distributed_executor_backend=backend)
     assert single_process_executor(pc, enabled) == (after != backend)
     assert pc.distributed_executor_backend == after
+
+
+def sse(choice: dict) -> str:
+    return f"data: {json.dumps({'id': 'x', 'choices': [choice]})}\n\n"
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        (sse({"index": 0, "text": "Hello"}), True),
+        (sse({"index": 0, "text": ""}), False),  # a token that decodes to nothing yet
+        (sse({"index": 0, "delta": {"role": "assistant", "content": ""}}), False),
+        (sse({"index": 0, "delta": {"content": "Hi"}}), True),
+        (sse({"index": 0, "delta": {"reasoning_content": "hmm"}}), True),
+        (sse({"index": 0, "delta": {"tool_calls": [{"index": 0}]}}), True),
+        ("data: " + json.dumps({"choices": [], "usage": {"completion_tokens": 3}}) + "\n\n", False),
+        ("data: [DONE]\n\n", False),
+        (sse({"index": 0, "text": ""}) + sse({"index": 0, "text": "a"}), True),
+        ("data: {broken\n\n", True),  # unknown shapes are never held back
+        (RuntimeError("an error response object"), True),
+    ],
+)
+def test_carries_text(item, expected: bool) -> None:
+    assert carries_text(item) is expected
+
+
+def test_chunks_go_out_at_once_until_the_first_text() -> None:
+    """Two empty chunks (say a role chunk, then half a character), then text, then more."""
+    items = ["", "", "a", "b", "c", "d", "e", "f"]
+
+    async def source() -> AsyncGenerator[str, None]:
+        for item in items:
+            yield item
+            await asyncio.sleep(0.05)
+
+    async def run() -> list:
+        start, out = time.perf_counter(), []
+        async for batch in eager_batches(source(), 1.0, is_first_text=bool):
+            out.append((time.perf_counter() - start, batch))
+        return out
+
+    out = asyncio.run(run())
+    first_text_at = next(t for t, batch in out if "a" in batch)
+    assert first_text_at < 0.5  # not held for the 1 s interval
+    assert [b for _, b in out[:3]] == [[""], [""], ["a"]]
+    assert [i for _, b in out for i in b] == items
+    assert len(out) < len(items)  # batched after the first text

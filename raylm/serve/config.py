@@ -266,8 +266,8 @@ class ServeJobConfig:
     """HTTP proxy settings."""
 
     stream_batching_interval_ms: float = 100.0
-    """After the first streamed chunk (sent at once), later chunks go out in batches this
-    often: bounds the messages per token between Serve's processes under load; 0 sends
+    """After the first streamed text (chunks up to it are sent at once), later chunks go
+    out in batches this often: bounds the messages per token between Serve's processes under load; 0 sends
     every chunk alone. 100 (ray.serve.llm uses 50) because on CPU nodes those messages
     take cores from the engine: +13 % tokens/s at 32 clients on 2 cores, same time to
     first token (docs/benchmarks.md). Where Serve has its own cores (GPU nodes), 50 gives

@@ -14,7 +14,8 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import PlainTextResponse, Response
 
 from raylm.serve.builder import lean_app
-from raylm.serve.ingress import IngressSettings, RaylmIngress
+from raylm.serve.checks import RequestChecks
+from raylm.serve.ingress import RaylmIngress
 from raylm.serve.validation import ApiError, hash_key
 
 
@@ -31,7 +32,7 @@ def test_lean_app_is_ray_serve_llms_without_the_exception_middleware() -> None:
 def guarded(raise_: Callable[[], None]) -> TestClient:
     """A lean app whose one route runs ``raise_`` under RaylmIngress's guard (key: sk-t)."""
     app = lean_app()
-    ingress = SimpleNamespace(_settings=IngressSettings(key_hashes=[hash_key("sk-t")]))
+    ingress = SimpleNamespace(_checks=RequestChecks({"key_hashes": [hash_key("sk-t")]}))
 
     async def handler() -> Response:
         raise_()

@@ -3,7 +3,8 @@
 The result is plain data (the YAML ``serve deploy`` takes): one application whose
 import path is raylm's builder (ray.serve.llm's ``build_openai_app`` with a leaner HTTP
 app, ``raylm.serve.builder``), whose args are an ``LLMServingArgs``
-(one LLMConfig plus raylm's ingress class), and whose deployments get raylm's
+(one LLMConfig, plus raylm's ingress class unless the app streams directly from the model
+replica), and whose deployments get raylm's
 resource and autoscaling choices. Nothing here imports Ray, so it is unit-tested and
 an operator can deploy the written file with ``serve deploy`` unchanged.
 """
@@ -17,7 +18,7 @@ from typing import Any
 from raylm.config import ConfigError, resolve_path
 from raylm.serve import lora
 from raylm.serve.config import ServeJobConfig
-from raylm.serve.server import SINGLE_PROCESS_KEY
+from raylm.serve.server import DIRECT_KEY, SINGLE_PROCESS_KEY
 from raylm.serve.validation import hash_key
 
 INGRESS_CLS = "raylm.serve.ingress:RaylmIngress"
@@ -136,12 +137,11 @@ def lora_locations(cfg: ServeJobConfig) -> dict[str, Any]:
     return {"adapters_dir": adapters_dir, "adapters": adapters}
 
 
-def serving_args(cfg: ServeJobConfig, key_hashes: list[str]) -> dict[str, Any]:
-    """``LLMServingArgs`` for build_openai_app: the model plus raylm's ingress."""
-    llm = llm_config(cfg)
+def check_settings(cfg: ServeJobConfig, llm: dict[str, Any], key_hashes: list[str]) -> dict:
+    """What raylm's request checks need (``raylm.serve.checks.IngressSettings``)."""
     locations = llm.get("experimental_configs", {}).get(lora.EXPERIMENTAL_KEY, {})
     model_dir = llm["model_loading_config"]["model_source"]
-    settings = {
+    return {
         "key_hashes": key_hashes,
         "max_request_bytes": cfg.limits.max_request_bytes,
         "max_n": cfg.limits.max_n,
@@ -150,10 +150,23 @@ def serving_args(cfg: ServeJobConfig, key_hashes: list[str]) -> dict[str, Any]:
                 "max_model_len": cfg.engine.max_model_len,
                 "tokenizer_path": None if "://" in model_dir else model_dir,
                 "adapters_dir": locations.get("adapters_dir"),
-                "adapters": locations.get("adapters", {}),
+                "adapters": dict(locations.get("adapters", {})),
             }
         },
     }
+
+
+def serving_args(cfg: ServeJobConfig, key_hashes: list[str]) -> dict[str, Any]:
+    """``LLMServingArgs`` for raylm's builder: the model plus where raylm's checks run.
+
+    Direct streaming: in the model replica, so the checks travel with the model's
+    ``experimental_configs``. Otherwise: in raylm's ingress replica.
+    """
+    llm = llm_config(cfg)
+    settings = check_settings(cfg, llm, key_hashes)
+    if cfg.direct_streaming:
+        llm["experimental_configs"][DIRECT_KEY] = settings
+        return {"llm_configs": [llm]}
     return {
         "llm_configs": [llm],
         "ingress_cls_config": {

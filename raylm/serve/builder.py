@@ -8,6 +8,13 @@ its routes raise into the same error body (``RaylmIngress._guard``), so the midd
 nothing left to catch; this builder wires the same deployments as ray.serve.llm's, with
 an app that keeps everything else of ray.serve.llm's (request ids, CORS, HTTP metrics,
 the validation and last-resort error handlers). See docs/benchmarks.md for the effect.
+
+With direct streaming (``direct_streaming: true``, raylm's default) there is no ingress
+replica at all: the model replica serves vLLM's HTTP app itself, as ray.serve.llm does
+under ``RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1`` (``build_direct_app`` says how raylm's
+differs). raylm selects it per app (the model's ``experimental_configs`` carry raylm's
+checks, ``raylm.serve.server.DIRECT_KEY``) rather than per process environment, so one
+cluster can run both kinds of app.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from ray.llm._internal.serve.observability.metrics.fast_api_metrics import (
 )
 from ray.serve.deployment import Application
 
+from raylm.serve.server import DIRECT_KEY
+
 
 def lean_app() -> FastAPI:
     """ray.serve.llm's ingress app without the per-chunk exception middleware.
@@ -59,6 +68,8 @@ def build_app(builder_config: dict[str, Any]) -> Application:
     """The Serve application for ``LLMServingArgs``: what ray.serve.llm builds, lean app."""
     args = LLMServingArgs.model_validate(builder_config)
     configs = args.llm_configs
+    if any(DIRECT_KEY in c.experimental_configs for c in configs):
+        return build_direct_app(args)
     ingress = args.ingress_cls_config
     options = maybe_apply_llm_deployment_config_defaults(
         ingress.ingress_cls.get_deployment_options(configs), args.ingress_deployment_config
@@ -74,3 +85,22 @@ def build_app(builder_config: dict[str, Any]) -> Application:
         },
         **ingress.ingress_extra_kwargs,
     )
+
+
+def build_direct_app(args: LLMServingArgs) -> Application:
+    """The model deployment as the app's ingress: it serves vLLM's HTTP app itself.
+
+    ray.serve.llm's own direct streaming also puts a request-router deployment in front
+    (HAProxy asks it, per request, which replica to use, so that LoRA requests go to a
+    replica with the adapter loaded). On 2 cores that Python round trip cost about 50 ms
+    of time to first token at 32 clients (docs/benchmarks.md), so raylm leaves replica
+    choice to the HTTP proxy (HAProxy or Serve's) and each replica loads a requested
+    adapter on first use (``RaylmLLMServer.load_adapter``), which also keeps the app
+    working behind Serve's Python proxy.
+    """
+    if len(args.llm_configs) != 1:
+        raise ValueError(
+            f"direct streaming serves exactly one model per app, got {len(args.llm_configs)}"
+        )
+    (config,) = args.llm_configs
+    return build_llm_deployment(config, deployment_cls=serve.ingress()(config.server_cls))

@@ -265,10 +265,20 @@ class ServeJobConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     """HTTP proxy settings."""
 
+    direct_streaming: bool = True
+    """HTTP goes straight to the model replica: HAProxy asks a small router deployment
+    which replica to use and forwards the request to it, where vLLM's own OpenAI app
+    answers behind raylm's checks (``raylm.serve.direct``). No ingress replica relays
+    the tokens, which on 2 CPU cores is the difference between 0.8x and 1.1x vLLM's bare
+    server at 32 clients (docs/benchmarks.md). Needs HAProxy in front of Serve (raylm's
+    clusters have it) and serves one model per app. false: raylm's ingress replica
+    (``raylm.serve.ingress``), which works behind Serve's Python proxy too."""
+
     stream_batching_interval_ms: float = 100.0
     """After the first streamed text (chunks up to it are sent at once), later chunks go
     out in batches this often: bounds the messages per token between Serve's processes under load; 0 sends
-    every chunk alone. 100 (ray.serve.llm uses 50) because on CPU nodes those messages
+    every chunk alone (ingress mode only: with direct streaming vLLM's app sends every
+    chunk). 100 (ray.serve.llm uses 50) because on CPU nodes those messages
     take cores from the engine: +13 % tokens/s at 32 clients on 2 cores, same time to
     first token (docs/benchmarks.md). Where Serve has its own cores (GPU nodes), 50 gives
     smoother streams."""

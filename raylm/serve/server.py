@@ -1,4 +1,4 @@
-"""raylm's model server: ray.serve.llm's LLMServer with three changes, used for every model.
+"""raylm's model server: ray.serve.llm's LLMServer with these changes, used for every model.
 
 1. **Chunks go out at once until the first text has.** ray.serve.llm batches stream
    chunks and yields a batch every ``stream_batching_interval_ms`` (default 50 ms), the
@@ -22,6 +22,9 @@
    thread binding matters, set ``engine.single_process: false``. Multi-device engines
    (tensor/pipeline parallel, and every GPU engine, which uses Ray's executor) are left
    exactly as ray.serve.llm configures them.
+5. **With direct streaming, vLLM's own HTTP app answers in this replica** behind raylm's
+   request checks (``raylm.serve.direct``); (1) then no longer applies, as vLLM's app
+   sends each chunk itself.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ from raylm.serve import lora
 
 SINGLE_PROCESS_KEY = "raylm_single_process"
 """Key in ``LLMConfig.experimental_configs`` carrying ``engine.single_process``."""
+
+DIRECT_KEY = "raylm_direct"
+"""Key in ``LLMConfig.experimental_configs``: raylm's request-check settings, present iff
+the app streams directly from the model replica (``raylm.serve.direct``)."""
 
 T = TypeVar("T")
 
@@ -162,6 +169,33 @@ def _server_cls() -> type:
             interval_ms = self._get_batch_interval_ms()
             interval_s = None if interval_ms is None else interval_ms / 1000
             return eager_batches(generator, interval_s, carries_text)
+
+        async def __serve_build_asgi_app__(self) -> Any:
+            """vLLM's app, as ray.serve.llm builds it, behind raylm's request checks."""
+            from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+            from ray.llm._internal.serve.core.server.llm_server import (
+                _add_middleware_to_built_app,
+            )
+
+            from raylm.serve.direct import ChecksMiddleware
+
+            app = await super().__serve_build_asgi_app__()
+            cfg = self._llm_config
+            card = to_model_metadata(cfg.model_id, cfg).model_dump()
+            _add_middleware_to_built_app(
+                app,
+                ChecksMiddleware,
+                settings=cfg.experimental_configs.get(DIRECT_KEY),
+                cards={cfg.model_id: card},
+                load_adapter=self.load_adapter,
+            )
+            return app
+
+        async def load_adapter(self, model_id: str) -> None:
+            """Load adapter ``BASE:NAME`` into this replica's engine, once (direct streaming:
+            there is no multiplexed routing, so any replica may get any adapter)."""
+            async with self._lora_locks[model_id]:
+                await self.engine.resolve_lora(await self._load_model(model_id))
 
         async def _maybe_resolve_lora_from_multiplex(self) -> None:
             model_id = serve.get_multiplexed_model_id()

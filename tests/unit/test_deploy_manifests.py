@@ -42,11 +42,8 @@ def test_rayservice_serve_config_validates_with_serve_and_serve_llm() -> None:
     assert app.import_path == "raylm.serve.builder:build_app"
     args = LLMServingArgs.model_validate(app.args)
     assert args.llm_configs[0].accelerator_type == "A10G"
-    for path in (
-        app.import_path,
-        app.args["ingress_cls_config"]["ingress_cls"],
-        app.args["llm_configs"][0]["server_cls"],
-    ):
+    assert "raylm_direct" in app.args["llm_configs"][0]["experimental_configs"]
+    for path in (app.import_path, app.args["llm_configs"][0]["server_cls"]):
         module, _, name = path.partition(":")
         assert hasattr(__import__(module, fromlist=[name]), name)
 

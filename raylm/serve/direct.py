@@ -1,0 +1,131 @@
+"""raylm's checks in front of vLLM's own app, for direct streaming (the default).
+
+With direct streaming there is no ingress replica: the HTTP proxy (HAProxy on raylm's
+clusters) sends the request straight to a model replica's own HTTP port, where vLLM's
+own OpenAI app answers it (ray.serve.llm's ``LLMServer.__serve_build_asgi_app__``).
+Tokens then cross one process boundary fewer, which is what closes the gap to vLLM's
+bare server (docs/benchmarks.md). This ASGI middleware wraps that app so a request
+still meets every raylm rule before vLLM sees it: API key, body size, JSON, model (base
+or an adapter on disk), parameters and prompt length (``raylm.serve.checks``), with the
+same error bodies as raylm's ingress. It then loads a requested adapter into this
+replica's engine if it is not loaded yet. Only the OpenAI routes raylm serves are let
+through; Serve's own probes (``/-/...``) and vLLM's liveness probe pass untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from raylm.serve.checks import RequestChecks
+from raylm.serve.validation import ApiError
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+GENERATE = {"/v1/completions": False, "/v1/chat/completions": True}
+"""Routes that generate, and whether each is chat."""
+
+PROBES = ("/-/", "/health", "/ping")
+"""Path prefixes answered by Serve or vLLM without a key: liveness, not data."""
+
+
+class ChecksMiddleware:
+    """Run raylm's request checks, answer /v1/models, and refuse every other route."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        settings: dict[str, Any] | None,
+        cards: dict[str, Any],
+        load_adapter: Callable[[str], Awaitable[None]],
+    ) -> None:
+        self.app = app
+        self.checks = RequestChecks(settings)
+        self.cards = cards
+        """Base model id -> its /v1/models entry (a dict)."""
+        self.load_adapter = load_adapter
+        """Loads ``BASE:NAME`` into the engine (a no-op once it is loaded)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or route_path(scope).startswith(PROBES):
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.handle(scope, receive, send)
+        except ApiError as err:
+            await reply(send, err.status, err.body())
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path, method = route_path(scope), scope["method"]
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        self.checks.auth(headers.get("authorization"))
+        if path in GENERATE and method == "POST":
+            raw = await self.checks.read_body(headers.get("content-length"), body_chunks(receive))
+            parsed = await self.checks.check_generate(raw, GENERATE[path], list(self.cards))
+            if ":" in parsed["model"]:
+                await self.adapter(parsed["model"])
+            await self.app(scope, replay(raw, receive), send)
+        elif method == "GET" and path == "/v1/models":
+            await reply(send, 200, {"object": "list", "data": self.checks.model_cards(self.cards)})
+        elif method == "GET" and path.startswith("/v1/models/"):
+            model = path.removeprefix("/v1/models/")
+            await reply(send, 200, self.checks.model_card(model, self.cards))
+        else:
+            raise ApiError(404, "This endpoint is not served by raylm", code="not_found")
+
+    async def adapter(self, model: str) -> None:
+        try:
+            await self.load_adapter(model)
+        except Exception as err:  # the checks found it on disk: a broken adapter
+            raise ApiError(
+                500,
+                f"Could not load LoRA adapter {model!r}: {err}",
+                code="adapter_load_failed",
+                type="server_error",
+            ) from err
+
+
+def route_path(scope: Scope) -> str:
+    """The path below the app's route prefix (Serve passes the prefix as root_path)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root) :] or "/"
+    return path
+
+
+async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(400, "Client disconnected before the request body ended")
+        yield message.get("body", b"")
+        if not message.get("more_body"):
+            return
+
+
+def replay(raw: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that yields the already-read body once, then the client's messages
+    (so the app still learns of a disconnect while it streams)."""
+    sent = False
+
+    async def again() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await receive()
+
+    return again
+
+
+async def reply(send: Send, status: int, payload: dict[str, Any]) -> None:
+    data = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})

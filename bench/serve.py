@@ -21,6 +21,11 @@ So vLLM's server gets ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, which gives it the s
 processes (API server + engine core with the model), and the ratios measure the serving
 layer. ``--vllm-env VLLM_ENABLE_V1_MULTIPROCESSING=1 --set engine.single_process=false``
 compares both with vLLM's CPU default instead.
+
+raylm runs as ``conf/serve/tiny.yaml`` configures it: direct streaming (vLLM's app in the
+model replica behind raylm's checks), API keys and Ray's engine metrics on.
+``--set direct_streaming=false`` measures the ingress mode, ``--set
+log_engine_metrics=false`` the cost of Ray's engine metrics.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 GENERATE = {"/v1/completions": False, "/v1/chat/completions": True}
 """Routes that generate, and whether each is chat."""
 
-PROBES = ("/-/", "/health", "/ping")
-"""Path prefixes answered by Serve or vLLM without a key: liveness, not data."""
+PROBES = {"/health", "/ping"}
+"""vLLM's liveness routes, answered without a key (as are Serve's own, under ``/-/``)."""
 
 
 class ChecksMiddleware:
@@ -53,7 +53,8 @@ class ChecksMiddleware:
         """Loads ``BASE:NAME`` into the engine (a no-op once it is loaded)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or route_path(scope).startswith(PROBES):
+        path = route_path(scope) if scope["type"] == "http" else ""
+        if scope["type"] != "http" or path in PROBES or path.startswith("/-/"):
             await self.app(scope, receive, send)
             return
         try:

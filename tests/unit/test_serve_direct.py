@@ -168,7 +168,7 @@ def test_probes_pass_and_every_other_route_is_refused(served) -> None:
     client, _, _ = served
     assert client.get("/-/healthz").json() == {"reached": "/-/healthz"}
     assert client.get("/health").json() == {"reached": "/health"}
-    for path in ("/tokenize", "/v1/embeddings", "/v1/load_lora_adapter", "/metrics"):
+    for path in ("/tokenize", "/v1/embeddings", "/v1/load_lora_adapter", "/metrics", "/healthz"):
         assert client.post(path, headers={}).status_code == 401
         r = client.post(path, headers=KEY)
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

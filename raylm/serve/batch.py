@@ -135,11 +135,16 @@ def _with_row_ids(ds: Any) -> Any:
     It must be set on the dataset's own context: a read copies the global DataContext
     when it is created, so setting the global one afterwards changes nothing and rows
     were numbered in completion order (completions paired with the wrong prompts).
+    Order in is not enough: Ray Data lets an actor pool's actors run queued tasks out of
+    order (``allow_out_of_order_execution``, on by default for actor pools), which once
+    numbered a later block first in CI. So the counting actor is sent one block at a
+    time: with nothing queued behind it, there is nothing to reorder.
     """
     from ray.data import ActorPoolStrategy
 
     ds.context.execution_options.preserve_order = True
-    one_actor = ActorPoolStrategy(size=1)  # one counter, so ids are consecutive
+    # one counter, so ids are consecutive; one block in flight, so they follow the input
+    one_actor = ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1)
     return ds.map_batches(_RowIds, batch_format="numpy", num_cpus=0.1, compute=one_actor)
 
 

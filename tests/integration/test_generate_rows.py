@@ -25,7 +25,7 @@ def test_row_ids_follow_input_order_when_blocks_finish_out_of_order() -> None:
         return batch
 
     ds = ray.data.from_items(
-        [{"i": i, "text": f"prompt {i}"} for i in range(400)], override_num_blocks=8
+        [{"i": i, "text": f"prompt {i}"} for i in range(400)], override_num_blocks=40
     ).map_batches(slow_first_blocks, batch_format="numpy", num_cpus=0.25)
     rows = _with_row_ids(ds).take_all()
     assert len(rows) == 400

@@ -2,8 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import socket
+from pathlib import Path
 from typing import Any
+
+from raylm.config import RayConfig, positive
+from raylm.job import Job, Result
+
+
+@dataclasses.dataclass
+class CheckConfig:
+    """The ``check`` job: a smoke test that the cluster schedules work and has the stack."""
+
+    num_tasks: int = 4
+    """Ray tasks to spread over the cluster; each reports its node and library versions."""
+
+    output_dir: str = "outputs/check"
+    """Where ``check.json`` and the manifest go."""
+
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    """Cluster connection."""
+
+    def __post_init__(self) -> None:
+        positive("num_tasks", self.num_tasks)
 
 
 def _probe() -> dict[str, Any]:
@@ -38,3 +61,16 @@ def run_check(num_tasks: int) -> dict[str, Any]:
         "versions": results[0]["versions"],
         "cluster_resources": ray.cluster_resources(),
     }
+
+
+class CheckJob(Job[CheckConfig]):
+    """Smoke job: a few Ray tasks report where they ran and what stack they see."""
+
+    name = "check"
+    config = CheckConfig
+
+    def run(self, cfg: CheckConfig, out: Path) -> Result:
+        report = run_check(cfg.num_tasks) | {"ray": self.ray_info}
+        (out / "check.json").write_text(json.dumps(report, indent=2))
+        print(f"check: {report['tasks']} tasks ran on {len(report['nodes'])} node(s): {out}")
+        return Result({"report": str(out / "check.json")}, {"nodes": len(report["nodes"])})

@@ -9,32 +9,18 @@ survives this terminal.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from raylm import config
 from raylm.cluster import ClusterError, LocalCluster, resolve_address, resolve_dashboard
-from raylm.config import WORKSPACE_ENV, ConfigError
+from raylm.config import ConfigError
 from raylm.runner import split_argv
-
-# Never upload these with a job: environments, caches, run outputs.
-UPLOAD_EXCLUDES = [
-    ".venv/", ".git/", "outputs/", "**/__pycache__/", ".ruff_cache/", ".pytest_cache/",
-    "*.egg-info/", "**/.ipynb_checkpoints/", "*.safetensors", "*.bin",
-]  # fmt: skip
-
-
-def project_root() -> Path:
-    """The checkout holding ``jobs/``: beside the package (editable install) or the cwd."""
-    beside = Path(__file__).resolve().parent.parent
-    return beside if (beside / "jobs").is_dir() else Path.cwd()
+from raylm.submit import default_python, inside_project, project_root, submit, wait
 
 
 def job_script(job: str) -> Path:
@@ -46,8 +32,7 @@ def job_script(job: str) -> Path:
 
 def run_local(job: str, argv: list[str], address: str | None) -> int:
     """Validate, then run the entrypoint in a child process joined to the cluster."""
-    files, overrides = split_argv(argv)
-    config.load(job, files, overrides)
+    config.load(job, *split_argv(argv))
     env = dict(os.environ)
     target = resolve_address(address)
     if target:
@@ -55,40 +40,25 @@ def run_local(job: str, argv: list[str], address: str | None) -> int:
     return subprocess.call([sys.executable, str(job_script(job)), *argv], env=env)
 
 
-def submit(job: str, argv: list[str], args: argparse.Namespace) -> int:
-    """Submit ``jobs/JOB.py`` through JobSubmissionClient; tail its logs unless --no-wait."""
+def submit_command(job: str, argv: list[str], args: argparse.Namespace) -> int:
+    """``raylm submit JOB ...``: validate here, submit, tail its logs unless --no-wait."""
     from ray.job_submission import JobSubmissionClient
 
     files, overrides = split_argv(argv)
     config.load(job, files, overrides)  # fail here, not minutes later on the cluster
-    root = project_root()
-    rel_files = [_inside(root, f) for f in files]
     dashboard = resolve_dashboard(args.address)
     local = _is_local(dashboard)
-    python = args.python or (sys.executable if local else "python")
-    env_vars = {WORKSPACE_ENV: str(Path.cwd())} if local else {}
     client = JobSubmissionClient(dashboard)
-    sid = client.submit_job(
-        entrypoint=shlex.join([python, f"jobs/{job}.py", *rel_files, *overrides]),
-        runtime_env={"working_dir": str(root), "excludes": UPLOAD_EXCLUDES, "env_vars": env_vars},
+    sid = submit(
+        client,
+        job,
+        [*(inside_project(f) for f in files), *overrides],
+        python=args.python or default_python(local),
+        local=local,
         submission_id=args.submission_id,
-        metadata={"raylm_job": job},
-        entrypoint_num_cpus=0,
     )
     print(f"submitted {job} job {sid} to {dashboard}", flush=True)
-    if args.no_wait:
-        return 0
-    return _follow(client, sid)
-
-
-def _inside(root: Path, path: str) -> str:
-    """Config files travel in the uploaded working dir, so they must live in the project."""
-    full = Path(path).resolve()
-    if not full.is_relative_to(root):
-        raise ConfigError(
-            f"{path} is outside the project {root}; only files inside it are uploaded"
-        )
-    return str(full.relative_to(root))
+    return 0 if args.no_wait else _follow(client, sid)
 
 
 def _is_local(dashboard: str) -> bool:
@@ -97,23 +67,9 @@ def _is_local(dashboard: str) -> bool:
 
 
 def _follow(client: Any, sid: str) -> int:
-    async def tail() -> None:
-        async for lines in client.tail_job_logs(sid):
-            print(lines, end="", flush=True)
-
-    asyncio.run(tail())
-    status = _wait_terminal(client, sid)
+    status = wait(client, sid, show=lambda text: print(text, end="", flush=True))
     print(f"job {sid}: {status}")
     return 0 if status == "SUCCEEDED" else 1
-
-
-def _wait_terminal(client: Any, sid: str, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = str(client.get_job_status(sid).value)
-        if status in ("SUCCEEDED", "FAILED", "STOPPED") or time.monotonic() > deadline:
-            return status
-        time.sleep(0.5)
 
 
 def jobs_command(args: argparse.Namespace) -> int:
@@ -228,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "submit":
-        return submit(args.job, args.rest, args)
+        return submit_command(args.job, args.rest, args)
     if args.command == "jobs":
         return jobs_command(args)
     if args.command == "cluster":

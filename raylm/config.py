@@ -93,53 +93,39 @@ class RayConfig:
     """Ray namespace, so raylm's named actors and Serve apps do not collide with others."""
 
 
-@dataclasses.dataclass
-class CheckConfig:
-    """The ``check`` job: a smoke test that the cluster schedules work and has the stack."""
-
-    num_tasks: int = 4
-    """Ray tasks to spread over the cluster; each reports its node and library versions."""
-
-    output_dir: str = "outputs/check"
-    """Where ``check.json`` and the manifest go."""
-
-    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
-    """Cluster connection."""
-
-    def __post_init__(self) -> None:
-        positive("num_tasks", self.num_tasks)
-
-
-_JOBS: dict[str, str] = {
-    "check": "raylm.config:CheckConfig",
-    "data": "raylm.data.config:DataJobConfig",
-    "train": "raylm.train.config:TrainJobConfig",
-    "eval": "raylm.eval.config:EvalJobConfig",
-    "serve": "raylm.serve.config:ServeJobConfig",
-    "generate": "raylm.serve.config:GenerateJobConfig",
-    "pipeline": "raylm.pipeline.config:PipelineConfig",
+JOBS: dict[str, str] = {
+    "check": "raylm.check:CheckJob",
+    "data": "raylm.data.job:DataJob",
+    "train": "raylm.train.job:TrainJob",
+    "eval": "raylm.eval.job:EvalJob",
+    "serve": "raylm.serve.job:ServeJob",
+    "generate": "raylm.serve.job:GenerateJob",
+    "pipeline": "raylm.pipeline.job:PipelineJob",
 }
-"""Job name -> root config class, as import strings so ``raylm --help`` stays fast."""
+"""The registry: job name -> its ``raylm.job.Job`` class, as import strings so
+``raylm --help`` stays fast and this base module imports no stage."""
 
 
 def job_names() -> list[str]:
-    return list(_JOBS)
+    return list(JOBS)
+
+
+def job_path(job: str) -> str:
+    if job not in JOBS:
+        raise ConfigError(f"unknown job {job!r}; expected one of {list(JOBS)}{_suggest(job, JOBS)}")
+    return JOBS[job]
 
 
 def config_class(job: str) -> type:
-    if job not in _JOBS:
-        raise ConfigError(
-            f"unknown job {job!r}; expected one of {list(_JOBS)}{_suggest(job, _JOBS)}"
-        )
-    module, _, name = _JOBS[job].partition(":")
-    return getattr(importlib.import_module(module), name)
+    module, _, name = job_path(job).partition(":")
+    return getattr(importlib.import_module(module), name).config
 
 
 def load(job: str, paths: Iterable[str | Path] = (), overrides: Sequence[str] = ()) -> Any:
     """Build the typed config of ``job`` from YAML files and ``a.b=value`` overrides.
 
     Returns an instance of the job's dataclass (``__post_init__`` validation has run).
-    A flat LLaMA-Factory training YAML is recognised and translated first.
+    A YAML in another tool's format (LLaMA-Factory's, for train) is translated first.
     """
     cls = config_class(job)
     cfg = OmegaConf.structured(cls)
@@ -188,12 +174,9 @@ def _read_yaml(job: str, path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of keys, got {type(data).__name__}")
-    if job == "train":
-        from raylm.train.llamafactory import is_llamafactory, translate
-
-        if is_llamafactory(data):
-            data = translate(data, source=str(path))
-    return data
+    # A config class may read a foreign format (the train config reads LLaMA-Factory's).
+    translate = getattr(config_class(job), "from_foreign_yaml", None)
+    return translate(data, str(path)) if translate else data
 
 
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:

@@ -22,8 +22,9 @@ import time
 from raylm import cli
 from raylm.cluster import LocalCluster
 from raylm.models.tiny import build
+from raylm.submit import project_root
 
-ROOT = cli.project_root()
+ROOT = project_root()
 PIPELINE = "conf/pipeline/demo.yaml"
 RUN_DIR = ROOT / "outputs" / "pipelines" / "demo"
 

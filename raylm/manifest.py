@@ -66,8 +66,14 @@ class Manifest:
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Headline numbers of the run (counts, losses, scores)."""
 
+    output: dict[str, Any] | None = None
+    """The typed stage output (``raylm.outputs``) the next stage reads; None if none."""
+
     status: str = "running"
     """running, succeeded or failed."""
+
+    error: str | None = None
+    """Why a failed job failed (exception type and message); None otherwise."""
 
     started_at: float = dataclasses.field(default_factory=time.time)
     """Unix time the job started."""
@@ -91,10 +97,23 @@ class Manifest:
         )
         return hashlib.sha256(body.encode()).hexdigest()
 
-    def finish(self, outputs: dict[str, str], metrics: dict[str, Any]) -> Manifest:
+    def finish(
+        self,
+        outputs: dict[str, str],
+        metrics: dict[str, Any],
+        output: dict[str, Any] | None = None,
+    ) -> Manifest:
         self.outputs.update(outputs)
         self.metrics.update(metrics)
+        self.output = output
         self.status = "succeeded"
+        self.finished_at = time.time()
+        return self
+
+    def fail(self, err: BaseException) -> Manifest:
+        """Record a failure, so a reader can tell a crashed job from a running one."""
+        self.status = "failed"
+        self.error = f"{type(err).__name__}: {err}"
         self.finished_at = time.time()
         return self
 

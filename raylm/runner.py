@@ -1,13 +1,23 @@
-"""What every ``jobs/*.py`` entrypoint shares: argv parsing, logging, exit codes."""
+"""The one runner of every job: what ``jobs/*.py`` and ``raylm JOB`` both execute.
+
+Every job runs the same steps in the same order, so every output directory looks the
+same: the resolved config, then a ``running`` manifest, then the work, then the
+manifest's final state, ``succeeded`` with the typed output or ``failed`` with the error.
+A job that dies leaves a manifest saying so, and the pipeline never mistakes a crashed
+stage for one still running or done.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Sequence
+from pathlib import Path
 
-from raylm.config import ConfigError, load
+from raylm.cluster import init_ray
+from raylm.config import ConfigError, load, save_resolved, to_dict
+from raylm.job import Job, JobFailed, get
+from raylm.manifest import Manifest
 
 
 def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -17,19 +27,43 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return files, overrides
 
 
-def load_from_argv(job: str, argv: Sequence[str] | None) -> Any:
-    files, overrides = split_argv(sys.argv[1:] if argv is None else argv)
-    return load(job, files, overrides)
+def run_job(name: str, argv: Sequence[str]) -> int:
+    """Load, set up, record, connect, run, record: the life of every raylm job."""
+    job: Job = get(name)
+    files, overrides = split_argv(argv)
+    cfg = job.setup(load(name, files, overrides))
+    out = Path(job.output_dir(cfg))
+    recorded = job.recorded(cfg)
+    manifest = Manifest.start(name, to_dict(recorded), inputs=job.inputs(cfg))
+    save_resolved(recorded, out)
+    manifest.write(out)
+    try:
+        if job.uses_ray:
+            job.ray_info = init_ray(cfg.ray.address, cfg.ray.namespace)
+        result = job.run(cfg, out)
+    except BaseException as err:
+        manifest.fail(err).write(out)
+        raise
+    record = result.output.to_record() if result.output else None
+    manifest.finish(result.outputs, result.metrics, record).write(out)
+    return result.exit_code
 
 
-def entrypoint(main: Callable[[list[str] | None], int]) -> NoReturn:
-    """Run a job's ``main``; a bad config exits 2 with a one-line message, not a traceback."""
+def main(name: str, argv: Sequence[str] | None = None) -> int:
+    """Run a job; a bad config or input exits 2 with one line, not a traceback."""
+    try:
+        return run_job(name, sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        print(f"raylm: {name} job: {err}", file=sys.stderr)
+        return 2
+    except JobFailed as err:
+        print(f"raylm: {name} job failed: {err}", file=sys.stderr)
+        return 1
+
+
+def entrypoint(name: str) -> None:
+    """``jobs/NAME.py``'s body: what ``ray job submit ... -- python jobs/NAME.py`` runs."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
-        code = main(None)
-    except ConfigError as err:
-        print(f"raylm: config error: {err}", file=sys.stderr)
-        code = 2
-    sys.exit(code)
+    sys.exit(main(name))

@@ -11,11 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raylm.config import ConfigError
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
-class EvalDataError(ValueError):
-    """An eval or perplexity file is missing or holds a record of the wrong shape."""
+class EvalDataError(ConfigError):
+    """An eval or perplexity file is missing or holds a record of the wrong shape.
+
+    A ConfigError, so the runner reports it in one line and exits 2, like a bad key."""
 
 
 @dataclass(frozen=True)

@@ -252,7 +252,8 @@ class TrainJobConfig:
     """Run name; submitting again with the same name and storage resumes the run."""
 
     storage_path: str = "outputs/train"
-    """Where runs live (local path or shared storage URI); the run dir is storage_path/run_name."""
+    """Where runs live: a local path, or a shared filesystem (NFS) every node mounts at the
+    same path on a multi-node cluster; the run dir is storage_path/run_name."""
 
     report_to: list[str] = field(default_factory=list)
     """Extra metric sinks: tensorboard, mlflow, wandb (Ray metrics are always on)."""
@@ -289,6 +290,13 @@ class TrainJobConfig:
 
     ray: RayConfig = field(default_factory=RayConfig)
     """Cluster connection."""
+
+    @staticmethod
+    def from_foreign_yaml(data: dict, source: str) -> dict:
+        """A flat LLaMA-Factory training YAML reads as this config (see llamafactory.py)."""
+        from raylm.train.llamafactory import is_llamafactory, translate
+
+        return translate(data, source=source) if is_llamafactory(data) else data
 
     def __post_init__(self) -> None:
         choice("stage", self.stage, STAGES)

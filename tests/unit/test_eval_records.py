@@ -94,11 +94,8 @@ def test_perplexity_sources(tmp_path: Path) -> None:
 
 def test_eval_job_rejects_a_bad_record_before_starting_ray(tmp_path: Path, capsys) -> None:
     """The entrypoint exits 2 with one line naming the record and field (no traceback)."""
-    import importlib.util
+    from raylm.runner import main
 
-    spec = importlib.util.spec_from_file_location("eval_job", ROOT / "jobs/eval.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
@@ -110,7 +107,7 @@ def test_eval_job_rejects_a_bad_record_before_starting_ray(tmp_path: Path, capsy
         f"output_dir={tmp_path / 'out'}",
         "ray.address=127.0.0.1:1",  # never reached: data is checked first
     ]
-    assert job.main(argv) == 2
+    assert main("eval", argv) == 2
     err = capsys.readouterr().err
     assert f"{data}:3: missing field 'reference'" in err
     assert "fields: ['answer', 'prompt']" in err

@@ -1,4 +1,4 @@
-"""The pipeline wires each stage's output into the next stage's config."""
+"""The pipeline wires each stage from the typed output the stage before it recorded."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 from raylm import config
 from raylm.config import ConfigError
 from raylm.pipeline.config import PipelineConfig
-from raylm.pipeline.runner import plan
+from raylm.manifest import Manifest
+from raylm.outputs import DatasetOutput, ModelOutput, read_output
+from raylm.pipeline.runner import stage_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,37 +22,67 @@ def demo(monkeypatch: pytest.MonkeyPatch) -> PipelineConfig:
     return config.load("pipeline", ["conf/pipeline/demo.yaml"])
 
 
-def test_demo_plan_wires_outputs_to_inputs(demo: PipelineConfig, tmp_path: Path) -> None:
-    stages = {s.name: s for s in plan(demo, tmp_path)}
-    assert list(stages) == ["data", "train", "eval", "serve"]
+def _produced(tmp_path: Path, adapter: bool = True) -> dict:
+    """What the data and train stages' manifests would record."""
+    data = DatasetOutput(str(tmp_path / "d"), "sft", True, "/tok", "sha256:x", 128, 10)
+    final = str(tmp_path / "t" / "final")
+    model = ModelOutput(final, adapter, "/base", final, 128, "sft")
+    return {"data": data, "train": model}
+
+
+def test_stages_are_wired_from_typed_outputs(demo: PipelineConfig, tmp_path: Path) -> None:
+    produced = _produced(tmp_path)
+    stages = {n: stage_for(n, demo, tmp_path, produced) for n in ("data", "train", "eval", "serve")}
     data, train, ev, serve = (stages[n].load() for n in ("data", "train", "eval", "serve"))
     assert data.output_dir == str(tmp_path / "data")
-    assert train.data.path == str(tmp_path / "data")
+    # train reads what the data stage recorded, wherever that is.
+    assert train.data.path == str(tmp_path / "d") and stages["train"].inputs == [train.data.path]
     assert (train.storage_path, train.run_name) == (str(tmp_path), "train")
-    final = str(tmp_path / "train" / "final")
-    # LoRA: eval scores the adapter on its base and compares with the base itself.
-    base = train.model.name_or_path
-    assert (ev.model, ev.adapter_base, ev.base_model) == (final, base, base)
-    assert serve.model.path == train.model.name_or_path
-    assert list(serve.lora.adapters.values()) == [final]
+    final = produced["train"].path
+    # LoRA: eval scores the adapter on its recorded base and compares with the base itself.
+    assert (ev.model, ev.adapter_base, ev.base_model) == (final, "/base", "/base")
+    assert serve.model.path == "/base"
+    assert serve.lora.adapters == {demo.name: final}
     assert stages["eval"].inputs == [final] == stages["serve"].inputs
+
+
+def test_a_full_model_is_served_as_itself(demo: PipelineConfig, tmp_path: Path) -> None:
+    produced = _produced(tmp_path, adapter=False)
+    ev = stage_for("eval", demo, tmp_path, produced).load()
+    serve = stage_for("serve", demo, tmp_path, produced).load()
+    assert (ev.model, ev.adapter_base, ev.base_model) == (produced["train"].path, None, "/base")
+    assert serve.model.path == produced["train"].path and not serve.lora.adapters
 
 
 def test_stage_overrides_win_over_wiring(demo: PipelineConfig, tmp_path: Path) -> None:
     demo.eval.overrides = ["gate.max_perplexity=1.5"]
-    ev = next(s for s in plan(demo, tmp_path) if s.name == "eval").load()
+    ev = stage_for("eval", demo, tmp_path, _produced(tmp_path)).load()
     assert ev.gate.max_perplexity == 1.5
 
 
 def test_fingerprint_follows_config_and_inputs(demo: PipelineConfig, tmp_path: Path) -> None:
-    train = next(s for s in plan(demo, tmp_path) if s.name == "train")
+    train = stage_for("train", demo, tmp_path, _produced(tmp_path))
     before = train.fingerprint()
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "part.parquet").write_bytes(b"shard")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "part.parquet").write_bytes(b"shard")
     with_data = train.fingerprint()
     assert with_data != before
     train.argv.append("train.lr=1e-3")
     assert train.fingerprint() != with_data
+
+
+def test_a_stage_reads_only_a_succeeded_manifest_of_the_right_kind(tmp_path: Path) -> None:
+    out = _produced(tmp_path)["train"]
+    manifest = Manifest(job="train", config={})
+    manifest.write(tmp_path)
+    with pytest.raises(ConfigError, match="status 'running', expected 'succeeded'"):
+        read_output(ModelOutput, tmp_path)
+    manifest.finish({}, {}, out.to_record()).write(tmp_path)
+    assert read_output(ModelOutput, tmp_path) == out
+    with pytest.raises(ConfigError, match="expected a dataset output, its manifest records model"):
+        read_output(DatasetOutput, tmp_path)
+    with pytest.raises(ConfigError, match="no manifest"):
+        read_output(ModelOutput, tmp_path / "nowhere")
 
 
 def test_pipeline_config_rejects_incoherent_stages(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,47 @@
+"""The data job: raw corpora -> cleaned, deduplicated (tokenized) Parquet shards on Ray Data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from raylm.data.config import DataJobConfig
+from raylm.job import Job, Result
+from raylm.outputs import DatasetOutput, tokenizer_hash
+
+OUTPUT_NAMES = ("shards", "stats.json", "dataset_meta.json", "quarantine", "dedup")
+HEADLINE = ("documents_in", "documents_out", "quarantined", "rows_out", "tokens_out")
+
+
+class DataJob(Job[DataJobConfig]):
+    name = "data"
+    config = DataJobConfig
+
+    def inputs(self, cfg: DataJobConfig) -> list[str]:
+        from raylm.data.readers import expand_inputs
+
+        return [s.path for s in expand_inputs(cfg.inputs, cfg.format, cfg.columns)]
+
+    def run(self, cfg: DataJobConfig, out: Path) -> Result:
+        from raylm.data.pipeline import run
+
+        stats = run(cfg)
+        outputs = {name: str(out / name) for name in OUTPUT_NAMES if (out / name).exists()}
+        metrics = {k: stats[k] for k in HEADLINE}
+        print(f"data job done: {metrics} -> {out}")
+        return Result(outputs, metrics, dataset_output(out))
+
+
+def dataset_output(out: Path) -> DatasetOutput:
+    """The typed output, from the ``dataset_meta.json`` the shards were written with."""
+    meta = json.loads((out / "dataset_meta.json").read_text())
+    tokenizer = meta.get("tokenizer")
+    return DatasetOutput(
+        path=str(out),
+        task=meta["task"],
+        tokenized=bool(meta["tokenized"]),
+        tokenizer=tokenizer,
+        tokenizer_hash=tokenizer_hash(tokenizer) if tokenizer else None,
+        cutoff_len=meta["cutoff_len"] if meta["tokenized"] else None,
+        rows=int(meta["num_rows"]),
+    )

@@ -1,0 +1,36 @@
+"""The pipeline job: data -> train -> eval -> gate -> serve, each stage its own Ray job.
+
+Re-running the same pipeline skips stages whose inputs and config are unchanged and
+resumes an interrupted training run from its checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raylm.config import resolve_path
+from raylm.job import Job, Result
+from raylm.pipeline.config import PipelineConfig
+
+GATE_BLOCKED = 3
+"""Exit code when the eval gate kept the model from being deployed."""
+
+
+class PipelineJob(Job[PipelineConfig]):
+    name = "pipeline"
+    config = PipelineConfig
+
+    def output_dir(self, cfg: PipelineConfig) -> str:
+        return str(Path(resolve_path(cfg.workspace)) / cfg.name)
+
+    def run(self, cfg: PipelineConfig, out: Path) -> Result:
+        from raylm.pipeline import lineage
+        from raylm.pipeline.runner import run
+
+        dashboard = self.ray_info["dashboard_url"]
+        dashboard = dashboard if dashboard.startswith("http") else f"http://{dashboard}"
+        summary = run(cfg, out, dashboard)
+        path = lineage.write(out, summary)
+        print(f"pipeline: {summary['stages']}; lineage: {path}")
+        blocked = summary["stages"].get("serve") == "blocked"
+        return Result({"lineage": str(path)}, summary, exit_code=GATE_BLOCKED if blocked else 0)

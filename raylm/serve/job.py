@@ -1,0 +1,85 @@
+"""The serve and generate jobs: a long-lived OpenAI app, and offline batch inference.
+
+Serve writes ``serve_config.yaml`` (deployable with ``serve deploy``), deploys it through
+the Serve REST API so the app outlives this process, waits until it is RUNNING and
+records the endpoint. Generate runs ``ray.data.llm`` over a dataset and writes
+``predictions/`` (and ``quarantine/`` for rows the engine failed on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from raylm.config import resolve_path
+from raylm.job import Job, Result
+from raylm.outputs import ServiceOutput
+from raylm.serve.config import GenerateJobConfig, ServeJobConfig
+
+
+class ServeJob(Job[ServeJobConfig]):
+    name = "serve"
+    config = ServeJobConfig
+    uses_ray = False  # it talks to the Serve REST API; the app runs in the cluster
+
+    def setup(self, cfg: ServeJobConfig) -> ServeJobConfig:
+        adapters = {name: resolve_path(p) for name, p in cfg.lora.adapters.items()}
+        lora = dataclasses.replace(cfg.lora, adapters=adapters)
+        model = dataclasses.replace(cfg.model, path=resolve_path(cfg.model.path))
+        return dataclasses.replace(cfg, model=model, lora=lora)
+
+    def inputs(self, cfg: ServeJobConfig) -> list[str]:
+        return [cfg.model.path, *cfg.lora.adapters.values()]
+
+    def recorded(self, cfg: ServeJobConfig) -> ServeJobConfig:
+        """API keys replaced, so no file holds a secret."""
+        hidden = ["<redacted>"] * len(cfg.auth.api_keys)
+        return dataclasses.replace(cfg, auth=dataclasses.replace(cfg.auth, api_keys=hidden))
+
+    def run(self, cfg: ServeJobConfig, out: Path) -> Result:
+        import yaml
+
+        from raylm.serve.app import api_key_hashes, serve_config
+        from raylm.serve.deploy import choose_port, deploy, wait_running
+
+        port = choose_port(cfg.http.port, cfg.dashboard_address)
+        config = serve_config(cfg, api_key_hashes(cfg), port)
+        config_path = out / "serve_config.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        deploy(config, cfg.dashboard_address)
+        url = f"http://{cfg.http.host}:{port}{cfg.route_prefix.rstrip('/')}/v1"
+        print(f"serve: deployed app {cfg.app_name!r} ({config_path}); waiting for it to be RUNNING")
+        state = {}
+        if cfg.wait_ready_s:
+            state = wait_running(cfg.app_name, cfg.wait_ready_s, cfg.dashboard_address)
+        status = state.get("status", "DEPLOYING")
+        print(f"serve: {cfg.app_name} {status} at {url}")
+        service = ServiceOutput(url, cfg.app_name, cfg.model.path, dict(cfg.lora.adapters))
+        return Result(
+            {"serve_config": str(config_path), "url": url},
+            {"status": status, "port": port},
+            service,
+        )
+
+
+class GenerateJob(Job[GenerateJobConfig]):
+    name = "generate"
+    config = GenerateJobConfig
+
+    def inputs(self, cfg: GenerateJobConfig) -> list[str]:
+        paths = [cfg.model, cfg.input.path, cfg.lora_path]
+        return [resolve_path(p) for p in paths if p]
+
+    def run(self, cfg: GenerateJobConfig, out: Path) -> Result:
+        from raylm.serve.batch import run_generate
+
+        stats = run_generate(cfg, out)
+        print(
+            f"generate: {stats['rows_out']}/{stats['rows_in']} rows completed "
+            f"({stats['rows_failed']} failed -> quarantine/), "
+            f"{stats['completion_tokens']} tokens generated: {out / 'predictions'}"
+        )
+        outputs = {"predictions": str(out / "predictions")}
+        if stats["rows_failed"]:
+            outputs["quarantine"] = str(out / "quarantine")
+        return Result(outputs, stats, exit_code=0 if stats["rows_failed"] == 0 else 1)

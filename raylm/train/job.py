@@ -1,0 +1,76 @@
+"""The train job: Ray Train workers running DeepSpeed (pt / sft / dpo; full, lora, freeze, qlora).
+
+Submitting it again with the same run_name and storage_path resumes the run from its
+newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raylm.job import Job, Result
+from raylm.manifest import MANIFEST, Manifest
+from raylm.outputs import ModelOutput
+from raylm.train.config import TrainJobConfig
+
+
+class TrainJob(Job[TrainJobConfig]):
+    name = "train"
+    config = TrainJobConfig
+
+    def setup(self, cfg: TrainJobConfig) -> TrainJobConfig:
+        from raylm.train.trainer import for_workers
+
+        return for_workers(cfg)
+
+    def output_dir(self, cfg: TrainJobConfig) -> str:
+        from raylm.train.trainer import run_dir_of
+
+        return str(run_dir_of(cfg))
+
+    def inputs(self, cfg: TrainJobConfig) -> list[str]:
+        """The file or shard dir actually read (a LLaMA-Factory dataset name resolves to
+        its file), and the base model when it is on disk (a hub id is not hashed)."""
+        from raylm.train.data import data_inputs
+
+        paths = [data_inputs(cfg)["path"], cfg.model.name_or_path]
+        return [p for p in paths if Path(p).exists()]
+
+    def run(self, cfg: TrainJobConfig, out: Path) -> Result:
+        from raylm.train.trainer import run_training
+
+        result = run_training(cfg)
+        m = result["metrics"]
+        print(
+            f"train: {m['steps']} steps, loss {m['first_loss']:.4f} -> {m['final_loss']:.4f}, "
+            f"{m['resumes']} resume(s): {out}"
+        )
+        outputs = result["outputs"] | _data_link(result["source"])
+        return Result(outputs, m, model_output(cfg, Path(result["outputs"]["final"])))
+
+
+def model_output(cfg: TrainJobConfig, final: Path) -> ModelOutput:
+    adapter = cfg.finetuning_type in ("lora", "qlora")
+    merged = final / "merged"
+    return ModelOutput(
+        path=str(final),
+        adapter=adapter,
+        base_model=cfg.model.name_or_path,
+        tokenizer=str(final),
+        cutoff_len=cfg.data.cutoff_len,
+        stage=cfg.stage,
+        merged=str(merged) if adapter and merged.is_dir() else None,
+    )
+
+
+def _data_link(source: dict) -> dict[str, str]:
+    """Link to the data job's manifest (lineage: raw files -> shards -> this run)."""
+    if source["kind"] != "shards":
+        return {}
+    data_manifest = Manifest.read(source["path"])
+    if data_manifest is None:
+        return {}
+    return {
+        "data_manifest": str(Path(source["path"]) / MANIFEST),
+        "data_fingerprint": data_manifest.fingerprint(),
+    }

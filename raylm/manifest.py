@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raylm import storage
+
 MANIFEST = "manifest.json"
 
 
@@ -117,22 +119,19 @@ class Manifest:
         self.finished_at = time.time()
         return self
 
-    def write(self, out_dir: str | Path) -> Path:
-        """Write atomically, so a reader never sees a half-written manifest."""
-        out = Path(out_dir) / MANIFEST
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".json.tmp")
+    def write(self, out_dir: str | Path) -> str:
+        """Write atomically (locally or to object storage), so a reader never sees half."""
+        out = storage.join(str(out_dir), MANIFEST)
         record = dataclasses.asdict(self) | {"fingerprint": self.fingerprint()}
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, out)
+        storage.write_text(out, json.dumps(record, indent=2, sort_keys=True, default=str))
         return out
 
     @classmethod
     def read(cls, out_dir: str | Path) -> Manifest | None:
-        path = Path(out_dir) / MANIFEST
-        if not path.exists():
+        path = storage.join(str(out_dir), MANIFEST)
+        if not storage.exists(path):
             return None
-        record = json.loads(path.read_text())
+        record = json.loads(storage.read_text(path))
         record.pop("fingerprint", None)
         return cls(**record)
 

@@ -1,0 +1,140 @@
+"""One filesystem layer for every path raylm takes: a local or NFS path, s3://, gs://.
+
+Ray Train, Ray Data and pyarrow already speak ``pyarrow.fs``; raylm's own small files
+(manifests, typed outputs, stats) go through the same layer, so a job whose output
+lives in a bucket writes its manifest there too. Credentials and endpoints come from
+the standard environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), which is
+how S3-compatible stores such as MinIO are addressed.
+
+URIs never pass through ``pathlib``: ``Path("s3://b/x")`` collapses the scheme's double
+slash into ``s3:/b/x``. ``join`` is the one way to build a child path.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
+
+
+class StorageError(OSError):
+    """A path could not be reached; the message names it and what would fix it."""
+
+
+def scheme(uri: str) -> str:
+    """``s3`` for ``s3://b/k``; ``""`` for a local path (``file://`` counts as local)."""
+    head, sep, _ = uri.partition("://")
+    return head.lower() if sep and head.lower() != "file" else ""
+
+
+def is_remote(uri: str) -> bool:
+    return scheme(uri) != ""
+
+
+def join(base: str, *parts: str) -> str:
+    """``base/part/...`` without collapsing a URI's ``//``."""
+    out = base.rstrip("/") if base not in ("/", "") else base
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out}/{part}" if out and out != "/" else f"{out}{part}"
+    return out
+
+
+def filesystem(uri: str) -> tuple[Any, str]:
+    """The pyarrow filesystem for ``uri`` and the path inside it."""
+    import pyarrow.fs as pafs
+
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
+    if scheme(uri) not in REMOTE_SCHEMES:
+        raise StorageError(
+            f"{uri}: unsupported scheme; expected a local path or one of {REMOTE_SCHEMES}"
+        )
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError with terse text
+        raise StorageError(f"{uri}: cannot open its filesystem ({err}); {_hint(uri)}") from None
+
+
+def _hint(uri: str) -> str:
+    if scheme(uri) == "s3":
+        return "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for MinIO or another S3-compatible store)"
+    if scheme(uri) in ("gs", "gcs"):
+        return "set GOOGLE_APPLICATION_CREDENTIALS or run on a node with a service account"
+    return "check the credentials for this store"
+
+
+def exists(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: no such file") from None
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write so that a reader sees the old content or the new, never half of it.
+
+    Locally: a temporary sibling, then ``os.replace``. On an object store a single PUT
+    is already all-or-nothing, and there is no rename to lean on.
+    """
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    path = os.path.abspath(uri.removeprefix("file://"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def listdir(uri: str) -> list[str]:
+    """Names directly under ``uri`` (files and directories), sorted; [] if it is absent."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(info.base_name for info in infos)
+
+
+def delete_dir(uri: str) -> None:
+    """Remove a directory tree if it exists."""
+    fs, path = filesystem(uri)
+    if exists(uri):
+        fs.delete_dir(path)

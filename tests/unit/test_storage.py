@@ -1,0 +1,50 @@
+"""The filesystem layer, against a real S3-compatible server and the local disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raylm import storage
+from raylm.manifest import Manifest
+from raylm.outputs import ModelOutput, read_output
+
+
+def test_join_keeps_a_uri_whole() -> None:
+    assert storage.join("s3://b/runs/", "/x/", "manifest.json") == "s3://b/runs/x/manifest.json"
+    assert storage.join("/tmp/a", "b") == "/tmp/a/b"
+    assert storage.is_remote("gs://b/k") and not storage.is_remote("file:///tmp/x")
+    assert not storage.is_remote("outputs/run")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_files_round_trip(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    base = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket") + "/rt"
+    uri = storage.join(base, "a", "b.json")
+    assert not storage.exists(uri) and storage.listdir(storage.join(base, "a")) == []
+    storage.write_text(uri, "一 two")
+    storage.write_text(uri, "一 two 3")  # overwrite in place
+    assert storage.read_text(uri) == "一 two 3"
+    assert storage.listdir(storage.join(base, "a")) == ["b.json"]
+    assert storage.is_dir(storage.join(base, "a"))
+    storage.delete_dir(storage.join(base, "a"))
+    assert not storage.exists(uri)
+    with pytest.raises(FileNotFoundError, match=r"b\.json: no such file"):
+        storage.read_text(uri)
+
+
+def test_a_manifest_and_its_typed_output_live_in_a_bucket(s3_bucket: str) -> None:
+    run = storage.join(s3_bucket, "runs", "sft")
+    model = ModelOutput(f"{run}/final", True, "/base", f"{run}/final", 128, "sft")
+    written = (
+        Manifest(job="train", config={"lr": 1e-4}).finish({}, {}, model.to_record()).write(run)
+    )
+    assert written == f"{run}/manifest.json"
+    assert read_output(ModelOutput, run) == model
+    assert Manifest.read(storage.join(s3_bucket, "nothing-here")) is None
+
+
+def test_an_unknown_scheme_is_named() -> None:
+    with pytest.raises(storage.StorageError, match="unsupported scheme"):
+        storage.exists("ftp://host/x")

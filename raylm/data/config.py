@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from raylm.config import ConfigError, RayConfig, choice, positive
+from raylm.data.formats import INPUT_FORMATS
 
-INPUT_FORMATS = ("auto", "text", "alpaca", "sharegpt", "openai", "preference")
 SCRIPTS = ("latin", "cjk", "cyrillic", "arabic")
 
 

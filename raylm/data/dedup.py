@@ -5,20 +5,21 @@ bucket, node id), followed by vectorised work on each partition; the driver only
 counts. Candidate pairs are verified by exact Jaccard of the shingle sets, then
 connected components use min-label propagation: each round one shuffle of the edges and
 labels, until no label changes (rounds ~ graph diameter, small in practice). The
-representative of
-every cluster is its smallest id, so the kept set does not depend on partitioning,
-block order or the number of nodes.
+representative of every cluster is its smallest id, so the kept set does not depend on
+partitioning, block order or the number of nodes. None of it is Ray Data: see
+``raylm.data.blocks`` for why.
 """
 
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute
+
+from raylm.data.blocks import apply_pandas, map_blocks, num_rows, shuffle_blocks
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
@@ -187,63 +188,7 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return out.view(np.int64)
 
 
-# ---- distributed steps (Ray Data) ------------------------------------------------------
-
-
-def _partitions() -> int:
-    import ray
-
-    return max(2, int(ray.cluster_resources().get("CPU", 2)))
-
-
-def _split(table: pa.Table, key: str, parts: int, columns: list[str] | None) -> list[pa.Table]:
-    """Hash-partition one block; pandas' hash is seeded with a constant, so stable across nodes."""
-    if columns is not None and table.num_rows:
-        table = table.select(columns)
-    if table.num_rows == 0:
-        return [table] * parts
-    codes = pd.util.hash_array(table.column(key).to_numpy(zero_copy_only=False)) % parts
-    return [table.filter(pa.array(codes == p)) for p in range(parts)]
-
-
-def _reduce(fn: Any, *tables: pa.Table) -> pa.Table:
-    frames = [t.to_pandas() for t in tables if t.num_rows] or [tables[0].to_pandas()]
-    df = pd.concat(frames, ignore_index=True)  # blocks may differ in string vs large_string
-    return pa.Table.from_pandas(fn(df), preserve_index=False)
-
-
-def shuffle_blocks(refs: list, key: str, fn: Any, columns: list[str] | None = None) -> list:
-    """Run ``fn`` on hash partitions of the blocks ``refs``: all rows of a key meet in one call.
-
-    A plain task map-reduce over object refs: the driver holds only refs. Ray Data's
-    own hash shuffle does the same but starts aggregator actors per call, ~10 s per
-    shuffle on a 2-core machine, and label propagation needs several.
-    """
-    import ray
-
-    parts = _partitions()
-    split = ray.remote(_split).options(num_returns=parts)
-    reduce = ray.remote(_reduce)
-    pieces = [split.remote(ref, key, parts, columns) for ref in refs]
-    return [reduce.remote(fn, *[p[i] for p in pieces]) for i in range(parts)] if pieces else []
-
-
-def map_blocks(refs: list, fn: Any, *args: Any) -> list:
-    """``fn(table, *args)`` on every block as a plain task (no Ray Data executor start-up)."""
-    import ray
-
-    task = ray.remote(fn)
-    return [task.remote(ref, *args) for ref in refs]
-
-
-def _apply_pandas(table: pa.Table, fn: Any) -> pa.Table:
-    return pa.Table.from_pandas(fn(table.to_pandas()), preserve_index=False)
-
-
-def _num_rows(refs: list) -> int:
-    import ray
-
-    return sum(ray.get(map_blocks(refs, lambda t: t.num_rows)))
+# ---- distributed steps (plain Ray tasks over blocks, see raylm.data.blocks) ----------
 
 
 def _count_kind(table: pa.Table, kind: int) -> int:
@@ -366,7 +311,7 @@ def connected_components(edges: list, max_rounds: int) -> tuple[list, int]:
     """Blocks of (id, dup_of=smallest id of its component) for non-smallest nodes, and rounds."""
     import ray
 
-    state = map_blocks(edges, _apply_pandas, _initial_state)
+    state = map_blocks(edges, apply_pandas, _initial_state)
     for rounds in range(1, max_rounds + 1):
         state = shuffle_blocks(state, "node", _propagate)
         if sum(ray.get(map_blocks(state, _count_kind, _MSG))) == 0:
@@ -450,8 +395,8 @@ def fuzzy_duplicates(
     """Blocks of (id, dup_of, method='fuzzy') for every non-representative near-duplicate,
     and the connected-component rounds it took; from the blocks ``refs`` of documents."""
     edges = candidate_edges(refs, bands, rows)
-    if verify_threshold is not None and _num_rows(edges):
+    if verify_threshold is not None and num_rows(edges):
         edges = verify_edges(edges, refs, verify_threshold)
-    if _num_rows(edges) == 0:
+    if num_rows(edges) == 0:
         return [], 0
     return connected_components(edges, max_rounds)

@@ -13,7 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 FORMATS = ("text", "alpaca", "sharegpt", "openai", "preference")
-"""Record formats the data job reads (``openai`` = a ``messages`` list of role/content)."""
+"""Record formats the data and train jobs read (``openai`` = a ``messages`` list of
+role/content); the one list both configs and ``dataset_info.json`` are checked against."""
+
+INPUT_FORMATS = ("auto", *FORMATS)
+"""A job's ``format`` setting: a record format, or ``auto`` to detect it per record."""
 
 ROLES = ("system", "user", "assistant")
 
@@ -71,9 +75,56 @@ def _text(record: dict, key: str, required: bool = True) -> str:
     return value
 
 
-def to_text(record: dict, columns: dict | None = None) -> str:
-    """The document text of a raw-text record."""
-    return _text(record, _cols("text", columns)["text"])
+def detect_format(
+    record: dict, columns: dict[str, str], text_column: str = "text", kind: str | None = None
+) -> str:
+    """The format a record looks like, from its keys (LLaMA-Factory column names honoured).
+
+    A record can look like two formats (a pretraining record with an ``instruction`` key
+    too); when the job's task ``kind`` is known, the first look-alike of that kind wins.
+    """
+    keys = set(record)
+    looks = (
+        ("preference", {columns.get("chosen", "chosen"), columns.get("rejected", "rejected")}),
+        ("openai", {columns.get("messages", "messages"), "messages"}),
+        ("sharegpt", {columns.get("messages", "conversations")}),
+        ("sharegpt", {"conversations"}),
+        ("alpaca", {columns.get("prompt", "instruction")}),
+        ("text", {columns.get("text", text_column)}),
+    )
+    found = [fmt for fmt, needed in looks if needed <= keys]
+    if not found:
+        raise ValueError(f"cannot tell the record's format from its keys {sorted(keys)}")
+    return next((f for f in found if kind_of(f) == kind), found[0])
+
+
+def to_payload(
+    record: Any, fmt: str, columns: dict[str, str], text_column: str, kind: str | None = None
+) -> dict:
+    """The canonical payload: {"text"} (pt), {"messages"} (sft) or {"prompt","chosen","rejected"}."""
+    if not isinstance(record, dict):
+        raise ValueError(f"record must be a JSON object, got {type(record).__name__}")
+    if fmt == "auto":
+        fmt = detect_format(record, columns, text_column, kind)
+    if fmt == "text":
+        return {"text": to_text(record, columns, text_column)}
+    if fmt == "preference":
+        prompt, chosen, rejected = to_preference(record, columns)
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return {"messages": to_messages(record, fmt, columns)}
+
+
+def payload_kind(payload: dict) -> str:
+    """pt, sft or dpo: the task a canonical payload feeds."""
+    return "pt" if "text" in payload else "dpo" if "chosen" in payload else "sft"
+
+
+def to_text(record: dict, columns: dict | None = None, text_column: str = "text") -> str:
+    """The document text of a raw-text record: the ``text`` column, else the ``prompt``
+    column, which is where LLaMA-Factory's pretraining registrations put it
+    (``"columns": {"prompt": "text"}``), else ``text_column``."""
+    cols = columns or {}
+    return _text(record, cols.get("text") or cols.get("prompt") or text_column)
 
 
 def to_messages(record: dict, fmt: str, columns: dict | None = None) -> list[dict]:
@@ -132,7 +183,11 @@ def _chat(record: dict, cols: dict[str, str], fmt: str) -> list[dict]:
     if turns is None:
         raise ValueError(f"missing field {key!r} (have {sorted(record)})")
     messages = parse_turns(
-        turns, field=key, role_tag=cols.get("role_tag"), content_tag=cols.get("content_tag")
+        turns,
+        field=key,
+        role_tag=cols.get("role_tag"),
+        content_tag=cols.get("content_tag"),
+        roles=_tag_roles(cols),
     )
     system = record.get(cols.get("system", "system"))
     if isinstance(system, str) and system and messages[0]["role"] != "system":
@@ -140,10 +195,22 @@ def _chat(record: dict, cols: dict[str, str], fmt: str) -> list[dict]:
     return messages
 
 
+def _tag_roles(cols: dict[str, str]) -> dict[str, str]:
+    """LLaMA-Factory's sharegpt ``tags`` naming the role values (``user_tag: "USER"``)."""
+    tags = {"user_tag": "user", "assistant_tag": "assistant", "system_tag": "system"}
+    return {cols[tag].lower(): role for tag, role in tags.items() if cols.get(tag)}
+
+
 def parse_turns(
-    turns: Any, field: str, role_tag: str | None = None, content_tag: str | None = None
+    turns: Any,
+    field: str,
+    role_tag: str | None = None,
+    content_tag: str | None = None,
+    roles: dict[str, str] | None = None,
 ) -> list[dict]:
-    """A list of turns in sharegpt (from/value) or OpenAI (role/content) shape."""
+    """A list of turns in sharegpt (from/value) or OpenAI (role/content) shape; ``roles``
+    adds role values of the dataset's own (lower case) to the usual aliases."""
+    aliases = {**_ROLE_ALIASES, **(roles or {})}
     if not isinstance(turns, list) or not turns:
         raise ValueError(f"field {field!r} must be a non-empty list of turns")
     messages = []
@@ -152,11 +219,11 @@ def parse_turns(
             raise ValueError(f"{field}[{i}] must be an object, got {type(turn).__name__}")
         rtag = role_tag if role_tag in turn else ("role" if "role" in turn else "from")
         ctag = content_tag if content_tag in turn else ("content" if "content" in turn else "value")
-        role = _ROLE_ALIASES.get(str(turn.get(rtag, "")).lower())
+        role = aliases.get(str(turn.get(rtag, "")).lower())
         if role is None:
             raise ValueError(
                 f"{field}[{i}].{rtag}={turn.get(rtag)!r} is not a known role; "
-                f"expected one of {sorted(_ROLE_ALIASES)}"
+                f"expected one of {sorted(aliases)}"
             )
         content = turn.get(ctag)
         if not isinstance(content, str):

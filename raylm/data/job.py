@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+from raylm.config import resolve_model
 from raylm.data.config import DataJobConfig
 from raylm.job import Job, Result
 from raylm.outputs import DatasetOutput, tokenizer_hash
@@ -17,14 +19,25 @@ class DataJob(Job[DataJobConfig]):
     name = "data"
     config = DataJobConfig
 
+    def setup(self, cfg: DataJobConfig) -> DataJobConfig:
+        """The tokenizer as an absolute path: the manifest records it, and the train job
+        compares it with its own model's wherever that job runs."""
+        if not cfg.tokenize.tokenizer:
+            return cfg
+        tokenizer = resolve_model(cfg.tokenize.tokenizer)
+        return dataclasses.replace(
+            cfg, tokenize=dataclasses.replace(cfg.tokenize, tokenizer=tokenizer)
+        )
+
     def inputs(self, cfg: DataJobConfig) -> list[str]:
-        from raylm.data.readers import expand_inputs
+        from raylm.data.sources import expand_inputs
 
         return [s.path for s in expand_inputs(cfg.inputs, cfg.format, cfg.columns)]
 
-    def run(self, cfg: DataJobConfig, out: Path) -> Result:
+    def run(self, cfg: DataJobConfig, out_dir: str) -> Result:
         from raylm.data.pipeline import run
 
+        out = Path(out_dir)
         stats = run(cfg)
         outputs = {name: str(out / name) for name in OUTPUT_NAMES if (out / name).exists()}
         metrics = {k: stats[k] for k in HEADLINE}

@@ -93,6 +93,18 @@ def tokenize_preference(
     return out
 
 
+def tokenize_payload(payload: dict, tokenizer: Any, cutoff_len: int | None) -> dict[str, list[int]]:
+    """A canonical payload (``raylm.data.formats.to_payload``) -> the shard columns of its
+    task: the one tokenization path of the data job and of the train job's raw files."""
+    if "text" in payload:
+        return tokenize_pt(payload["text"], tokenizer, cutoff_len)
+    if "messages" in payload:
+        return tokenize_sft(payload["messages"], tokenizer, cutoff_len)
+    return tokenize_preference(
+        payload["prompt"], payload["chosen"], payload["rejected"], tokenizer, cutoff_len
+    )
+
+
 def pack(examples: Iterable[dict], block_len: int, max_open: int = 8) -> Iterator[dict]:
     """First-fit packing into rows of at most ``block_len`` tokens.
 

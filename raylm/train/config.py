@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from raylm.config import ConfigError, RayConfig, choice, positive
+from raylm.data.formats import INPUT_FORMATS
 
 STAGES = ("pt", "sft", "dpo")
 FINETUNING_TYPES = ("full", "lora", "freeze", "qlora")
 PRECISIONS = ("fp32", "bf16", "fp16")
-DATA_FORMATS = ("auto", "text", "alpaca", "sharegpt", "openai", "preference")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
 
@@ -46,11 +46,7 @@ class TrainDataConfig:
     """Share of examples held out for evaluation loss (0 disables it)."""
 
     def __post_init__(self) -> None:
-        choice(
-            "data.format",
-            self.format,
-            ("auto", "text", "alpaca", "sharegpt", "openai", "preference"),
-        )
+        choice("data.format", self.format, INPUT_FORMATS)
         positive("data.cutoff_len", self.cutoff_len)
         if not 0.0 <= self.val_size < 1.0:
             raise ConfigError(f"data.val_size={self.val_size} must be in [0, 1)")

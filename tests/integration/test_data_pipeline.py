@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylm.data import dedup, readers
+from raylm.data import dedup, readers, rows, sources
 from raylm.data.config import DataJobConfig, DedupConfig, FilterConfig
 from raylm.data.corpus import SAMPLE_DIR
-from raylm.data.pipeline import run, sort_key
+from raylm.data.dedup_apply import sort_key
+from raylm.data.pipeline import run
 
 LOOSE = FilterConfig(min_words=5, max_top_ngram_fraction=0.3, max_dup_ngram_fraction=0.3)
 
@@ -54,6 +55,10 @@ def test_sample_corpus_accounting_quarantine_and_dedup(ray_connected, tmp_path: 
     assert stats["documents_in"] == len(lines)
     assert len(lines) == kept.num_rows + len(quarantine) + filtered + removed.num_rows
     assert stats["accounting_ok"] and stats["documents_out"] == kept.num_rows
+    # Each step's own counts: what it quarantined, filtered, or passed on to be signed.
+    assert stats["steps"]["parse"]["quarantined"] == len(quarantine) == stats["quarantined"]
+    assert stats["steps"]["filter"] == stats["removed_by_filter"]
+    assert stats["steps"]["sign"]["signed"] == kept.num_rows + removed.num_rows
     ids = (
         kept.column("id").to_pylist()
         + [q["id"] for q in quarantine]
@@ -182,13 +187,13 @@ def test_read_dataset_splits_a_big_file_and_keeps_order(ray_connected, tmp_path:
     assert big.stat().st_size > 2 * readers.SPREAD_MIN_BYTES
     small = tmp_path / "b_small.json"
     small.write_text(json.dumps([{"text": "x"}, {"text": "y"}]))
-    sources = readers.expand_inputs([str(tmp_path)], "auto", {})
-    ds = readers.read_dataset(sources, "text", "line", 16.0).materialize()
+    found = sources.expand_inputs([str(tmp_path)], "auto", {})
+    ds = readers.read_dataset(found, "text", "line", 16.0).materialize()
     assert ds.num_blocks() > 2  # the big file alone is split (2 CPUs: >= 4 ranges)
     expected = [
         row
         for path in (big, small)
-        for row in readers.read_file(
+        for row in rows.read_file(
             {"path": str(path), "name": path.name, "fmt": "auto", "columns": "{}"}, "text", "line"
         )
     ]

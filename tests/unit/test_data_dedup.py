@@ -1,19 +1,13 @@
-"""MinHash signatures, LSH parameters, exact hashing, reading and per-record processing."""
+"""MinHash signatures, LSH parameters, exact hashing and LSH candidate pairs."""
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from raylm.data import dedup, readers
-from raylm.data.config import DataJobConfig
+from raylm.data import dedup
 from raylm.data.corpus import edit, paragraphs
-from raylm.data.pipeline import _process_row
 
 
 def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -66,97 +60,6 @@ def test_exact_hash_ignores_case_and_spacing_only() -> None:
     assert dedup.exact_hash(" \tA\n\n b ") == dedup.exact_hash("a b")
     batch = dedup.exact_hashes(["x", " X ", "y", "x y"])
     assert batch[0] == batch[1] and len(set(batch)) == 3
-
-
-def _rows(path: Path, fmt: str = "auto", **kw) -> list[dict]:
-    src = {"path": str(path), "name": path.name, "fmt": fmt, "columns": "{}"}
-    return readers.read_file(src, kw.get("text_column", "text"), kw.get("text_unit", "line"))
-
-
-def test_readers_keep_every_record_and_flag_bad_ones(tmp_path: Path) -> None:
-    jsonl = tmp_path / "a.jsonl"
-    jsonl.write_bytes(b'{"text": "ok"}\n\n{"text": \n{"text": "bad \xff"}\n')
-    rows = _rows(jsonl)
-    assert [r["id"] for r in rows] == ["a.jsonl:1", "a.jsonl:3", "a.jsonl:4"]
-    assert rows[0]["error"] == "" and rows[1]["error"] == ""  # bad JSON is found later
-    assert rows[2]["error"].startswith("undecodable bytes")
-    js = tmp_path / "b.json"
-    js.write_text(json.dumps([{"text": "x"}, {"text": "y"}]))
-    assert [r["id"] for r in _rows(js)] == ["b.json:#0", "b.json:#1"]
-    broken = tmp_path / "c.json"
-    broken.write_text("[{]")
-    assert _rows(broken)[0]["error"].startswith("bad JSON")
-    pq.write_table(pa.table({"text": ["p", "q"]}), tmp_path / "d.parquet")
-    assert [json.loads(r["raw"]) for r in _rows(tmp_path / "d.parquet")] == [
-        {"text": "p"},
-        {"text": "q"},
-    ]
-    txt = tmp_path / "e.txt"
-    txt.write_text("first doc\nsecond doc\n")
-    assert len(_rows(txt)) == 2 and len(_rows(txt, text_unit="file")) == 1
-
-
-def test_dataset_info_registry(tmp_path: Path) -> None:
-    (tmp_path / "d.json").write_text("[]")
-    (tmp_path / "dataset_info.json").write_text(
-        json.dumps(
-            {
-                "mine": {
-                    "file_name": "d.json",
-                    "formatting": "sharegpt",
-                    "columns": {"messages": "conv"},
-                },
-                "pairs": {"file_name": "d.json", "ranking": True},
-            }
-        )
-    )
-    sources = readers.expand_inputs([f"{tmp_path}/dataset_info.json#mine"], "auto", {})
-    assert [(s.fmt, s.columns) for s in sources] == [("sharegpt", {"messages": "conv"})]
-    both = readers.expand_inputs([f"{tmp_path}/dataset_info.json"], "auto", {})
-    assert sorted(s.fmt for s in both) == ["preference", "sharegpt"]
-
-
-def _process(raw: str, fmt: str = "auto", kind: str = "sft", **cfg) -> dict:
-    row = {
-        "id": "f:1",
-        "source": "f:1",
-        "raw": raw,
-        "error": "",
-        "fmt": fmt,
-        "columns": "{}",
-        "nbytes": 1,
-    }
-    return _process_row(row, DataJobConfig(inputs=["x"], **cfg), kind)
-
-
-def test_processing_quarantines_malformed_records_with_reasons() -> None:
-    good = json.dumps({"instruction": "Say hi to the people", "output": "Hello there, people!"})
-    assert _process(good)["status"] == ""
-    assert _process('{"instruction": ')["status"].startswith("quarantine:bad JSON")
-    assert "missing field 'output'" in _process('{"instruction": "x"}')["status"]
-    assert "this job is sft" in _process(json.dumps({"text": "plain"}), kind="sft")["status"]
-    assert "must be a string" in _process('{"text": 5}', fmt="text", kind="pt")["status"]
-    assert "missing id column" in _process(good, id_column="uid")["status"]
-    assert (
-        _process(
-            json.dumps({"uid": 7, "instruction": "Say hi to all", "output": "Hi all of you"}),
-            id_column="uid",
-        )["id"]
-        == "7"
-    )
-
-
-def test_processing_scrubs_pii_inside_conversations() -> None:
-    raw = json.dumps(
-        {
-            "messages": [
-                {"role": "user", "content": "mail me at bob@example.com please"},
-                {"role": "assistant", "content": "I will write to you at bob@example.com soon."},
-            ]
-        }
-    )
-    out = _process(raw)
-    assert out["pii_email"] == 2 and "bob@" not in out["doc"]
 
 
 def test_small_buckets_propose_every_pair_not_just_a_star() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from raylm.data.formats import to_messages, to_preference
+from raylm.data.formats import detect_format, to_messages, to_preference, to_text
 from raylm.data.tokenize import pack, tokenize_preference, tokenize_pt, tokenize_sft
 
 
@@ -51,6 +51,38 @@ def test_columns_mapping_renames_fields() -> None:
 def test_malformed_records_name_the_field(record: dict, fmt: str, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         to_messages(record, fmt)
+
+
+def test_sharegpt_tags_name_the_role_values() -> None:
+    """LLaMA-Factory's ``tags`` (merged into columns by the registry reader) rename the
+    role key and the role values."""
+    rec = {"conv": [{"who": "customer", "says": "q"}, {"who": "agent", "says": "a"}]}
+    cols = {"messages": "conv", "role_tag": "who", "content_tag": "says",
+            "user_tag": "customer", "assistant_tag": "agent"}  # fmt: skip
+    assert to_messages(rec, "sharegpt", cols) == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]
+    with pytest.raises(ValueError, match="'agent' is not a known role"):
+        to_messages(rec, "sharegpt", {**cols, "assistant_tag": "bot"})
+
+
+def test_detect_format_prefers_the_jobs_kind() -> None:
+    both = {"text": "doc", "instruction": "x", "output": "y"}
+    assert detect_format(both, {}) == "alpaca"
+    assert detect_format(both, {}, kind="pt") == "text"
+    assert detect_format({"conv": []}, {"messages": "conv"}) == "sharegpt"
+    assert detect_format({"q": "a", "good": "b", "bad": "c"},
+                         {"chosen": "good", "rejected": "bad"}) == "preference"  # fmt: skip
+    with pytest.raises(ValueError, match=r"cannot tell the record's format from its keys \['x'\]"):
+        detect_format({"x": 1}, {})
+
+
+def test_text_column_falls_back_to_a_registrys_prompt_column() -> None:
+    """LLaMA-Factory registers pretraining sets as ``"columns": {"prompt": "content"}``."""
+    assert to_text({"content": "doc"}, {"prompt": "content"}) == "doc"
+    assert to_text({"body": "doc"}, {}, text_column="body") == "doc"
+    assert to_text({"text": "doc", "body": "no"}, {"text": "text"}, text_column="body") == "doc"
 
 
 def test_preference_shapes() -> None:

@@ -1,4 +1,5 @@
-"""Reading line-oriented files as byte ranges gives exactly the rows of a whole-file read.
+"""Reading inputs: registries and file formats, and byte ranges of line-oriented files
+that give exactly the rows of a whole-file read.
 
 The range functions are plain Python on real files, no Ray; ``read_dataset`` itself is
 tested on a cluster in tests/integration/test_data_pipeline.py.
@@ -12,11 +13,13 @@ import json
 import random
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs
 
 from raylm.config import ConfigError
-from raylm.data import readers
+from raylm.data import readers, rows, sources
 from raylm.data.config import DataJobConfig
 
 BLOCKS = [1, 2, 3, 16, 64, 257, 4096, 1 << 30]
@@ -51,13 +54,13 @@ def _random_corpus(seed: int, lines: int, trailing_newline: bool) -> bytes:
 def _read_in_ranges(path: Path, block_bytes: int, min_ranges: int = 1) -> list[dict]:
     """What ``read_dataset`` does, without Ray: plan, count, prefix-sum, read each range."""
     [specs] = readers.plan_reads(
-        [readers.Source(str(path), path.name, "auto")], "line", block_bytes, min_ranges
+        [sources.Source(str(path), path.name, "auto")], "line", block_bytes, min_ranges
     )
-    newlines = [readers.count_newlines(str(path), s.start, s.end) for s in specs[:-1]]
-    rows = []
+    newlines = [rows.count_newlines(str(path), s.start, s.end) for s in specs[:-1]]
+    out = []
     for spec in readers.number_lines(specs, newlines):
-        rows += readers.read_range(spec.src, spec.start, spec.end, spec.first_line, "text")
-    return rows
+        out += rows.read_range(spec.src, spec.start, spec.end, spec.first_line, "text")
+    return out
 
 
 def _assert_ranges_cover(path: Path, ranges: list[tuple[int, int]]) -> None:
@@ -76,7 +79,7 @@ def test_ranges_give_the_rows_of_a_whole_file_read(
 ) -> None:
     path = tmp_path / f"corpus{suffix}"
     path.write_bytes(_random_corpus(seed, 80, trailing_newline))
-    whole = readers.read_file(_src(path), "text", "line")
+    whole = rows.read_file(_src(path), "text", "line")
     assert any(r["error"].startswith("undecodable bytes") for r in whole)
     for block in [*BLOCKS, path.stat().st_size]:
         assert _read_in_ranges(path, block) == whole, f"block={block}"
@@ -104,7 +107,7 @@ def test_ranges_give_the_rows_of_a_whole_file_read(
 def test_edge_files(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "f.jsonl"
     path.write_bytes(data)
-    whole = readers.read_file(_src(path), "text", "line")
+    whole = rows.read_file(_src(path), "text", "line")
     for block in BLOCKS:
         assert _read_in_ranges(path, block) == whole, f"block={block}"
         n = readers.ranges_per_file([len(data)], block, 1)[0]
@@ -183,11 +186,11 @@ def test_ranges_per_file() -> None:
 
 def test_unreadable_files_and_ranges_give_one_error_row(tmp_path: Path) -> None:
     missing = tmp_path / "gone.jsonl"
-    [specs] = readers.plan_reads([readers.Source(str(missing), "gone.jsonl", "auto")], "line", 8, 4)
+    [specs] = readers.plan_reads([sources.Source(str(missing), "gone.jsonl", "auto")], "line", 8, 4)
     assert specs == [readers.ReadSpec(_src(missing))]  # whole-file task reports it
     [row] = readers.read_spec(specs[0], "text", "line").to_pylist()
     assert row["id"] == "gone.jsonl:0" and row["error"].startswith("unreadable file")
-    [row] = readers.read_range(_src(missing), 10, 20, 7, "text")
+    [row] = rows.read_range(_src(missing), 10, 20, 7, "text")
     assert row["id"] == "gone.jsonl:7" and row["error"].startswith("unreadable file")
 
 
@@ -196,11 +199,11 @@ def test_only_line_oriented_files_are_split(tmp_path: Path) -> None:
     (tmp_path / "a.jsonl").write_bytes(lines)
     (tmp_path / "b.txt").write_bytes(lines)
     (tmp_path / "c.json").write_text(json.dumps([{"text": str(i)} for i in range(200)]))
-    sources = readers.expand_inputs([str(tmp_path)], "auto", {})
-    by_line = readers.plan_reads(sources, "line", 256, 1)
+    found = sources.expand_inputs([str(tmp_path)], "auto", {})
+    by_line = readers.plan_reads(found, "line", 256, 1)
     assert [len(specs) > 1 for specs in by_line] == [True, True, False]
     assert by_line[2][0].end is None
-    by_file = readers.plan_reads(sources, "file", 256, 1)
+    by_file = readers.plan_reads(found, "file", 256, 1)
     assert [len(specs) for specs in by_file[1:]] == [1, 1]
 
 
@@ -215,6 +218,110 @@ def test_count_newlines_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     data = _random_corpus(3, 50, False)
     path = tmp_path / "f.jsonl"
     path.write_bytes(data)
-    monkeypatch.setattr(readers, "COUNT_CHUNK", 3)
+    monkeypatch.setattr(rows, "COUNT_CHUNK", 3)
     for start, end in [(0, len(data)), (0, 0), (5, 6), (7, 301), (100, len(data))]:
-        assert readers.count_newlines(str(path), start, end) == data[start:end].count(b"\n")
+        assert rows.count_newlines(str(path), start, end) == data[start:end].count(b"\n")
+
+
+def _rows(path: Path, fmt: str = "auto", **kw) -> list[dict]:
+    src = {"path": str(path), "name": path.name, "fmt": fmt, "columns": "{}"}
+    return rows.read_file(src, kw.get("text_column", "text"), kw.get("text_unit", "line"))
+
+
+def test_readers_keep_every_record_and_flag_bad_ones(tmp_path: Path) -> None:
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_bytes(b'{"text": "ok"}\n\n{"text": \n{"text": "bad \xff"}\n')
+    read = _rows(jsonl)
+    assert [r["id"] for r in read] == ["a.jsonl:1", "a.jsonl:3", "a.jsonl:4"]
+    assert read[0]["error"] == "" and read[1]["error"] == ""  # bad JSON is found later
+    assert read[2]["error"].startswith("undecodable bytes")
+    js = tmp_path / "b.json"
+    js.write_text(json.dumps([{"text": "x"}, {"text": "y"}]))
+    assert [r["id"] for r in _rows(js)] == ["b.json:#0", "b.json:#1"]
+    broken = tmp_path / "c.json"
+    broken.write_text("[{]")
+    assert _rows(broken)[0]["error"].startswith("bad JSON")
+    pq.write_table(pa.table({"text": ["p", "q"]}), tmp_path / "d.parquet")
+    assert [json.loads(r["raw"]) for r in _rows(tmp_path / "d.parquet")] == [
+        {"text": "p"},
+        {"text": "q"},
+    ]
+    txt = tmp_path / "e.txt"
+    txt.write_text("first doc\nsecond doc\n")
+    assert len(_rows(txt)) == 2 and len(_rows(txt, text_unit="file")) == 1
+
+
+def test_json_file_holding_one_object_or_json_lines(tmp_path: Path) -> None:
+    """A .json file may hold one object, or JSON Lines (Hugging Face's json loader reads
+    both); a broken array stays one bad document."""
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"text": "x"}, indent=2))
+    assert [(r["id"], json.loads(r["raw"])) for r in _rows(one)] == [("one.json:#0", {"text": "x"})]
+    lines = tmp_path / "lines.json"
+    lines.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": \n')
+    read = _rows(lines)
+    assert [r["id"] for r in read] == ["lines.json:1", "lines.json:3", "lines.json:4"]
+    with pytest.raises(rows.BadRow, match="bad JSON"):
+        rows.parse_row(read[2])
+    src = sources.Source(str(lines), str(lines), "auto")
+    with pytest.raises(rows.BadRow, match=f"{lines}:4: bad JSON"):
+        list(rows.records(src))
+
+
+def test_dataset_info_registry(tmp_path: Path) -> None:
+    (tmp_path / "d.json").write_text("[]")
+    (tmp_path / "dataset_info.json").write_text(
+        json.dumps(
+            {
+                "mine": {
+                    "file_name": "d.json",
+                    "formatting": "sharegpt",
+                    "columns": {"messages": "conv"},
+                    "tags": {"role_tag": "who", "user_tag": "customer"},
+                },
+                "pairs": {"file_name": "d.json", "ranking": True},
+                "plain": {"file_name": "d.json"},
+            }
+        )
+    )
+    found = sources.expand_inputs([f"{tmp_path}/dataset_info.json#mine"], "auto", {})
+    assert [(s.fmt, s.columns) for s in found] == [
+        ("sharegpt", {"messages": "conv", "role_tag": "who", "user_tag": "customer"})
+    ]
+    every = sources.expand_inputs([f"{tmp_path}/dataset_info.json"], "auto", {})
+    assert sorted(s.fmt for s in every) == ["alpaca", "preference", "sharegpt"]
+    registry = str(tmp_path / "dataset_info.json")
+    assert sources.registry_sources(registry, ["plain"], "openai")[0].fmt == "openai"
+    assert sources.registry_sources(registry, ["mine"], "sharegpt")[0].fmt == "sharegpt"
+
+
+@pytest.mark.parametrize(
+    ("entry", "fmt", "message"),
+    [
+        ({"formatting": "sharegpt"}, "alpaca", "dataset 'x' is sharegpt data but format='alpaca'"),
+        ({"formatting": "chatml"}, "auto", "formatting='chatml' is not a record format"),
+        ({}, "auto", None),
+    ],
+)
+def test_registry_format_rules(tmp_path: Path, entry: dict, fmt: str, message: str | None) -> None:
+    (tmp_path / "d.jsonl").write_text("")
+    registry = tmp_path / "dataset_info.json"
+    registry.write_text(json.dumps({"x": {"file_name": "d.jsonl", **entry}}))
+    if message is None:
+        assert sources.registry_sources(str(registry), ["x"], fmt)[0].fmt == "alpaca"
+        return
+    with pytest.raises(ConfigError, match=message):
+        sources.registry_sources(str(registry), ["x"], fmt)
+
+
+def test_registry_errors_name_the_dataset(tmp_path: Path) -> None:
+    registry = tmp_path / "dataset_info.json"
+    registry.write_text(json.dumps({"hub": {"hf_hub_url": "org/set"}, "gone": {"file_name": "no"}}))
+    with pytest.raises(ConfigError, match="dataset 'hub' needs 'file_name'"):
+        sources.registry_sources(str(registry), ["hub"])
+    with pytest.raises(ConfigError, match=r"dataset 'gone' file .*no not found"):
+        sources.registry_sources(str(registry), ["gone"])
+    with pytest.raises(
+        ConfigError, match=r"has no dataset\(s\) \['other'\]; it has \['gone', 'hub'\]"
+    ):
+        sources.registry_sources(str(registry), ["other"])

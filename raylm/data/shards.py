@@ -1,0 +1,213 @@
+"""What the data job writes: shards (tokenized and packed, or cleaned records),
+``dataset_meta.json``, the quarantine and the dedup removal records.
+
+Shards are named ``part-<task>-<write id>.parquet``, the layout the train job globs for;
+their row counts come back for ``stats.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute
+
+from raylm.config import resolve_model
+from raylm.data.config import DataJobConfig
+from raylm.data.steps import QUARANTINE
+
+
+@cache
+def _tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def tokenize_batch(cfg: DataJobConfig):
+    """Token ids, loss masks and the counts that decide which examples are kept."""
+    from raylm.data import tokenize as tk
+
+    tokenizer = resolve_model(cfg.tokenize.tokenizer)  # here: tasks run in another cwd
+
+    def fn(batch: pa.Table) -> pa.Table:
+        tok = _tokenizer(tokenizer)
+        out: dict[str, list] = {"id": [], "n_loss": [], "n_tokens": []}
+        for ident, doc in zip(
+            batch.column("id").to_pylist(), batch.column("doc").to_pylist(), strict=True
+        ):
+            row = tk.tokenize_payload(json.loads(doc), tok, cfg.tokenize.cutoff_len)
+            masks = [v for k, v in row.items() if k.endswith("loss_mask")]
+            ids = [v for k, v in row.items() if k.endswith("input_ids")]
+            out["id"].append(ident)
+            out["n_loss"].append(min(sum(m) for m in masks))
+            out["n_tokens"].append(sum(len(i) for i in ids))
+            for key, value in row.items():
+                out.setdefault(key, []).append(value)
+        return _typed(out)
+
+    return fn
+
+
+def _typed(cols: dict[str, list]) -> pa.Table:
+    arrays = {}
+    for name, values in cols.items():
+        if name.endswith("loss_mask"):
+            arrays[name] = pa.array(values, type=pa.list_(pa.int8()))
+        elif name.endswith(("input_ids", "position_ids")):
+            arrays[name] = pa.array(values, type=pa.list_(pa.int32()))
+        elif name in ("n_loss", "n_tokens"):
+            arrays[name] = pa.array(values, type=pa.int64())
+        elif name == "source_ids":
+            arrays[name] = pa.array(values, type=pa.list_(pa.string()))
+        else:
+            arrays[name] = pa.array(values, type=pa.string())
+    return pa.table(arrays)
+
+
+def pack_batch(block_len: int):
+    from raylm.data import tokenize as tk
+
+    def fn(batch: pa.Table) -> pa.Table:
+        rows = batch.select(["id", "input_ids", "loss_mask"]).to_pylist()
+        packed = list(tk.pack(rows, block_len))
+        cols = {
+            k: [r[k] for r in packed]
+            for k in ("source_ids", "input_ids", "loss_mask", "position_ids")
+        }
+        cols["n_tokens"] = [len(r["input_ids"]) for r in packed]
+        return _typed(cols)
+
+    return fn
+
+
+def with_positions(batch: pa.Table) -> pa.Table:
+    lengths = pa.compute.list_value_length(batch.column("input_ids")).to_numpy()
+    pos = [list(range(n)) for n in lengths]
+    return batch.append_column("position_ids", pa.array(pos, type=pa.list_(pa.int32())))
+
+
+def records_batch(kind: str):
+    """Untokenized output: the cleaned records with typed columns."""
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+    def fn(batch: pa.Table) -> pa.Table:
+        ids = batch.column("id").to_pylist()
+        docs = [json.loads(d) for d in batch.column("doc").to_pylist()]
+        if kind == "pt":
+            return pa.table({"id": ids, "text": [d["text"] for d in docs]})
+        if kind == "sft":
+            msgs = pa.array([d["messages"] for d in docs], type=pa.list_(message))
+            return pa.table({"id": ids, "messages": msgs})
+        return pa.table(
+            {
+                "id": ids,
+                "prompt": pa.array([d["prompt"] for d in docs], type=pa.list_(message)),
+                "chosen": [d["chosen"] for d in docs],
+                "rejected": [d["rejected"] for d in docs],
+            }
+        )
+
+    return fn
+
+
+class PartNames:
+    """``part-00000-<write id>.parquet`` names: the layout the train job globs for."""
+
+    def __new__(cls, ext: str) -> Any:
+        from ray.data.datasource import FilenameProvider
+
+        class Provider(FilenameProvider):
+            def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+                return f"part-{task_index:05d}-{write_uuid}.{ext}"
+
+        return Provider(file_format=ext)
+
+
+def _sum(ds: Any, column: str) -> int:
+    return int(ds.sum(column) or 0) if ds.count() else 0
+
+
+def _quarantine_rows(batch: pa.Table) -> pa.Table:
+    """Every quarantined row with its reason and the raw text, to fix and re-run."""
+    status = pa.compute.starts_with(batch.column("status"), f"{QUARANTINE}:")
+    batch = batch.filter(status)
+    reasons = [s.removeprefix(f"{QUARANTINE}:") for s in batch.column("status").to_pylist()]
+    return pa.table(
+        {
+            "id": batch.column("id"),
+            "source": batch.column("source"),
+            "reason": reasons,
+            "raw": batch.column("raw"),
+        }
+    )
+
+
+def write_shards(docs: Any, cfg: DataJobConfig, kind: str, out: Path) -> dict[str, Any]:
+    """Write shards/ and dataset_meta.json; returns counts for stats.json."""
+    documents = docs.count()
+    meta = {
+        "kind": kind if cfg.tokenize.enabled else "text",
+        "task": kind,
+        "tokenized": cfg.tokenize.enabled,
+        "packed": bool(cfg.tokenize.enabled and cfg.tokenize.pack and kind != "dpo"),
+        "tokenizer": cfg.tokenize.tokenizer if cfg.tokenize.enabled else None,
+        "cutoff_len": cfg.tokenize.cutoff_len,
+    }
+    if cfg.tokenize.enabled:
+        rows, kept, num_rows, num_tokens = _tokenized(docs, cfg, kind, meta["packed"])
+    else:
+        rows = docs.map_batches(records_batch(kind), batch_format="pyarrow")
+        num_rows, num_tokens, kept = documents, 0, documents
+    if num_rows:
+        rows.write_parquet(str(out / "shards"), filename_provider=PartNames("parquet"))
+    meta.update(num_rows=num_rows, num_tokens=num_tokens)
+    (out / "dataset_meta.json").write_text(json.dumps(meta, indent=2))
+    return {
+        "dropped_no_loss": documents - kept,
+        "documents_out": kept,
+        "rows_out": num_rows,
+        "tokens_out": num_tokens,
+    }
+
+
+def _tokenized(docs: Any, cfg: DataJobConfig, kind: str, packed: bool) -> tuple[Any, int, int, int]:
+    """(rows to write, documents kept, rows, tokens): examples without enough trainable tokens
+    are dropped (and counted by the caller), the rest packed or given positions."""
+    from ray.data.expressions import col
+
+    tok = docs.map_batches(tokenize_batch(cfg), batch_format="pyarrow").materialize()
+    good = tok.filter(expr=col("n_loss") >= cfg.tokenize.min_loss_tokens).materialize()
+    if packed:
+        rows = good.map_batches(
+            pack_batch(cfg.tokenize.cutoff_len), batch_size=4096, batch_format="pyarrow"
+        ).materialize()
+    elif kind == "dpo":
+        rows = good
+    else:
+        rows = good.map_batches(with_positions, batch_format="pyarrow")
+    rows = rows.materialize()
+    num_rows, num_tokens = rows.count(), _sum(rows, "n_tokens")
+    rows = rows.drop_columns([c for c in ("n_loss", "n_tokens") if c in rows.columns()])
+    return rows, good.count(), num_rows, num_tokens
+
+
+def write_quarantine(processed: Any, out: Path) -> None:
+    """``quarantine/*.jsonl``: each quarantined row with its reason, to fix and re-run."""
+    processed.map_batches(_quarantine_rows, batch_format="pyarrow").write_json(
+        str(out / QUARANTINE), filename_provider=PartNames("jsonl")
+    )
+
+
+def write_removed(removed: Any, out: Path) -> dict[str, int]:
+    """``dedup/``: one record per removed duplicate (id, dup_of, method); counts by method."""
+    from raylm.data.dedup_apply import method_counts
+
+    removed = removed.materialize()
+    counts = method_counts(removed)
+    if removed.count():
+        removed.write_parquet(str(out / "dedup"), filename_provider=PartNames("parquet"))
+    return counts

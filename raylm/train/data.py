@@ -10,13 +10,18 @@ of the seed (``epoch_order``), so the position in the data is just the step coun
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import itertools
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from raylm.config import ConfigError, resolve_model, resolve_path
+from raylm.data.sources import DATASET_INFO, Source, registry_sources
+from raylm.manifest import MANIFEST
+from raylm.outputs import DatasetOutput, read_output, tokenizer_hash
 from raylm.train.config import TrainJobConfig
 
 log = logging.getLogger(__name__)
@@ -55,116 +60,120 @@ def deterministic_split() -> Any:
 
 
 def data_inputs(cfg: TrainJobConfig) -> dict[str, Any]:
-    """Describe ``data.path``: its kind, whether it is tokenized shards, and the file list."""
+    """Describe ``data.path``: a data job's shards (checked against this run) or raw files."""
     path = Path(resolve_path(cfg.data.path))
-    if path.is_dir() and (path / META).exists():
-        meta = json.loads((path / META).read_text())
-        _check_meta(meta, cfg, path)
-        return {"kind": "shards", "path": str(path), "meta": meta}
-    file, fmt, columns = _raw_file(path, cfg)
-    return {"kind": "raw", "path": str(file), "format": fmt, "columns": columns}
+    if path.is_dir() and ((path / MANIFEST).exists() or (path / META).exists()):
+        output = dataset_output(path, cfg)
+        check_dataset(output, cfg, path)
+        return {"kind": "shards", "path": str(path), "output": output}
+    sources = raw_sources(path, cfg)
+    common = os.path.commonpath([s.path for s in sources])
+    return {"kind": "raw", "path": common, "sources": sources}
 
 
-def _check_meta(meta: dict[str, Any], cfg: TrainJobConfig, path: Path) -> None:
-    if meta.get("kind") != cfg.stage:
+def dataset_output(path: Path, cfg: TrainJobConfig) -> DatasetOutput:
+    """What the data job recorded in its manifest about the shards in ``path``."""
+    try:
+        return read_output(DatasetOutput, path)
+    except ConfigError as err:
         raise ConfigError(
-            f"data.path={cfg.data.path!r} holds {meta.get('kind')!r} data but stage={cfg.stage!r}; "
+            f"data.path={cfg.data.path!r} looks like a data job's output but {err}; "
+            "(re-)run the data job that writes it"
+        ) from None
+
+
+def check_dataset(output: DatasetOutput, cfg: TrainJobConfig, path: Path) -> None:
+    """Shards fit this run: its stage, tokenized with its model's tokenizer at its cutoff."""
+    where = f"data.path={cfg.data.path!r}"
+    if output.task != cfg.stage:
+        raise ConfigError(
+            f"{where} holds {output.task!r} data but stage={cfg.stage!r}; "
             "run the data job with the matching kind or change stage"
         )
-    if not meta.get("tokenized"):
+    if not output.tokenized:
         raise ConfigError(
-            f"data.path={cfg.data.path!r} holds untokenized shards; set the data job's "
+            f"{where} holds untokenized shards; set the data job's "
             "tokenize option (with this model's tokenizer) or point data.path at a raw file"
         )
+    check_tokenization(output, cfg)
     if not list((path / "shards").glob("part-*.parquet")):
-        raise ConfigError(f"data.path={cfg.data.path!r}: no shards/part-*.parquet in {path}")
+        raise ConfigError(f"{where}: no shards/part-*.parquet in {path}")
 
 
-def _raw_file(path: Path, cfg: TrainJobConfig) -> tuple[Path, str, dict | None]:
-    """A raw file, or a LLaMA-Factory dataset name resolved through ``dataset_info.json``."""
+def check_tokenization(output: DatasetOutput, cfg: TrainJobConfig) -> None:
+    """Token ids mean nothing to a model with another vocabulary, and rows longer or
+    shorter than ``data.cutoff_len`` are not what this run's config says it trains on.
+
+    Tokenizers are compared by the hash of their files (two paths to one tokenizer
+    agree); a hub id that is not on disk compares by name.
+    """
+    model = resolve_model(cfg.model.name_or_path)
+    same_tokenizer = tokenizer_hash(model) == output.tokenizer_hash
+    same_cutoff = output.cutoff_len == cfg.data.cutoff_len
+    if same_tokenizer and same_cutoff:
+        return
+    moved = not same_tokenizer and output.tokenizer == model
+    changed = " (its tokenizer files changed since)" if moved else ""
+    fixes = [] if same_tokenizer else [f"tokenize.tokenizer={model}"]
+    fixes += [] if same_cutoff else [f"tokenize.cutoff_len={cfg.data.cutoff_len}"]
+    instead = (
+        f"set data.cutoff_len={output.cutoff_len}"
+        if same_tokenizer
+        else "train a model that uses that tokenizer"
+        + ("" if same_cutoff else f" with data.cutoff_len={output.cutoff_len}")
+    )
+    raise ConfigError(
+        f"data.path={cfg.data.path!r} was tokenized with {output.tokenizer}{changed} "
+        f"(cutoff_len {output.cutoff_len}) but this run trains {model} with "
+        f"data.cutoff_len={cfg.data.cutoff_len}; re-run the data job with "
+        f"{' '.join(fixes)}, or {instead}"
+    )
+
+
+def raw_sources(path: Path, cfg: TrainJobConfig) -> list[Source]:
+    """A raw file, or a LLaMA-Factory dataset name resolved through the
+    ``dataset_info.json`` beside it (the data job's own resolution: ``raylm.data.sources``).
+
+    Sources are named by their full path, so an error names the file and line.
+    """
     if path.is_file():
-        return path, _format(cfg, path), None
-    info_file = path.parent / "dataset_info.json"
-    if info_file.exists():
-        info = json.loads(info_file.read_text())
-        if path.name in info:
-            entry = info[path.name]
-            file = path.parent / entry.get("file_name", "")
-            if not file.is_file():
-                raise ConfigError(f"{info_file}: dataset {path.name!r} file {file} not found")
-            fmt = "preference" if entry.get("ranking") else entry.get("formatting", "alpaca")
-            return file, fmt if cfg.data.format == "auto" else cfg.data.format, entry.get("columns")
-        raise ConfigError(
-            f"data.path={cfg.data.path!r}: no dataset {path.name!r} in {info_file} "
-            f"(has {sorted(info)})"
-        )
+        return [Source(str(path), str(path), cfg.data.format)]
+    registry = path.parent / DATASET_INFO
+    if registry.is_file():
+        found = registry_sources(str(registry), [path.name], cfg.data.format)
+        return [dataclasses.replace(s, name=s.path) for s in found]
     raise ConfigError(
-        f"data.path={cfg.data.path!r}: expected a data job output dir (with {META}), a "
-        f"jsonl/json/parquet file, or a dataset named in a dataset_info.json; found nothing at {path}"
+        f"data.path={cfg.data.path!r}: expected a data job output dir (with {MANIFEST}), a "
+        "jsonl/json/parquet/text file, or a dataset named in a dataset_info.json; "
+        f"found nothing at {path}"
     )
 
 
-def _format(cfg: TrainJobConfig, path: Path) -> str:
-    if cfg.data.format != "auto":
-        return cfg.data.format
-    if cfg.stage in ("pt", "dpo"):
-        return {"pt": "text", "dpo": "preference"}[cfg.stage]
-    first = next(iter(read_records(path, limit=1)), {})
-    for key, fmt in (
-        ("messages", "openai"),
-        ("conversations", "sharegpt"),
-        ("instruction", "alpaca"),
-    ):
-        if key in first:
-            return fmt
-    raise ConfigError(
-        f"data.path={cfg.data.path!r}: cannot tell the sft format from keys {sorted(first)}; "
-        "set data.format to alpaca, sharegpt or openai"
-    )
+def raw_records(sources: list[Source], limit: int | None) -> Iterator[tuple[str, Any, Source]]:
+    """``(id, record, source)`` of the first ``limit`` records; a row that holds no record
+    (bad JSON, undecodable bytes) stops the job naming its file and line."""
+    from raylm.data.rows import BadRow, records
+
+    every = ((ident, record, src) for src in sources for ident, record in records(src))
+    try:
+        yield from itertools.islice(every, limit)
+    except BadRow as err:
+        raise ConfigError(str(err)) from None
 
 
-def read_records(path: Path, limit: int | None = None) -> Iterator[dict[str, Any]]:
-    """Records of a jsonl / json (list) / parquet file, failing with the line that is bad."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+def tokenize_record(record: Any, src: Source, stage: str, tok: Any, cutoff: int) -> dict:
+    """One raw record -> the shard columns, through raylm.data (the one record and
+    tokenizer path). As in LLaMA-Factory, the stage decides how a record reads: pt takes
+    its text (or the ``prompt`` column a registry names), whatever its formatting."""
+    from raylm.data.formats import payload_kind, to_payload
+    from raylm.data.tokenize import tokenize_payload
 
-        rows = pq.read_table(path).to_pylist()
-    elif suffix == ".json" and path.read_text().lstrip().startswith("["):
-        rows = json.loads(path.read_text())
-    elif suffix in (".jsonl", ".json"):
-        rows = _jsonl(path)
-    else:
-        raise ConfigError(
-            f"data.path: unsupported file type {suffix!r}; use jsonl, json or parquet"
-        )
-    for count, row in enumerate(rows):
-        if limit is not None and count >= limit:
-            return
-        yield row
-
-
-def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{path}:{n}: not valid JSON: {err}") from None
-
-
-def tokenize_record(record: dict, stage: str, fmt: str, columns: dict | None, tok, cutoff: int):
-    """One raw record -> the shard columns, through raylm.data (the one tokenizer path)."""
-    from raylm.data.formats import to_messages, to_preference, to_text
-    from raylm.data.tokenize import tokenize_preference, tokenize_pt, tokenize_sft
-
-    if stage == "pt":
-        return tokenize_pt(to_text(record, columns), tok, cutoff)
-    if stage == "sft":
-        return tokenize_sft(to_messages(record, fmt, columns), tok, cutoff)
-    prompt, chosen, rejected = to_preference(record, columns)
-    return tokenize_preference(prompt, chosen, rejected, tok, cutoff)
+    fmt = "text" if stage == "pt" else src.fmt
+    payload = to_payload(record, fmt, src.columns, "text", kind=stage)
+    found = payload_kind(payload)
+    if found != stage:
+        raise ValueError(f"record is {found} data but stage={stage!r}")
+    return tokenize_payload(payload, tok, cutoff)
 
 
 def build_dataset(cfg: TrainJobConfig, source: dict[str, Any]):
@@ -193,10 +202,11 @@ def _read_shards(path: Path, limit: int | None) -> list[dict[str, Any]]:
 
 
 def _tokenize_raw(cfg: TrainJobConfig, source: dict[str, Any]) -> list[dict[str, Any]]:
-    """Tokenize a raw file in the driver; a bad record stops the job with its line number.
+    """Tokenize raw files in the driver; a bad record stops the job naming it.
 
     Fine for the small sets one trains on directly; large corpora go through the data
-    job, which quarantines bad records instead of stopping.
+    job, which quarantines bad records instead of stopping. Rows are numbered in reading
+    order: their ids decide the (seeded) order of training.
     """
     from transformers import AutoTokenizer
 
@@ -204,14 +214,11 @@ def _tokenize_raw(cfg: TrainJobConfig, source: dict[str, Any]) -> list[dict[str,
         resolve_model(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
     )
     rows = []
-    records = read_records(Path(source["path"]), cfg.data.max_samples)
-    for i, record in enumerate(records):
+    for i, (ident, record, src) in enumerate(raw_records(source["sources"], cfg.data.max_samples)):
         try:
-            row = tokenize_record(
-                record, cfg.stage, source["format"], source["columns"], tok, cfg.data.cutoff_len
-            )
+            row = tokenize_record(record, src, cfg.stage, tok, cfg.data.cutoff_len)
         except ValueError as err:
-            raise ConfigError(f"{source['path']}: record {i}: {err}") from None
+            raise ConfigError(f"{ident}: {err}") from None
         rows.append({"id": str(i), **row})
     if not rows:
         raise ConfigError(f"data.path={cfg.data.path!r}: no records")

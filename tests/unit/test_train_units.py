@@ -105,20 +105,74 @@ def test_collate_masks_padding_and_packed_sample_starts() -> None:
 def test_data_path_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="found nothing at"):
         data_inputs(cfg(f"data.path={tmp_path / 'missing.jsonl'}"))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"other": {"file_name": "o.json"}}))
+    with pytest.raises(ConfigError, match=r"has no dataset\(s\) \['missing'\]; it has \['other'\]"):
+        data_inputs(cfg(f"data.path={tmp_path / 'missing'}"))
     shards = tmp_path / "shards_dir"
     (shards / "shards").mkdir(parents=True)
     (shards / "dataset_meta.json").write_text(json.dumps({"kind": "pt", "tokenized": True}))
-    with pytest.raises(ConfigError, match="holds 'pt' data but stage='sft'"):
+    with pytest.raises(ConfigError, match=r"looks like a data job's output but .* no manifest"):
         data_inputs(cfg(f"data.path={shards}"))
 
 
 def test_llamafactory_dataset_name_resolves_through_dataset_info() -> None:
     c = load("train", [ROOT / "conf/train/llamafactory_lora_sft.yaml"])
     src = data_inputs(c)
-    assert src["kind"] == "raw" and src["format"] == "alpaca"
-    assert src["path"].endswith("conf/train/data/alpaca_demo.json")
+    [source] = src["sources"]
+    assert src["kind"] == "raw" and source.fmt == "alpaca"
+    assert src["path"] == source.path and source.path.endswith("conf/train/data/alpaca_demo.json")
     assert c.finetuning_type == "lora" and c.lora.target == ["all"]
     assert c.train.grad_accum == 2 and c.checkpoint.save_steps == 4
+
+
+def _raw_rows(tiny_model: Path, path: Path, *overrides: str) -> list[dict]:
+    from raylm.train.data import _tokenize_raw
+
+    c = cfg(f"model.name_or_path={tiny_model}", f"data.path={path}", *overrides)
+    return _tokenize_raw(c, data_inputs(c))
+
+
+def test_raw_files_read_as_the_data_job_reads_them(tiny_model: Path, tmp_path: Path) -> None:
+    """One reader for both jobs: JSON Lines in a .json file, plain text for pt, records
+    of several formats in one file, a registry's tags and pretraining columns."""
+    mixed = tmp_path / "mixed.json"
+    alpaca = {"instruction": "Say hi", "output": "Hi"}
+    share = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    mixed.write_text(json.dumps(alpaca) + "\n" + json.dumps(share) + "\n")
+    assert [r["id"] for r in _raw_rows(tiny_model, mixed)] == ["0", "1"]
+    text = tmp_path / "docs.txt"
+    text.write_text("one plain document\n\nanother one\n")
+    assert len(_raw_rows(tiny_model, text, "stage=pt")) == 2
+    tagged = [{"c": [{"who": "customer", "says": "q"}, {"who": "agent", "says": "a"}]}]
+    (tmp_path / "tagged.json").write_text(json.dumps(tagged))
+    (tmp_path / "pt.jsonl").write_text(json.dumps({"content": "a document"}) + "\n")
+    registry = {
+        "tagged": {"file_name": "tagged.json", "formatting": "sharegpt",
+                   "columns": {"messages": "c"},
+                   "tags": {"role_tag": "who", "content_tag": "says",
+                            "user_tag": "customer", "assistant_tag": "agent"}},
+        "pt": {"file_name": "pt.jsonl", "columns": {"prompt": "content"}},
+    }  # fmt: skip
+    (tmp_path / "dataset_info.json").write_text(json.dumps(registry))
+    assert len(_raw_rows(tiny_model, tmp_path / "tagged")) == 1
+    assert len(_raw_rows(tiny_model, tmp_path / "pt", "stage=pt")) == 1
+
+
+def test_a_bad_raw_record_stops_the_job_naming_file_and_line(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"instruction": "Say hi", "output": "Hi"})
+    path.write_text(good + "\n\n" + json.dumps({"text": "plain"}) + "\n")
+    with pytest.raises(ConfigError, match=f"{path}:3: record is pt data but stage='sft'"):
+        _raw_rows(tiny_model, path)
+    path.write_text(good + "\n" + '{"instruction": \n')
+    with pytest.raises(ConfigError, match=f"{path}:2: bad JSON"):
+        _raw_rows(tiny_model, path)
+    assert len(_raw_rows(tiny_model, path, "data.max_samples=1")) == 1  # never reads line 2
+    path.write_text(json.dumps({"instruction": "x"}) + "\n")
+    with pytest.raises(ConfigError, match=f"{path}:1: missing field 'output'"):
+        _raw_rows(tiny_model, path)
 
 
 def test_only_complete_checkpoints_count(tmp_path: Path) -> None:
@@ -128,6 +182,6 @@ def test_only_complete_checkpoints_count(tmp_path: Path) -> None:
     partial4 = tmp_path / ckpt.checkpoint_name(4)
     partial4.mkdir()
     (partial4 / "trainer_state_rank0.pt").write_bytes(b"half")
-    assert ckpt.latest_complete(tmp_path) == (2, done2)
+    assert ckpt.latest_complete(str(tmp_path)) == (2, str(done2))
     assert [(s, ok) for s, _, ok in ckpt.list_checkpoints(tmp_path)] == [(2, True), (4, False)]
     assert ckpt.latest_complete(tmp_path / "nothing") is None

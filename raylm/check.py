@@ -69,7 +69,8 @@ class CheckJob(Job[CheckConfig]):
     name = "check"
     config = CheckConfig
 
-    def run(self, cfg: CheckConfig, out: Path) -> Result:
+    def run(self, cfg: CheckConfig, out_dir: str) -> Result:
+        out = Path(out_dir)
         report = run_check(cfg.num_tasks) | {"ray": self.ray_info}
         (out / "check.json").write_text(json.dumps(report, indent=2))
         print(f"check: {report['tasks']} tasks ran on {len(report['nodes'])} node(s): {out}")

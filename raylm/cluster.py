@@ -335,7 +335,16 @@ def init_ray(address: str | None = None, namespace: str = "raylm") -> dict[str, 
     """Join the cluster a job should run on, or start an embedded one in this process."""
     import ray
 
+    from raylm import storage
+
     target = resolve_address(address)
     use_token_auth_if_configured()  # ray.init never does it for an explicit address
-    ctx = ray.init(address=target, namespace=namespace, ignore_reinit_error=True)
+    # Workers get the node's environment, not this process's: pass storage credentials
+    # and endpoints on. A submitted job got them at submission (raylm.submit).
+    env = storage.forwarded_env()
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    runtime_env = {"env_vars": env} if env and not in_job else None
+    ctx = ray.init(
+        address=target, namespace=namespace, ignore_reinit_error=True, runtime_env=runtime_env
+    )
     return {"address": target or "embedded", "dashboard_url": ctx.dashboard_url}

@@ -157,11 +157,12 @@ def to_yaml(obj: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(obj))
 
 
-def save_resolved(obj: Any, out_dir: str | Path) -> Path:
-    """Write ``config.resolved.yaml`` beside a job's output: what exactly ran."""
-    out = Path(out_dir) / "config.resolved.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(to_yaml(obj))
+def save_resolved(obj: Any, out_dir: str | Path) -> str:
+    """Write ``config.resolved.yaml`` beside a job's output (local or in a bucket)."""
+    from raylm import storage
+
+    out = storage.join(str(out_dir), "config.resolved.yaml")
+    storage.write_text(out, to_yaml(obj))
     return out
 
 

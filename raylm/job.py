@@ -13,7 +13,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
-from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 from raylm import config
@@ -56,6 +55,10 @@ class Job(abc.ABC, Generic[C]):
     uses_ray: ClassVar[bool] = True
     """Whether ``run`` needs this process joined to a Ray cluster."""
 
+    remote_outputs: ClassVar[bool] = False
+    """Whether the job can write its output dir on object storage (``s3://``, ``gs://``);
+    a job that writes with local file I/O is refused a URI up front, by name."""
+
     ray_info: dict[str, Any]
     """Set by the runner once connected: the cluster ``address`` and ``dashboard_url``."""
 
@@ -64,7 +67,8 @@ class Job(abc.ABC, Generic[C]):
         return cfg
 
     def output_dir(self, cfg: C) -> str:
-        """Where the manifest and resolved config go (the job's own outputs too)."""
+        """Where the manifest and resolved config go (the job's own outputs too): a local
+        or NFS path, or a URI for a job with ``remote_outputs``."""
         return config.resolve_path(cfg.output_dir)  # type: ignore[attr-defined]
 
     def inputs(self, cfg: C) -> list[str]:
@@ -76,7 +80,7 @@ class Job(abc.ABC, Generic[C]):
         return cfg
 
     @abc.abstractmethod
-    def run(self, cfg: C, out: Path) -> Result:
+    def run(self, cfg: C, out: str) -> Result:
         """Do the work; raise on failure (the runner records it)."""
 
 

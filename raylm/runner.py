@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
+from raylm import storage
 from raylm.cluster import init_ray
 from raylm.config import ConfigError, load, save_resolved, to_dict
 from raylm.job import Job, JobFailed, get
@@ -32,7 +32,12 @@ def run_job(name: str, argv: Sequence[str]) -> int:
     job: Job = get(name)
     files, overrides = split_argv(argv)
     cfg = job.setup(load(name, files, overrides))
-    out = Path(job.output_dir(cfg))
+    out = job.output_dir(cfg)
+    if storage.is_remote(out) and not job.remote_outputs:
+        raise ConfigError(
+            f"the {name} job writes {out} with local file I/O and cannot write to object "
+            "storage yet; give it a local or shared (NFS) path"
+        )
     recorded = job.recorded(cfg)
     manifest = Manifest.start(name, to_dict(recorded), inputs=job.inputs(cfg))
     save_resolved(recorded, out)

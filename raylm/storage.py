@@ -138,3 +138,40 @@ def delete_dir(uri: str) -> None:
     fs, path = filesystem(uri)
     if exists(uri):
         fs.delete_dir(path)
+
+
+def append_text(uri: str, text: str) -> None:
+    """Append to a log file. Object stores cannot append: the object is rewritten, which
+    is fine for the small per-run logs (metrics, events) this is used for."""
+    if not is_remote(uri):
+        path = uri.removeprefix("file://")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+        return
+    try:
+        old = read_text(uri)
+    except FileNotFoundError:
+        old = ""
+    write_text(uri, old + text)
+
+
+def copy_dir(src: str, dst: str) -> None:
+    """Copy a directory tree between any two places (local <-> bucket, bucket <-> bucket)."""
+    import pyarrow.fs as pafs
+
+    src_fs, src_path = filesystem(src)
+    dst_fs, dst_path = filesystem(dst)
+    dst_fs.create_dir(dst_path, recursive=True)
+    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def forwarded_env() -> dict[str, str]:
+    """The storage credentials and endpoints set in this process, for Ray workers.
+
+    Workers inherit the environment of the node they run on, not the submitter's; a
+    bucket the driver can reach must be reachable from every worker too. Nodes with an
+    IAM role need none of these, and then none are set.
+    """
+    prefixes = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GCS_", "AZURE_STORAGE_")
+    return {k: v for k, v in os.environ.items() if k.startswith(prefixes)}

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from raylm import storage
 from raylm.config import WORKSPACE_ENV, ConfigError
 
 UPLOAD_EXCLUDES = [
@@ -57,9 +58,12 @@ def submit(
     """Submit ``python jobs/JOB.py ARGV`` with the project as working dir; returns its id.
 
     On a local cluster the job's relative paths resolve against the submitter's cwd
-    (``RAYLM_WORKSPACE``), since Ray runs it in a temporary copy of the project.
+    (``RAYLM_WORKSPACE``), since Ray runs it in a temporary copy of the project. Storage
+    credentials and endpoints set here (``AWS_*``, ...) travel with the job.
     """
-    env = {WORKSPACE_ENV: os.environ.get(WORKSPACE_ENV, str(Path.cwd()))} if local else {}
+    env = storage.forwarded_env()
+    if local:
+        env[WORKSPACE_ENV] = os.environ.get(WORKSPACE_ENV, str(Path.cwd()))
     request = {
         "entrypoint": shlex.join([python, f"jobs/{job}.py", *argv]),
         "runtime_env": {

@@ -35,9 +35,10 @@ class EvalJob(Job[EvalJobConfig]):
         paths = [cfg.model, cfg.base_model, cfg.data.eval_path, cfg.data.perplexity_path]
         return [p for p in paths if p]
 
-    def run(self, cfg: EvalJobConfig, out: Path) -> Result:
+    def run(self, cfg: EvalJobConfig, out_dir: str) -> Result:
         from raylm.eval.run import run_eval, write_outputs
 
+        out = Path(out_dir)
         results, rows = run_eval(cfg, self.prepared)
         results["ray"] = self.ray_info
         paths = write_outputs(results, rows, out)

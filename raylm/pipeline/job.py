@@ -23,10 +23,11 @@ class PipelineJob(Job[PipelineConfig]):
     def output_dir(self, cfg: PipelineConfig) -> str:
         return str(Path(resolve_path(cfg.workspace)) / cfg.name)
 
-    def run(self, cfg: PipelineConfig, out: Path) -> Result:
+    def run(self, cfg: PipelineConfig, out_dir: str) -> Result:
         from raylm.pipeline import lineage
         from raylm.pipeline.runner import run
 
+        out = Path(out_dir)
         dashboard = self.ray_info["dashboard_url"]
         dashboard = dashboard if dashboard.startswith("http") else f"http://{dashboard}"
         summary = run(cfg, out, dashboard)

@@ -36,9 +36,10 @@ class ServeJob(Job[ServeJobConfig]):
         hidden = ["<redacted>"] * len(cfg.auth.api_keys)
         return dataclasses.replace(cfg, auth=dataclasses.replace(cfg.auth, api_keys=hidden))
 
-    def run(self, cfg: ServeJobConfig, out: Path) -> Result:
+    def run(self, cfg: ServeJobConfig, out_dir: str) -> Result:
         import yaml
 
+        out = Path(out_dir)
         from raylm.serve.app import api_key_hashes, serve_config
         from raylm.serve.deploy import choose_port, deploy, wait_running
 
@@ -70,9 +71,10 @@ class GenerateJob(Job[GenerateJobConfig]):
         paths = [cfg.model, cfg.input.path, cfg.lora_path]
         return [resolve_path(p) for p in paths if p]
 
-    def run(self, cfg: GenerateJobConfig, out: Path) -> Result:
+    def run(self, cfg: GenerateJobConfig, out_dir: str) -> Result:
         from raylm.serve.batch import run_generate
 
+        out = Path(out_dir)
         stats = run_generate(cfg, out)
         print(
             f"generate: {stats['rows_out']}/{stats['rows_in']} rows completed "

@@ -11,6 +11,11 @@ half-written one is never loaded. The only work that can be lost is a checkpoint
 job died between its upload and its ``COMPLETE`` marker (milliseconds), and then the run
 resumes from the previous one: at most one ``save_steps`` interval.
 
+The run dir may be a local or NFS path or an object-store URI (``raylm.storage``). On an
+object store there is no atomic rename, and none is needed: the marker is one small
+object written by one PUT, after every rank's upload has returned, so it exists whole
+or not at all, and its presence means the same thing as on a disk.
+
 The token makes every save a new directory, so Ray's own retention never deletes a
 directory that a later save with the same step reuses.
 """
@@ -21,8 +26,9 @@ import json
 import re
 import time
 import uuid
-from pathlib import Path
 from typing import Any
+
+from raylm import storage
 
 COMPLETE = "COMPLETE"
 DS_TAG = "ds"
@@ -33,36 +39,39 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:08d}_{uuid.uuid4().hex[:8]}"
 
 
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path, bool]]:
-    """(step, path, complete) for every checkpoint dir in the run, oldest first."""
-    root = Path(run_dir)
+def list_checkpoints(run_dir: str) -> list[tuple[int, str, bool]]:
+    """(step, path, complete) for every checkpoint dir in the run, oldest first.
+
+    Two checkpoints of one step (saved again after a resume) are ordered by the time in
+    their markers: object stores have no directory times.
+    """
     found = []
-    if root.is_dir():
-        for p in root.iterdir():
-            m = _NAME.match(p.name)
-            if m and p.is_dir():
-                found.append((int(m.group(1)), p, (p / COMPLETE).exists()))
-    return sorted(found, key=lambda t: (t[0], _mtime(t[1])))
+    for name in storage.listdir(str(run_dir)):
+        m = _NAME.match(name)
+        if m:
+            path = storage.join(str(run_dir), name)
+            marker = _marker(path)
+            found.append((int(m.group(1)), path, marker is not None, (marker or {}).get("time", 0)))
+    found.sort(key=lambda t: (t[0], t[3]))
+    return [(step, path, ok) for step, path, ok, _ in found]
 
 
-def _mtime(p: Path) -> float:
+def _marker(path: str) -> dict[str, Any] | None:
     try:
-        return p.stat().st_mtime
-    except OSError:
-        return 0.0
+        return json.loads(storage.read_text(storage.join(path, COMPLETE)))
+    except FileNotFoundError:
+        return None
 
 
-def latest_complete(run_dir: str | Path) -> tuple[int, Path] | None:
+def latest_complete(run_dir: str) -> tuple[int, str] | None:
     complete = [(step, path) for step, path, ok in list_checkpoints(run_dir) if ok]
     return complete[-1] if complete else None
 
 
-def mark_complete(path: Path, step: int, world_size: int) -> None:
-    """Written atomically (rename), so a reader never sees half a marker."""
+def mark_complete(path: str, step: int, world_size: int) -> None:
+    """Written whole or not at all (a local rename, or one object PUT)."""
     record = {"step": step, "world_size": world_size, "time": time.time()}
-    tmp = path / f".{COMPLETE}.tmp"
-    tmp.write_text(json.dumps(record))
-    tmp.rename(path / COMPLETE)
+    storage.write_text(storage.join(str(path), COMPLETE), json.dumps(record))
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """``final/``: what the eval and serve jobs load.
 
+On an object store ``final/`` is written locally first and uploaded; the job's manifest,
+written after the upload returned, is what says it is complete.
+
 Full / freeze training writes a Hugging Face directory (safetensors, tokenizer,
 generation config); LoRA writes the PEFT adapter (plus the tokenizer, so the
 directory is self-describing) and, with ``export.merge_lora``, ``final/merged`` as
@@ -10,9 +13,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from raylm import storage
 from raylm.config import resolve_model
 
 FINAL = "final"
@@ -23,7 +28,14 @@ def export_final(loop: Any) -> None:
 
     state_dict = _gather_state_dict(loop.engine)
     if loop.rank == 0:
-        write_final(loop.cfg, loop.engine.module, state_dict, loop.tok, loop.run_dir / FINAL)
+        out = storage.join(loop.run_dir, FINAL)
+        if storage.is_remote(out):
+            with tempfile.TemporaryDirectory(prefix="raylm-final-") as tmp:
+                write_final(loop.cfg, loop.engine.module, state_dict, loop.tok, Path(tmp) / FINAL)
+                storage.delete_dir(out)
+                storage.copy_dir(str(Path(tmp) / FINAL), out)
+        else:
+            write_final(loop.cfg, loop.engine.module, state_dict, loop.tok, Path(out))
     dist.barrier()
 
 

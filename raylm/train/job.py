@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from raylm import storage
 from raylm.job import Job, Result
 from raylm.manifest import MANIFEST, Manifest
 from raylm.outputs import ModelOutput
@@ -26,7 +27,7 @@ class TrainJob(Job[TrainJobConfig]):
     def output_dir(self, cfg: TrainJobConfig) -> str:
         from raylm.train.trainer import run_dir_of
 
-        return str(run_dir_of(cfg))
+        return run_dir_of(cfg)
 
     def inputs(self, cfg: TrainJobConfig) -> list[str]:
         """The file or shard dir actually read (a LLaMA-Factory dataset name resolves to
@@ -36,7 +37,9 @@ class TrainJob(Job[TrainJobConfig]):
         paths = [data_inputs(cfg)["path"], cfg.model.name_or_path]
         return [p for p in paths if Path(p).exists()]
 
-    def run(self, cfg: TrainJobConfig, out: Path) -> Result:
+    remote_outputs = True
+
+    def run(self, cfg: TrainJobConfig, out: str) -> Result:
         from raylm.train.trainer import run_training
 
         result = run_training(cfg)
@@ -46,20 +49,20 @@ class TrainJob(Job[TrainJobConfig]):
             f"{m['resumes']} resume(s): {out}"
         )
         outputs = result["outputs"] | _data_link(result["source"])
-        return Result(outputs, m, model_output(cfg, Path(result["outputs"]["final"])))
+        return Result(outputs, m, model_output(cfg, result["outputs"]["final"]))
 
 
-def model_output(cfg: TrainJobConfig, final: Path) -> ModelOutput:
+def model_output(cfg: TrainJobConfig, final: str) -> ModelOutput:
     adapter = cfg.finetuning_type in ("lora", "qlora")
-    merged = final / "merged"
+    merged = storage.join(final, "merged")
     return ModelOutput(
-        path=str(final),
+        path=final,
         adapter=adapter,
         base_model=cfg.model.name_or_path,
-        tokenizer=str(final),
+        tokenizer=final,
         cutoff_len=cfg.data.cutoff_len,
         stage=cfg.stage,
-        merged=str(merged) if adapter and merged.is_dir() else None,
+        merged=merged if adapter and storage.is_dir(merged) else None,
     )
 
 

@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from raylm import storage
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """metrics.jsonl of a run, local or in a bucket; [] before the first logged step."""
+    if not storage.exists(str(path)):
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [json.loads(ln) for ln in storage.read_text(str(path)).splitlines() if ln.strip()]
 
 
 def plot_loss(metrics: list[dict[str, Any]], out: Path, title: str) -> Path:

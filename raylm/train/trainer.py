@@ -7,23 +7,22 @@ load the newest complete checkpoint in that run dir (see ``raylm.train.checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from raylm import storage
 from raylm.config import ConfigError, resolve_model, resolve_path
 from raylm.train.config import TrainJobConfig
 
 
-def run_dir_of(cfg: TrainJobConfig) -> Path:
-    storage = cfg.storage_path.removeprefix("file://")
-    if "://" in storage:
-        raise ConfigError(
-            f"storage_path={cfg.storage_path!r}: this version writes metrics and final/ with "
-            "plain file I/O; use a local or shared (NFS) filesystem path"
-        )
-    return Path(resolve_path(storage)) / cfg.run_name
+def run_dir_of(cfg: TrainJobConfig) -> str:
+    """``storage_path/run_name``: a local or NFS path, or an object-store URI."""
+    return storage.join(resolve_path(cfg.storage_path.removeprefix("file://")), cfg.run_name)
 
 
 def for_workers(cfg: TrainJobConfig) -> TrainJobConfig:
@@ -55,13 +54,15 @@ def build_trainer(cfg: TrainJobConfig, fault: dict[str, Any] | None = None):
         )
     cfg = for_workers(cfg)
     run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(run_dir)
+    parent = run_dir.rpartition("/")[0]
+    fs, fs_path = storage.filesystem(parent) if storage.is_remote(parent) else (None, parent)
     source = data_inputs(cfg)
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker} | ({"GPU": 1} if s.use_gpu else {})
     return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "run_dir": str(run_dir), "fault": fault},
+        train_loop_config={"cfg": cfg, "run_dir": run_dir, "fault": fault},
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=s.use_gpu,
@@ -71,7 +72,8 @@ def build_trainer(cfg: TrainJobConfig, fault: dict[str, Any] | None = None):
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
-            storage_path=str(run_dir.parent),
+            storage_path=fs_path,
+            storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
             # One more than `keep`: a newer checkpoint that never completes must not push
             # the last complete one out.
@@ -89,23 +91,24 @@ def run_training(cfg: TrainJobConfig, fault: dict[str, Any] | None = None) -> di
     trainer, source = build_trainer(cfg, fault)
     trainer.fit()
     run_dir = run_dir_of(cfg)
-    metrics = read_metrics(run_dir / "metrics.jsonl")
+    metrics = read_metrics(storage.join(run_dir, "metrics.jsonl"))
     if not metrics:
         raise RuntimeError(f"training finished but wrote no metrics in {run_dir}")
-    plot_loss(
-        metrics, run_dir / "loss.png", title=f"{cfg.run_name} ({cfg.stage}, {cfg.finetuning_type})"
-    )
-    _report_to(cfg, metrics, run_dir)
+    title = f"{cfg.run_name} ({cfg.stage}, {cfg.finetuning_type})"
+    with local_then_upload(run_dir) as local:
+        plot_loss(metrics, local / "loss.png", title=title)
+        _report_to(cfg, metrics, local)
     from raylm.train.checkpoint import list_checkpoints
 
+    done = [p.rpartition("/")[2] for _, p, ok in list_checkpoints(run_dir) if ok]
     return {
-        "run_dir": str(run_dir),
+        "run_dir": run_dir,
         "source": source,
         "outputs": {
-            "final": str(run_dir / "final"),
-            "metrics": str(run_dir / "metrics.jsonl"),
-            "loss_plot": str(run_dir / "loss.png"),
-            "checkpoints": json.dumps([p.name for _, p, ok in list_checkpoints(run_dir) if ok]),
+            "final": storage.join(run_dir, "final"),
+            "metrics": storage.join(run_dir, "metrics.jsonl"),
+            "loss_plot": storage.join(run_dir, "loss.png"),
+            "checkpoints": json.dumps(done),
         },
         "metrics": {
             "steps": metrics[-1]["step"],
@@ -117,11 +120,24 @@ def run_training(cfg: TrainJobConfig, fault: dict[str, Any] | None = None) -> di
     }
 
 
-def _count_resumes(run_dir: Path) -> int:
-    events = run_dir / "events.jsonl"
-    if not events.exists():
+@contextlib.contextmanager
+def local_then_upload(run_dir: str) -> Iterator[Path]:
+    """A local directory for files written by libraries that only write locally
+    (matplotlib, TensorBoard); its contents land in ``run_dir`` afterwards."""
+    if not storage.is_remote(run_dir):
+        yield Path(run_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="raylm-report-") as tmp:
+        yield Path(tmp)
+        storage.copy_dir(tmp, run_dir)
+
+
+def _count_resumes(run_dir: str) -> int:
+    events = storage.join(run_dir, "events.jsonl")
+    if not storage.exists(events):
         return 0
-    return sum(json.loads(ln)["event"] == "resume" for ln in events.read_text().splitlines() if ln)
+    lines = storage.read_text(events).splitlines()
+    return sum(json.loads(ln)["event"] == "resume" for ln in lines if ln)
 
 
 def _report_to(cfg: TrainJobConfig, metrics: list[dict[str, Any]], run_dir: Path) -> None:

@@ -7,15 +7,18 @@ an uninterrupted run would have seen from s on: nothing twice, nothing skipped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from raylm import storage
 from raylm.config import ConfigError
 from raylm.train import checkpoint as ckpt
 from raylm.train.config import TrainJobConfig
@@ -29,7 +32,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
 
     ctx = ray.train.get_context()
-    state = _Loop(cfg, Path(config["run_dir"]), ctx.get_world_rank(), ctx.get_world_size())
+    state = _Loop(cfg, config["run_dir"], ctx.get_world_rank(), ctx.get_world_size())
     state.fault = config.get("fault")
     torch.manual_seed(cfg.train.seed)
     state.setup(ray.train.get_dataset_shard("train"))
@@ -39,13 +42,14 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 class _Loop:
-    def __init__(self, cfg: TrainJobConfig, run_dir: Path, rank: int, world: int) -> None:
+    def __init__(self, cfg: TrainJobConfig, run_dir: str, rank: int, world: int) -> None:
+        """``run_dir`` is a local/NFS path or an object-store URI (``raylm.storage``)."""
         self.cfg, self.run_dir, self.rank, self.world = cfg, run_dir, rank, world
         self.step = 0
         self.fault: dict[str, Any] | None = None
-        self.metrics_file = run_dir / "metrics.jsonl"
-        self.events_file = run_dir / "events.jsonl"
-        self.samples_file = run_dir / "samples.jsonl"
+        self.metrics_file = storage.join(run_dir, "metrics.jsonl")
+        self.events_file = storage.join(run_dir, "events.jsonl")
+        self.samples_file = storage.join(run_dir, "samples.jsonl")
 
     # ---- setup -------------------------------------------------------------------------
     def setup(self, shard: Any) -> None:
@@ -110,17 +114,20 @@ class _Loop:
             self._event({"event": "start", "total_steps": self.total_steps})
             return
         step, path = latest
-        self.engine.load_checkpoint(
-            str(path), tag=ckpt.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        own = torch.load(path / f"trainer_state_rank{self.rank}.pt", weights_only=False)
+        with _local_copy(path) as local:
+            self.engine.load_checkpoint(
+                str(local), tag=ckpt.DS_TAG, load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )  # fmt: skip
+            own = torch.load(local / f"trainer_state_rank{self.rank}.pt", weights_only=False)
         ckpt.set_rng_state(own["rng"])
         self.step = own["step"]
         assert self.step == step, (self.step, step)
         if self.rank == 0:
             _truncate_metrics(self.metrics_file, self.step)
             _truncate_metrics(self.samples_file, self.step)
-        self._event({"event": "resume", "from_step": self.step, "checkpoint": path.name})
+        name = path.rstrip("/").rpartition("/")[2]
+        self._event({"event": "resume", "from_step": self.step, "checkpoint": name})
 
     # ---- training ----------------------------------------------------------------------
     def run(self) -> None:
@@ -207,8 +214,7 @@ class _Loop:
             "samples_seen": self.step * self.per_step * self.world,
             "time": time.time(),
         }
-        with self.metrics_file.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        storage.append_text(self.metrics_file, json.dumps(record) + "\n")
         if self.gauges:
             self.gauges["loss"].set(loss)
             self.gauges["tokens_per_s"].set(tps)
@@ -224,8 +230,8 @@ class _Loop:
         dist.all_gather_object(gathered, ids)
         if self.rank == 0:
             flat = [i for rank_ids in gathered for i in rank_ids]
-            with self.samples_file.open("a") as f:
-                f.write(json.dumps({"step": self.step, "epoch": epoch, "ids": flat}) + "\n")
+            line = json.dumps({"step": self.step, "epoch": epoch, "ids": flat})
+            storage.append_text(self.samples_file, line + "\n")
 
     # ---- checkpoints -------------------------------------------------------------------
     def save(self) -> None:
@@ -245,7 +251,7 @@ class _Loop:
         self._maybe_fault("after_upload", 0)
         dist.barrier()  # every rank's files are in storage now
         if self.rank == 0:
-            ckpt.mark_complete(self.run_dir / name, self.step, self.world)
+            ckpt.mark_complete(storage.join(self.run_dir, name), self.step, self.world)
             self._event({"event": "checkpoint", "step": self.step, "name": name})
         dist.barrier()
 
@@ -268,8 +274,7 @@ class _Loop:
 
     def _event(self, record: dict[str, Any]) -> None:
         if self.rank == 0:
-            with self.events_file.open("a") as f:
-                f.write(json.dumps(record | {"time": time.time()}) + "\n")
+            storage.append_text(self.events_file, json.dumps(record | {"time": time.time()}) + "\n")
 
     # ---- export ------------------------------------------------------------------------
     def export(self) -> None:
@@ -278,12 +283,24 @@ class _Loop:
         export_final(self)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def _truncate_metrics(path: str, step: int) -> None:
     """Drop lines logged after the checkpoint we resume from: they are replayed."""
-    if not path.exists():
+    if not storage.exists(path):
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    lines = storage.read_text(path).splitlines()
+    keep = [ln for ln in lines if ln and json.loads(ln)["step"] <= step]
+    storage.write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+@contextlib.contextmanager
+def _local_copy(path: str) -> Iterator[Path]:
+    """DeepSpeed loads from a local directory: a checkpoint in a bucket is fetched first."""
+    if not storage.is_remote(path):
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="raylm-resume-") as tmp:
+        storage.copy_dir(path, tmp)
+        yield Path(tmp)
 
 
 def _in_ray() -> bool:

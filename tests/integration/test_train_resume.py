@@ -126,24 +126,30 @@ def test_resumed_run_sees_each_example_once_per_epoch(faulted: Path) -> None:
 
 
 @pytest.mark.timeout(420)
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_killed_job_resubmitted_with_same_run_name_continues_exactly(
-    reference: Path, tiny_model: Path, tmp_path: Path
+    where: str, reference: Path, tiny_model: Path, tmp_path: Path, request
 ) -> None:
     """SIGKILL the whole job (driver, controller, workers) after its first checkpoint,
-    then run the same command again: it continues from that checkpoint and matches."""
+    then run the same command again: it continues from that checkpoint and matches.
+    On S3 (a real S3-compatible server) the checkpoints, markers, metrics, final/ and
+    the manifest all live in the bucket, and the resume reads them back from there."""
     import signal
     import subprocess
     import sys
     import time
 
+    from raylm import storage
+
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket") + "/runs"
     argv = [
         sys.executable, str(ROOT / "jobs/train.py"), str(ROOT / "conf/train/pt_full.yaml"),
         f"model.name_or_path={tiny_model}", f"data.path={ROOT / 'conf/train/data/pt_demo.jsonl'}",
-        f"storage_path={tmp_path}", "run_name=preempted", f"train.max_steps={STEPS}",
+        f"storage_path={root}", "run_name=preempted", f"train.max_steps={STEPS}",
         "train.micro_batch_size=2", "checkpoint.save_steps=2", "checkpoint.keep=2",
         "checkpoint.max_failures=2", "checkpoint.log_sample_ids=true",
     ]  # fmt: skip
-    run_dir = tmp_path / "preempted"
+    run_dir = storage.join(root, "preempted")
     log = (tmp_path / "first.log").open("wb")
     first = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
@@ -154,17 +160,20 @@ def test_killed_job_resubmitted_with_same_run_name_continues_exactly(
     assert first.poll() is None, "the job ended before it could be killed"
     os.killpg(first.pid, signal.SIGKILL)  # the whole job: our own process group only
     first.wait()
-    killed_at = len(read_metrics(run_dir / "metrics.jsonl"))
+    killed_at = len(read_metrics(storage.join(run_dir, "metrics.jsonl")))
     assert killed_at < STEPS
 
     second = subprocess.run(argv, capture_output=True, text=True, timeout=360)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    resumes = [e for e in events(run_dir) if e["event"] == "resume"]
+    lines = storage.read_text(storage.join(run_dir, "events.jsonl")).splitlines()
+    resumes = [e for e in map(json.loads, lines) if e["event"] == "resume"]
     assert len(resumes) == 1 and resumes[0]["from_step"] >= 2
     ref = read_metrics(reference / "metrics.jsonl")
-    got = read_metrics(run_dir / "metrics.jsonl")
+    got = read_metrics(storage.join(run_dir, "metrics.jsonl"))
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     for a, b in zip(ref, got, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-6, (a["step"], a["loss"], b["loss"])
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = json.loads(storage.read_text(storage.join(run_dir, "manifest.json")))
     assert manifest["status"] == "succeeded" and manifest["metrics"]["resumes"] == 1
+    assert manifest["output"]["path"] == storage.join(run_dir, "final")
+    assert "model.safetensors" in storage.listdir(storage.join(run_dir, "final"))

@@ -30,7 +30,8 @@ class ToyJob(Job[ToyConfig]):
     config = ToyConfig
     uses_ray = False
 
-    def run(self, cfg: ToyConfig, out: Path) -> Result:
+    def run(self, cfg: ToyConfig, out_dir: str) -> Result:
+        out = Path(out_dir)
         seen = json.loads((out / "manifest.json").read_text())["status"]
         if cfg.fail == "crash":
             raise RuntimeError("disk on fire")
@@ -74,3 +75,8 @@ def test_stated_failures_and_bad_configs_exit_with_one_line(tmp_path: Path, caps
     assert _manifest(tmp_path)["status"] == "failed"
     assert main("toy", ["fial=crash"]) == 2
     assert "did you mean 'fail'" in capsys.readouterr().err
+
+
+def test_a_local_only_job_is_refused_a_bucket_before_anything_runs(s3_bucket: str) -> None:
+    with pytest.raises(config.ConfigError, match=r"toy job writes s3://.* local file I/O"):
+        run_job("toy", [f"output_dir={s3_bucket}/toy"])

@@ -48,3 +48,23 @@ def test_a_manifest_and_its_typed_output_live_in_a_bucket(s3_bucket: str) -> Non
 def test_an_unknown_scheme_is_named() -> None:
     with pytest.raises(storage.StorageError, match="unsupported scheme"):
         storage.exists("ftp://host/x")
+
+
+def test_checkpoint_markers_on_object_storage(s3_bucket: str) -> None:
+    """Only a checkpoint with its COMPLETE object counts, and a re-save of a step wins."""
+    from raylm.train import checkpoint as ckpt
+
+    run = storage.join(s3_bucket, "ckpt-run")
+    first, partial, again = (storage.join(run, ckpt.checkpoint_name(s)) for s in (2, 4, 2))
+    storage.write_text(storage.join(first, "trainer_state_rank0.pt"), "x")
+    ckpt.mark_complete(first, 2, world_size=2)
+    storage.write_text(storage.join(partial, "trainer_state_rank0.pt"), "half")
+    assert ckpt.latest_complete(run) == (2, first)
+    storage.write_text(storage.join(again, "trainer_state_rank0.pt"), "x")
+    ckpt.mark_complete(again, 2, world_size=1)
+    assert ckpt.latest_complete(run) == (2, again)
+    assert [(s, ok) for s, _, ok in ckpt.list_checkpoints(run)] == [
+        (2, True),
+        (2, True),
+        (4, False),
+    ]

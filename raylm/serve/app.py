@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from raylm.config import ConfigError, resolve_path
+from raylm.engine import CPU_WORKER
 from raylm.serve import lora
 from raylm.serve.config import ServeJobConfig
 from raylm.serve.server import DIRECT_KEY, SINGLE_PROCESS_KEY
@@ -51,6 +52,8 @@ def engine_kwargs(cfg: ServeJobConfig, model_dir: str) -> dict[str, Any]:
     }
     if cfg.resources.use_gpu:
         kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
+    else:
+        kwargs["worker_cls"] = CPU_WORKER
     if cfg.lora.enabled:
         kwargs |= {
             "enable_lora": True,

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from raylm.cluster import ClusterError, free_port, resolve_dashboard
+from raylm.config import ConfigError
 
 
 def _client(address: str | None) -> Any:
@@ -51,12 +52,35 @@ def merged(info: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """The full config to PUT: ``config``'s apps added or replaced, everyone else's kept."""
     mine = {a["name"] for a in config["applications"]}
     others = [a for a in _declared_apps(info) if a["name"] not in mine]
+    check_route_prefixes(others, config["applications"])
     body = dict(config)
     port = current_port(info)
     if port:  # the proxy cannot move; asking for another port would be rejected
         body["http_options"] = {**config.get("http_options", {}), "port": port}
     body["applications"] = others + list(config["applications"])
     return body
+
+
+def check_route_prefixes(others: list[dict[str, Any]], mine: list[dict[str, Any]]) -> None:
+    """Refuse an app whose route prefix another app holds, before Serve does.
+
+    Serve rejects the whole PUT with a pydantic traceback ("Found duplicate applications
+    for route prefix") that names neither app; this says which app holds it and what to do.
+    """
+    held = {_prefix(a): a["name"] for a in others}
+    for app in mine:
+        holder = held.get(_prefix(app))
+        if holder is not None:
+            raise ConfigError(
+                f"route prefix {_prefix(app)!r} is held by serve app {holder!r}; deploy "
+                f"{app['name']!r} under another prefix, e.g. route_prefix=/{app['name']} "
+                f"(its API is then at /{app['name']}/v1), or remove {holder!r} first "
+                f"with `raylm serve down {holder}`"
+            )
+
+
+def _prefix(app: dict[str, Any]) -> str:
+    return (app.get("route_prefix") or "/").rstrip("/") or "/"
 
 
 def without(info: dict[str, Any], name: str) -> dict[str, Any]:

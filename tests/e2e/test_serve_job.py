@@ -347,6 +347,41 @@ def test_engine_and_request_metrics_exported(served: Served) -> None:
     assert wanted <= seen, wanted - seen
 
 
+@pytest.mark.timeout(480)
+def test_readme_command_serves_the_plain_tiny_model(served: Served, tiny_model: Path) -> None:
+    """conf/serve/tiny.yaml as the README runs it: no adapters, ``dtype: auto`` (bfloat16
+    on CPUs with AVX512-BF16), a short first prompt. On CPUs with AMX its engine used to
+    die on that first request (raylm.engine); while the module's app holds route prefix
+    "/", the same command must say so and how to choose another."""
+    out = served.out.parent / "plain"
+    cmd = [sys.executable, "-m", "raylm.cli", "serve", str(ROOT / "conf/serve/tiny.yaml")]
+    cmd += [f"model.path={tiny_model}", f"output_dir={out}"]
+    env = os.environ | {"RAYLM_API_KEY": KEY_ENV}
+    taken = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    said = taken.stdout + taken.stderr
+    assert taken.returncode != 0, said
+    assert f"route prefix '/' is held by serve app '{APP}'" in said and "route_prefix=" in said
+    assert "Traceback" not in said
+    try:
+        proc = subprocess.run(
+            [*cmd, "route_prefix=/plain"], env=env, capture_output=True, text=True, timeout=420
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        written = yaml.safe_load((out / "serve_config.yaml").read_text())
+        assert "dtype: auto" in (ROOT / "conf/serve/tiny.yaml").read_text()
+        assert "lora_config" not in yaml.safe_dump(written)  # really no adapters
+        url = json.loads((out / "manifest.json").read_text())["outputs"]["url"]
+        plain = openai.OpenAI(base_url=url, api_key=KEY_ENV, max_retries=0, timeout=120)
+        first = plain.completions.create(model="tiny", prompt="Hi", max_tokens=8, temperature=0)
+        assert first.choices[0].text and first.usage.completion_tokens == 8
+        chat = plain.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=6
+        )
+        assert chat.choices[0].message.content and chat.usage.completion_tokens == 6
+    finally:
+        deploy.down("raylm")
+
+
 @pytest.mark.timeout(420)
 def test_ingress_mode_serves_the_same_api_next_to_it(served: Served, tiny_model: Path) -> None:
     """direct_streaming=false: raylm's ingress replica in front, same answers and errors."""

@@ -96,3 +96,10 @@ def test_generate_config_validates() -> None:
 def test_single_process_choice_reaches_the_replicas(model_dir: Path, override, expected) -> None:
     llm = app.llm_config(_cfg(model_dir, *override))
     assert llm["experimental_configs"][SINGLE_PROCESS_KEY] is expected
+
+
+def test_cpu_replicas_run_the_amx_safe_worker(model_dir: Path) -> None:
+    cpu = app.llm_config(_cfg(model_dir))["engine_kwargs"]
+    assert cpu["worker_cls"] == "raylm.engine.RaylmCPUWorker" and cpu["dtype"] == "auto"
+    gpu = app.llm_config(_cfg(model_dir, "resources.use_gpu=true"))["engine_kwargs"]
+    assert "worker_cls" not in gpu  # GPU engines keep vLLM's own worker

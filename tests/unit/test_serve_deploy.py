@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from raylm.config import ConfigError
 from raylm.serve import deploy
 
 INFO = {
@@ -65,3 +68,23 @@ def test_status_summary_counts_running_replicas() -> None:
     assert s["applications"]["other"]["deployments"]["D"]["replicas"] == 1
     assert s["applications"]["other"]["url"] == "http://127.0.0.1:8123/other/v1"
     assert s["applications"]["raylm"]["url"] == "http://127.0.0.1:8123/v1"
+
+
+def test_a_taken_route_prefix_names_the_app_that_holds_it() -> None:
+    clash = _config(name="second")
+    clash["applications"][0]["route_prefix"] = "/other/"
+    with pytest.raises(ConfigError) as err:
+        deploy.merged(INFO, clash)
+    message = str(err.value)
+    assert "'/other' is held by serve app 'other'" in message
+    assert "route_prefix=/second" in message and "raylm serve down other" in message
+
+
+def test_replacing_an_app_keeps_its_own_route_prefix() -> None:
+    again = _config(name="other")
+    again["applications"][0]["route_prefix"] = "/other"
+    body = deploy.merged(INFO, again)
+    assert [a["name"] for a in body["applications"]] == ["raylm", "other"]
+    moved = _config(name="raylm")
+    moved["applications"][0]["route_prefix"] = "/"  # the app that held "/" was raylm itself
+    assert deploy.merged(INFO, moved)["applications"][-1]["name"] == "raylm"

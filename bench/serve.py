@@ -22,10 +22,9 @@ processes (API server + engine core with the model), and the ratios measure the 
 layer. ``--vllm-env VLLM_ENABLE_V1_MULTIPROCESSING=1 --set engine.single_process=false``
 compares both with vLLM's CPU default instead.
 
-raylm runs as ``conf/serve/tiny.yaml`` configures it: direct streaming (vLLM's app in the
-model replica behind raylm's checks), API keys and Ray's engine metrics on.
-``--set direct_streaming=false`` measures the ingress mode, ``--set
-log_engine_metrics=false`` the cost of Ray's engine metrics.
+raylm runs as ``conf/serve/tiny.yaml`` configures it: vLLM's app in the model replica
+behind raylm's checks, API keys and Ray's engine metrics on. ``--set
+log_engine_metrics=false`` measures the cost of Ray's engine metrics.
 """
 
 from __future__ import annotations
@@ -421,7 +420,7 @@ def main() -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="serve config override for raylm, e.g. stream_batching_interval_ms=10",
+        help="serve config override for raylm, e.g. log_engine_metrics=false",
     )
     parser.add_argument(
         "--vllm-env",

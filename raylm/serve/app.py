@@ -1,11 +1,9 @@
 """raylm's serve config -> a Ray Serve config that runs ray.serve.llm's deployments.
 
 The result is plain data (the YAML ``serve deploy`` takes): one application whose
-import path is raylm's builder (ray.serve.llm's ``build_openai_app`` with a leaner HTTP
-app, ``raylm.serve.builder``), whose args are an ``LLMServingArgs``
-(one LLMConfig, plus raylm's ingress class unless the app streams directly from the model
-replica), and whose deployments get raylm's
-resource and autoscaling choices. Nothing here imports Ray, so it is unit-tested and
+import path is raylm's builder (``raylm.serve.builder``: the model replica answers HTTP
+itself), whose args are an ``LLMServingArgs`` with one LLMConfig, and whose deployment
+gets raylm's resource and autoscaling choices. Nothing here imports Ray, so it is unit-tested and
 an operator can deploy the written file with ``serve deploy`` unchanged.
 """
 
@@ -22,7 +20,6 @@ from raylm.serve.config import ServeJobConfig
 from raylm.serve.server import DIRECT_KEY, SINGLE_PROCESS_KEY
 from raylm.serve.validation import hash_key
 
-INGRESS_CLS = "raylm.serve.ingress:RaylmIngress"
 SERVER_CLS = "raylm.serve.server:RaylmLLMServer"
 BUILDER = "raylm.serve.builder:build_app"
 
@@ -120,10 +117,7 @@ def llm_config(cfg: ServeJobConfig) -> dict[str, Any]:
         "log_engine_metrics": cfg.log_engine_metrics,
         **placement(cfg),
     }
-    out["experimental_configs"] = {
-        "stream_batching_interval_ms": cfg.stream_batching_interval_ms,
-        SINGLE_PROCESS_KEY: cfg.engine.single_process,
-    }
+    out["experimental_configs"] = {SINGLE_PROCESS_KEY: cfg.engine.single_process}
     out["server_cls"] = SERVER_CLS
     if cfg.lora.enabled:
         out["lora_config"] = {"max_num_adapters_per_replica": cfg.lora.max_adapters_per_replica}
@@ -160,26 +154,10 @@ def check_settings(cfg: ServeJobConfig, llm: dict[str, Any], key_hashes: list[st
 
 
 def serving_args(cfg: ServeJobConfig, key_hashes: list[str]) -> dict[str, Any]:
-    """``LLMServingArgs`` for raylm's builder: the model plus where raylm's checks run.
-
-    Direct streaming: in the model replica, so the checks travel with the model's
-    ``experimental_configs``. Otherwise: in raylm's ingress replica.
-    """
+    """``LLMServingArgs`` for raylm's builder: the model, with raylm's checks in its replica."""
     llm = llm_config(cfg)
-    settings = check_settings(cfg, llm, key_hashes)
-    if cfg.direct_streaming:
-        llm["experimental_configs"][DIRECT_KEY] = settings
-        return {"llm_configs": [llm]}
-    return {
-        "llm_configs": [llm],
-        "ingress_cls_config": {
-            "ingress_cls": INGRESS_CLS,
-            "ingress_extra_kwargs": {"settings": settings},
-        },
-        "ingress_deployment_config": {
-            "ray_actor_options": {"num_cpus": cfg.resources.ingress_num_cpus}
-        },
-    }
+    llm["experimental_configs"][DIRECT_KEY] = check_settings(cfg, llm, key_hashes)
+    return {"llm_configs": [llm]}
 
 
 def app_config(cfg: ServeJobConfig, key_hashes: list[str]) -> dict[str, Any]:

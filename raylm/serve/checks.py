@@ -1,12 +1,11 @@
-"""raylm's request checks, shared by both HTTP front ends (ingress and direct streaming).
+"""raylm's request checks, run in the model replica in front of vLLM's own app.
 
 A request is checked in this order: the API key (before the body is even read, so an
 anonymous client learns nothing), the body size (read at most the limit, never buffered
 whole), JSON, the model (a base model or one of its adapters on disk), the prompt and
 sampling parameters, and the prompt length in tokens against ``max_model_len``. Every
-rejection is an ``ApiError`` naming the field; none reaches an engine. The same checks
-run in raylm's ingress replica (``raylm.serve.ingress``) and, with direct streaming, in
-front of vLLM's own app inside the model replica (``raylm.serve.direct``).
+rejection is an ``ApiError`` naming the field; none reaches an engine. The ASGI side
+(reading the request, answering it) is ``raylm.serve.direct``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each group maps onto one part of ``ray.serve.llm``: ``engine`` onto vLLM's engine
 kwargs, ``autoscaling`` and ``resources`` onto the Serve deployment, ``lora`` onto
-multiplexing, ``auth`` and ``limits`` onto raylm's ingress. Validation here catches
+multiplexing, ``auth`` and ``limits`` onto raylm's request checks. Validation here catches
 what would otherwise surface minutes later as a replica that never starts.
 """
 
@@ -174,14 +174,10 @@ class ResourcesConfig:
     actor_num_cpus: float = 0.0
     """CPUs of the replica actor itself; 0 because the bundle already holds the engine's."""
 
-    ingress_num_cpus: float = 0.0
-    """CPUs of the HTTP ingress actor; 0 so it schedules on a busy 2-CPU node."""
-
     def __post_init__(self) -> None:
         positive("resources.cpus_per_replica", self.cpus_per_replica)
         positive("resources.gpus_per_replica", self.gpus_per_replica)
         positive("resources.actor_num_cpus", self.actor_num_cpus, allow_zero=True)
-        positive("resources.ingress_num_cpus", self.ingress_num_cpus, allow_zero=True)
         if self.accelerator_type and not self.use_gpu:
             raise ConfigError(
                 f"resources.accelerator_type={self.accelerator_type!r} needs resources.use_gpu=true"
@@ -204,7 +200,7 @@ class AuthConfig:
 
 @dataclass
 class LimitsConfig:
-    """Request checks done in the ingress before a request reaches an engine."""
+    """Request checks done in the model replica before a request reaches its engine."""
 
     max_request_bytes: int = 1_048_576
     """Largest request body; bigger ones get 413 before being read whole."""
@@ -265,24 +261,6 @@ class ServeJobConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     """HTTP proxy settings."""
 
-    direct_streaming: bool = True
-    """HTTP goes straight to the model replica: HAProxy asks a small router deployment
-    which replica to use and forwards the request to it, where vLLM's own OpenAI app
-    answers behind raylm's checks (``raylm.serve.direct``). No ingress replica relays
-    the tokens, which on 2 CPU cores is the difference between 0.8x and 1.1x vLLM's bare
-    server at 32 clients (docs/benchmarks.md). Needs HAProxy in front of Serve (raylm's
-    clusters have it) and serves one model per app. false: raylm's ingress replica
-    (``raylm.serve.ingress``), which works behind Serve's Python proxy too."""
-
-    stream_batching_interval_ms: float = 100.0
-    """After the first streamed text (chunks up to it are sent at once), later chunks go
-    out in batches this often: bounds the messages per token between Serve's processes under load; 0 sends
-    every chunk alone (ingress mode only: with direct streaming vLLM's app sends every
-    chunk). 100 (ray.serve.llm uses 50) because on CPU nodes those messages
-    take cores from the engine: +13 % tokens/s at 32 clients on 2 cores, same time to
-    first token (docs/benchmarks.md). Where Serve has its own cores (GPU nodes), 50 gives
-    smoother streams."""
-
     log_engine_metrics: bool = True
     """Export vLLM engine metrics (TTFT, tokens/s, KV cache use) to Ray's Prometheus endpoint.
     Costs about 6 % of tokens/s at 32 clients on 2 CPU cores (docs/benchmarks.md)."""
@@ -305,7 +283,6 @@ class ServeJobConfig:
         if not self.app_name or "/" in self.app_name:
             raise ConfigError(f"app_name={self.app_name!r} must be non-empty without '/'")
         positive("wait_ready_s", self.wait_ready_s, allow_zero=True)
-        positive("stream_batching_interval_ms", self.stream_batching_interval_ms, allow_zero=True)
 
 
 @dataclass

@@ -1,13 +1,13 @@
-"""raylm's checks in front of vLLM's own app, for direct streaming (the default).
+"""raylm's checks in front of vLLM's own app, in the model replica.
 
-With direct streaming there is no ingress replica: the HTTP proxy (HAProxy on raylm's
-clusters) sends the request straight to a model replica's own HTTP port, where vLLM's
+There is no ingress replica: the HTTP proxy (HAProxy on raylm's clusters) sends the
+request straight to a model replica's own HTTP port, where vLLM's
 own OpenAI app answers it (ray.serve.llm's ``LLMServer.__serve_build_asgi_app__``).
 Tokens then cross one process boundary fewer, which is what closes the gap to vLLM's
 bare server (docs/benchmarks.md). This ASGI middleware wraps that app so a request
 still meets every raylm rule before vLLM sees it: API key, body size, JSON, model (base
 or an adapter on disk), parameters and prompt length (``raylm.serve.checks``), with the
-same error bodies as raylm's ingress. It then loads a requested adapter into this
+OpenAI-style error bodies naming the field. It then loads a requested adapter into this
 replica's engine if it is not loaded yet. Only the OpenAI routes raylm serves are let
 through; Serve's own probes (``/-/...``) and vLLM's liveness probe pass untouched.
 """

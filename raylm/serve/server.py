@@ -1,13 +1,7 @@
 """raylm's model server: ray.serve.llm's LLMServer with these changes, used for every model.
 
-1. **Chunks go out at once until the first text has.** ray.serve.llm batches stream
-   chunks and yields a batch every ``stream_batching_interval_ms`` (default 50 ms), the
-   first one included, so every streamed request pays up to one interval of extra time
-   to first token. Batching exists to bound the number of messages per token under
-   load; it has no reason to hold back the first text. Here every chunk is sent as soon
-   as it exists until one carries text (a chat stream's role-only chunk, or a first
-   token that decodes to nothing, such as half of a multi-byte character, does not), and
-   later chunks are batched as before.
+1. **vLLM's own HTTP app answers in this replica** behind raylm's request checks
+   (``raylm.serve.direct``), so every streamed chunk goes out as vLLM writes it.
 2. **Each LoRA adapter is loaded once** however many first requests arrive together
    (ray.serve.llm checks "loaded?" and then awaits the load without a lock, and vLLM
    fails the second load with "already been loaded": a 500 for a valid request).
@@ -22,19 +16,13 @@
    thread binding matters, set ``engine.single_process: false``. Multi-device engines
    (tensor/pipeline parallel, and every GPU engine, which uses Ray's executor) are left
    exactly as ray.serve.llm configures them.
-5. **With direct streaming, vLLM's own HTTP app answers in this replica** behind raylm's
-   request checks (``raylm.serve.direct``); (1) then no longer applies, as vLLM's app
-   sends each chunk itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 from collections import defaultdict
-from collections.abc import AsyncGenerator, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from raylm.serve import lora
 
@@ -42,88 +30,7 @@ SINGLE_PROCESS_KEY = "raylm_single_process"
 """Key in ``LLMConfig.experimental_configs`` carrying ``engine.single_process``."""
 
 DIRECT_KEY = "raylm_direct"
-"""Key in ``LLMConfig.experimental_configs``: raylm's request-check settings, present iff
-the app streams directly from the model replica (``raylm.serve.direct``)."""
-
-T = TypeVar("T")
-
-DELTA_TEXT = ("content", "tool_calls", "reasoning_content", "reasoning")
-"""Chat delta fields that carry generated output (a role-only first chunk has none)."""
-
-
-def carries_text(item: Any) -> bool:
-    """Whether a streamed item holds generated text, i.e. whether the first token has
-    really reached the client. Items are vLLM's SSE strings; anything else (an error, a
-    whole response) counts as text, so it is never held back."""
-    if not isinstance(item, str):
-        return True
-    for line in item.splitlines():
-        if not line.startswith("data: {"):
-            continue
-        try:
-            choices = json.loads(line[6:]).get("choices") or []
-        except ValueError:
-            return True
-        for choice in choices:
-            delta = choice.get("delta") or {}
-            if choice.get("text") or any(delta.get(k) for k in DELTA_TEXT):
-                return True
-    return False
-
-
-async def eager_batches(
-    source: AsyncGenerator[T, None],
-    interval_s: float | None,
-    is_first_text: Callable[[T], bool] = lambda _: True,
-) -> AsyncGenerator[list[T], None]:
-    """Chunks of ``source`` as lists: at once until ``is_first_text`` holds for one, then
-    one list per interval.
-
-    ``interval_s=None`` collects everything into one list (ray.serve.llm's meaning for
-    non-streaming requests); ``0`` yields every chunk alone.
-    """
-    if not interval_s:
-        if interval_s is None:
-            yield [item async for item in source]
-            return
-        async for item in source:
-            yield [item]
-        return
-    queue: asyncio.Queue[T] = asyncio.Queue()
-    arrived, done = asyncio.Event(), asyncio.Event()
-
-    async def read() -> None:
-        try:
-            async for item in source:
-                queue.put_nowait(item)
-                arrived.set()
-        finally:
-            done.set()
-            arrived.set()
-
-    reader = asyncio.create_task(read())
-    eager = True
-    try:
-        await arrived.wait()
-        while True:
-            batch = [queue.get_nowait() for _ in range(queue.qsize())]
-            finished = done.is_set()
-            if batch:
-                yield batch
-                eager = eager and not any(is_first_text(item) for item in batch)
-            if finished and queue.empty():
-                reader.result()  # re-raise the engine's error, if any
-                return
-            if eager:  # wait for the next chunk, not for the interval
-                arrived.clear()
-                if queue.empty() and not done.is_set():
-                    await arrived.wait()
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), timeout=interval_s)
-    finally:
-        if not reader.done():
-            reader.cancel()
+"""Key in ``LLMConfig.experimental_configs``: raylm's request-check settings."""
 
 
 def single_process_executor(parallel_config: Any, enabled: bool = True) -> bool:
@@ -165,11 +72,6 @@ def _server_cls() -> type:
             kwargs.setdefault("model_downloader", lora.loader_cls())
             await super().__init__(llm_config, **kwargs)
 
-        def _batch_output_stream(self, generator: AsyncGenerator[T, None]) -> Any:
-            interval_ms = self._get_batch_interval_ms()
-            interval_s = None if interval_ms is None else interval_ms / 1000
-            return eager_batches(generator, interval_s, carries_text)
-
         async def __serve_build_asgi_app__(self) -> Any:
             """vLLM's app, as ray.serve.llm builds it, behind raylm's request checks."""
             from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
@@ -192,8 +94,8 @@ def _server_cls() -> type:
             return app
 
         async def load_adapter(self, model_id: str) -> None:
-            """Load adapter ``BASE:NAME`` into this replica's engine, once (direct streaming:
-            there is no multiplexed routing, so any replica may get any adapter)."""
+            """Load adapter ``BASE:NAME`` into this replica's engine, once (there is no
+            multiplexed routing, so any replica may get any adapter)."""
             async with self._lora_locks[model_id]:
                 await self.engine.resolve_lora(await self._load_model(model_id))
 

@@ -59,13 +59,35 @@ class ClusterInfo:
     started_at: float
     """Unix time the cluster came up."""
 
+    nodes: list[NodeInfo] = dataclasses.field(default_factory=list)
+    """Worker nodes added with ``add_node``; ``down`` stops them with the head."""
+
+    def __post_init__(self) -> None:
+        self.nodes = [n if isinstance(n, NodeInfo) else NodeInfo(**n) for n in self.nodes]
+
+
+@dataclasses.dataclass
+class NodeInfo:
+    """A worker node of the local cluster: its own ``ray start --block`` process group,
+    so losing it (``remove_node``) is what losing a machine looks like to Ray."""
+
+    name: str
+    """The node's label (``raylm.io/node``), to find it in Ray's node list."""
+
+    pid: int
+    """PID of its ``ray start --block``; its process group holds the raylet and workers."""
+
+    num_cpus: int
+    """Logical CPUs it advertises."""
+
 
 class ClusterError(RuntimeError):
     """The local cluster could not be started, reached or stopped."""
 
 
 class LocalCluster:
-    """One single-node Ray cluster owned by this machine's user (or by one test)."""
+    """One local Ray cluster (a head, and worker nodes if added) owned by this machine's
+    user or by one test."""
 
     def __init__(self, state_dir: Path | None = None) -> None:
         self.state_dir = Path(state_dir or raylm_home() / "cluster")
@@ -87,7 +109,7 @@ class LocalCluster:
         # Unix socket paths are capped at 107 bytes, so the temp dir must be short.
         temp_dir = tempfile.mkdtemp(prefix="raylm-", dir="/tmp")
         ports = {name: free_port() for name in _PORT_FLAGS}
-        cpus = num_cpus or os.cpu_count() or 1
+        cpus = (os.cpu_count() or 1) if num_cpus is None else num_cpus
         cmd = [_ray_cli(), "start", "--head", "--block", f"--num-cpus={cpus}"]
         cmd += [f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats"]
         cmd += ["--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1"]
@@ -98,7 +120,7 @@ class LocalCluster:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env=_child_env(temp_dir),
+            env=_child_env(temp_dir, f"127.0.0.1:{ports['port']}"),
         )
         info = ClusterInfo(
             gcs_address=f"127.0.0.1:{ports['port']}",
@@ -116,11 +138,50 @@ class LocalCluster:
             raise
         return info
 
+    def add_node(self, num_cpus: int = 1, timeout: float = 120.0) -> NodeInfo:
+        """Start a worker node on this machine and wait until Ray counts it alive.
+
+        Each node gets its own ports and process group; several nodes on one machine
+        are how the multi-node paths (spreading, losing a node) are tested here.
+        """
+        info = self.info()
+        if info is None:
+            raise ClusterError("no local cluster to add a node to; `raylm cluster up` first")
+        name = f"node{len(info.nodes) + 1}-{os.getpid()}-{int(time.time() * 1000) % 100000}"
+        cmd = [_ray_cli(), "start", f"--address={info.gcs_address}", "--block"]
+        cmd += [f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+        cmd += [f"--labels={json.dumps({'raylm.io/node': name})}"]
+        cmd += [f"--{flag}={free_port()}" for flag in _NODE_PORT_FLAGS]
+        log = open(self.state_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=_child_env(info.temp_dir, info.gcs_address),
+        )  # fmt: skip
+        node = NodeInfo(name=name, pid=proc.pid, num_cpus=num_cpus)
+        info.nodes.append(node)
+        self.state_file.write_text(json.dumps(dataclasses.asdict(info), indent=2))
+        _wait_node(info, name, proc, timeout)
+        return node
+
+    def remove_node(self, node: NodeInfo) -> None:
+        """Kill a worker node's whole process group with SIGKILL: a lost machine, not a
+        drained one (nothing of it gets to say goodbye)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(node.pid, 0)
+        info = self.info()
+        if info is not None:
+            info.nodes = [n for n in info.nodes if n.pid != node.pid]
+            self.state_file.write_text(json.dumps(dataclasses.asdict(info), indent=2))
+
     def down(self, timeout: float = 30.0) -> bool:
         """Stop this cluster's processes (and only them); False if none was running."""
         if not self.state_file.exists():
             return False
         info = ClusterInfo(**json.loads(self.state_file.read_text()))
+        for node in info.nodes:
+            _kill_group(node.pid, timeout / 3)
         stopped = _kill_group(info.pid, timeout)
         self.state_file.unlink(missing_ok=True)
         shutil.rmtree(info.temp_dir, ignore_errors=True)
@@ -150,15 +211,45 @@ _PORT_FLAGS = (
 )
 
 
+# The ports a worker node opens besides the head's.
+_NODE_PORT_FLAGS = (
+    "node-manager-port",
+    "object-manager-port",
+    "metrics-export-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+)
+
+
+def _wait_node(info: ClusterInfo, name: str, proc: subprocess.Popen, timeout: float) -> None:
+    from ray.util.state import list_nodes
+
+    use_token_auth_if_configured()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ClusterError(f"worker node {name} exited with {proc.returncode}")
+        with contextlib.suppress(Exception):  # the state API is briefly unavailable at times
+            nodes = list_nodes(address=info.dashboard_url, filters=[("state", "=", "ALIVE")])
+            if any(n.labels.get("raylm.io/node") == name for n in nodes):
+                return
+        time.sleep(1.0)
+    raise ClusterError(f"worker node {name} did not join within {timeout:.0f}s")
+
+
 def _ray_cli() -> str:
     """The ``ray`` script of this interpreter's environment, so the cluster runs our stack."""
     candidate = Path(sys.executable).parent / "ray"
     return str(candidate) if candidate.exists() else "ray"
 
 
-def _child_env(temp_dir: str) -> dict[str, str]:
+def _child_env(temp_dir: str, gcs_address: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)  # the head must not try to join another cluster
+    # Its own address, never another cluster's: every process of this cluster inherits it,
+    # so Ray's own background ray.init() calls (Train's placement-group cleaner, the state
+    # API) find this cluster even when several run on one machine.
+    env["RAY_ADDRESS"] = gcs_address
     # A single node has nowhere to drain work to; draining only delays `down` by 30 s.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     # Serve's throughput mode (gRPC between replicas, no separate user-code thread, frozen

@@ -145,3 +145,18 @@ def s3_bucket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def multinode_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One head (no CPUs: it only hosts drivers and controllers) and three 1-CPU worker
+    nodes, each its own ``ray start`` process group, for the tests where nodes are the
+    subject. Separate from ``ray_cluster``; stopped by PID like it."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("multinode") / "cluster")
+    cluster.up(num_cpus=0)
+    try:
+        for _ in range(3):
+            cluster.add_node(num_cpus=1)
+        yield cluster
+    finally:
+        cluster.down()

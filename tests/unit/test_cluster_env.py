@@ -33,7 +33,7 @@ def test_without_haproxy_serve_keeps_its_python_proxy(
     monkeypatch.undo()
     monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
     assert cluster.serve_ingress_env(tmp_path) == {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
-    env = cluster._child_env(str(tmp_path))
+    env = cluster._child_env(str(tmp_path), "127.0.0.1:1")
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "0"  # the user's choice is kept
 
 
@@ -42,7 +42,7 @@ def test_user_settings_win_over_the_cluster_defaults(
 ) -> None:
     monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    env = cluster._child_env(str(tmp_path))
+    env = cluster._child_env(str(tmp_path), "127.0.0.1:1")
     assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
-    assert "RAY_ADDRESS" not in env
+    assert env["RAY_ADDRESS"] == "127.0.0.1:1"  # its own cluster, never the caller's
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"

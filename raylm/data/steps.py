@@ -2,7 +2,7 @@
 
 Shaped like datatrove's pipeline blocks: parse, normalise, filter, scrub PII, then sign
 (hashes for dedup) a whole block at once. A step never drops a row: it sets ``status``
-(``quarantine:<reason>`` or ``filter:<name>``) and the rows after it skip that row, so
+(``quarantine:<reason>`` or ``filter:<name>``) and the steps after it skip that row, so
 every input row leaves the stage exactly once and the job's accounting adds up. All the
 steps run fused in one plain Ray task per read block (``process_block``): the blocks are
 already sized for one task each, and a Ray Data operator would add start-up for nothing.

@@ -110,20 +110,25 @@ def check_tokenization(output: DatasetOutput, cfg: TrainJobConfig) -> None:
     model = resolve_model(cfg.model.name_or_path)
     same_tokenizer = tokenizer_hash(model) == output.tokenizer_hash
     same_cutoff = output.cutoff_len == cfg.data.cutoff_len
-    if same_tokenizer and same_cutoff:
-        return
-    moved = not same_tokenizer and output.tokenizer == model
-    changed = " (its tokenizer files changed since)" if moved else ""
+    if not (same_tokenizer and same_cutoff):
+        raise ConfigError(_mismatch(output, cfg, model, same_tokenizer, same_cutoff))
+
+
+def _mismatch(
+    output: DatasetOutput, cfg: TrainJobConfig, model: str, same_tokenizer: bool, same_cutoff: bool
+) -> str:
+    """Both sides, and the two ways out: re-tokenize for this run, or run to fit the data."""
+    edited = not same_tokenizer and output.tokenizer == model
     fixes = [] if same_tokenizer else [f"tokenize.tokenizer={model}"]
     fixes += [] if same_cutoff else [f"tokenize.cutoff_len={cfg.data.cutoff_len}"]
-    instead = (
-        f"set data.cutoff_len={output.cutoff_len}"
-        if same_tokenizer
-        else "train a model that uses that tokenizer"
-        + ("" if same_cutoff else f" with data.cutoff_len={output.cutoff_len}")
-    )
-    raise ConfigError(
-        f"data.path={cfg.data.path!r} was tokenized with {output.tokenizer}{changed} "
+    if same_tokenizer:
+        instead = f"set data.cutoff_len={output.cutoff_len}"
+    else:
+        instead = "train a model that uses that tokenizer"
+        instead += "" if same_cutoff else f" with data.cutoff_len={output.cutoff_len}"
+    return (
+        f"data.path={cfg.data.path!r} was tokenized with {output.tokenizer}"
+        f"{' (its tokenizer files changed since)' if edited else ''} "
         f"(cutoff_len {output.cutoff_len}) but this run trains {model} with "
         f"data.cutoff_len={cfg.data.cutoff_len}; re-run the data job with "
         f"{' '.join(fixes)}, or {instead}"

@@ -57,6 +57,21 @@ def test_pt_job_writes_packed_shards_the_train_job_can_read(
     assert manifest["status"] == "succeeded" and manifest["job"] == "data"
     assert all(h.startswith("sha256:") for h in manifest["inputs"].values())
     assert (out / "config.resolved.yaml").exists() and list((out / "quarantine").glob("*.jsonl"))
+    assert manifest["output"]["tokenizer"] == str(tiny_model)
+    assert manifest["output"]["cutoff_len"] == 128 and manifest["output"]["task"] == "pt"
+
+    # A train job that believes another cutoff stops before it starts, naming both sides.
+    train = [
+        sys.executable, "jobs/train.py", "conf/train/pt_full.yaml", f"data.path={out}",
+        f"model.name_or_path={tiny_model}", "data.cutoff_len=64",
+        f"storage_path={tmp_path / 'train'}",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        train, cwd=ROOT, env=_env(ray_cluster), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"was tokenized with {tiny_model} (cutoff_len 128)" in proc.stderr
+    assert "data.cutoff_len=64; re-run the data job with tokenize.cutoff_len=64" in proc.stderr
 
 
 @pytest.mark.timeout(420)

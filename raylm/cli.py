@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from raylm import config
-from raylm.cluster import ClusterError, LocalCluster, resolve_address, resolve_dashboard
+from raylm.cluster import (
+    ClusterError,
+    LocalCluster,
+    client_env,
+    resolve_address,
+    resolve_dashboard,
+)
 from raylm.config import ConfigError
 from raylm.runner import split_argv
 from raylm.submit import default_python, inside_project, project_root, submit, wait
@@ -101,8 +107,10 @@ def cluster_command(args: argparse.Namespace) -> int:
     cluster = LocalCluster()
     if args.action == "up":
         info = cluster.up(num_cpus=args.num_cpus)
+        exports = " ".join(f"{k}={v}" for k, v in client_env(info).items())
         print(
-            f"local Ray cluster up\n  RAY_ADDRESS={info.gcs_address}\n  dashboard: {info.dashboard_url}"
+            f"local Ray cluster up\n  dashboard: {info.dashboard_url}\n"
+            f"  for Ray's own CLI (ray job submit, ray status): export {exports}"
         )
     elif args.action == "down":
         print("local Ray cluster stopped" if cluster.down() else "no local Ray cluster running")

@@ -250,6 +250,12 @@ def _child_env(temp_dir: str, gcs_address: str) -> dict[str, str]:
     # so Ray's own background ray.init() calls (Train's placement-group cleaner, the state
     # API) find this cluster even when several run on one machine.
     env["RAY_ADDRESS"] = gcs_address
+    # Token auth on, explicitly: Ray's own clients (`ray job submit`, `ray status`) then
+    # need RAY_AUTH_MODE=token too, which `raylm cluster up` prints; without it the
+    # cluster's mode would depend on whether ~/.ray/auth_token happened to exist.
+    env.setdefault("RAY_AUTH_MODE", "token")
+    if env["RAY_AUTH_MODE"] == "token":
+        ensure_auth_token()
     # A single node has nowhere to drain work to; draining only delays `down` by 30 s.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     # Serve's throughput mode (gRPC between replicas, no separate user-code thread, frozen
@@ -315,6 +321,25 @@ def _wait_ready(info: ClusterInfo, proc: subprocess.Popen, timeout: float, log: 
                 return
         time.sleep(0.5)
     raise ClusterError(f"local Ray cluster not ready after {timeout:.0f}s; see {log}")
+
+
+def ensure_auth_token() -> None:
+    """Create Ray's token file (``~/.ray/auth_token``) if neither it nor RAY_AUTH_TOKEN
+    exists, with Ray's own command, as Ray documents for clusters started by ``ray start``."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    if (Path.home() / ".ray" / "auth_token").exists():
+        return
+    subprocess.run([_ray_cli(), "get-auth-token", "--generate"], check=True, capture_output=True)
+
+
+def client_env(info: ClusterInfo) -> dict[str, str]:
+    """What Ray's own CLI needs to reach this cluster: ``export`` these, then
+    ``ray job submit --working-dir . -- python jobs/JOB.py ...`` works as documented."""
+    return {
+        "RAY_ADDRESS": info.gcs_address,
+        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
+    }
 
 
 def use_token_auth_if_configured() -> None:

@@ -78,7 +78,27 @@ def resolve_model(name_or_path: str) -> str:
     tell them apart, and Ray workers run in another working directory.
     """
     local = resolve_path(name_or_path)
-    return local if Path(local).exists() else name_or_path
+    if Path(local).exists() or "://" in name_or_path:
+        return local
+    parts = name_or_path.split("/")
+    if len(parts) == 2 and all(parts) and not name_or_path.startswith("."):
+        return name_or_path  # ORG/NAME: a hub id
+    raise ConfigError(
+        f"model {name_or_path!r}: no such directory at {local}, and not a hub id (ORG/NAME)"
+        + _working_dir_hint()
+    )
+
+
+def _working_dir_hint() -> str:
+    """Why a path that exists on the submitter's machine is missing inside a Ray job."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ or WORKSPACE_ENV in os.environ:
+        return ""
+    return (
+        f". This job runs in Ray's copy of --working-dir ({os.getcwd()}), which leaves out "
+        ".gitignored files such as outputs/: pass an absolute path every node can reach or "
+        f"an s3:// URI, or submit with {WORKSPACE_ENV}=<dir> in the job's env_vars "
+        "(`raylm submit` does this)"
+    )
 
 
 @dataclasses.dataclass

@@ -10,14 +10,15 @@ stage for one still running or done.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from raylm import storage
 from raylm.cluster import init_ray
-from raylm.config import ConfigError, load, save_resolved, to_dict
+from raylm.config import WORKSPACE_ENV, ConfigError, load, save_resolved, to_dict
 from raylm.job import Job, JobFailed, get
-from raylm.manifest import Manifest
+from raylm.manifest import Manifest, submission_id
 
 
 def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -33,6 +34,7 @@ def run_job(name: str, argv: Sequence[str]) -> int:
     files, overrides = split_argv(argv)
     cfg = job.setup(load(name, files, overrides))
     out = job.output_dir(cfg)
+    _check_outlives_job(name, out)
     if storage.is_remote(out) and not job.remote_outputs:
         raise ConfigError(
             f"the {name} job writes {out} with local file I/O and cannot write to object "
@@ -52,6 +54,21 @@ def run_job(name: str, argv: Sequence[str]) -> int:
     record = result.output.to_record() if result.output else None
     manifest.finish(result.outputs, result.metrics, record).write(out)
     return result.exit_code
+
+
+def _check_outlives_job(name: str, out: str) -> None:
+    """A job started by ``ray job submit --working-dir`` runs in Ray's temporary copy of
+    that directory; a relative output dir would land there and vanish with the job."""
+    if not submission_id() or WORKSPACE_ENV in os.environ or storage.is_remote(out):
+        return
+    cwd = os.getcwd()
+    if os.path.abspath(out).startswith(cwd + os.sep):
+        raise ConfigError(
+            f"the {name} job's output dir {out} is inside Ray's temporary copy of "
+            f"--working-dir ({cwd}), deleted when the job ends: give an absolute path that "
+            f"outlives it (shared storage on a multi-node cluster) or an s3:// URI, or submit "
+            f"with {WORKSPACE_ENV}=<dir> in the job's env_vars (`raylm submit` does this)"
+        )
 
 
 def main(name: str, argv: Sequence[str] | None = None) -> int:

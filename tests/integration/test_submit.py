@@ -68,3 +68,36 @@ def test_local_run_joins_the_current_cluster(ray_cluster: ClusterInfo, tmp_path:
     assert code == 0
     report = json.loads((tmp_path / "check.json").read_text())
     assert report["ray"]["address"] == ray_cluster.gcs_address
+
+
+@pytest.mark.timeout(300)
+def test_rays_own_job_submit_works_as_the_readme_shows(
+    ray_cluster: ClusterInfo, tmp_path: Path
+) -> None:
+    """`ray job submit --working-dir . -- python jobs/JOB.py ...` with only what
+    `raylm cluster up` prints exported; a relative output dir is refused by name, since
+    it would land in Ray's temporary copy of the working dir and vanish with the job."""
+    import os
+    import subprocess
+    import sys
+
+    from raylm.cluster import client_env
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= client_env(ray_cluster)
+    ray_cli = str(Path(sys.executable).parent / "ray")
+
+    def submit(*args: str) -> subprocess.CompletedProcess:
+        cmd = [ray_cli, "job", "submit", "--working-dir", ".", "--", "python", "jobs/check.py"]
+        return subprocess.run(
+            [*cmd, "conf/check/default.yaml", *args],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+
+    out = tmp_path / "check"
+    ok = submit("num_tasks=2", f"output_dir={out}")
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "succeeded"
+    lost = submit("output_dir=outputs/check-vanishes")
+    assert lost.returncode != 0
+    assert "inside Ray's temporary copy of --working-dir" in lost.stdout + lost.stderr

@@ -116,3 +116,18 @@ def test_resolve_path_uses_workspace(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert config.resolve_path("outputs/x") == str(tmp_path / "outputs/x")
     assert config.resolve_path("/abs/x") == "/abs/x"
     assert config.resolve_path("s3://bucket/x") == "s3://bucket/x"
+
+
+def test_a_missing_model_dir_is_named_not_sent_to_the_hub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(config.WORKSPACE_ENV, raising=False)
+    assert config.resolve_model("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+    (tmp_path / "m").mkdir()
+    assert config.resolve_model("m") == str(tmp_path / "m")
+    with pytest.raises(ConfigError, match=r"'outputs/models/tiny': no such directory at .*hub id"):
+        config.resolve_model("outputs/models/tiny")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    with pytest.raises(ConfigError, match="Ray's copy of --working-dir"):
+        config.resolve_model("outputs/models/tiny")

@@ -2,8 +2,8 @@
 
 The result is plain data (the YAML ``serve deploy`` takes): one application whose
 import path is raylm's builder (``raylm.serve.builder``: the model replica answers HTTP
-itself), whose args are an ``LLMServingArgs`` with one LLMConfig, and whose deployment
-gets raylm's resource and autoscaling choices. Nothing here imports Ray, so it is unit-tested and
+itself), whose args are one ray.serve.llm ``LLMConfig`` plus raylm's replica settings, and
+whose deployment gets raylm's resource and autoscaling choices. Nothing here imports Ray, so it is unit-tested and
 an operator can deploy the written file with ``serve deploy`` unchanged.
 """
 
@@ -17,10 +17,8 @@ from raylm.config import ConfigError, resolve_path
 from raylm.engine import CPU_WORKER
 from raylm.serve import lora
 from raylm.serve.config import ServeJobConfig
-from raylm.serve.server import DIRECT_KEY, SINGLE_PROCESS_KEY
 from raylm.serve.validation import hash_key
 
-SERVER_CLS = "raylm.serve.server:RaylmLLMServer"
 BUILDER = "raylm.serve.builder:build_app"
 
 
@@ -117,15 +115,13 @@ def llm_config(cfg: ServeJobConfig) -> dict[str, Any]:
         "log_engine_metrics": cfg.log_engine_metrics,
         **placement(cfg),
     }
-    out["experimental_configs"] = {SINGLE_PROCESS_KEY: cfg.engine.single_process}
-    out["server_cls"] = SERVER_CLS
     if cfg.lora.enabled:
         out["lora_config"] = {"max_num_adapters_per_replica": cfg.lora.max_adapters_per_replica}
-        out["experimental_configs"][lora.EXPERIMENTAL_KEY] = lora_locations(cfg)
     return out
 
 
 def lora_locations(cfg: ServeJobConfig) -> dict[str, Any]:
+    """Where the replicas find adapters: ``adapters_dir`` and the named ones, resolved."""
     adapters = {n: resolve_path(p) for n, p in cfg.lora.adapters.items()}
     missing = {n: p for n, p in adapters.items() if not (Path(p) / lora.ADAPTER_CONFIG).is_file()}
     if missing:
@@ -134,10 +130,10 @@ def lora_locations(cfg: ServeJobConfig) -> dict[str, Any]:
     return {"adapters_dir": adapters_dir, "adapters": adapters}
 
 
-def check_settings(cfg: ServeJobConfig, llm: dict[str, Any], key_hashes: list[str]) -> dict:
+def check_settings(
+    cfg: ServeJobConfig, model_dir: str, locations: dict[str, Any], key_hashes: list[str]
+) -> dict[str, Any]:
     """What raylm's request checks need (``raylm.serve.checks.IngressSettings``)."""
-    locations = llm.get("experimental_configs", {}).get(lora.EXPERIMENTAL_KEY, {})
-    model_dir = llm["model_loading_config"]["model_source"]
     return {
         "key_hashes": key_hashes,
         "max_request_bytes": cfg.limits.max_request_bytes,
@@ -154,10 +150,17 @@ def check_settings(cfg: ServeJobConfig, llm: dict[str, Any], key_hashes: list[st
 
 
 def serving_args(cfg: ServeJobConfig, key_hashes: list[str]) -> dict[str, Any]:
-    """``LLMServingArgs`` for raylm's builder: the model, with raylm's checks in its replica."""
+    """The args of raylm's builder: ray.serve.llm's ``LLMConfig`` and what raylm adds to
+    each replica (``raylm.serve.server.ServerSettings``)."""
     llm = llm_config(cfg)
-    llm["experimental_configs"][DIRECT_KEY] = check_settings(cfg, llm, key_hashes)
-    return {"llm_configs": [llm]}
+    model_dir = llm["model_loading_config"]["model_source"]
+    locations = lora_locations(cfg) if cfg.lora.enabled else {}
+    settings = {
+        "checks": check_settings(cfg, model_dir, locations, key_hashes),
+        "single_process": cfg.engine.single_process,
+        **locations,
+    }
+    return {"llm_config": llm, "raylm": settings}
 
 
 def app_config(cfg: ServeJobConfig, key_hashes: list[str]) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 ``ray.serve.llm`` loads adapters on demand (Serve model multiplexing: a request for
 ``BASE:NAME`` goes to a replica that has NAME loaded, or loads it there), but only from
 cloud storage: its LoraConfig rejects a local path. Training writes adapters to a
-directory, so raylm keeps ray.serve.llm's routing and swaps only the loader: the
+directory, so raylm swaps the loader (``raylm.serve.ray_llm.lora_loader_cls``): the
 replica resolves NAME to a directory (an explicit name -> path map, then a
 sub-directory of ``adapters_dir``) and hands that path to vLLM unchanged. Because the
 lookup happens per request, an adapter copied into ``adapters_dir`` later is served
@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 ADAPTER_CONFIG = "adapter_config.json"
-EXPERIMENTAL_KEY = "raylm_lora"
-"""Key in ``LLMConfig.experimental_configs`` carrying the adapter locations to replicas."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -50,40 +47,3 @@ def resolve_adapter(name: str, adapters_dir: str | None, adapters: dict[str, str
         if (candidate / ADAPTER_CONFIG).is_file():
             return str(candidate)
     return None
-
-
-def lora_settings(llm_config: Any) -> dict[str, Any]:
-    return dict(llm_config.experimental_configs.get(EXPERIMENTAL_KEY) or {})
-
-
-def loader_cls() -> type:
-    """Built lazily: importing ray.llm pulls in FastAPI and pydantic models."""
-    from fastapi import HTTPException
-    from ray.llm._internal.common.models import global_id_manager
-    from ray.llm._internal.common.utils.lora_utils import get_lora_id
-    from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
-    from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
-
-    class LocalLoraModelLoader(LoraModelLoader):
-        """Resolve ``BASE:NAME`` to a local directory instead of downloading it."""
-
-        async def load_model_from_config(self, lora_model_id: str, llm_config: Any):
-            if lora_model_id in self.disk_cache:
-                return self.disk_cache[lora_model_id]
-            settings = lora_settings(llm_config)
-            name = get_lora_id(lora_model_id)
-            path = resolve_adapter(name, settings.get("adapters_dir"), settings.get("adapters", {}))
-            if path is None:
-                raise HTTPException(404, f"LoRA adapter {name!r} not found")
-            disk = DiskMultiplexConfig.model_validate(
-                {
-                    "model_id": lora_model_id,
-                    "max_total_tokens": None,
-                    "local_path": path,
-                    "lora_assigned_int_id": global_id_manager.next(),
-                }
-            )
-            self.disk_cache[lora_model_id] = disk
-            return disk
-
-    return LocalLoraModelLoader

@@ -1,5 +1,9 @@
 """raylm's model server: ray.serve.llm's LLMServer with these changes, used for every model.
 
+What touches Ray's private LLM code lives in ``raylm.serve.ray_llm``; this module says what
+raylm wants of it. raylm's settings reach each replica as arguments of the deployment
+(``ServerSettings``), not through Ray's ``experimental_configs``.
+
 1. **vLLM's own HTTP app answers in this replica** behind raylm's request checks
    (``raylm.serve.direct``), so every streamed chunk goes out as vLLM writes it.
 2. **Each LoRA adapter is loaded once** however many first requests arrive together
@@ -20,17 +24,28 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from raylm.serve import lora
 
-SINGLE_PROCESS_KEY = "raylm_single_process"
-"""Key in ``LLMConfig.experimental_configs`` carrying ``engine.single_process``."""
 
-DIRECT_KEY = "raylm_direct"
-"""Key in ``LLMConfig.experimental_configs``: raylm's request-check settings."""
+@dataclass
+class ServerSettings:
+    """What raylm adds to ray.serve.llm's LLMConfig, bound to each replica by the builder."""
+
+    checks: dict[str, Any] = field(default_factory=dict)
+    """raylm's request-check settings (``raylm.serve.checks.IngressSettings`` fields)."""
+
+    single_process: bool = True
+    """``engine.single_process``."""
+
+    adapters_dir: str | None = None
+    """Directory of PEFT adapters, one per sub-directory."""
+
+    adapters: dict[str, str] = field(default_factory=dict)
+    """Adapters by explicit name -> directory."""
 
 
 def single_process_executor(parallel_config: Any, enabled: bool = True) -> bool:
@@ -43,68 +58,36 @@ def single_process_executor(parallel_config: Any, enabled: bool = True) -> bool:
     return False
 
 
-def _engine_cls() -> type:
-    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
-
-    class RaylmVLLMEngine(VLLMEngine):
-        def _start_async_llm_engine(
-            self, vllm_engine_args: Any, vllm_engine_config: Any, placement_group: Any
-        ) -> Any:
-            enabled = self.llm_config.experimental_configs.get(SINGLE_PROCESS_KEY, True)
-            single_process_executor(vllm_engine_config.parallel_config, enabled)
-            return super()._start_async_llm_engine(
-                vllm_engine_args, vllm_engine_config, placement_group
-            )
-
-    return RaylmVLLMEngine
-
-
 def _server_cls() -> type:
     """Built lazily: importing ray.serve.llm pulls in vLLM-facing modules."""
-    from ray import serve
-    from ray.serve.llm.deployment import LLMServer
+    from raylm.serve import ray_llm
+    from raylm.serve.direct import ChecksMiddleware
 
-    class RaylmLLMServer(LLMServer):
-        _default_engine_cls = _engine_cls()
-
-        async def __init__(self, llm_config: Any, **kwargs: Any) -> None:
-            self._lora_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-            kwargs.setdefault("model_downloader", lora.loader_cls())
+    class RaylmLLMServer(ray_llm.server_base()):
+        async def __init__(self, llm_config: Any, *, raylm: dict[str, Any], **kwargs: Any) -> None:
+            self.settings = ServerSettings(**raylm)
+            self.cards = {llm_config.model_id: ray_llm.model_card(llm_config)}
+            one = partial(single_process_executor, enabled=self.settings.single_process)
+            kwargs.setdefault("engine_cls", ray_llm.engine_cls(lambda c: one(c.parallel_config)))
+            find = partial(
+                lora.resolve_adapter,
+                adapters_dir=self.settings.adapters_dir,
+                adapters=self.settings.adapters,
+            )
+            kwargs.setdefault("model_downloader", ray_llm.lora_loader_cls(find))
             await super().__init__(llm_config, **kwargs)
 
         async def __serve_build_asgi_app__(self) -> Any:
             """vLLM's app, as ray.serve.llm builds it, behind raylm's request checks."""
-            from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-            from ray.llm._internal.serve.core.server.llm_server import (
-                _add_middleware_to_built_app,
-            )
-
-            from raylm.serve.direct import ChecksMiddleware
-
             app = await super().__serve_build_asgi_app__()
-            cfg = self._llm_config
-            card = to_model_metadata(cfg.model_id, cfg).model_dump()
-            _add_middleware_to_built_app(
+            ray_llm.add_middleware(
                 app,
                 ChecksMiddleware,
-                settings=cfg.experimental_configs.get(DIRECT_KEY),
-                cards={cfg.model_id: card},
+                settings=self.settings.checks,
+                cards=self.cards,
                 load_adapter=self.load_adapter,
             )
             return app
-
-        async def load_adapter(self, model_id: str) -> None:
-            """Load adapter ``BASE:NAME`` into this replica's engine, once (there is no
-            multiplexed routing, so any replica may get any adapter)."""
-            async with self._lora_locks[model_id]:
-                await self.engine.resolve_lora(await self._load_model(model_id))
-
-        async def _maybe_resolve_lora_from_multiplex(self) -> None:
-            model_id = serve.get_multiplexed_model_id()
-            if not model_id:
-                return
-            async with self._lora_locks[model_id]:
-                await super()._maybe_resolve_lora_from_multiplex()
 
     RaylmLLMServer.__module__ = __name__
     RaylmLLMServer.__qualname__ = "RaylmLLMServer"
@@ -112,7 +95,7 @@ def _server_cls() -> type:
 
 
 def __getattr__(name: str) -> Any:
-    """``raylm.serve.server:RaylmLLMServer`` as an import string, without eager ray.llm."""
+    """``raylm.serve.server.RaylmLLMServer`` without importing ray.serve.llm eagerly."""
     if name == "RaylmLLMServer":
         cls = _server_cls()
         globals()[name] = cls

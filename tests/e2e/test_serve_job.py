@@ -294,8 +294,8 @@ def test_status_and_written_serve_config(served: Served) -> None:
     written = yaml.safe_load((served.out / "serve_config.yaml").read_text())
     app = written["applications"][0]
     assert app["import_path"] == "raylm.serve.builder:build_app"
-    assert "ingress_cls_config" not in app["args"]  # no ingress replica: the model answers
-    assert "raylm_direct" in app["args"]["llm_configs"][0]["experimental_configs"]
+    assert app["args"]["raylm"]["checks"]["max_n"] == 4  # raylm's settings, beside Ray's
+    assert "experimental_configs" not in app["args"]["llm_config"]
     assert [d.split(":")[0] for d in st["deployments"]] == [SERVER_PREFIX]
     assert deploy.down("no-such-app") is False
 

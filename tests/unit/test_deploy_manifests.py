@@ -31,8 +31,10 @@ def test_cluster_yaml_passes_the_autoscaler_schema() -> None:
 
 
 def test_rayservice_serve_config_validates_with_serve_and_serve_llm() -> None:
-    from ray.serve.llm import LLMServingArgs
+    from ray.serve.llm import LLMConfig
     from ray.serve.schema import ServeDeploySchema
+
+    from raylm.serve.server import ServerSettings
 
     manifest = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
     assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayService")
@@ -40,12 +42,10 @@ def test_rayservice_serve_config_validates_with_serve_and_serve_llm() -> None:
     schema = ServeDeploySchema.model_validate(serve_config)
     app = schema.applications[0]
     assert app.import_path == "raylm.serve.builder:build_app"
-    args = LLMServingArgs.model_validate(app.args)
-    assert args.llm_configs[0].accelerator_type == "A10G"
-    assert "raylm_direct" in app.args["llm_configs"][0]["experimental_configs"]
-    for path in (app.import_path, app.args["llm_configs"][0]["server_cls"]):
-        module, _, name = path.partition(":")
-        assert hasattr(__import__(module, fromlist=[name]), name)
+    assert LLMConfig.model_validate(app.args["llm_config"]).accelerator_type == "A10G"
+    assert ServerSettings(**app.args["raylm"]).checks["models"]["sft"]["max_model_len"] == 4096
+    module, _, name = app.import_path.partition(":")
+    assert hasattr(__import__(module, fromlist=[name]), name)
 
 
 def test_rayjob_entrypoint_runs_a_valid_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:

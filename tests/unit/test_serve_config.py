@@ -10,7 +10,6 @@ import yaml
 from raylm.config import ConfigError, load
 from raylm.serve import app
 from raylm.serve.config import ServeJobConfig
-from raylm.serve.server import SINGLE_PROCESS_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,8 +93,8 @@ def test_generate_config_validates() -> None:
     ("override", "expected"), [((), True), (("engine.single_process=false",), False)]
 )
 def test_single_process_choice_reaches_the_replicas(model_dir: Path, override, expected) -> None:
-    llm = app.llm_config(_cfg(model_dir, *override))
-    assert llm["experimental_configs"][SINGLE_PROCESS_KEY] is expected
+    settings = app.serving_args(_cfg(model_dir, *override), [])["raylm"]
+    assert settings["single_process"] is expected
 
 
 def test_cpu_replicas_run_the_amx_safe_worker(model_dir: Path) -> None:

@@ -107,6 +107,9 @@ def cluster_command(args: argparse.Namespace) -> int:
     cluster = LocalCluster()
     if args.action == "up":
         info = cluster.up(num_cpus=args.num_cpus)
+        for _ in range(args.worker_nodes - len(info.nodes)):
+            node = cluster.add_node(num_cpus=args.cpus_per_node)
+            print(f"  worker node {node.name} ({node.num_cpus} CPU) joined")
         exports = " ".join(f"{k}={v}" for k, v in client_env(info).items())
         print(
             f"local Ray cluster up\n  dashboard: {info.dashboard_url}\n"
@@ -168,7 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="dashboard URL")
     p = sub.add_parser("cluster", help="the embedded local Ray cluster")
     p.add_argument("action", choices=["up", "down", "status"])
-    p.add_argument("--num-cpus", type=int, help="CPUs to advertise (default: all)")
+    p.add_argument("--num-cpus", type=int, help="CPUs the head advertises (default: all)")
+    p.add_argument(
+        "--worker-nodes", type=int, default=0,
+        help="also start this many worker nodes on this machine (multi-node behaviour: "
+        "spreading, losing a node)",
+    )  # fmt: skip
+    p.add_argument("--cpus-per-node", type=int, default=1, help="CPUs per worker node")
     p = sub.add_parser("config", help="print a resolved config, or every key of a job")
     p.add_argument("action", choices=["show", "keys"])
     p.add_argument("job", choices=config.job_names())

@@ -23,6 +23,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+NODE_LABEL = "raylm.io/node"
+"""Ray node label naming a worker node that ``LocalCluster.add_node`` started."""
+
 HOME_ENV = "RAYLM_HOME"
 """Directory for raylm's local state (the cluster record); default ``~/.raylm``."""
 
@@ -150,7 +153,7 @@ class LocalCluster:
         name = f"node{len(info.nodes) + 1}-{os.getpid()}-{int(time.time() * 1000) % 100000}"
         cmd = [_ray_cli(), "start", f"--address={info.gcs_address}", "--block"]
         cmd += [f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-        cmd += [f"--labels={json.dumps({'raylm.io/node': name})}"]
+        cmd += [f"--labels={json.dumps({NODE_LABEL: name})}"]
         cmd += [f"--{flag}={free_port()}" for flag in _NODE_PORT_FLAGS]
         log = open(self.state_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
         proc = subprocess.Popen(
@@ -223,19 +226,31 @@ _NODE_PORT_FLAGS = (
 
 
 def _wait_node(info: ClusterInfo, name: str, proc: subprocess.Popen, timeout: float) -> None:
-    from ray.util.state import list_nodes
-
-    use_token_auth_if_configured()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ClusterError(f"worker node {name} exited with {proc.returncode}")
-        with contextlib.suppress(Exception):  # the state API is briefly unavailable at times
-            nodes = list_nodes(address=info.dashboard_url, filters=[("state", "=", "ALIVE")])
-            if any(n.labels.get("raylm.io/node") == name for n in nodes):
+        with contextlib.suppress(OSError, ValueError):  # briefly unavailable at times
+            if any(n["labels"].get(NODE_LABEL) == name for n in alive_nodes(info)):
                 return
         time.sleep(1.0)
     raise ClusterError(f"worker node {name} did not join within {timeout:.0f}s")
+
+
+def alive_nodes(info: ClusterInfo) -> list[dict[str, Any]]:
+    """The cluster's live nodes (id, labels, resources) from its own dashboard.
+
+    Asked by URL rather than through ``ray.util.state``, whose client replaces an explicit
+    address with RAY_ADDRESS when that is set, and so may ask another cluster.
+    """
+    rows = state_rows(info, "nodes")
+    return [n for n in rows if n["state"] == "ALIVE"]
+
+
+def state_rows(info: ClusterInfo, kind: str) -> list[dict[str, Any]]:
+    """Rows of Ray's state API (``nodes``, ``actors``, ...) from this cluster's dashboard."""
+    with _get(f"{info.dashboard_url}/api/v0/{kind}?detail=1&limit=10000", timeout=10) as r:
+        return json.loads(r.read())["data"]["result"]["result"]
 
 
 def _ray_cli() -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from raylm.config import ConfigError, resolve_model
@@ -42,8 +44,43 @@ def check_qlora_device(cfg: TrainJobConfig, cuda_available: bool) -> None:
         ) from None
 
 
-def load_model(cfg: TrainJobConfig) -> Any:
-    """The model with only the parameters of ``finetuning_type`` trainable."""
+@contextlib.contextmanager
+def zero3_partitioned_load(ds_config: dict[str, Any] | None) -> Iterator[bool]:
+    """Under ZeRO-3, build and load the model already partitioned across ranks.
+
+    transformers sees DeepSpeed's config while it is registered, builds the model inside
+    ``deepspeed.zero.Init`` and loads the checkpoint shard by shard into each rank's
+    partition, so a rank's peak host memory during load is about its share, not the whole
+    model. The registration ends with the load: a reference model or the export's merge
+    loaded later must come whole. QLoRA's 4-bit layers load whole (bitsandbytes).
+    """
+    stage = ((ds_config or {}).get("zero_optimization") or {}).get("stage")
+    if stage != 3:
+        yield False
+        return
+    import deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    # zero.Init sizes partitions by DeepSpeed's view of the process group: hand it the
+    # one Ray Train (or torchrun) already made, as deepspeed.initialize would later.
+    deepspeed.init_distributed(dist_backend=_backend(), auto_mpi_discovery=False)
+    registered = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
+    try:
+        yield True
+    finally:
+        del registered
+        unset_hf_deepspeed_config()
+
+
+def _backend() -> str:
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_initialized() else "gloo"
+
+
+def load_model(cfg: TrainJobConfig, ds_config: dict[str, Any] | None = None) -> Any:
+    """The model with only the parameters of ``finetuning_type`` trainable; partitioned at
+    load under ZeRO-3 when the DeepSpeed config is given."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -61,7 +98,11 @@ def load_model(cfg: TrainJobConfig) -> Any:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch_dtype(cfg.train.precision),
         )
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model.name_or_path), **kwargs)
+    partition = None if cfg.finetuning_type == "qlora" else ds_config
+    with zero3_partitioned_load(partition):
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model(cfg.model.name_or_path), **kwargs
+        )
     if cfg.finetuning_type in ("lora", "qlora"):
         return add_lora(model, cfg)
     if cfg.finetuning_type == "freeze":

@@ -72,7 +72,8 @@ class _Loop:
                 f"needs (micro_batch_size*grad_accum={self.per_step}); add data or reduce them"
             )
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
-        model = load_model(cfg)
+        self.ds_config = deepspeed_config(cfg, self.world)
+        model = load_model(cfg, self.ds_config)
         self.precomputed_ref = cfg.stage == "dpo" and all(c in self.rows[0] for c in REF_COLUMNS)
         self.ref = None
         if (
@@ -90,7 +91,6 @@ class _Loop:
             num_warmup_steps=int(t.warmup_ratio * self.total_steps),
             num_training_steps=self.total_steps,
         )
-        self.ds_config = deepspeed_config(cfg, self.world)
         self.engine, self.optim, _, self.sched = deepspeed.initialize(
             model=model, optimizer=optim, lr_scheduler=sched, config=self.ds_config,
             dist_init_required=False,

@@ -9,7 +9,7 @@ import pytest
 from raylm.cluster import ClusterInfo, LocalCluster, _alive, _group_members
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 def test_second_cluster_starts_and_stops_without_touching_the_first(
     ray_cluster: ClusterInfo, tmp_path: Path
 ) -> None:
@@ -22,12 +22,13 @@ def test_second_cluster_starts_and_stops_without_touching_the_first(
         assert other.up() == info  # idempotent: the running cluster is returned
         status = other.status()
         assert status is not None and status["cluster"]["pid"] == info.pid
+        node = other.add_node(num_cpus=1)  # a worker node: its own ray start process group
         ray.init(address=info.gcs_address)
-        assert ray.cluster_resources()["CPU"] == 1.0
+        assert ray.cluster_resources()["CPU"] == 2.0
     finally:
         ray.shutdown()
         assert other.down() is True
-    assert _group_members(info.pid) == []
+    assert _group_members(info.pid) == [] and _group_members(node.pid) == []
     assert not Path(info.temp_dir).exists()
     assert other.info() is None and other.down() is False
     assert _alive(ray_cluster.pid)  # the session's cluster is untouched

@@ -95,7 +95,8 @@ def test_zero3_partitions_parameters_across_two_workers(reference: Path) -> None
     sizes = []
     for rank in (0, 1):
         optim = torch.load(
-            path / "ds" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=False
+            Path(path) / "ds" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+            weights_only=False,
         )
         flat = optim["optimizer_state_dict"]["fp32_flat_groups"]
         sizes.append(sum(t.numel() for t in flat))

@@ -11,6 +11,11 @@
 3. Memory per worker (torchrun, 2 ranks): resident bytes of parameters + gradients +
    AdamW states per rank for ZeRO-0/2/3, against 16*params/N (fp32: 4 B weights + 4 B
    grads + 8 B Adam moments per parameter), plus peak RSS growth.
+4. ZeRO-3 at load (``--only load``, torchrun at 1, 2 and 4 ranks, a ~200M-parameter
+   fp32 model): each rank's peak RSS growth while ``load_model`` runs and until the
+   ZeRO-3 engine (with AdamW) is ready, partitioned at load (zero.Init) against a
+   whole-model load, next to P*4 B/N (weights) and P*16 B/N (weights + fp32 master +
+   Adam moments).
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ class _ListShard:
 def torchrun_worker(args: argparse.Namespace) -> None:
     spec = json.loads(os.environ["RAYLM_BENCH_WORKER"])
     args = argparse.Namespace(**spec)
+    if spec.get("load_only") is not None:
+        load_worker(spec)
+        return
     """One rank without Ray: the same rows per rank (ordered, equal split) and loop."""
     import resource
 
@@ -79,8 +87,8 @@ def torchrun_worker(args: argparse.Namespace) -> None:
     rows = _tokenize_raw(cfg, data_inputs(cfg))
     per = len(rows) // world
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    loop = _Loop(cfg, Path(args.storage) / args.run, rank, world)
-    loop.run_dir.mkdir(parents=True, exist_ok=True)
+    loop = _Loop(cfg, str(Path(args.storage) / args.run), rank, world)
+    Path(loop.run_dir).mkdir(parents=True, exist_ok=True)
     loop.setup(_ListShard(rows[rank * per : (rank + 1) * per]))
     loop.save = lambda: None  # no checkpoints: measure the training loop only
     loop.run()
@@ -88,6 +96,40 @@ def torchrun_worker(args: argparse.Namespace) -> None:
     mem["peak_rss_growth"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
     mem["params_total"] = loop.n_trainable
     (Path(args.storage) / args.run / f"memory_rank{rank}.json").write_text(json.dumps(mem))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def load_worker(spec: dict) -> None:
+    """One rank: peak RSS growth while the model loads (the rest of setup excluded)."""
+    import resource
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    dist.init_process_group("gloo")
+    from raylm.train.ds_config import deepspeed_config
+    from raylm.train.model import load_model
+
+    cfg = make_cfg(Path(spec["model"]), Path(spec["storage"]), "load", 1, 3)
+    ds_config = deepspeed_config(cfg, dist.get_world_size())
+    import deepspeed  # imported before measuring: its import is not the model's memory
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    import torch
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = load_model(cfg, ds_config if spec["load_only"] == "zero_init" else None)
+    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    # Then what the train loop does next: a torch AdamW wrapped by the ZeRO-3 engine.
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    deepspeed.initialize(model=model, optimizer=optim, config=ds_config, dist_init_required=False)
+    ready = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
+    out = Path(spec["storage"]) / f"load_{spec['load_only']}_{dist.get_world_size()}"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"peak": peak, "ready": ready, "params": params}
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -128,7 +170,9 @@ def free_port() -> int:
     return port()
 
 
-def run_torchrun(model: Path, storage: Path, run: str, steps: int, stage: int) -> float:
+def run_torchrun(
+    model: Path, storage: Path, run: str, steps: int, stage: int, nproc: int = 2, **extra
+) -> float:
     t0 = time.perf_counter()
     # torchrun parses option-like script arguments itself, so the worker's go by env.
     spec = {
@@ -137,10 +181,10 @@ def run_torchrun(model: Path, storage: Path, run: str, steps: int, stage: int) -
         "run": run,
         "steps": steps,
         "stage": stage,
-    }
+    } | extra
     env = dict(os.environ, OMP_NUM_THREADS="1", RAYLM_BENCH_WORKER=json.dumps(spec))
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}",
-           __file__]  # fmt: skip
+    cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", __file__]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -197,11 +241,38 @@ def bench_memory(model: Path, out: Path) -> dict:
     return rows
 
 
+def bench_load(out: Path) -> dict:
+    """Peak RSS growth per rank while loading, partitioned (zero.Init) vs whole."""
+    from raylm.models.tiny import TinySpec, build
+
+    model = ROOT / "outputs/bench/model-200m"
+    if not (model / "config.json").exists():
+        build(model, TinySpec(hidden_size=1024, intermediate_size=4096, num_layers=12,
+                              num_heads=16, num_kv_heads=16))  # fmt: skip
+    rows = {}
+    for nproc in (1, 2, 4):
+        for mode in ("whole", "zero_init"):
+            run_torchrun(model, out, "load", 1, 3, nproc=nproc, load_only=mode)
+            ranks = [
+                json.loads(p.read_text()) for p in (out / f"load_{mode}_{nproc}").glob("*.json")
+            ]
+            params = ranks[0]["params"]
+            rows[f"{mode}_{nproc}"] = {
+                "ranks": nproc, "load_peak_gib": max(r["peak"] for r in ranks) / 2**30,
+                "ready_peak_gib": max(r["ready"] for r in ranks) / 2**30,
+                "weights_share_gib": params * 4 / nproc / 2**30,
+                "steady_share_gib": params * 16 / nproc / 2**30, "params": params,
+            }  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--out", default="outputs/bench/train")
-    parser.add_argument("--only", choices=["throughput", "recovery", "memory"], default=None)
+    parser.add_argument(
+        "--only", choices=["throughput", "recovery", "memory", "load"], default=None
+    )
     args = parser.parse_args()
     if os.environ.get("RAYLM_BENCH_WORKER"):
         torchrun_worker(args)
@@ -218,7 +289,8 @@ def main() -> None:
     model = build_model(ROOT / "outputs/bench/model-25m")
     from raylm.cluster import init_ray
 
-    init_ray()
+    if args.only != "load":
+        init_ray()
     results = {}
     if args.only in (None, "throughput"):
         results["throughput"] = bench_throughput(model, out, args.steps)
@@ -226,6 +298,8 @@ def main() -> None:
         results["recovery"] = bench_recovery(model, out, args.steps)
     if args.only in (None, "memory"):
         results["memory"] = bench_memory(model, out)
+    if args.only in (None, "load"):
+        results["load"] = bench_load(out)
     print(json.dumps(results, indent=2))
     (out / "results.json").write_text(json.dumps(results, indent=2))
 

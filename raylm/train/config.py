@@ -172,10 +172,19 @@ class DeepSpeedConfig:
     config_file: str | None = None
     """A user DeepSpeed JSON (LLaMA-Factory's ``deepspeed:``); merged over the generated one."""
 
+    zero3_init: bool = False
+    """ZeRO-3: build and load the model already partitioned (``deepspeed.zero.Init``). Off by
+    default because it measured worse here: transformers maps a safetensors checkpoint
+    lazily, and the engine then keeps only each rank's share, which peaked lower at 1, 2
+    and 4 ranks than zero.Init's load (docs/benchmarks.md). Turn it on for checkpoints that
+    cannot be mapped lazily (``.bin`` files) or models built by custom code."""
+
     def __post_init__(self) -> None:
         choice("deepspeed.stage", str(self.stage), ("0", "1", "2", "3"))
         if self.offload_params and self.stage != 3:
             raise ConfigError("deepspeed.offload_params needs deepspeed.stage=3")
+        if self.zero3_init and self.stage != 3:
+            raise ConfigError("deepspeed.zero3_init needs deepspeed.stage=3")
 
 
 @dataclass

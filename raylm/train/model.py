@@ -80,7 +80,7 @@ def _backend() -> str:
 
 def load_model(cfg: TrainJobConfig, ds_config: dict[str, Any] | None = None) -> Any:
     """The model with only the parameters of ``finetuning_type`` trainable; partitioned at
-    load under ZeRO-3 when the DeepSpeed config is given."""
+    load under ZeRO-3 when the DeepSpeed config is given (``deepspeed.zero3_init``)."""
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -73,7 +73,7 @@ class _Loop:
             )
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
         self.ds_config = deepspeed_config(cfg, self.world)
-        model = load_model(cfg, self.ds_config)
+        model = load_model(cfg, self.ds_config if cfg.deepspeed.zero3_init else None)
         self.precomputed_ref = cfg.stage == "dpo" and all(c in self.rows[0] for c in REF_COLUMNS)
         self.ref = None
         if (

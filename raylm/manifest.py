@@ -24,12 +24,13 @@ MANIFEST = "manifest.json"
 def hash_path(path: str | Path) -> str:
     """sha256 of a file, or of a directory's (relative path, file hash) list.
 
-    Remote URIs cannot be hashed cheaply and are recorded as ``uri:<path>``; a missing
-    path is an error, because a manifest must not claim an input it never saw.
+    Objects in a bucket are not downloaded to be hashed: their listing (key, size,
+    modification time) is, which changes whenever an object is rewritten. A missing path
+    is an error, because a manifest must not claim an input it never saw.
     """
     text = str(path)
-    if "://" in text and not text.startswith("file://"):
-        return f"uri:{text}"
+    if storage.is_remote(text):
+        return "listing:" + _listing_sha256(text)
     p = Path(text.removeprefix("file://"))
     if p.is_file():
         return "sha256:" + _file_sha256(p)
@@ -39,6 +40,27 @@ def hash_path(path: str | Path) -> str:
             digest.update(f"{f.relative_to(p)}\0{_file_sha256(f)}\n".encode())
         return "sha256:" + digest.hexdigest()
     raise FileNotFoundError(f"cannot hash {text}: no such file or directory")
+
+
+def _listing_sha256(uri: str) -> str:
+    import pyarrow.fs as pafs
+
+    fs, root = storage.filesystem(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"cannot hash {uri}: no such object or prefix")
+    infos = [info] if info.type == pafs.FileType.File else []
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted(
+        (i.path, i.size, i.mtime_ns)
+        for i in infos
+        if i.type == pafs.FileType.File and i.base_name != MANIFEST
+    )
+    digest = hashlib.sha256()
+    for name, size, mtime in files:
+        digest.update(f"{name}\0{size}\0{mtime}\n".encode())
+    return digest.hexdigest()
 
 
 def _file_sha256(path: Path) -> str:

@@ -68,3 +68,20 @@ def test_checkpoint_markers_on_object_storage(s3_bucket: str) -> None:
         (2, True),
         (4, False),
     ]
+
+
+def test_bucket_inputs_are_fingerprinted_by_their_listing(s3_bucket: str) -> None:
+    """A rewritten object changes the hash; the manifest itself does not count."""
+    from raylm.manifest import hash_path
+
+    base = storage.join(s3_bucket, "hashed")
+    storage.write_text(storage.join(base, "a.jsonl"), "one")
+    first = hash_path(base)
+    assert first.startswith("listing:") and hash_path(base) == first
+    storage.write_text(storage.join(base, "manifest.json"), "{}")
+    assert hash_path(base) == first
+    storage.write_text(storage.join(base, "a.jsonl"), "one, rewritten")
+    assert hash_path(base) != first
+    assert hash_path(storage.join(base, "a.jsonl")).startswith("listing:")
+    with pytest.raises(FileNotFoundError, match="no such object"):
+        hash_path(storage.join(base, "nope"))

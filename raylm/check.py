@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
-from pathlib import Path
 from typing import Any
 
+from raylm import storage
 from raylm.config import RayConfig, positive
 from raylm.job import Job, Result
 
@@ -69,9 +69,11 @@ class CheckJob(Job[CheckConfig]):
     name = "check"
     config = CheckConfig
 
+    remote_outputs = True
+
     def run(self, cfg: CheckConfig, out_dir: str) -> Result:
-        out = Path(out_dir)
         report = run_check(cfg.num_tasks) | {"ray": self.ray_info}
-        (out / "check.json").write_text(json.dumps(report, indent=2))
-        print(f"check: {report['tasks']} tasks ran on {len(report['nodes'])} node(s): {out}")
-        return Result({"report": str(out / "check.json")}, {"nodes": len(report["nodes"])})
+        path = storage.join(out_dir, "check.json")
+        storage.write_text(path, json.dumps(report, indent=2))
+        print(f"check: {report['tasks']} tasks ran on {len(report['nodes'])} node(s): {out_dir}")
+        return Result({"report": path}, {"nodes": len(report["nodes"])})

@@ -211,7 +211,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "lineage":
         from raylm.pipeline.lineage import describe
 
-        print(describe(Path(args.run_dir)))
+        print(describe(args.run_dir))
         return 0
     if args.command == "serve" and args.rest[:1] in (["status"], ["down"]):
         return serve_command(args)

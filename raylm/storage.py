@@ -23,18 +23,19 @@ class StorageError(OSError):
     """A path could not be reached; the message names it and what would fix it."""
 
 
-def scheme(uri: str) -> str:
+def scheme(uri: str | os.PathLike) -> str:
     """``s3`` for ``s3://b/k``; ``""`` for a local path (``file://`` counts as local)."""
-    head, sep, _ = uri.partition("://")
+    head, sep, _ = os.fspath(uri).partition("://")
     return head.lower() if sep and head.lower() != "file" else ""
 
 
-def is_remote(uri: str) -> bool:
+def is_remote(uri: str | os.PathLike) -> bool:
     return scheme(uri) != ""
 
 
-def join(base: str, *parts: str) -> str:
-    """``base/part/...`` without collapsing a URI's ``//``."""
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """``base/part/...`` without collapsing a URI's ``//`` (a Path base is accepted)."""
+    base = os.fspath(base)
     out = base.rstrip("/") if base not in ("/", "") else base
     for part in parts:
         part = part.strip("/")
@@ -43,10 +44,11 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-def filesystem(uri: str) -> tuple[Any, str]:
+def filesystem(uri: str | os.PathLike) -> tuple[Any, str]:
     """The pyarrow filesystem for ``uri`` and the path inside it."""
     import pyarrow.fs as pafs
 
+    uri = os.fspath(uri)
     if not is_remote(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
     if scheme(uri) not in REMOTE_SCHEMES:
@@ -105,6 +107,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     Locally: a temporary sibling, then ``os.replace``. On an object store a single PUT
     is already all-or-nothing, and there is no rename to lean on.
     """
+    uri = os.fspath(uri)
     if is_remote(uri):
         fs, path = filesystem(uri)
         with fs.open_output_stream(path) as f:
@@ -143,6 +146,7 @@ def delete_dir(uri: str) -> None:
 def append_text(uri: str, text: str) -> None:
     """Append to a log file. Object stores cannot append: the object is rewritten, which
     is fine for the small per-run logs (metrics, events) this is used for."""
+    uri = os.fspath(uri)
     if not is_remote(uri):
         path = uri.removeprefix("file://")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

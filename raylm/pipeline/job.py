@@ -6,8 +6,7 @@ resumes an interrupted training run from its checkpoint.
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from raylm import storage
 from raylm.config import resolve_path
 from raylm.job import Job, Result
 from raylm.pipeline.config import PipelineConfig
@@ -20,18 +19,19 @@ class PipelineJob(Job[PipelineConfig]):
     name = "pipeline"
     config = PipelineConfig
 
+    remote_outputs = True  # stage records and lineage go through raylm.storage
+
     def output_dir(self, cfg: PipelineConfig) -> str:
-        return str(Path(resolve_path(cfg.workspace)) / cfg.name)
+        return storage.join(resolve_path(cfg.workspace), cfg.name)
 
     def run(self, cfg: PipelineConfig, out_dir: str) -> Result:
         from raylm.pipeline import lineage
         from raylm.pipeline.runner import run
 
-        out = Path(out_dir)
         dashboard = self.ray_info["dashboard_url"]
         dashboard = dashboard if dashboard.startswith("http") else f"http://{dashboard}"
-        summary = run(cfg, out, dashboard)
-        path = lineage.write(out, summary)
+        summary = run(cfg, out_dir, dashboard)
+        path = lineage.write(out_dir, summary)
         print(f"pipeline: {summary['stages']}; lineage: {path}")
         blocked = summary["stages"].get("serve") == "blocked"
         return Result({"lineage": str(path)}, summary, exit_code=GATE_BLOCKED if blocked else 0)

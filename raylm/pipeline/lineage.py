@@ -7,39 +7,41 @@ jobs recorded: each link is a path plus the content hash or fingerprint seen the
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-from raylm.manifest import Manifest
+from raylm import storage
+from raylm.manifest import MANIFEST, Manifest
 
 LINEAGE = "lineage.json"
 
 
-def build(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+def build(run_dir: str, summary: dict[str, Any]) -> dict[str, Any]:
     """The chain serve -> eval -> train checkpoint -> data manifest -> input file hashes."""
-    stages = {name: Manifest.read(run_dir / name) for name in ("data", "train", "eval", "serve")}
-    lineage: dict[str, Any] = {"run_dir": str(run_dir), "summary": summary}
+    dirs = {name: storage.join(run_dir, name) for name in ("data", "train", "eval", "serve")}
+    stages = {name: Manifest.read(d) for name, d in dirs.items()}
+    lineage: dict[str, Any] = {"run_dir": run_dir, "summary": summary}
     if stages["serve"]:
-        lineage["served"] = _link(stages["serve"], run_dir / "serve")
+        lineage["served"] = _link(stages["serve"], dirs["serve"])
     if stages["eval"]:
-        link = _link(stages["eval"], run_dir / "eval")
-        link["gate"] = json.loads((run_dir / "eval" / "eval.json").read_text()).get("gate")
+        link = _link(stages["eval"], dirs["eval"])
+        report = storage.join(dirs["eval"], "eval.json")
+        link["gate"] = json.loads(storage.read_text(report)).get("gate")
         lineage["evaluation"] = link
     if stages["train"]:
-        link = _link(stages["train"], run_dir / "train")
+        link = _link(stages["train"], dirs["train"])
         link["checkpoint"] = stages["train"].outputs.get("final")
         link["train_config"] = stages["train"].config
         lineage["training"] = link
     if stages["data"]:
-        link = _link(stages["data"], run_dir / "data")
+        link = _link(stages["data"], dirs["data"])
         link["input_files"] = stages["data"].inputs
         lineage["data"] = link
     return lineage
 
 
-def _link(manifest: Manifest, out_dir: Path) -> dict[str, Any]:
+def _link(manifest: Manifest, out_dir: str) -> dict[str, Any]:
     return {
-        "manifest": str(out_dir / "manifest.json"),
+        "manifest": storage.join(out_dir, MANIFEST),
         "fingerprint": manifest.fingerprint(),
         "status": manifest.status,
         "inputs": manifest.inputs,
@@ -49,15 +51,16 @@ def _link(manifest: Manifest, out_dir: Path) -> dict[str, Any]:
     }
 
 
-def write(run_dir: Path, summary: dict[str, Any]) -> Path:
-    path = run_dir / LINEAGE
-    path.write_text(json.dumps(build(run_dir, summary), indent=2, sort_keys=True, default=str))
+def write(run_dir: str, summary: dict[str, Any]) -> str:
+    path = storage.join(run_dir, LINEAGE)
+    body = json.dumps(build(run_dir, summary), indent=2, sort_keys=True, default=str)
+    storage.write_text(path, body)
     return path
 
 
-def describe(run_dir: Path) -> str:
+def describe(run_dir: str) -> str:
     """``raylm lineage RUN``: the chain as indented text, newest artefact first."""
-    record = json.loads((Path(run_dir) / LINEAGE).read_text())
+    record = json.loads(storage.read_text(storage.join(str(run_dir), LINEAGE)))
     lines = [f"run {record['run_dir']}"]
     for key, label in (("served", "served"), ("evaluation", "evaluated"),
                        ("training", "trained"), ("data", "curated")):  # fmt: skip

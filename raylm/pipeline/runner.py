@@ -18,10 +18,9 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from raylm import config
+from raylm import config, storage
 from raylm.job import JobFailed
 from raylm.manifest import Manifest
 from raylm.outputs import DatasetOutput, EvalOutput, ModelOutput, StageOutput, read_output
@@ -47,7 +46,7 @@ class Stage:
 
     name: str
     argv: list[str]
-    out_dir: Path
+    out_dir: str
     inputs: list[str]
 
     def load(self) -> Any:
@@ -55,16 +54,16 @@ class Stage:
 
     def fingerprint(self) -> str:
         cfg = config.to_dict(self.load())
-        present = [p for p in self.inputs if Path(p).exists()]
+        present = [p for p in self.inputs if storage.exists(p)]
         return Manifest.start(self.name, cfg, present).fingerprint()
 
 
 def stage_for(
-    name: str, cfg: PipelineConfig, run_dir: Path, produced: dict[str, StageOutput]
+    name: str, cfg: PipelineConfig, run_dir: str, produced: dict[str, StageOutput]
 ) -> Stage:
     """Stage ``name`` wired to what the earlier stages produced; its own overrides win."""
     sc = getattr(cfg, name)
-    out = run_dir / name
+    out = storage.join(run_dir, name)
     wiring, inputs = [f"output_dir={out}"], []
     if name == "train":
         wiring = [f"storage_path={run_dir}", f"run_name={name}"]
@@ -90,7 +89,7 @@ def _model_wiring(name: str, model: ModelOutput, adapter_name: str) -> list[str]
     return [f"model.path={model.path}"]
 
 
-def run(cfg: PipelineConfig, run_dir: Path, dashboard: str) -> dict[str, Any]:
+def run(cfg: PipelineConfig, run_dir: str, dashboard: str) -> dict[str, Any]:
     """Run or skip each stage; returns a summary: what ran, what was skipped, the gate."""
     from ray.job_submission import JobSubmissionClient
 
@@ -140,9 +139,11 @@ def _show(text: str) -> None:
     print(text, end="", flush=True)
 
 
-def _already_done(stage: Stage, run_dir: Path, fingerprint: str, dashboard: str) -> bool:
-    record = run_dir / STAGE_RECORDS / f"{stage.name}.json"
-    if not record.exists() or json.loads(record.read_text())["fingerprint"] != fingerprint:
+def _already_done(stage: Stage, run_dir: str, fingerprint: str, dashboard: str) -> bool:
+    record = storage.join(run_dir, STAGE_RECORDS, f"{stage.name}.json")
+    if not storage.exists(record):
+        return False
+    if json.loads(storage.read_text(record))["fingerprint"] != fingerprint:
         return False
     manifest = Manifest.read(stage.out_dir)
     if manifest is None or manifest.status != "succeeded":
@@ -158,12 +159,11 @@ def _app_running(stage: Stage, dashboard: str) -> bool:
     return app is not None and app["status"] == "RUNNING"
 
 
-def _record(stage: Stage, run_dir: Path, fingerprint: str, sid: str) -> None:
-    path = run_dir / STAGE_RECORDS / f"{stage.name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _record(stage: Stage, run_dir: str, fingerprint: str, sid: str) -> None:
+    path = storage.join(run_dir, STAGE_RECORDS, f"{stage.name}.json")
     body = {"fingerprint": fingerprint, "submission_id": sid, "argv": stage.argv}
     body["finished_at"] = time.time()
-    path.write_text(json.dumps(body, indent=2))
+    storage.write_text(path, json.dumps(body, indent=2))
 
 
 def _gate_allows(
@@ -174,7 +174,7 @@ def _gate_allows(
         return True
     verdict_of = produced["eval"]
     assert isinstance(verdict_of, EvalOutput)
-    verdict = json.loads(Path(verdict_of.report).read_text())["gate"]
+    verdict = json.loads(storage.read_text(verdict_of.report))["gate"]
     summary["gate"] = verdict
     if verdict_of.gate_passed:
         print("pipeline: gate passed", flush=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from raylm import storage
 from raylm.config import resolve_path
 from raylm.job import Job, Result
 from raylm.outputs import ServiceOutput
@@ -21,6 +22,7 @@ class ServeJob(Job[ServeJobConfig]):
     name = "serve"
     config = ServeJobConfig
     uses_ray = False  # it talks to the Serve REST API; the app runs in the cluster
+    remote_outputs = True  # serve_config.yaml and the manifest go through raylm.storage
 
     def setup(self, cfg: ServeJobConfig) -> ServeJobConfig:
         adapters = {name: resolve_path(p) for name, p in cfg.lora.adapters.items()}
@@ -39,14 +41,13 @@ class ServeJob(Job[ServeJobConfig]):
     def run(self, cfg: ServeJobConfig, out_dir: str) -> Result:
         import yaml
 
-        out = Path(out_dir)
         from raylm.serve.app import api_key_hashes, serve_config
         from raylm.serve.deploy import choose_port, deploy, wait_running
 
         port = choose_port(cfg.http.port, cfg.dashboard_address)
         config = serve_config(cfg, api_key_hashes(cfg), port)
-        config_path = out / "serve_config.yaml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        config_path = storage.join(out_dir, "serve_config.yaml")
+        storage.write_text(config_path, yaml.safe_dump(config, sort_keys=False))
         deploy(config, cfg.dashboard_address)
         url = f"http://{cfg.http.host}:{port}{cfg.route_prefix.rstrip('/')}/v1"
         print(f"serve: deployed app {cfg.app_name!r} ({config_path}); waiting for it to be RUNNING")
@@ -57,7 +58,7 @@ class ServeJob(Job[ServeJobConfig]):
         print(f"serve: {cfg.app_name} {status} at {url}")
         service = ServiceOutput(url, cfg.app_name, cfg.model.path, dict(cfg.lora.adapters))
         return Result(
-            {"serve_config": str(config_path), "url": url},
+            {"serve_config": config_path, "url": url},
             {"status": status, "port": port},
             service,
         )

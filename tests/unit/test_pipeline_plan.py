@@ -91,3 +91,21 @@ def test_pipeline_config_rejects_incoherent_stages(monkeypatch: pytest.MonkeyPat
         config.load("pipeline", [], [])
     with pytest.raises(ConfigError, match="gate=true needs an eval stage"):
         config.load("pipeline", [], ["serve.config=conf/serve/tiny.yaml"])
+
+
+def test_a_workspace_in_a_bucket_keeps_its_uris(demo: PipelineConfig, s3_bucket: str) -> None:
+    """Stage dirs, stage records and lineage live in the bucket, URIs intact."""
+    from raylm.pipeline import lineage
+    from raylm.pipeline.runner import _already_done, _record
+
+    run_dir = f"{s3_bucket}/pipelines/demo"
+    stage = stage_for("data", demo, run_dir, {})
+    assert stage.out_dir == f"{run_dir}/data" and stage.load().output_dir == stage.out_dir
+    fingerprint = stage.fingerprint()
+    _record(stage, run_dir, fingerprint, "raysubmit_1")
+    assert not _already_done(stage, run_dir, fingerprint, "http://unused")  # no manifest yet
+    Manifest(job="data", config={}).finish({}, {}).write(stage.out_dir)
+    assert _already_done(stage, run_dir, fingerprint, "http://unused")
+    assert not _already_done(stage, run_dir, "another", "http://unused")
+    path = lineage.write(run_dir, {"stages": {"data": "ran"}})
+    assert path == f"{run_dir}/lineage.json" and "curated" in lineage.describe(run_dir)

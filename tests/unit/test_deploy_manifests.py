@@ -61,3 +61,25 @@ def test_rayjob_entrypoint_runs_a_valid_pipeline(monkeypatch: pytest.MonkeyPatch
     groups = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     gpu = next(g for g in groups if g["groupName"] == "gpu-spot")
     assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1
+
+
+@pytest.mark.parametrize(
+    "path", ["cluster.yaml", "deploy/rayjob-pipeline.yaml", "deploy/rayservice.yaml"]
+)
+def test_manifests_have_no_duplicate_keys_and_turn_token_auth_on(path: str) -> None:
+    """YAML keeps the last of two equal keys silently: a second ``env:`` would drop the
+    first one's variables (token auth among them) without an error anywhere."""
+
+    class Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+        keys = [loader.construct_object(k) for k, _ in node.value]
+        dupes = {k for k in keys if keys.count(k) > 1}
+        assert not dupes, f"{path}: duplicate keys {dupes} at line {node.start_mark.line + 1}"
+        return loader.construct_mapping(node)
+
+    Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    text = (ROOT / path).read_text()
+    yaml.load(text, Loader=Strict)
+    assert "RAY_AUTH_MODE" in text

@@ -32,6 +32,9 @@ from raylm import storage
 
 COMPLETE = "COMPLETE"
 DS_TAG = "ds"
+UNIVERSAL_TAG = "ds_universal"
+"""DeepSpeed's world-size-independent form of a checkpoint, written beside it on demand."""
+UNIVERSAL_DONE = "UNIVERSAL"
 _NAME = re.compile(r"^checkpoint_(\d{8})_[0-9a-f]{8}$")
 
 
@@ -54,6 +57,11 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str, bool]]:
             found.append((int(m.group(1)), path, marker is not None, (marker or {}).get("time", 0)))
     found.sort(key=lambda t: (t[0], t[3]))
     return [(step, path, ok) for step, path, ok, _ in found]
+
+
+def marker(path: str) -> dict[str, Any] | None:
+    """A checkpoint's COMPLETE record (step, world_size, time), or None if incomplete."""
+    return _marker(path)
 
 
 def _marker(path: str) -> dict[str, Any] | None:
@@ -101,3 +109,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def ensure_universal(path: str, local: Any) -> None:
+    """Give the checkpoint at ``path`` (a local copy at ``local``) a universal form.
+
+    A ZeRO checkpoint is partitioned for the world size that wrote it; DeepSpeed's
+    ``ds_to_universal`` rewrites it per parameter, so any world size can load it (the
+    optimizer's moments included). Done once, by one rank, and kept beside the original
+    with its own marker, so a second resize, or a restart during this one, reuses it.
+    """
+    if storage.exists(storage.join(path, UNIVERSAL_DONE)):
+        return
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+    target = local / UNIVERSAL_TAG
+    to_universal(Namespace(
+        input_folder=str(local / DS_TAG), output_folder=str(target), num_extract_workers=1,
+        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False,
+    ))  # fmt: skip
+    if storage.is_remote(path):
+        storage.copy_dir(str(target), storage.join(path, UNIVERSAL_TAG))
+    storage.write_text(storage.join(path, UNIVERSAL_DONE), json.dumps({"time": time.time()}))

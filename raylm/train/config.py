@@ -192,7 +192,13 @@ class ScalingConfig:
     """How many Ray Train workers and what each one gets."""
 
     num_workers: int = 2
-    """Data-parallel workers (one DeepSpeed rank each)."""
+    """Data-parallel workers (one DeepSpeed rank each); the most an elastic run uses."""
+
+    min_workers: int | None = None
+    """Elastic training: start (or continue) with as few as this many workers when spot
+    capacity is short, and grow back to ``num_workers`` when it returns (Ray Train's
+    elastic scaling). A checkpoint written at another worker count is converted to
+    DeepSpeed's universal form and loaded with its optimizer state. None: fixed size."""
 
     use_gpu: bool = False
     """One GPU per worker; False trains on CPU with gloo (the same code path)."""
@@ -206,6 +212,11 @@ class ScalingConfig:
     def __post_init__(self) -> None:
         positive("scaling.num_workers", self.num_workers)
         positive("scaling.cpus_per_worker", self.cpus_per_worker)
+        if self.min_workers is not None and not 0 < self.min_workers <= self.num_workers:
+            raise ConfigError(
+                f"scaling.min_workers={self.min_workers} must be between 1 and "
+                f"scaling.num_workers={self.num_workers}"
+            )
         choice(
             "scaling.placement_strategy",
             self.placement_strategy,

@@ -73,6 +73,7 @@ class _Loop:
             )
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
         self.ds_config = deepspeed_config(cfg, self.world)
+        self._plan_resume()
         model = load_model(cfg, self.ds_config if cfg.deepspeed.zero3_init else None)
         self.precomputed_ref = cfg.stage == "dpo" and all(c in self.rows[0] for c in REF_COLUMNS)
         self.ref = None
@@ -106,20 +107,38 @@ class _Loop:
         return int(t.item())
 
     # ---- resume ------------------------------------------------------------------------
+    def _plan_resume(self) -> None:
+        """Before the engine exists: a checkpoint written by another world size (a run that
+        shrank or grew with its spot capacity) loads through DeepSpeed's universal form."""
+        self.latest = ckpt.latest_complete(self.run_dir)
+        record = ckpt.marker(self.latest[1]) if self.latest else None
+        self.saved_world = (record or {}).get("world_size", self.world)
+        if self.saved_world != self.world:
+            self.ds_config["checkpoint"] = {"load_universal": True}
+
     def resume(self) -> None:
         import torch
+        import torch.distributed as dist
 
-        latest = ckpt.latest_complete(self.run_dir)
-        if latest is None:
+        if self.latest is None:
             self._event({"event": "start", "total_steps": self.total_steps})
             return
-        step, path = latest
+        step, path = self.latest
+        resized = self.saved_world != self.world
+        if resized:
+            if self.rank == 0:
+                with _local_copy(path) as local:
+                    ckpt.ensure_universal(path, local)
+            dist.barrier()
         with _local_copy(path) as local:
             self.engine.load_checkpoint(
-                str(local), tag=ckpt.DS_TAG, load_optimizer_states=True,
-                load_lr_scheduler_states=True,
+                str(local), tag=ckpt.UNIVERSAL_TAG if resized else ckpt.DS_TAG,
+                load_optimizer_states=True, load_lr_scheduler_states=True,
             )  # fmt: skip
-            own = torch.load(local / f"trainer_state_rank{self.rank}.pt", weights_only=False)
+            # After a resize a rank may have no state file of its own: RNG state is only
+            # exact at an unchanged world size anyway.
+            state = local / f"trainer_state_rank{self.rank % self.saved_world}.pt"
+            own = torch.load(state, weights_only=False)
         ckpt.set_rng_state(own["rng"])
         self.step = own["step"]
         assert self.step == step, (self.step, step)
@@ -127,7 +146,8 @@ class _Loop:
             _truncate_metrics(self.metrics_file, self.step)
             _truncate_metrics(self.samples_file, self.step)
         name = path.rstrip("/").rpartition("/")[2]
-        self._event({"event": "resume", "from_step": self.step, "checkpoint": name})
+        self._event({"event": "resume", "from_step": self.step, "checkpoint": name,
+                     "world_size_from": self.saved_world, "world_size": self.world})  # fmt: skip
 
     # ---- training ----------------------------------------------------------------------
     def run(self) -> None:

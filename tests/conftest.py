@@ -160,3 +160,32 @@ def multinode_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loca
         yield cluster
     finally:
         cluster.down()
+
+
+@pytest.fixture(scope="session")
+def pt_train_config(tiny_model: Path):
+    """Configs of the small run the fault-tolerance tests share: pt, full fine-tuning,
+    DeepSpeed ZeRO-3, micro batch 2, a checkpoint every 2 steps; extra overrides last."""
+    from raylm.config import load
+
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/raylm/torch_extensions")
+    )
+
+    def make(storage: str | Path, run_name: str, steps: int, *overrides: str):
+        return load(
+            "train",
+            [ROOT / "conf/train/pt_full.yaml"],
+            [
+                f"model.name_or_path={tiny_model}",
+                f"data.path={ROOT / 'conf/train/data/pt_demo.jsonl'}",
+                f"storage_path={storage}",
+                f"run_name={run_name}",
+                f"train.max_steps={steps}",
+                "train.micro_batch_size=2",
+                "checkpoint.save_steps=2",
+                *overrides,
+            ],
+        )
+
+    return make

@@ -9,59 +9,35 @@ the original) and continues from step 4 with the weights and Adam moments it lef
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from raylm import storage
-from raylm.config import load
 from raylm.train import checkpoint as ckpt
 from raylm.train.report import read_metrics
 from raylm.train.trainer import run_training
 
-ROOT = Path(__file__).resolve().parents[2]
-
 pytestmark = pytest.mark.timeout(600)
-
-
-def _config(tiny_model: Path, root: Path, workers: int, steps: int):
-    return load(
-        "train",
-        [ROOT / "conf/train/pt_full.yaml"],
-        [
-            f"model.name_or_path={tiny_model}",
-            f"data.path={ROOT / 'conf/train/data/pt_demo.jsonl'}",
-            f"storage_path={root}",
-            "run_name=elastic",
-            f"train.max_steps={steps}",
-            "train.micro_batch_size=2",
-            "checkpoint.save_steps=2",
-            f"scaling.num_workers={workers}",
-        ],
-    )
 
 
 @pytest.fixture
 def connected(ray_cluster):
     import ray
 
-    os.environ.setdefault(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/raylm/torch_extensions")
-    )
     ray.init(address=ray_cluster.gcs_address, namespace="raylm-tests", ignore_reinit_error=True)
     yield ray_cluster
     ray.shutdown()
 
 
 def test_two_worker_checkpoint_resumes_on_one_worker(
-    connected, tiny_model: Path, tmp_path: Path
+    connected, pt_train_config, tmp_path: Path
 ) -> None:
-    run_dir = run_training(_config(tiny_model, tmp_path, workers=2, steps=4))["run_dir"]
+    run_dir = run_training(pt_train_config(tmp_path, "elastic", 4))["run_dir"]
     step, path = ckpt.latest_complete(run_dir)
     assert step == 4 and ckpt.marker(path)["world_size"] == 2
 
-    run_training(_config(tiny_model, tmp_path, workers=1, steps=6))
+    run_training(pt_train_config(tmp_path, "elastic", 6, "scaling.num_workers=1"))
     events = [json.loads(x) for x in storage.read_text(f"{run_dir}/events.jsonl").splitlines()]
     resume = next(e for e in events if e["event"] == "resume")
     assert (resume["from_step"], resume["world_size_from"], resume["world_size"]) == (4, 2, 1)

@@ -11,7 +11,6 @@ every step and the same final weights as an uninterrupted run on the same cluste
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,6 @@ import pytest
 
 from raylm import storage
 from raylm.cluster import NODE_LABEL, LocalCluster, alive_nodes, state_rows
-from raylm.config import load
 from raylm.train.checkpoint import list_checkpoints
 from raylm.train.report import read_metrics
 from raylm.train.trainer import run_training
@@ -32,33 +30,12 @@ STEPS = 8
 pytestmark = pytest.mark.timeout(600)
 
 
-def _config(tiny_model: Path, root: str, run_name: str) -> Any:
-    return load(
-        "train",
-        [ROOT / "conf/train/pt_full.yaml"],
-        [
-            f"model.name_or_path={tiny_model}",
-            f"data.path={ROOT / 'conf/train/data/pt_demo.jsonl'}",
-            f"storage_path={root}",
-            f"run_name={run_name}",
-            f"train.max_steps={STEPS}",
-            "train.micro_batch_size=2",
-            "checkpoint.save_steps=2",
-            "checkpoint.max_failures=3",
-            "scaling.placement_strategy=SPREAD",
-        ],
-    )
-
-
 @pytest.fixture(scope="module")
 def connected(multinode_cluster: LocalCluster, s3_bucket: str):
     import ray
 
     from raylm.cluster import init_ray
 
-    os.environ.setdefault(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/raylm/torch_extensions")
-    )
     info = multinode_cluster.info()
     assert info is not None
     ray.shutdown()
@@ -95,13 +72,14 @@ def _weights(final: str) -> dict[str, Any]:
 
 
 def test_losing_a_node_mid_run_matches_the_uninterrupted_run(
-    connected: LocalCluster, tiny_model: Path, s3_bucket: str
+    connected: LocalCluster, pt_train_config, s3_bucket: str
 ) -> None:
     root = storage.join(s3_bucket, "multinode")
-    reference = run_training(_config(tiny_model, root, "reference"))["run_dir"]
+    spread = ("checkpoint.max_failures=3", "scaling.placement_strategy=SPREAD")
+    reference = run_training(pt_train_config(root, "reference", STEPS, *spread))["run_dir"]
 
     result: dict[str, Any] = {}
-    cfg = _config(tiny_model, root, "node-lost")
+    cfg = pt_train_config(root, "node-lost", STEPS, *spread)
     job = threading.Thread(target=lambda: result.update(run=run_training(cfg)), daemon=True)
     job.start()
     run_dir = storage.join(root, "node-lost")

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from raylm.config import load
 from raylm.train.checkpoint import list_checkpoints
 from raylm.train.report import read_metrics
 from raylm.train.trainer import run_training
@@ -26,49 +25,30 @@ STEPS = 6
 pytestmark = pytest.mark.timeout(420)
 
 
-def pt_config(tiny_model: Path, storage: Path, run_name: str):
-    return load(
-        "train",
-        [ROOT / "conf/train/pt_full.yaml"],
-        [
-            f"model.name_or_path={tiny_model}",
-            f"data.path={ROOT / 'conf/train/data/pt_demo.jsonl'}",
-            f"storage_path={storage}",
-            f"run_name={run_name}",
-            f"train.max_steps={STEPS}",
-            "train.micro_batch_size=2",
-            "checkpoint.save_steps=2",
-            "checkpoint.keep=2",
-            "checkpoint.max_failures=2",
-            "checkpoint.log_sample_ids=true",
-        ],
-    )
+EXTRA = ("checkpoint.keep=2", "checkpoint.max_failures=2", "checkpoint.log_sample_ids=true")
 
 
 @pytest.fixture(scope="module")
 def connected(ray_cluster):
     import ray
 
-    os.environ.setdefault(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/raylm/torch_extensions")
-    )
     ray.init(address=ray_cluster.gcs_address, namespace="raylm-tests", ignore_reinit_error=True)
     yield ray_cluster
     ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def reference(connected, tiny_model, tmp_path_factory) -> Path:
+def reference(connected, pt_train_config, tmp_path_factory) -> Path:
     storage = tmp_path_factory.mktemp("train_ref")
-    result = run_training(pt_config(tiny_model, storage, "ref"))
+    result = run_training(pt_train_config(storage, "ref", STEPS, *EXTRA))
     return Path(result["run_dir"])
 
 
 @pytest.fixture(scope="module")
-def faulted(connected, tiny_model, tmp_path_factory) -> Path:
+def faulted(connected, pt_train_config, tmp_path_factory) -> Path:
     storage = tmp_path_factory.mktemp("train_fault")
     fault = {"where": "after_upload", "rank": 1, "step": 4, "marker": str(storage / "fault")}
-    result = run_training(pt_config(tiny_model, storage, "faulted"), fault=fault)
+    result = run_training(pt_train_config(storage, "faulted", STEPS, *EXTRA), fault=fault)
     assert (storage / "fault").exists(), "the injected worker kill never happened"
     return Path(result["run_dir"])
 

@@ -8,9 +8,9 @@ import pytest
 
 from raylm import config
 from raylm.config import ConfigError
-from raylm.pipeline.config import PipelineConfig
 from raylm.manifest import Manifest
 from raylm.outputs import DatasetOutput, ModelOutput, read_output
+from raylm.pipeline.config import PipelineConfig
 from raylm.pipeline.runner import stage_for
 
 ROOT = Path(__file__).resolve().parents[2]

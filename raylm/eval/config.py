@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from raylm.config import ConfigError, RayConfig, choice, positive
+from raylm.engine import EngineConfig
 
 METRICS = ("perplexity", "exact_match", "contains", "rouge_l", "bleu", "length_compliance")
 """Every metric the eval job knows; perplexity needs ``data.perplexity_path``, the rest
@@ -51,7 +52,8 @@ class GenerationConfig:
     """How answers are generated: greedy, so a rerun gives the same text."""
 
     engine: str = "hf"
-    """hf (transformers ``generate``, batched) or vllm (vLLM offline ``LLM`` in a subprocess)."""
+    """hf (transformers ``generate``, batched) or vllm (vLLM offline ``LLM`` in a subprocess,
+    set up by the job's ``engine`` group)."""
 
     max_new_tokens: int = 32
     """Longest answer, in tokens."""
@@ -64,15 +66,11 @@ class GenerationConfig:
     user turn), raw (the text as is), auto (chat if the tokenizer has a template).
     ``messages`` records always use the chat template."""
 
-    vllm_kvcache_gib: int = 1
-    """VLLM_CPU_KVCACHE_SPACE for the vllm engine on CPU (GiB of KV cache)."""
-
     def __post_init__(self) -> None:
         choice("generation.engine", self.engine, ENGINES)
         choice("generation.prompt_format", self.prompt_format, PROMPT_FORMATS)
         positive("generation.max_new_tokens", self.max_new_tokens)
         positive("generation.batch_size", self.batch_size)
-        positive("generation.vllm_kvcache_gib", self.vllm_kvcache_gib)
 
 
 @dataclass
@@ -193,6 +191,15 @@ class EvalJobConfig:
 
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Answer generation."""
+
+    engine: EngineConfig = field(
+        default_factory=lambda: EngineConfig(
+            dtype="float32", max_model_len=None, max_num_seqs=None, extra={"seed": 0}
+        )
+    )
+    """The vLLM engine of ``generation.engine=vllm`` (the same group serve and generate
+    have). float32 and eager by default, so vLLM's greedy answers match the hf engine's
+    token for token; no length or batch limit beyond the model's and vLLM's own."""
 
     length_budget: LengthBudgetConfig = field(default_factory=LengthBudgetConfig)
     """Budget for length_compliance."""

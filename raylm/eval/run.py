@@ -88,7 +88,7 @@ def _generate_vllm(
     g = cfg.generation
     with tempfile.TemporaryDirectory(prefix="raylm-eval-") as tmp:
         model_dir = merged_dir(info, model, tokenizer, Path(tmp))
-        return generate_vllm(model_dir, prompts, g.max_new_tokens, g.vllm_kvcache_gib)
+        return generate_vllm(model_dir, prompts, g.max_new_tokens, cfg.engine)
 
 
 def _budget(record: EvalRecord, n_tokens: int, cfg: EvalJobConfig) -> tuple:

@@ -2,7 +2,8 @@
 
 A child process because vLLM's engine spawns its own processes (it needs a ``__main__``
 guard) and a live engine slows everything else in its process; the parent passes token
-ids, so both engines see exactly the same prompts.
+ids, so both engines see exactly the same prompts. vLLM's arguments come from the job's
+``engine`` group through ``raylm.engine``, as for serve and generate.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from raylm.engine import EngineConfig, engine_env, engine_kwargs
 from raylm.eval.model import ModelInfo
 
 
@@ -29,7 +31,7 @@ def merged_dir(info: ModelInfo, model: object, tokenizer: object, workdir: Path)
 
 
 def generate_vllm(
-    model_dir: str, prompts: Sequence[list[int]], max_new_tokens: int, kvcache_gib: int = 1
+    model_dir: str, prompts: Sequence[list[int]], max_new_tokens: int, engine: EngineConfig
 ) -> list[list[int]]:
     """Generated token ids per prompt (the caller decodes, as for the hf engine)."""
     with tempfile.TemporaryDirectory(prefix="raylm-vllm-") as tmp:
@@ -38,12 +40,13 @@ def generate_vllm(
             json.dumps(
                 {
                     "model": model_dir,
+                    "engine_kwargs": engine_kwargs(engine, model_dir),
                     "prompts": list(map(list, prompts)),
                     "max_new_tokens": max_new_tokens,
                 }
             )
         )
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kvcache_gib))
+        env = dict(os.environ) | engine_env(engine)
         cmd = [sys.executable, "-m", "raylm.eval.vllm_engine", str(request), str(result)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -58,7 +61,7 @@ def _main(request_path: str, result_path: str) -> None:
     from vllm.inputs import TokensPrompt
 
     req = json.loads(Path(request_path).read_text())
-    llm = LLM(model=req["model"], dtype="float32", enforce_eager=True, seed=0)
+    llm = LLM(model=req["model"], **req["engine_kwargs"])
     params = SamplingParams(temperature=0.0, max_tokens=req["max_new_tokens"])
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in req["prompts"]]
     outs = llm.generate(prompts, params, use_tqdm=False)

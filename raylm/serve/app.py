@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from raylm.config import ConfigError, resolve_path
-from raylm.engine import CPU_WORKER
+from raylm.engine import LoraSlots, engine_env, engine_kwargs
 from raylm.serve import lora
 from raylm.serve.config import ServeJobConfig
 from raylm.serve.validation import hash_key
@@ -33,29 +33,6 @@ def api_key_hashes(cfg: ServeJobConfig) -> list[str]:
             "or auth.required=false to serve without authentication"
         )
     return sorted({hash_key(k) for k in keys})
-
-
-def engine_kwargs(cfg: ServeJobConfig, model_dir: str) -> dict[str, Any]:
-    e = cfg.engine
-    kwargs: dict[str, Any] = {
-        "tokenizer": model_dir,
-        "dtype": e.dtype,
-        "max_model_len": e.max_model_len,
-        "max_num_seqs": e.max_num_seqs,
-        "tensor_parallel_size": e.tensor_parallel_size,
-        "enforce_eager": e.enforce_eager,
-    }
-    if cfg.resources.use_gpu:
-        kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
-    else:
-        kwargs["worker_cls"] = CPU_WORKER
-    if cfg.lora.enabled:
-        kwargs |= {
-            "enable_lora": True,
-            "max_lora_rank": cfg.lora.max_lora_rank,
-            "max_loras": cfg.lora.max_adapters_per_replica,
-        }
-    return kwargs | dict(e.extra)
 
 
 def placement(cfg: ServeJobConfig) -> dict[str, Any]:
@@ -106,18 +83,25 @@ def llm_config(cfg: ServeJobConfig) -> dict[str, Any]:
         raise ConfigError(
             f"model.path={model_dir!r} is not a Hugging Face model dir (no config.json)"
         )
-    env = {} if cfg.resources.use_gpu else {"VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_gib)}
+    use_gpu = cfg.resources.use_gpu
     out: dict[str, Any] = {
         "model_loading_config": {"model_id": cfg.model.name, "model_source": model_dir},
-        "engine_kwargs": engine_kwargs(cfg, model_dir),
+        "engine_kwargs": engine_kwargs(
+            cfg.engine, model_dir, use_gpu=use_gpu, lora=lora_slots(cfg)
+        ),
         "deployment_config": deployment_config(cfg),
-        "runtime_env": {"env_vars": env},
+        "runtime_env": {"env_vars": engine_env(cfg.engine, use_gpu=use_gpu)},
         "log_engine_metrics": cfg.log_engine_metrics,
         **placement(cfg),
     }
     if cfg.lora.enabled:
         out["lora_config"] = {"max_num_adapters_per_replica": cfg.lora.max_adapters_per_replica}
     return out
+
+
+def lora_slots(cfg: ServeJobConfig) -> LoraSlots | None:
+    lo = cfg.lora
+    return LoraSlots(lo.max_lora_rank, lo.max_adapters_per_replica) if lo.enabled else None
 
 
 def lora_locations(cfg: ServeJobConfig) -> dict[str, Any]:

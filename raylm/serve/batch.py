@@ -4,7 +4,8 @@ Ray Data's LLM processor chains CPU stages (chat template, tokenize, detokenize)
 one vLLM engine actor per worker. With default resources every stage asks for a whole
 CPU and the engine for a bundle, which on a 2-CPU node leaves nothing for the stages
 feeding it: the pipeline deadlocks. raylm gives each stage a fractional ``num_cpus``
-from the config and the engine a CPU-only placement bundle of its own size.
+from the config and the engine a CPU-only placement bundle of its own size. The engine's
+arguments come from ``raylm.engine``, as for serve and eval.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from raylm.config import ConfigError, resolve_path
+from raylm.engine import LoraSlots, engine_env, engine_kwargs
 from raylm.serve.config import GenerateJobConfig
 
 ERROR_COLUMN = "__inference_error__"
@@ -49,23 +51,17 @@ def processor_config(cfg: GenerateJobConfig) -> Any:
     from ray.data.llm import vLLMEngineProcessorConfig
 
     model = resolve_path(cfg.model)
-    engine = {
-        "dtype": cfg.engine.dtype,
-        "max_model_len": cfg.engine.max_model_len,
-        "max_num_seqs": cfg.engine.max_num_seqs,
-        "enforce_eager": cfg.engine.enforce_eager,
-        **cfg.engine.extra,
-    }
-    if cfg.lora_path:
-        engine |= {"enable_lora": True, "max_lora_rank": 64, "max_loras": 1}
+    # ray.data.llm loads a local adapter path as-is; one adapter, of any rank up to 64
+    lora = LoraSlots(max_rank=64, max_loras=1) if cfg.lora_path else None
     cpu = {"num_cpus": cfg.tokenize_stage.num_cpus, "concurrency": cfg.tokenize_stage.concurrency}
+    bundles = [{"CPU": cfg.engine_stage.num_cpus}] * cfg.engine.tensor_parallel_size
     return vLLMEngineProcessorConfig(
         model_source=model,
-        engine_kwargs=engine,
-        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_gib)}},
+        engine_kwargs=engine_kwargs(cfg.engine, model, lora=lora),
+        runtime_env={"env_vars": engine_env(cfg.engine)},
         batch_size=cfg.batch_size,
         concurrency=cfg.engine_stage.concurrency,
-        placement_group_config={"bundles": [{"CPU": cfg.engine_stage.num_cpus}]},
+        placement_group_config={"bundles": bundles},
         chat_template_stage={"enabled": cfg.input.chat, **cpu},
         tokenize_stage={"enabled": True, **cpu},
         detokenize_stage={"enabled": True, **cpu},

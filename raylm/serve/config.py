@@ -1,7 +1,7 @@
 """Configs of the serve job (an OpenAI-compatible Ray Serve app) and the generate job.
 
-Each group maps onto one part of ``ray.serve.llm``: ``engine`` onto vLLM's engine
-kwargs, ``autoscaling`` and ``resources`` onto the Serve deployment, ``lora`` onto
+Each group maps onto one part of ``ray.serve.llm``: ``engine`` (``raylm.engine``, the same
+group generate and eval have) onto vLLM's engine kwargs, ``autoscaling`` and ``resources`` onto the Serve deployment, ``lora`` onto
 multiplexing, ``auth`` and ``limits`` onto raylm's request checks. Validation here catches
 what would otherwise surface minutes later as a replica that never starts.
 """
@@ -9,13 +9,11 @@ what would otherwise surface minutes later as a replica that never starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from omegaconf import MISSING
 
-from raylm.config import ConfigError, RayConfig, choice, positive
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from raylm.config import ConfigError, RayConfig, positive
+from raylm.engine import EngineConfig
 
 
 @dataclass
@@ -33,51 +31,6 @@ class ServedModelConfig:
             raise ConfigError(
                 f"model.name={self.name!r} must be non-empty without ':' or '/' "
                 "(':' separates the base model from a LoRA adapter name)"
-            )
-
-
-@dataclass
-class EngineConfig:
-    """vLLM engine settings (``LLMConfig.engine_kwargs``)."""
-
-    dtype: str = "auto"
-    """Weights dtype: auto, float32, bfloat16, float16 (CPU: bfloat16 or float32)."""
-
-    max_model_len: int = 512
-    """Longest prompt + completion in tokens; longer prompts are rejected with 400."""
-
-    max_num_seqs: int = 32
-    """Sequences one replica decodes together (vLLM's batch size)."""
-
-    kv_cache_gib: int = 1
-    """KV cache per replica on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE). Ignored on GPUs."""
-
-    gpu_memory_utilization: float = 0.9
-    """Share of GPU memory vLLM may take (GPU machines only)."""
-
-    tensor_parallel_size: int = 1
-    """GPUs one replica shards the model over."""
-
-    enforce_eager: bool = True
-    """Skip CUDA graph / torch.compile warm-up: replicas start faster, decode a bit slower."""
-
-    single_process: bool = True
-    """Run a one-device CPU engine inside vLLM's engine-core process instead of vLLM's
-    CPU default of an extra, busy-polling worker process (faster on small nodes); false
-    keeps vLLM's default, e.g. where OpenMP thread binding matters on a large node."""
-
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Any other vLLM engine argument, passed through unchanged (e.g. ``seed: 0``)."""
-
-    def __post_init__(self) -> None:
-        choice("engine.dtype", self.dtype, DTYPES)
-        positive("engine.max_model_len", self.max_model_len)
-        positive("engine.max_num_seqs", self.max_num_seqs)
-        positive("engine.kv_cache_gib", self.kv_cache_gib)
-        positive("engine.tensor_parallel_size", self.tensor_parallel_size)
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ConfigError(
-                f"engine.gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]"
             )
 
 
@@ -282,6 +235,11 @@ class ServeJobConfig:
             raise ConfigError(f"route_prefix={self.route_prefix!r} must start with '/'")
         if not self.app_name or "/" in self.app_name:
             raise ConfigError(f"app_name={self.app_name!r} must be non-empty without '/'")
+        if self.engine.max_model_len is None:
+            raise ConfigError(
+                "engine.max_model_len must be set for serve: raylm's request checks reject "
+                "prompts longer than it before they reach an engine"
+            )
         positive("wait_ready_s", self.wait_ready_s, allow_zero=True)
 
 
@@ -357,7 +315,7 @@ class GenerateJobConfig:
     """Sampling parameters."""
 
     engine: EngineConfig = field(default_factory=EngineConfig)
-    """vLLM engine settings (max_model_len, dtype, KV cache)."""
+    """vLLM engine settings (max_model_len, dtype, KV cache), as for serve and eval."""
 
     batch_size: int = 16
     """Rows per batch handed to the engine."""

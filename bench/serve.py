@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from raylm.cluster import LocalCluster, free_port  # noqa: E402
 from raylm.serve import deploy  # noqa: E402
+from raylm.serve.cluster_env import cluster_env  # noqa: E402
 
 APP = "raylm-bench"
 EXTRA: list[str] = []  # --set overrides for every raylm deploy
@@ -271,7 +272,7 @@ def run(model_dir: str, args: argparse.Namespace, work: Path) -> dict:
 def measure_raylm(model_dir: str, args: argparse.Namespace, work: Path) -> dict:
     home = work / "raylm_home"
     cluster = LocalCluster(home / "cluster")
-    info = cluster.up(num_cpus=2)
+    info = cluster.up(num_cpus=2, env=cluster_env)
     env = os.environ | {"RAYLM_HOME": str(home), "RAY_ADDRESS": info.gcs_address}
     try:
         t0 = time.monotonic()

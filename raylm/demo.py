@@ -22,6 +22,7 @@ import time
 from raylm import cli
 from raylm.cluster import LocalCluster
 from raylm.models.tiny import build
+from raylm.serve.cluster_env import cluster_env
 from raylm.submit import project_root
 
 ROOT = project_root()
@@ -45,7 +46,7 @@ def start_cluster() -> str:
             "a local cluster is already running: export the RAYLM_API_KEY it was started "
             "with, or `raylm cluster down` first"
         )
-    info = cluster.up()
+    info = cluster.up(env=cluster_env)  # its last stage serves
     print(f"RAY_ADDRESS={info.gcs_address}\ndashboard: {info.dashboard_url}")
     return info.dashboard_url
 

@@ -58,8 +58,10 @@ def raylm_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def ray_cluster(raylm_home: Path) -> Iterator[ClusterInfo]:
     """One 2-CPU local cluster for the session (own temp dir and ports), RAY_ADDRESS set."""
+    from raylm.serve.cluster_env import cluster_env
+
     cluster = LocalCluster(raylm_home / "cluster")
-    info = cluster.up(num_cpus=2)
+    info = cluster.up(num_cpus=2, env=cluster_env)  # the serve tests use it too
     old = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = info.gcs_address
     try:

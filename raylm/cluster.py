@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from raylm.ray_auth import auth_headers, use_token_auth_if_configured
+
 NODE_LABEL = "raylm.io/node"
 """Ray node label naming a worker node that ``LocalCluster.add_node`` started."""
 
@@ -327,29 +329,9 @@ def client_env(info: ClusterInfo) -> dict[str, str]:
     }
 
 
-def use_token_auth_if_configured() -> None:
-    """Send Ray's auth token from this process when the machine has one.
-
-    Ray 2.60 starts clusters with token auth whenever ``~/.ray/auth_token`` exists (and a
-    local ``ray.init()`` creates that file), and ``ray start`` / ``ray.init`` switch
-    their own process to token mode. A plain JobSubmissionClient does not, and gets 401;
-    this does what they do, before any dashboard call.
-    """
-    from ray._private.authentication.authentication_token_setup import (
-        maybe_enable_token_auth_if_token_available,
-    )
-
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-
-
 def _get(url: str, timeout: float) -> Any:
     """GET a dashboard endpoint, with Ray's auth header when token auth is on."""
-    from ray._private.authentication.http_token_authentication import (
-        get_auth_headers_if_auth_enabled,
-    )
-
-    use_token_auth_if_configured()
-    request = urllib.request.Request(url, headers=get_auth_headers_if_auth_enabled({}))
+    request = urllib.request.Request(url, headers=auth_headers())
     return urllib.request.urlopen(request, timeout=timeout)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
+from raylm import storage
 from raylm.config import resolve_model
 from raylm.data.config import DataJobConfig
 from raylm.job import Job, Result
@@ -18,6 +18,7 @@ HEADLINE = ("documents_in", "documents_out", "quarantined", "rows_out", "tokens_
 class DataJob(Job[DataJobConfig]):
     name = "data"
     config = DataJobConfig
+    remote_outputs = True  # shards, stats and records go through raylm.storage
 
     def setup(self, cfg: DataJobConfig) -> DataJobConfig:
         """The tokenizer as an absolute path: the manifest records it, and the train job
@@ -37,17 +38,21 @@ class DataJob(Job[DataJobConfig]):
     def run(self, cfg: DataJobConfig, out_dir: str) -> Result:
         from raylm.data.pipeline import run
 
-        out = Path(out_dir)
         stats = run(cfg)
-        outputs = {name: str(out / name) for name in OUTPUT_NAMES if (out / name).exists()}
+        outputs = {
+            name: storage.join(out_dir, name)
+            for name in OUTPUT_NAMES
+            if storage.exists(storage.join(out_dir, name))
+        }
         metrics = {k: stats[k] for k in HEADLINE}
-        print(f"data job done: {metrics} -> {out}")
-        return Result(outputs, metrics, dataset_output(out))
+        print(f"data job done: {metrics} -> {out_dir}")
+        return Result(outputs, metrics, dataset_output(out_dir))
 
 
-def dataset_output(out: Path) -> DatasetOutput:
-    """The typed output, from the ``dataset_meta.json`` the shards were written with."""
-    meta = json.loads((out / "dataset_meta.json").read_text())
+def dataset_output(out: str) -> DatasetOutput:
+    """The typed output, from the ``dataset_meta.json`` the shards were written with
+    (``out``: a local path or a bucket URI, recorded as given)."""
+    meta = json.loads(storage.read_text(storage.join(out, "dataset_meta.json")))
     tokenizer = meta.get("tokenizer")
     return DatasetOutput(
         path=str(out),

@@ -5,16 +5,19 @@ Each stage is its own module; this one only runs them in order. The per-record s
 read blocks, tokenization and writing as Ray Data operators (``raylm.data.shards``). The
 driver only ever sees per-block counts and a few examples, and checks at the end that
 every input document is accounted for (``raylm.data.stats``).
+
+Inputs and the output directory may be local or in a bucket (``s3://``, ``gs://``):
+everything written goes through ``raylm.storage`` and pyarrow filesystems, never
+``pathlib``, which would collapse a URI's ``//``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
-from pathlib import Path
 from typing import Any
 
+from raylm import storage
 from raylm.config import ConfigError, resolve_path
 from raylm.data import formats, readers, rows, shards, steps
 from raylm.data.config import DataJobConfig
@@ -58,18 +61,23 @@ def run(cfg: DataJobConfig) -> dict[str, Any]:
     }
     extra = {"dedup": dedup_info, "filter_examples": filter_examples, "seconds": clock.laps}
     stats = job_stats(kind, counts, removed_all, written, extra)
-    (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
+    stats_file = storage.join(out, "stats.json")
+    storage.write_text(stats_file, json.dumps(stats, indent=2, ensure_ascii=False))
     if not stats["accounting_ok"]:
-        raise RuntimeError(f"accounting identity broken (see {out / 'stats.json'})")
+        raise RuntimeError(f"accounting identity broken (see {stats_file})")
     return stats
 
 
-def _fresh_output_dir(cfg: DataJobConfig) -> Path:
-    """The output dir without a previous run's shards, quarantine or removal records."""
-    out = Path(resolve_path(cfg.output_dir))
-    for sub in OUTPUT_DIRS:
-        shutil.rmtree(out / sub, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+def _fresh_output_dir(cfg: DataJobConfig) -> str:
+    """The output dir (path or URI) without a previous run's shards, quarantine or
+    removal records; a bucket that cannot be reached fails here, naming it."""
+    out = resolve_path(cfg.output_dir)
+    try:
+        for sub in OUTPUT_DIRS:
+            storage.delete_dir(storage.join(out, sub))
+        storage.makedirs(out)
+    except OSError as err:
+        raise ConfigError(f"output_dir={out!r} cannot be written: {err}") from None
     return out
 
 

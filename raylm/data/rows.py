@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 
+from raylm import storage
 from raylm.data.sources import Source, file_kind
 
 ROW_SCHEMA = pa.schema(
@@ -47,21 +48,15 @@ class BadRow(ValueError):
 
 def open_random(path: str) -> BinaryIO:
     """A seekable handle (local file or pyarrow's random-access file), to read ranges."""
-    if "://" in path and not path.startswith("file://"):
-        from pyarrow import fs
-
-        filesystem, inner = fs.FileSystem.from_uri(path)
+    if storage.is_remote(path):
+        filesystem, inner = storage.filesystem(path)
         return filesystem.open_input_file(inner)  # type: ignore[return-value]
     return open(path.removeprefix("file://"), "rb")
 
 
 def _open_bytes(path: str) -> bytes:
-    if "://" in path and not path.startswith("file://"):
-        from pyarrow import fs
-
-        filesystem, inner = fs.FileSystem.from_uri(path)
-        with filesystem.open_input_stream(inner) as f:
-            return f.read()
+    if storage.is_remote(path):
+        return storage.read_bytes(path)
     with open(path.removeprefix("file://"), "rb") as f:
         return f.read()
 
@@ -213,9 +208,9 @@ def records(src: Source, text_column: str = "text") -> Iterator[tuple[str, Any]]
 def _head_rows(src: Source, text_column: str) -> list[dict[str, Any]]:
     """Rows of a file's first MiB for JSONL (the driver must not read a whole corpus)."""
     meta = {"path": src.path, "name": src.name, "fmt": src.fmt, "columns": "{}"}
-    if file_kind(src.path) != "jsonl" or "://" in src.path:
+    if file_kind(src.path) != "jsonl":
         return read_file(meta, text_column, "line")
-    with open(src.path, "rb") as f:
+    with open_random(src.path) as f:  # a bucket's object too: never the whole corpus
         head = f.read(HEAD_BYTES)
     lines = head.split(b"\n")[:-1] or [head]
     return [

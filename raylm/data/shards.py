@@ -2,22 +2,34 @@
 ``dataset_meta.json``, the quarantine and the dedup removal records.
 
 Shards are named ``part-<task>-<write id>.parquet``, the layout the train job globs for;
-their row counts come back for ``stats.json``.
+their row counts come back for ``stats.json``. Rows are written in row groups of
+``ROW_GROUP_ROWS``: the unit the train job streams and shuffles (``raylm.train.stream``),
+so a train worker's memory is bounded by a few row groups, whatever the corpus size.
+``out`` is a local path or a bucket URI; Ray Data writes through its pyarrow filesystem.
 """
 
 from __future__ import annotations
 
 import json
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute
 
+from raylm import storage
 from raylm.config import resolve_model
 from raylm.data.config import DataJobConfig
 from raylm.data.steps import QUARANTINE
+
+ROW_GROUP_ROWS = 1024
+"""Rows per Parquet row group of the shards (a train worker holds a few at a time)."""
+
+
+def _target(out: str, sub: str) -> dict[str, Any]:
+    """``path`` and ``filesystem`` arguments of a Ray Data write into ``out/sub``."""
+    fs, path = storage.filesystem(storage.join(out, sub))
+    return {"path": path, "filesystem": fs}
 
 
 @cache
@@ -146,7 +158,7 @@ def _quarantine_rows(batch: pa.Table) -> pa.Table:
     )
 
 
-def write_shards(docs: Any, cfg: DataJobConfig, kind: str, out: Path) -> dict[str, Any]:
+def write_shards(docs: Any, cfg: DataJobConfig, kind: str, out: str) -> dict[str, Any]:
     """Write shards/ and dataset_meta.json; returns counts for stats.json."""
     documents = docs.count()
     meta = {
@@ -163,9 +175,13 @@ def write_shards(docs: Any, cfg: DataJobConfig, kind: str, out: Path) -> dict[st
         rows = docs.map_batches(records_batch(kind), batch_format="pyarrow")
         num_rows, num_tokens, kept = documents, 0, documents
     if num_rows:
-        rows.write_parquet(str(out / "shards"), filename_provider=PartNames("parquet"))
+        rows.write_parquet(
+            **_target(out, "shards"),
+            filename_provider=PartNames("parquet"),
+            row_group_size=ROW_GROUP_ROWS,
+        )
     meta.update(num_rows=num_rows, num_tokens=num_tokens)
-    (out / "dataset_meta.json").write_text(json.dumps(meta, indent=2))
+    storage.write_text(storage.join(out, "dataset_meta.json"), json.dumps(meta, indent=2))
     return {
         "dropped_no_loss": documents - kept,
         "documents_out": kept,
@@ -195,19 +211,19 @@ def _tokenized(docs: Any, cfg: DataJobConfig, kind: str, packed: bool) -> tuple[
     return rows, good.count(), num_rows, num_tokens
 
 
-def write_quarantine(processed: Any, out: Path) -> None:
+def write_quarantine(processed: Any, out: str) -> None:
     """``quarantine/*.jsonl``: each quarantined row with its reason, to fix and re-run."""
     processed.map_batches(_quarantine_rows, batch_format="pyarrow").write_json(
-        str(out / QUARANTINE), filename_provider=PartNames("jsonl")
+        **_target(out, QUARANTINE), filename_provider=PartNames("jsonl")
     )
 
 
-def write_removed(removed: Any, out: Path) -> dict[str, int]:
+def write_removed(removed: Any, out: str) -> dict[str, int]:
     """``dedup/``: one record per removed duplicate (id, dup_of, method); counts by method."""
     from raylm.data.dedup_apply import method_counts
 
     removed = removed.materialize()
     counts = method_counts(removed)
     if removed.count():
-        removed.write_parquet(str(out / "dedup"), filename_provider=PartNames("parquet"))
+        removed.write_parquet(**_target(out, "dedup"), filename_provider=PartNames("parquet"))
     return counts

@@ -1,9 +1,12 @@
 """Which files a job reads and in which record format (driver side: paths, never bytes).
 
 The data job and the train job both come here: an input is a file, a directory, a glob,
-a URI, or a dataset registered in a LLaMA-Factory ``dataset_info.json``; what comes back
-is a list of ``Source`` (one file, its format, its column names). ``registry_sources`` is
-the one reader of ``dataset_info.json``, so a registry means the same to both jobs.
+or a dataset registered in a LLaMA-Factory ``dataset_info.json``, each local or in a
+bucket (``s3://b/corpus/*.jsonl``, ``gs://b/data/dataset_info.json#alpaca``); what comes
+back is a list of ``Source`` (one file, its format, its column names). Bucket paths go
+through ``raylm.storage`` and never through ``pathlib`` (which collapses ``s3://``).
+``registry_sources`` is the one reader of ``dataset_info.json``, so a registry means the
+same to both jobs.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raylm import storage
 from raylm.config import ConfigError, resolve_path
 from raylm.data.formats import FORMATS
 
@@ -72,10 +77,13 @@ def expand_inputs(inputs: list[str], fmt: str, columns: dict[str, str]) -> list[
             wanted = [n for n in names.split(",") if n]
             sources += registry_sources(resolve_path(path), wanted, fmt)
             continue
-        files = list_files(path)
+        try:
+            files = list_files(path)
+        except OSError as err:  # a bucket without credentials, an unreachable endpoint
+            raise ConfigError(f"input {spec!r} cannot be listed: {err}") from None
         if not files:
             raise ConfigError(f"input {spec!r} matches no file")
-        root = _common_root(files)
+        root = common_root(files)
         sources += [Source(f, _rel(f, root), fmt, dict(columns)) for f in files]
     names_seen = [s.name for s in sources]
     if len(set(names_seen)) != len(names_seen):  # ids must stay unique across inputs
@@ -84,21 +92,41 @@ def expand_inputs(inputs: list[str], fmt: str, columns: dict[str, str]) -> list[
 
 
 def _rel(path: str, root: str) -> str:
-    return os.path.relpath(path, root) if "://" not in path else path.removeprefix(root)
+    if storage.is_remote(path):
+        return path.removeprefix(root).lstrip("/") if root else path
+    return os.path.relpath(path, root)
 
 
-def _common_root(files: list[str]) -> str:
-    if len(files) == 1:
-        return os.path.dirname(files[0])
-    return os.path.commonpath(files) if "://" not in files[0] else ""
+def common_root(files: list[str]) -> str:
+    """The directory the files' short names are relative to (URIs: their common prefix
+    up to a ``/``, so names stay unique and readable)."""
+    if not storage.is_remote(files[0]):
+        return os.path.dirname(files[0]) if len(files) == 1 else os.path.commonpath(files)
+    common: list[str] = []
+    for level in zip(*(f.split("/")[:-1] for f in files), strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return "/".join(common) + "/"
+
+
+def _beside(path: str, name: str) -> str:
+    """``name`` in the directory of ``path`` (a registry's ``file_name``), local or URI."""
+    if storage.is_remote(path):
+        return storage.join(path.rpartition("/")[0], name)
+    return os.path.join(os.path.dirname(path), name)
+
+
+def _is_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
 
 
 def list_files(spec: str) -> list[str]:
     """The files a path, directory, glob or URI names, sorted; hidden files skipped."""
-    if "://" in spec and not spec.startswith("file://"):
+    if storage.is_remote(spec):
         return _list_uri(spec)
     path = resolve_path(spec.removeprefix("file://"))
-    if any(ch in path for ch in "*?["):
+    if _is_glob(path):
         return sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
     if os.path.isdir(path):
         return sorted(
@@ -108,15 +136,59 @@ def list_files(spec: str) -> list[str]:
 
 
 def _list_uri(uri: str) -> list[str]:
+    """An object, every object under a prefix, or the objects a glob matches
+    (``s3://b/corpus/*.jsonl``; ``**`` crosses ``/``, ``*`` does not), sorted."""
     from pyarrow import fs
 
-    filesystem, root = fs.FileSystem.from_uri(uri)
-    info = filesystem.get_file_info(root)
-    scheme = uri.split("://", 1)[0]
-    if info.type == fs.FileType.File:
-        return [uri]
-    selector = fs.FileSelector(root, recursive=True)
-    return sorted(f"{scheme}://{i.path}" for i in filesystem.get_file_info(selector) if i.is_file)
+    head = uri.partition("://")[0] + "://"
+    if not _is_glob(uri):
+        filesystem, root = storage.filesystem(uri)
+        if filesystem.get_file_info(root).type == fs.FileType.File:
+            return [uri]
+        return [head + p for p in _objects_under(filesystem, root)]
+    cut = min(uri.find(c) for c in "*?[" if c in uri)
+    base = uri[:cut].rpartition("/")[0]
+    filesystem, root = storage.filesystem(base)
+    pattern = _glob_regex(root + uri[len(base) :])
+    return [head + p for p in _objects_under(filesystem, root) if pattern.fullmatch(p)]
+
+
+def _objects_under(filesystem: Any, root: str) -> list[str]:
+    """Paths of the non-hidden objects under ``root`` (none if it is absent), sorted."""
+    from pyarrow import fs
+
+    if filesystem.get_file_info(root).type != fs.FileType.Directory:
+        return []
+    infos = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
+    return sorted(i.path for i in infos if i.is_file and not i.base_name.startswith("."))
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """A shell glob as a regex, with ``glob``'s meaning of ``/``: ``*`` and ``?`` stay
+    within one path level, ``**/`` spans any number of them (none included)."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1 :]:
+            end = pattern.index("]", i + 1)
+            body = pattern[i + 1 : end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
 
 
 # ---- LLaMA-Factory's dataset_info.json ---------------------------------------------------
@@ -144,7 +216,7 @@ def registry_sources(path: str, names: list[str], fmt: str = "auto") -> list[Sou
             )
         entry_fmt = _entry_format(entry, f"{path}: dataset {name!r}", fmt)
         columns = {**entry.get("columns", {}), **entry.get("tags", {})}
-        target = os.path.join(os.path.dirname(path), entry["file_name"])
+        target = _beside(path, entry["file_name"])
         files = list_files(target)
         if not files:
             raise ConfigError(f"{path}: dataset {name!r} file {target} not found")
@@ -153,10 +225,15 @@ def registry_sources(path: str, names: list[str], fmt: str = "auto") -> list[Sou
 
 
 def _read_registry(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"dataset registry not found: {path}")
+    """The registry's JSON, local or in a bucket; a missing one names the path."""
     try:
-        registry = json.loads(Path(path).read_text())
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise ConfigError(f"dataset registry not found: {path}") from None
+    except OSError as err:  # a directory, no credentials, an unreachable endpoint
+        raise ConfigError(f"dataset registry {path} cannot be read: {err}") from None
+    try:
+        registry = json.loads(text)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(registry, dict):

@@ -31,7 +31,10 @@ class TrainDataConfig:
     """Where the training examples come from."""
 
     path: str = MISSING
-    """A data job's output directory (Parquet shards), or a raw jsonl/json/parquet file."""
+    """A data job's output directory (its Parquet shards stream to the workers), a raw
+    jsonl/json/parquet/text file, or a dataset name in the ``dataset_info.json`` beside
+    it (raw data is tokenized on the fly and held in memory: small sets). Local or a
+    URI (``s3://``, ``gs://``)."""
 
     format: str = "auto"
     """Format of a raw file: auto, text, alpaca, sharegpt, openai, preference (shards: detected)."""
@@ -45,9 +48,15 @@ class TrainDataConfig:
     val_size: float = 0.0
     """Share of examples held out for evaluation loss (0 disables it)."""
 
+    shuffle_row_groups: int = 4
+    """Parquet row groups whose rows are shuffled together: each epoch permutes the
+    shards' row groups, then shuffles rows within each run of this many (see
+    ``raylm.train.stream``). A worker holds about this many row groups in memory."""
+
     def __post_init__(self) -> None:
         choice("data.format", self.format, INPUT_FORMATS)
         positive("data.cutoff_len", self.cutoff_len)
+        positive("data.shuffle_row_groups", self.shuffle_row_groups)
         if not 0.0 <= self.val_size < 1.0:
             raise ConfigError(f"data.val_size={self.val_size} must be in [0, 1)")
 

@@ -1,11 +1,18 @@
-"""Training rows for the workers: a data job's shards, or a raw file tokenized on the fly.
+"""Training data for the workers: a data job's shards, or a raw file tokenized on the fly.
 
-Exact resume needs every run with the same seed to see the same rows in the same
-order on the same rank. Ray Train's default ``streaming_split`` hands blocks to
-whichever worker asks first, so ``deterministic_split`` replaces it with an ordered,
-equal ``split``; each worker then reads its own shard through
-``ray.train.get_dataset_shard`` and orders it by ``id`` and a per-epoch permutation
-of the seed (``epoch_order``), so the position in the data is just the step counter.
+The driver only plans (``make_plan``): it lists the shard files and reads their Parquet
+footers, and hands every rank the same ``raylm.train.stream.Plan`` through a one-row Ray
+Dataset (``plan_for_every_rank``). Each worker then streams its own slice of the rows
+with ``raylm.train.stream.RankStream``: its memory stays flat as the corpus grows, and
+its position in the data is a pure function of the step, so exact resume holds. The
+order (per-epoch row-group permutation, within-window shuffle, equal contiguous rank
+slices) is documented in ``raylm.train.stream``.
+
+Raw files (jsonl/json/parquet/text, or a LLaMA-Factory dataset name) are tokenized in
+the driver and travel to the workers as one in-memory Parquet file inside the plan:
+that is for the small sets one trains on directly. Large corpora go through the data
+job, whose shards stream. ``data.path`` may be local or in a bucket (``s3://``,
+``gs://``) for both.
 """
 
 from __future__ import annotations
@@ -13,13 +20,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import os
+import pickle
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
+from raylm import storage
 from raylm.config import ConfigError, resolve_model, resolve_path
-from raylm.data.sources import DATASET_INFO, Source, registry_sources
+from raylm.data.sources import DATASET_INFO, Source, common_root, registry_sources
 from raylm.manifest import MANIFEST
 from raylm.outputs import DatasetOutput, read_output, tokenizer_hash
 from raylm.train.config import TrainJobConfig
@@ -37,41 +44,39 @@ REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def deterministic_split() -> Any:
-    """A DataConfig that splits each dataset into equal, ordered shards: the same rows per
-    rank on every run.
+    """A DataConfig that gives every rank the whole (one-row) plan dataset unsplit: each
+    worker takes its own slice of the rows itself (``raylm.train.stream``), so no Ray
+    Data split or read task ever needs a CPU the training workers hold.
 
-    ``equal=True`` drops at most ``world_size - 1`` rows so ranks take the same number
-    of steps (unequal shards would hang the collectives at the end of an epoch). Built in
-    a function so importing this module does not import Ray (and freeze its auth mode).
+    Built in a function so importing this module does not import Ray (and freeze its
+    auth mode).
     """
     from ray.train import DataConfig
 
-    class DeterministicSplit(DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):  # type: ignore[override]
-            output: list[dict[str, Any]] = [{} for _ in range(world_size)]
-            for name, ds in datasets.items():
-                ds = ds.copy(ds)
-                ds.context.execution_options.preserve_order = True
-                for rank, shard in enumerate(ds.split(world_size, equal=True)):
-                    output[rank][name] = shard.iterator()
-            return output
-
-    return DeterministicSplit()
+    return DataConfig(datasets_to_split=[])
 
 
 def data_inputs(cfg: TrainJobConfig) -> dict[str, Any]:
-    """Describe ``data.path``: a data job's shards (checked against this run) or raw files."""
-    path = Path(resolve_path(cfg.data.path))
-    if path.is_dir() and ((path / MANIFEST).exists() or (path / META).exists()):
+    """Describe ``data.path`` (local or a URI): a data job's shards (checked against this
+    run) or raw files."""
+    path = resolve_path(cfg.data.path)
+    try:
+        is_output = storage.is_dir(path) and any(
+            storage.exists(storage.join(path, name)) for name in (MANIFEST, META)
+        )
+    except OSError as err:  # a bucket without credentials, an unreachable endpoint
+        raise ConfigError(f"data.path={cfg.data.path!r} cannot be read: {err}") from None
+    if is_output:
         output = dataset_output(path, cfg)
         check_dataset(output, cfg, path)
-        return {"kind": "shards", "path": str(path), "output": output}
+        return {"kind": "shards", "path": path, "output": output}
     sources = raw_sources(path, cfg)
-    common = os.path.commonpath([s.path for s in sources])
+    paths = [s.path for s in sources]
+    common = paths[0] if len(paths) == 1 else common_root(paths).rstrip("/")
     return {"kind": "raw", "path": common, "sources": sources}
 
 
-def dataset_output(path: Path, cfg: TrainJobConfig) -> DatasetOutput:
+def dataset_output(path: str, cfg: TrainJobConfig) -> DatasetOutput:
     """What the data job recorded in its manifest about the shards in ``path``."""
     try:
         return read_output(DatasetOutput, path)
@@ -82,7 +87,7 @@ def dataset_output(path: Path, cfg: TrainJobConfig) -> DatasetOutput:
         ) from None
 
 
-def check_dataset(output: DatasetOutput, cfg: TrainJobConfig, path: Path) -> None:
+def check_dataset(output: DatasetOutput, cfg: TrainJobConfig, path: str) -> None:
     """Shards fit this run: its stage, tokenized with its model's tokenizer at its cutoff."""
     where = f"data.path={cfg.data.path!r}"
     if output.task != cfg.stage:
@@ -96,8 +101,14 @@ def check_dataset(output: DatasetOutput, cfg: TrainJobConfig, path: Path) -> Non
             "tokenize option (with this model's tokenizer) or point data.path at a raw file"
         )
     check_tokenization(output, cfg)
-    if not list((path / "shards").glob("part-*.parquet")):
+    if not shard_files(path):
         raise ConfigError(f"{where}: no shards/part-*.parquet in {path}")
+
+
+def shard_files(path: str) -> list[str]:
+    """Names of the data job's shard files under ``path/shards``, sorted."""
+    names = storage.listdir(storage.join(path, "shards"))
+    return [n for n in names if n.startswith("part-") and n.endswith(".parquet")]
 
 
 def check_tokenization(output: DatasetOutput, cfg: TrainJobConfig) -> None:
@@ -135,17 +146,18 @@ def _mismatch(
     )
 
 
-def raw_sources(path: Path, cfg: TrainJobConfig) -> list[Source]:
+def raw_sources(path: str, cfg: TrainJobConfig) -> list[Source]:
     """A raw file, or a LLaMA-Factory dataset name resolved through the
     ``dataset_info.json`` beside it (the data job's own resolution: ``raylm.data.sources``).
 
     Sources are named by their full path, so an error names the file and line.
     """
-    if path.is_file():
-        return [Source(str(path), str(path), cfg.data.format)]
-    registry = path.parent / DATASET_INFO
-    if registry.is_file():
-        found = registry_sources(str(registry), [path.name], cfg.data.format)
+    if storage.exists(path) and not storage.is_dir(path):
+        return [Source(path, path, cfg.data.format)]
+    parent, _, name = path.rstrip("/").rpartition("/")
+    registry = storage.join(parent, DATASET_INFO)
+    if storage.exists(registry):
+        found = registry_sources(registry, [name], cfg.data.format)
         return [dataclasses.replace(s, name=s.path) for s in found]
     raise ConfigError(
         f"data.path={cfg.data.path!r}: expected a data job output dir (with {MANIFEST}), a "
@@ -182,28 +194,50 @@ def tokenize_record(record: Any, src: Source, stage: str, tok: Any, cutoff: int)
 
 
 def build_dataset(cfg: TrainJobConfig, source: dict[str, Any]):
-    """The Ray Dataset every worker's shard comes from."""
+    """The one-row Ray Dataset every worker gets whole: the pickled ``Plan``."""
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray.data.from_items([{"plan": pickle.dumps(make_plan(cfg, source))}])
+
+
+def make_plan(cfg: TrainJobConfig, source: dict[str, Any]):
+    """Where every rank's rows come from: the shards' row groups, or the tokenized raw
+    rows as one in-memory Parquet file."""
+    import pyarrow as pa
+
+    from raylm.train.stream import plan_of_table
+
+    window = cfg.data.shuffle_row_groups
     if source["kind"] == "shards":
-        return ray.data.from_items(_read_shards(Path(source["path"]), cfg.data.max_samples))
-    return ray.data.from_items(_tokenize_raw(cfg, source))
+        return plan_shards(source["path"], cfg.stage, cfg.data.max_samples, window)
+    return plan_of_table(pa.Table.from_pylist(_tokenize_raw(cfg, source)), window)
 
 
-def _read_shards(path: Path, limit: int | None) -> list[dict[str, Any]]:
-    """Read the data job's shards in the driver, not with Ray Data read tasks.
-
-    The training workers hold every CPU of a small node for the whole run, so read or
-    split tasks that need a CPU never get one and the run hangs ("Cluster resources are
-    not enough to run any task"). Each rank keeps its rows in memory anyway.
-    """
+def plan_shards(path: str, stage: str, limit: int | None, window: int):
+    """Row groups of the data job's shards, from their Parquet footers only (a few KiB
+    per file, local or in a bucket); columns the stage needs must all be there."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(str(path / "shards"))
-    if limit:
-        table = table.slice(0, limit)
-    return table.to_pylist()
+    from raylm.train.stream import Plan, pieces_of
+
+    base = storage.join(path, "shards")
+    names = shard_files(path)
+    fs, root = storage.filesystem(base)
+    groups, schema = [], None
+    for name in names:
+        meta = pq.ParquetFile(f"{root}/{name}", filesystem=fs).metadata
+        groups.append([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        schema = schema or meta.schema.to_arrow_schema()
+    have = set(schema.names) if schema is not None else set()
+    missing = [c for c in COLUMNS[stage] if c not in have]
+    if missing:
+        raise ConfigError(
+            f"{base}/{names[0]} lacks columns {missing} that stage={stage} needs; "
+            f"it has {sorted(have)}"
+        )
+    columns = tuple(c for c in (*COLUMNS[stage], "position_ids", *REF_COLUMNS, "id") if c in have)
+    return Plan(base, tuple(names), pieces_of(groups, limit), columns, window)
 
 
 def _tokenize_raw(cfg: TrainJobConfig, source: dict[str, Any]) -> list[dict[str, Any]]:
@@ -211,7 +245,8 @@ def _tokenize_raw(cfg: TrainJobConfig, source: dict[str, Any]) -> list[dict[str,
 
     Fine for the small sets one trains on directly; large corpora go through the data
     job, which quarantines bad records instead of stopping. Rows are numbered in reading
-    order: their ids decide the (seeded) order of training.
+    order (their ids in the sample audit); that order is the canonical one the stream
+    shuffles per epoch.
     """
     from transformers import AutoTokenizer
 
@@ -230,25 +265,23 @@ def _tokenize_raw(cfg: TrainJobConfig, source: dict[str, Any]) -> list[dict[str,
     return rows
 
 
-def load_shard_rows(shard: Any, stage: str) -> list[dict[str, Any]]:
-    """This rank's rows in a stable order (by id) with the columns the objective needs."""
-    wanted = (*COLUMNS[stage], "position_ids", *REF_COLUMNS, "id")
-    rows = []
-    for row in shard.iter_rows():
-        rows.append({k: _plain(row[k]) for k in wanted if k in row and row[k] is not None})
-    missing = [c for c in COLUMNS[stage] if rows and c not in rows[0]]
+def open_stream(shard: Any, cfg: TrainJobConfig, rank: int, world: int):
+    """This rank's ``RankStream`` from the plan dataset a worker got (``build_dataset``).
+
+    Anything else iterable as rows (bench/train.py's torchrun ranks hand each rank its
+    own list of tokenized rows) is taken as this rank's rows, held in memory.
+    """
+    import pyarrow as pa
+
+    from raylm.train.stream import RankStream, plan_of_table
+
+    rows = list(itertools.islice(shard.iter_rows(), 2))
+    if len(rows) == 1 and "plan" in rows[0]:
+        plan = pickle.loads(rows[0]["plan"])
+    else:
+        table = pa.Table.from_pylist(list(shard.iter_rows()))
+        plan, rank, world = plan_of_table(table, cfg.data.shuffle_row_groups), 0, 1
+    missing = [c for c in COLUMNS[cfg.stage] if plan.rows and not plan.has_columns([c])]
     if missing:
-        raise ConfigError(f"training data lacks columns {missing} needed by stage={stage}")
-    rows.sort(key=lambda r: str(r.get("id", "")))
-    return rows
-
-
-def _plain(value: Any) -> Any:
-    return value.tolist() if hasattr(value, "tolist") else value
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The row order of one epoch: a function of (seed, epoch) only, so resume replays it."""
-    import numpy as np
-
-    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+        raise ConfigError(f"training data lacks columns {missing} needed by stage={cfg.stage}")
+    return RankStream(plan, cfg.train.seed, rank, world)

@@ -1,8 +1,9 @@
 """The per-worker training loop: one DeepSpeed engine per Ray Train worker.
 
-Position in the data is a pure function of the optimizer step (``epoch_order`` per
-epoch, fixed micro-batches per step), so resuming at step s replays exactly the batches
-an uninterrupted run would have seen from s on: nothing twice, nothing skipped.
+Position in the data is a pure function of the optimizer step (``raylm.train.stream``:
+a seeded order per epoch, fixed micro-batches per step), so resuming at step s replays
+exactly the batches an uninterrupted run would have seen from s on: nothing twice,
+nothing skipped.
 """
 
 from __future__ import annotations
@@ -57,25 +58,26 @@ class _Loop:
         import torch
         import transformers
 
-        from raylm.train.data import REF_COLUMNS, load_shard_rows
+        from raylm.train.data import REF_COLUMNS, open_stream
         from raylm.train.ds_config import deepspeed_config
         from raylm.train.model import load_model, load_reference, load_tokenizer
 
         cfg, t = self.cfg, self.cfg.train
         self.tok = load_tokenizer(cfg)
-        self.rows = load_shard_rows(shard, cfg.stage)
+        self.stream = open_stream(shard, cfg, self.rank, self.world)
         self.per_step = t.micro_batch_size * t.grad_accum
-        self.steps_per_epoch = self._all_min(len(self.rows) // self.per_step)
+        self.steps_per_epoch = self._all_min(self.stream.rows_per_rank // self.per_step)
         if self.steps_per_epoch == 0:
             raise ConfigError(
-                f"each of {self.world} workers has {len(self.rows)} examples, fewer than one step "
+                f"each of {self.world} workers has {self.stream.rows_per_rank} examples, "
+                "fewer than one step "
                 f"needs (micro_batch_size*grad_accum={self.per_step}); add data or reduce them"
             )
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
         self.ds_config = deepspeed_config(cfg, self.world)
         self._plan_resume()
         model = load_model(cfg, self.ds_config if cfg.deepspeed.zero3_init else None)
-        self.precomputed_ref = cfg.stage == "dpo" and all(c in self.rows[0] for c in REF_COLUMNS)
+        self.precomputed_ref = cfg.stage == "dpo" and self.stream.plan.has_columns(REF_COLUMNS)
         self.ref = None
         if (
             cfg.stage == "dpo"
@@ -151,20 +153,14 @@ class _Loop:
 
     # ---- training ----------------------------------------------------------------------
     def run(self) -> None:
-        from raylm.train.data import epoch_order
-
-        cached_epoch, order = -1, []
+        mbs = self.cfg.train.micro_batch_size
         while self.step < self.total_steps:
             epoch, k = divmod(self.step, self.steps_per_epoch)
-            if epoch != cached_epoch:
-                cached_epoch, order = epoch, epoch_order(len(self.rows), self.cfg.train.seed, epoch)
             start = time.perf_counter()
+            step_rows = self.stream.rows(epoch, k * self.per_step, self.per_step)
             losses, tokens, samples, ids = [], 0, 0, []
             for micro in range(self.cfg.train.grad_accum):
-                first = (k * self.cfg.train.grad_accum + micro) * self.cfg.train.micro_batch_size
-                rows = [
-                    self.rows[i] for i in order[first : first + self.cfg.train.micro_batch_size]
-                ]
+                rows = step_rows[micro * mbs : (micro + 1) * mbs]
                 self._maybe_fault("mid_step", micro)
                 loss, n_tok = self._loss(rows)
                 self.engine.backward(loss)

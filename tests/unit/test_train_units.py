@@ -9,7 +9,7 @@ import pytest
 
 from raylm.config import ConfigError, load
 from raylm.train import checkpoint as ckpt
-from raylm.train.data import data_inputs, epoch_order
+from raylm.train.data import data_inputs
 from raylm.train.ds_config import deepspeed_config
 from raylm.train.model import check_qlora_device
 from raylm.train.objectives import collate
@@ -80,14 +80,6 @@ def test_qlora_load_model_refuses_on_cpu(tiny_model: Path) -> None:
 
     with pytest.raises(ConfigError, match="bitsandbytes 4-bit"):
         load_model(cfg("finetuning_type=qlora", f"model.name_or_path={tiny_model}"))
-
-
-def test_epoch_order_depends_only_on_seed_and_epoch() -> None:
-    a = epoch_order(50, seed=1, epoch=0)
-    assert a == epoch_order(50, seed=1, epoch=0)
-    assert sorted(a) == list(range(50))
-    assert a != epoch_order(50, seed=1, epoch=1)
-    assert a != epoch_order(50, seed=2, epoch=0)
 
 
 def test_collate_masks_padding_and_packed_sample_starts() -> None:

@@ -284,4 +284,5 @@ def open_stream(shard: Any, cfg: TrainJobConfig, rank: int, world: int):
     missing = [c for c in COLUMNS[cfg.stage] if plan.rows and not plan.has_columns([c])]
     if missing:
         raise ConfigError(f"training data lacks columns {missing} needed by stage={cfg.stage}")
-    return RankStream(plan, cfg.train.seed, rank, world)
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
+    return RankStream(plan, cfg.train.seed, rank, world, per_step)

@@ -23,6 +23,11 @@ Ordering semantics (what exact resume and the sample audit rely on):
    micro batch x gradient accumulation. The position is a pure function of the step:
    resuming at step ``s`` computes it and reads only the window(s) it falls in, never
    what it skips. Each example is seen once per epoch.
+5. A run resumed on another worker count (``Worlds``: the size from each step on) keeps
+   the epoch's stream: the positions no rank has reached yet are laid end to end and
+   split again by rules 3 and 4 over the new ranks (``segment_of``), so no example of
+   that epoch is seen twice or skipped; the next epoch starts whole at the new size.
+   The history must travel with the checkpoint (``RankStream.resized``).
 
 Ids for the audit (``checkpoint.log_sample_ids``): a row's ``id`` column when it has one,
 else ``<file name>:<row in file>``.
@@ -139,6 +144,79 @@ def rank_range(total: int, rank: int, world: int) -> tuple[int, int]:
     return rank * n, rank * n + n
 
 
+# ---- which positions a step reads: segments of one world size -----------------------------
+
+Ranges = tuple[tuple[int, int], ...]
+Worlds = tuple[tuple[int, int], ...]
+"""``((first_step, world_size), ...)``: the world size from each step on, sorted, the first
+at step 0. One entry for a run that never changed size; a run resumed on another worker
+count (elastic resume) adds ``(resume step, new size)``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Consecutive steps of one epoch at one world size. They split ``ranges`` (the part of
+    the epoch's stream not yet taken when the segment began) into equal rank slices, as in
+    rule 3 of the module docstring; a whole epoch at one size is one segment of
+    ``((0, N),)``."""
+
+    epoch: int
+    first_step: int
+    steps: int
+    world: int
+    ranges: Ranges
+
+    @property
+    def per_rank(self) -> int:
+        return _length(self.ranges) // self.world
+
+
+def _length(ranges: Ranges) -> int:
+    return sum(b - a for a, b in ranges)
+
+
+def _sub(ranges: Ranges, start: int, end: int) -> Ranges:
+    """Stream ranges of the virtual positions ``[start, end)`` of ``ranges`` laid end to end."""
+    out, offset = [], 0
+    for a, b in ranges:
+        lo, hi = max(a, a + start - offset), min(b, a + end - offset)
+        if lo < hi:
+            out.append((lo, hi))
+        offset += b - a
+    return tuple(out)
+
+
+def _rest(ranges: Ranges, world: int, taken: int) -> Ranges:
+    """What is left of ``ranges`` once each of ``world`` ranks took the first ``taken``
+    positions of its slice (the rows no rank reached yet, and the unsplit tail)."""
+    n = _length(ranges) // world
+    parts = [_sub(ranges, r * n + taken, (r + 1) * n) for r in range(world)]
+    parts.append(_sub(ranges, world * n, _length(ranges)))
+    return tuple(rng for part in parts for rng in part)
+
+
+def segment_of(step: int, worlds: Worlds, total: int, per_step: int) -> Segment:
+    """The segment holding ``step``. Within an epoch, a resize re-splits what is left, so
+    no row is taken twice or skipped across it; an epoch ends when its segment has no
+    whole step left for every rank, and the next starts on the whole stream."""
+    epoch, first, ranges, i = 0, 0, ((0, total),), 0
+    while True:
+        world = worlds[i][1]
+        resize = worlds[i + 1][0] if i + 1 < len(worlds) else None
+        end = first + (_length(ranges) // world) // per_step
+        if resize is not None and resize < end:  # resized mid-epoch
+            if step < resize:
+                return Segment(epoch, first, resize - first, world, ranges)
+            ranges, first, i = _rest(ranges, world, (resize - first) * per_step), resize, i + 1
+            continue
+        if step < end:
+            return Segment(epoch, first, end - first, world, ranges)
+        if end == first and ranges == ((0, total),):
+            raise ValueError(f"{total} rows give no step of {per_step} to each of {world} ranks")
+        epoch, first, ranges = epoch + 1, end, ((0, total),)
+        i += resize is not None and resize <= end  # resized at the epoch's end
+
+
 class Epoch:
     """The stream of one epoch: window boundaries and each window's row order."""
 
@@ -164,29 +242,60 @@ class RankStream:
     """The rows of one rank, step by step: reads a window when a step first needs it and
     keeps only that one (plus the open Parquet files of its pieces)."""
 
-    def __init__(self, plan: Plan, seed: int, rank: int, world: int) -> None:
-        self.plan, self.seed = plan, seed
+    def __init__(
+        self, plan: Plan, seed: int, rank: int, world: int, per_step: int = 1,
+        worlds: Worlds | None = None,
+    ) -> None:  # fmt: skip
+        self.plan, self.seed, self.rank, self.per_step = plan, seed, rank, per_step
+        self.worlds: Worlds = worlds or ((0, world),)
+        """World sizes so far (``Worlds``); a run resumed at another size extends it."""
         self.start, end = rank_range(plan.rows, rank, world)
         self.rows_per_rank = end - self.start
+        self.steps_per_epoch = self.rows_per_rank // per_step
+        """Steps of an epoch run wholly at this world size."""
         self._epoch: Epoch | None = None
+        self._segment: Segment | None = None
         self._window: tuple[int, int, pa.Table, np.ndarray] | None = None
         self.windows_read = 0
         """Windows loaded so far (a resumed run reads only what it needs: tests check)."""
 
+    def resized(self, worlds: Worlds | None, saved_world: int, step: int) -> Worlds:
+        """Continue the sizes a checkpoint recorded (``worlds``; None from a checkpoint that
+        recorded only ``saved_world``), adding this run's size from ``step`` when it
+        differs; returns what the next checkpoint should record."""
+        worlds = tuple(map(tuple, worlds or ((0, saved_world),)))  # type: ignore[arg-type]
+        world = self.worlds[-1][1]
+        self.worlds = worlds if worlds[-1][1] == world else (*worlds, (step, world))
+        self._segment = None
+        return self.worlds
+
+    def step(self, step: int) -> tuple[int, list[dict[str, Any]]]:
+        """(epoch, this rank's ``per_step`` rows) of optimizer step ``step``."""
+        seg = self._segment
+        if seg is None or not seg.first_step <= step < seg.first_step + seg.steps:
+            seg = self._segment = segment_of(step, self.worlds, self.plan.rows, self.per_step)
+        first = self.rank * seg.per_rank + (step - seg.first_step) * self.per_step
+        return seg.epoch, self._read(seg.epoch, _sub(seg.ranges, first, first + self.per_step))
+
     def rows(self, epoch: int, start: int, count: int) -> list[dict[str, Any]]:
-        """This rank's rows at its positions ``[start, start + count)`` of ``epoch``."""
+        """This rank's rows at its positions ``[start, start + count)`` of ``epoch``, read
+        as one world size reads a whole epoch."""
         if start + count > self.rows_per_rank:
             raise IndexError(f"rows {start}..{start + count} past this rank's {self.rows_per_rank}")
+        return self._read(epoch, ((self.start + start, self.start + start + count),))
+
+    def _read(self, epoch: int, ranges: Ranges) -> list[dict[str, Any]]:
+        """The rows at stream positions ``ranges`` of ``epoch``, in order."""
         if self._epoch is None or self._epoch.epoch != epoch:
             self._epoch = Epoch(self.plan, self.seed, epoch)
         out: list[dict[str, Any]] = []
-        pos = self.start + start
-        while count > 0:
-            w, offset = self._epoch.locate(pos)
-            table, order = self._load(epoch, w)
-            take = min(count, len(order) - offset)
-            out += table.take(pa.array(order[offset : offset + take])).to_pylist()
-            pos, count = pos + take, count - take
+        for pos, end in ranges:
+            while pos < end:
+                w, offset = self._epoch.locate(pos)
+                table, order = self._load(epoch, w)
+                take = min(end - pos, len(order) - offset)
+                out += table.take(pa.array(order[offset : offset + take])).to_pylist()
+                pos += take
         return out
 
     def _load(self, epoch: int, w: int) -> tuple[pa.Table, np.ndarray]:
@@ -194,12 +303,12 @@ class RankStream:
             assert self._epoch is not None
             self._window = None  # drop the old window before reading the next
             pieces = [self.plan.pieces[i] for i in self._epoch.windows[w]]
-            table = pa.concat_tables([self._read(p) for p in pieces], promote_options="permissive")
+            table = pa.concat_tables([self._piece(p) for p in pieces], promote_options="permissive")
             self._window = (epoch, w, table, self._epoch.order(w))
             self.windows_read += 1
         return self._window[2], self._window[3]
 
-    def _read(self, piece: Piece) -> pa.Table:
+    def _piece(self, piece: Piece) -> pa.Table:
         """One piece's rows, with an ``id`` for the audit when the file has none."""
         table = self._file(piece.file).read_row_group(piece.group, columns=list(self.plan.columns))
         table = table.slice(0, piece.rows)

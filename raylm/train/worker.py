@@ -66,7 +66,7 @@ class _Loop:
         self.tok = load_tokenizer(cfg)
         self.stream = open_stream(shard, cfg, self.rank, self.world)
         self.per_step = t.micro_batch_size * t.grad_accum
-        self.steps_per_epoch = self._all_min(self.stream.rows_per_rank // self.per_step)
+        self.steps_per_epoch = self._all_min(self.stream.steps_per_epoch)
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"each of {self.world} workers has {self.stream.rows_per_rank} examples, "
@@ -155,9 +155,8 @@ class _Loop:
     def run(self) -> None:
         mbs = self.cfg.train.micro_batch_size
         while self.step < self.total_steps:
-            epoch, k = divmod(self.step, self.steps_per_epoch)
             start = time.perf_counter()
-            step_rows = self.stream.rows(epoch, k * self.per_step, self.per_step)
+            epoch, step_rows = self.stream.step(self.step)
             losses, tokens, samples, ids = [], 0, 0, []
             for micro in range(self.cfg.train.grad_accum):
                 rows = step_rows[micro * mbs : (micro + 1) * mbs]

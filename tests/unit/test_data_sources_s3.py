@@ -64,3 +64,15 @@ def test_missing_objects_and_a_first_record_peek_read_only_a_head(corpus: str) -
         sources.expand_inputs([f"{corpus}/missing.jsonl"], "text", {})
     found = sources.expand_inputs([f"{corpus}/a.jsonl"], "auto", {})
     assert rows.peek_first_record(found, "text") == {"text": "one"}
+
+
+def test_an_output_dir_in_a_missing_bucket_is_named(s3_bucket: str) -> None:
+    from raylm.data.config import DataJobConfig
+    from raylm.data.pipeline import _fresh_output_dir
+
+    cfg = DataJobConfig(inputs=["x.jsonl"], output_dir="s3://raylm-no-such-bucket/out")
+    with pytest.raises(ConfigError, match=r"output_dir='s3://raylm-no-such-bucket/out' cannot"):
+        _fresh_output_dir(cfg)
+    assert _fresh_output_dir(DataJobConfig(inputs=["x"], output_dir=f"{s3_bucket}/o")) == (
+        f"{s3_bucket}/o"
+    )

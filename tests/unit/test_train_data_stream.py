@@ -163,3 +163,59 @@ def test_a_worker_gets_its_stream_from_the_plan_dataset(tiny_model: Path) -> Non
     both = ids(a.rows(0, 0, 10)) + ids(b.rows(0, 0, 10))
     assert sorted(both, key=int) == [str(i) for i in range(20)]
     assert set(itertools.chain(*(r.keys() for r in a.rows(0, 0, 2)))) >= {"input_ids", "loss_mask"}
+
+
+def run_ids(plan, worlds, steps: int, per_step: int, seed: int = 9) -> list[tuple[int, list]]:
+    """(epoch, ids of every rank) per step, as a run whose size follows ``worlds`` reads."""
+    out = []
+    for step in range(steps):
+        world = [w for first, w in worlds if first <= step][-1]
+        ranks = [RankStream(plan, seed, r, world, per_step, worlds) for r in range(world)]
+        got = [r.step(step) for r in ranks]
+        out.append((got[0][0], [i for _, rows in got for i in ids(rows)]))
+    return out
+
+
+def test_steps_at_one_world_size_read_what_rows_reads(plan) -> None:
+    s = RankStream(plan, 4, rank=1, world=2, per_step=4)
+    assert s.steps_per_epoch == 10
+    for step in (0, 7, 10, 23):
+        epoch, rows = RankStream(plan, 4, 1, 2, 4).step(step)
+        assert epoch == step // 10 and ids(rows) == ids(s.rows(epoch, step % 10 * 4, 4))
+
+
+@pytest.mark.parametrize("worlds", [((0, 2), (4, 1)), ((0, 1), (3, 2)), ((0, 3), (2, 1), (9, 2))])
+def test_a_resized_run_takes_every_row_of_the_epoch_at_most_once(plan, worlds) -> None:
+    """Elastic resume: what is left of the epoch is re-split over the new ranks, so the
+    epoch of the resize sees no row twice; the next epoch starts on the whole stream."""
+    steps = run_ids(plan, worlds, 40, per_step=4)
+    first = [i for epoch, got in steps if epoch == 0 for i in got]
+    assert len(first) == len(set(first)) and 80 - len(first) < 4 * max(w for _, w in worlds)
+    second = [i for epoch, got in steps if epoch == 1 for i in got]
+    assert second and len(second) == len(set(second))
+
+
+def test_resized_keeps_the_history_a_checkpoint_carries(plan) -> None:
+    s = RankStream(plan, 9, rank=0, world=1, per_step=4)
+    assert s.resized(None, saved_world=2, step=4) == ((0, 2), (4, 1))
+    again = RankStream(plan, 9, rank=0, world=1, per_step=4)
+    assert again.resized([[0, 2], [4, 1]], saved_world=1, step=6) == ((0, 2), (4, 1))
+    assert ids(again.step(6)[1]) == ids(s.step(6)[1])
+
+
+def test_a_data_path_in_a_bucket_is_shards_or_a_raw_file_or_named(
+    s3_bucket: str, tiny_model: Path
+) -> None:
+    from raylm.train.data import data_inputs
+
+    def cfg(path: str):
+        return load("train", [ROOT / "conf/train/pt_full.yaml"],
+                    [f"model.name_or_path={tiny_model}", f"data.path={path}"])  # fmt: skip
+
+    with pytest.raises(ConfigError, match=r"found nothing at s3://raylm-test/nowhere"):
+        data_inputs(cfg(f"{s3_bucket}/nowhere"))
+    raw = f"{s3_bucket}/raw/pt.jsonl"
+    storage.write_bytes(raw, (ROOT / "conf/train/data/pt_demo.jsonl").read_bytes())
+    source = data_inputs(cfg(raw))
+    assert source["kind"] == "raw" and source["path"] == raw
+    assert make_plan(cfg(raw), source).rows == 64

@@ -10,6 +10,7 @@ already sized for one task each, and a Ray Data operator would add start-up for 
 
 from __future__ import annotations
 
+import abc
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -62,7 +63,7 @@ def strings_of(payload: dict) -> str:
     return "\n".join(seen)
 
 
-class Step:
+class Step(abc.ABC):
     """One per-record step: ``run`` changes a row in place; ``stats`` counts what it did."""
 
     name: ClassVar[str]
@@ -71,8 +72,9 @@ class Step:
         self.cfg, self.kind = cfg, kind
         self.stats: Counter[str] = Counter()
 
+    @abc.abstractmethod
     def run(self, row: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Apply this step to one row (each subclass does its one thing)."""
 
 
 @cache

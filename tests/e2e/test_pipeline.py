@@ -116,7 +116,8 @@ def test_interrupted_training_resumes_on_rerun(ray_cluster: ClusterInfo, tmp_pat
 
     shutil.rmtree(run_dir, ignore_errors=True)
     args = ["conf/pipeline/demo.yaml", f"name={name}", "eval.config=null", "serve.config=null",
-            "gate=false", "train.overrides=[checkpoint.save_steps=2,train.epochs=2]"]  # fmt: skip
+            "gate=false", "train.overrides=[model.name_or_path=outputs/models/tiny,data.cutoff_len=512,"
+            "checkpoint.save_steps=2,train.epochs=2]"]  # fmt: skip
     client = JobSubmissionClient(ray_cluster.dashboard_url)
     assert (
         cli.main(["submit", "pipeline", *args, "--no-wait", "--address", ray_cluster.dashboard_url])
@@ -142,5 +143,8 @@ def _wait_for_checkpoint(train_dir: Path, timeout: float) -> None:
     while time.monotonic() < deadline:
         if any(train_dir.glob("**/COMPLETE")):
             return
+        manifest = train_dir / "manifest.json"
+        if manifest.exists() and json.loads(manifest.read_text())["status"] == "failed":
+            raise AssertionError(f"the train stage failed: {manifest.read_text()[-2000:]}")
         time.sleep(2)
     raise AssertionError(f"no complete checkpoint under {train_dir} after {timeout}s")

@@ -23,6 +23,7 @@ def test_second_cluster_starts_and_stops_without_touching_the_first(
         status = other.status()
         assert status is not None and status["cluster"]["pid"] == info.pid
         node = other.add_node(num_cpus=1)  # a worker node: its own ray start process group
+        ray.shutdown()  # an earlier test's library call may have left this process connected
         ray.init(address=info.gcs_address)
         assert ray.cluster_resources()["CPU"] == 2.0
     finally:

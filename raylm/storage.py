@@ -12,7 +12,9 @@ slash into ``s3:/b/x``. ``join`` is the one way to build a child path.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import uuid
 from typing import Any
 
@@ -160,14 +162,111 @@ def append_text(uri: str, text: str) -> None:
     write_text(uri, old + text)
 
 
+COPY_CHUNK_BYTES = 64 * 2**20
+"""Bytes per read/write in ``copy_dir``. pyarrow's default (1 MiB) makes a request per
+MiB; 64 MiB took loading a checkpoint from a local S3 server from 12 s to 0.8 s."""
+
+
 def copy_dir(src: str, dst: str) -> None:
-    """Copy a directory tree between any two places (local <-> bucket, bucket <-> bucket)."""
+    """Copy a directory tree between any two places (local <-> bucket, bucket <-> bucket),
+    files in parallel, in large chunks (``COPY_CHUNK_BYTES``)."""
     import pyarrow.fs as pafs
 
     src_fs, src_path = filesystem(src)
     dst_fs, dst_path = filesystem(dst)
     dst_fs.create_dir(dst_path, recursive=True)
-    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+    pafs.copy_files(
+        src_path,
+        dst_path,
+        source_filesystem=src_fs,
+        destination_filesystem=dst_fs,
+        chunk_size=COPY_CHUNK_BYTES,
+        use_threads=True,
+    )
+
+
+CACHE_ENV = "RAYLM_HOME"
+"""``$RAYLM_HOME/cache/remote`` holds local copies of bucket directories when it is set
+(the tests set it); otherwise ``~/.cache/raylm/remote``."""
+
+
+def cache_root() -> str:
+    """Where ``local_dir`` keeps its copies on this node."""
+    home = os.environ.get(CACHE_ENV)
+    if home:
+        return os.path.join(home, "cache", "remote")
+    return os.path.join(os.path.expanduser("~"), ".cache", "raylm", "remote")
+
+
+def local_dir(uri: str | os.PathLike, *, key: str | None = None) -> str:
+    """A local directory with the contents of ``uri``: the path itself if it is local, else
+    a copy of the bucket directory in this node's cache (``cache_root()``).
+
+    Why: transformers, PEFT and vLLM load models and adapters from a local directory
+    only, so every place that hands one of them a path the user may have given as
+    ``s3://`` (eval, serve replicas, generate) goes through here, and only here.
+
+    The copy is named by a hash of the URI and its listing (relative names, sizes,
+    modification times), so a second call reuses it after one LIST, and a rewritten
+    object gives a fresh copy (S3 keeps modification times in whole seconds: a rewrite
+    of the same size within the same second goes unseen, as in ``manifest.hash_path``). It is written to a temporary sibling and renamed into
+    place: a half copy (a crash, a full disk) is never used, and of two processes
+    copying the same listing at once, one rename wins and both use the whole copy.
+    A copy whose source changed while it was taken is discarded and taken again.
+    Old copies are not evicted: delete the cache folder to reclaim the space.
+    ``key`` names the config key in errors (e.g. ``model.path``).
+    """
+    uri = os.fspath(uri)
+    if not is_remote(uri):
+        return uri.removeprefix("file://")
+    root = cache_root()
+    for _ in range(3):
+        listing = _listing(uri, key)
+        name = os.path.basename(uri.rstrip("/")) or "root"
+        digest = hashlib.sha256(f"{uri.rstrip('/')}\n{listing}".encode()).hexdigest()[:24]
+        final = os.path.join(root, f"{name}-{digest}")
+        if os.path.isdir(final):
+            return final
+        os.makedirs(root, exist_ok=True)
+        tmp = os.path.join(root, f".tmp-{name}-{digest}-{uuid.uuid4().hex[:8]}")
+        try:
+            copy_dir(uri, tmp)
+            if _listing(uri, key) != listing:  # rewritten while copying: not this listing
+                continue
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.isdir(final):  # not a lost race: a real failure
+                raise
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        return final
+    raise StorageError(f"{uri}: its objects kept changing while being copied; try again")
+
+
+def _listing(uri: str, key: str | None) -> str:
+    """Relative name, size and mtime of every object under ``uri``, one per line."""
+    import pyarrow.fs as pafs
+
+    named = f"{key}={uri}" if key else uri
+    fs, root = filesystem(uri)
+    try:
+        info = fs.get_file_info(root)
+        infos = []
+        if info.type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except OSError as err:
+        raise StorageError(f"{named}: cannot list it ({err}); {_hint(uri)}") from None
+    if info.type == pafs.FileType.File:
+        raise StorageError(f"{named}: is an object, expected a directory (prefix) of files")
+    files = sorted(
+        (i.path[len(root) :].lstrip("/"), i.size, i.mtime_ns)
+        for i in infos
+        if i.type == pafs.FileType.File
+    )
+    if not files:
+        raise StorageError(f"{named}: no such directory (no objects under this prefix)")
+    return "\n".join(f"{n}\0{s}\0{m}" for n, s, m in files)
 
 
 def forwarded_env() -> dict[str, str]:

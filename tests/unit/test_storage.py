@@ -85,3 +85,56 @@ def test_bucket_inputs_are_fingerprinted_by_their_listing(s3_bucket: str) -> Non
     assert hash_path(storage.join(base, "a.jsonl")).startswith("listing:")
     with pytest.raises(FileNotFoundError, match="no such object"):
         hash_path(storage.join(base, "nope"))
+
+
+def test_local_dir_copies_a_bucket_dir_once_and_again_when_it_changes(
+    s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "home"))
+    src = tmp_path / "model"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text('{"a": 1}')
+    (src / "sub" / "w.bin").write_bytes(b"\0" * 1000)
+    uri = storage.join(s3_bucket, "local-dir", "model")
+    storage.copy_dir(str(src), uri)
+
+    first = Path(storage.local_dir(uri, key="model.path"))
+    assert first.is_relative_to(storage.cache_root()) and first.name.startswith("model-")
+    assert (first / "config.json").read_text() == '{"a": 1}'
+    assert (first / "sub" / "w.bin").read_bytes() == b"\0" * 1000
+    stamp = (first / "config.json").stat().st_mtime_ns
+    assert storage.local_dir(uri) == str(first)  # the same listing: the cached copy
+    assert (first / "config.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in Path(storage.cache_root()).iterdir()] == [first.name]  # no temp
+
+    # A rewrite shows in the listing by size or modification time (S3 keeps whole seconds).
+    storage.write_text(storage.join(uri, "config.json"), '{"a": 22}')
+    second = Path(storage.local_dir(uri))
+    assert second != first and (second / "config.json").read_text() == '{"a": 22}'
+    assert (first / "config.json").read_text() == '{"a": 1}'  # a reader of the old one keeps it
+    assert storage.local_dir(str(src)) == str(src)  # a local path is used in place
+
+
+def test_local_dir_names_a_missing_prefix(s3_bucket: str) -> None:
+    missing = storage.join(s3_bucket, "no", "such", "model")
+    with pytest.raises(storage.StorageError, match=f"model.path={missing}: no such directory"):
+        storage.local_dir(missing, key="model.path")
+    storage.write_text(storage.join(s3_bucket, "local-dir", "file.txt"), "x")
+    with pytest.raises(storage.StorageError, match="is an object, expected a directory"):
+        storage.local_dir(storage.join(s3_bucket, "local-dir", "file.txt"))
+
+
+def test_local_dir_racers_both_get_a_whole_copy(
+    s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads copying the same listing at once: one rename wins, both use it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "home"))
+    uri = storage.join(s3_bucket, "local-dir", "raced")
+    for i in range(4):
+        storage.write_text(storage.join(uri, f"f{i}.txt"), str(i) * 100)
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda _: storage.local_dir(uri), range(2))
+    assert a == b and sorted(p.name for p in Path(a).iterdir()) == [f"f{i}.txt" for i in range(4)]
+    assert [p.name for p in Path(storage.cache_root()).iterdir()] == [Path(a).name]

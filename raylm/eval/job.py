@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from raylm.config import resolve_path
 from raylm.eval.config import EvalJobConfig
 from raylm.job import Job, Result
@@ -16,10 +14,12 @@ GATE_FAILED = 3
 class EvalJob(Job[EvalJobConfig]):
     name = "eval"
     config = EvalJobConfig
+    remote_outputs = True  # eval.json, report.md, predictions.jsonl go through raylm.storage
 
     def setup(self, cfg: EvalJobConfig) -> EvalJobConfig:
-        """Relative paths mean the workspace; the data is read and checked here, so a bad
-        record fails in seconds, before any output is written or Ray starts."""
+        """Relative paths mean the workspace (URIs stay as given); the data is read and
+        checked here, so a bad record or a missing path (local or in a bucket) fails in
+        seconds, before any output is written or Ray starts."""
         from raylm.eval.run import prepare
 
         for key in ("model", "base_model", "adapter_base"):
@@ -36,15 +36,14 @@ class EvalJob(Job[EvalJobConfig]):
         return [p for p in paths if p]
 
     def run(self, cfg: EvalJobConfig, out_dir: str) -> Result:
-        from raylm.eval.run import run_eval, write_outputs
+        from raylm.eval.run import report_markdown, run_eval, write_outputs
 
-        out = Path(out_dir)
         results, rows = run_eval(cfg, self.prepared)
         results["ray"] = self.ray_info
-        paths = write_outputs(results, rows, out)
+        paths = write_outputs(results, rows, out_dir)
         passed = results["gate"]["passed"]
-        print(Path(paths["report"]).read_text())
-        print(f"eval: gate {'passed' if passed else 'FAILED'}; results in {out}")
+        print(report_markdown(results))
+        print(f"eval: gate {'passed' if passed else 'FAILED'}; results in {out_dir}")
         headline = {name: m["value"] for name, m in results["metrics"].items()}
         return Result(
             paths,

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from raylm import storage
 from raylm.eval.records import EvalDataError, EvalRecord
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -30,41 +31,55 @@ class ModelInfo:
     """The base model under an adapter."""
 
 
-def describe_model(path: str | Path, adapter_base: str | None = None) -> ModelInfo:
-    """Classify a model dir without loading it, failing early on a wrong path."""
-    p = Path(path)
-    if (p / "adapter_config.json").is_file():
-        declared = json.loads((p / "adapter_config.json").read_text()).get(
-            "base_model_name_or_path"
-        )
+def describe_model(
+    path: str | Path, adapter_base: str | None = None, key: str = "model"
+) -> ModelInfo:
+    """Classify a model dir (local or in a bucket) without loading it, failing early on a
+    wrong path; ``key`` names the config key in the error."""
+    p = str(path)
+    adapter_config = storage.join(p, "adapter_config.json")
+    if _is_file(adapter_config):
+        declared = json.loads(storage.read_text(adapter_config)).get("base_model_name_or_path")
         base = adapter_base or declared
         if not base:
             raise EvalDataError(
-                f"{p} is a PEFT adapter without base_model_name_or_path; set adapter_base"
+                f"{key}={p} is a PEFT adapter without base_model_name_or_path; set adapter_base"
             )
-        return ModelInfo(str(p), "adapter", str(base))
-    if (p / "config.json").is_file():
-        return ModelInfo(str(p), "full", None)
+        return ModelInfo(p, "adapter", str(base))
+    if _is_file(storage.join(p, "config.json")):
+        return ModelInfo(p, "full", None)
+    where = "" if storage.exists(p) else " (nothing exists at that path)"
     raise EvalDataError(
-        f"model dir {p} is neither a Hugging Face model (config.json) nor a PEFT adapter "
-        "(adapter_config.json)"
+        f"{key}={p} is neither a Hugging Face model (config.json) nor a PEFT adapter "
+        f"(adapter_config.json){where}"
     )
 
 
+def _is_file(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
 def load_model(path: str | Path, adapter_base: str | None = None) -> tuple[Any, Any, ModelInfo]:
-    """(model in eval mode, tokenizer, info); an adapter is merged into its base."""
+    """(model in eval mode, tokenizer, info); an adapter is merged into its base.
+
+    A model (or base) in a bucket is loaded from this node's copy (``storage.local_dir``);
+    ``info`` keeps the path as given, for the report."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     info = describe_model(path, adapter_base)
-    weights = info.base if info.kind == "adapter" else info.path
+    local = storage.local_dir(info.path, key="model")
+    weights = storage.local_dir(info.base, key="adapter_base") if info.base else local
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32)
     if info.kind == "adapter":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, info.path).merge_and_unload()
-    has_tok = any((Path(info.path) / f).is_file() for f in TOKENIZER_FILES)
-    tokenizer = AutoTokenizer.from_pretrained(info.path if has_tok else weights)
+        model = PeftModel.from_pretrained(model, local).merge_and_unload()
+    has_tok = any((Path(local) / f).is_file() for f in TOKENIZER_FILES)
+    tokenizer = AutoTokenizer.from_pretrained(local if has_tok else weights)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

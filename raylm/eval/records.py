@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raylm import storage
 from raylm.config import ConfigError
 
 ROLES = ("system", "user", "assistant", "tool")
+KEY = "data.perplexity_path"
+"""The config key held-out text comes from, named in errors."""
 
 
 class EvalDataError(ConfigError):
@@ -48,18 +51,18 @@ class EvalRecord:
     """Any other fields, carried into predictions.jsonl."""
 
 
-def read_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """(location, record) pairs of a jsonl (or a json list) file; bad JSON names its line."""
-    p = Path(path)
-    if not p.is_file():
-        raise EvalDataError(f"eval data file not found: {p}")
-    if p.suffix == ".json":
-        data = json.loads(p.read_text())
+def read_jsonl(path: str | Path, key: str = "data.eval_path") -> list[tuple[str, dict[str, Any]]]:
+    """(location, record) pairs of a jsonl (or a json list) file, local or in a bucket;
+    bad JSON names its line."""
+    p = str(path)
+    text = _read_text(p, "eval data file", key)
+    if p.endswith(".json"):
+        data = json.loads(text)
         if not isinstance(data, list):
             raise EvalDataError(f"{p}: a .json eval file must hold a list of records")
         return [(f"{p}[{i}]", rec) for i, rec in enumerate(data)]
     rows = []
-    for n, line in enumerate(p.read_text().splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -69,8 +72,20 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
+def _read_text(path: str, what: str, key: str) -> str:
+    """A whole file through ``raylm.storage`` (a local path or ``s3://``, ``gs://``)."""
+    try:
+        if storage.is_remote(path) and not storage.is_dir(path):
+            return storage.read_text(path)
+        if not storage.is_remote(path) and Path(path).is_file():
+            return Path(path).read_text()
+    except FileNotFoundError:
+        pass
+    raise EvalDataError(f"{what} not found: {key}={path}")
+
+
 def load_eval_records(path: str | Path, max_samples: int | None = None) -> list[EvalRecord]:
-    rows = read_jsonl(path)[:max_samples]
+    rows = read_jsonl(path, "data.eval_path")[:max_samples]
     if not rows:
         raise EvalDataError(f"{path}: no eval records")
     return [parse_record(where, rec) for where, rec in rows]
@@ -149,15 +164,14 @@ def _budget(where: str, rec: dict[str, Any], key: str) -> int | None:
 
 def load_texts(path: str | Path, max_samples: int | None = None) -> list[str | list[dict]]:
     """Held-out documents for perplexity: strings, or chat turn lists to render."""
-    p = Path(path)
-    if p.is_dir() or p.suffix == ".parquet":
+    p = str(path)
+    if p.endswith(".parquet") or storage.is_dir(p):
         docs: list[str | list[dict]] = _parquet_texts(p)
-    elif p.suffix == ".txt":
-        if not p.is_file():
-            raise EvalDataError(f"perplexity data file not found: {p}")
-        docs = [d.strip() for d in p.read_text().split("\n\n") if d.strip()]
+    elif p.endswith(".txt"):
+        text = _read_text(p, "perplexity data file", KEY)
+        docs = [d.strip() for d in text.split("\n\n") if d.strip()]
     else:
-        docs = [_text_of(where, rec) for where, rec in read_jsonl(p)]
+        docs = [_text_of(where, rec) for where, rec in read_jsonl(p, KEY)]
     docs = docs[:max_samples]
     if not docs:
         raise EvalDataError(f"{path}: no documents for perplexity")
@@ -176,25 +190,33 @@ def _text_of(where: str, rec: Any) -> str | list[dict]:
     )
 
 
-def _parquet_texts(p: Path) -> list[str | list[dict]]:
+def _parquet_texts(p: str) -> list[str | list[dict]]:
+    """Every ``*.parquet`` under a directory (or one file), local or in a bucket."""
+    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
+    fs, root = storage.filesystem(p)
+    info = fs.get_file_info(root)
+    files = [root] if info.type == pafs.FileType.File else []
+    if info.type == pafs.FileType.Directory:
+        found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        files = sorted(i.path for i in found if i.is_file and i.path.endswith(".parquet"))
     if not files:
-        raise EvalDataError(f"perplexity data not found: no parquet files at {p}")
+        raise EvalDataError(f"perplexity data not found: no parquet files at {KEY}={p}")
     texts: list[str | list[dict]] = []
     for f in files:
-        table = pq.read_table(f)
+        where = storage.join(p, f[len(root) :]) if f != root else p
+        table = pq.read_table(f, filesystem=fs)
         if "text" in table.column_names:
             texts.extend(t for t in table.column("text").to_pylist() if t)
         elif "messages" in table.column_names:
             rows = table.column("messages").to_pylist()
             texts.extend(
-                list(_messages(f"{f}[{i}]", m, final_answer=True)) for i, m in enumerate(rows)
+                list(_messages(f"{where}[{i}]", m, final_answer=True)) for i, m in enumerate(rows)
             )
         else:
             raise EvalDataError(
-                f"{f}: perplexity parquet needs a 'text' or 'messages' column, "
+                f"{where}: perplexity parquet needs a 'text' or 'messages' column, "
                 f"has {table.column_names}"
             )
     return texts

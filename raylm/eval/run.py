@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from raylm import storage
 from raylm.eval.bootstrap import confidence_interval, paired_bootstrap
 from raylm.eval.config import GENERATION_METRICS, EvalJobConfig
 from raylm.eval.gate import gate
@@ -116,7 +117,7 @@ def prepare(cfg: EvalJobConfig) -> EvalInputs:
         docs = load_texts(cfg.data.perplexity_path, cfg.data.max_samples)  # type: ignore[arg-type]
     models = {"model": describe_model(cfg.model, cfg.adapter_base)}
     if cfg.base_model:
-        models["base_model"] = describe_model(cfg.base_model)
+        models["base_model"] = describe_model(cfg.base_model, key="base_model")
     return EvalInputs(records, docs, models)
 
 
@@ -201,18 +202,21 @@ def prediction_rows(
     return rows
 
 
-def write_outputs(results: dict[str, Any], rows: list[dict[str, Any]], out_dir: Path) -> dict:
-    """eval.json, report.md and predictions.jsonl; returns their paths by name."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_outputs(results: dict[str, Any], rows: list[dict[str, Any]], out_dir: str | Path) -> dict:
+    """eval.json, report.md and predictions.jsonl (locally or in a bucket, through
+    ``raylm.storage``); returns their paths by name."""
+    out_dir = str(out_dir)
     paths = {
-        "eval": out_dir / "eval.json",
-        "report": out_dir / "report.md",
-        "predictions": out_dir / "predictions.jsonl",
+        "eval": storage.join(out_dir, "eval.json"),
+        "report": storage.join(out_dir, "report.md"),
+        "predictions": storage.join(out_dir, "predictions.jsonl"),
     }
-    paths["eval"].write_text(json.dumps(results, indent=2, default=_json_default, allow_nan=False))
-    paths["report"].write_text(report_markdown(results))
-    paths["predictions"].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {k: str(v) for k, v in paths.items()}
+    storage.write_text(
+        paths["eval"], json.dumps(results, indent=2, default=_json_default, allow_nan=False)
+    )
+    storage.write_text(paths["report"], report_markdown(results))
+    storage.write_text(paths["predictions"], "".join(json.dumps(r) + "\n" for r in rows))
+    return paths
 
 
 def _json_default(x: Any) -> Any:

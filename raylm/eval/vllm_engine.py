@@ -16,14 +16,16 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from raylm import storage
 from raylm.engine import EngineConfig, engine_env, engine_kwargs
 from raylm.eval.model import ModelInfo
 
 
 def merged_dir(info: ModelInfo, model: object, tokenizer: object, workdir: Path) -> str:
-    """vLLM loads a directory: an adapter is served from its merged weights."""
+    """vLLM loads a local directory: an adapter is served from its merged weights, a
+    full model in a bucket from this node's copy (already made by ``load_model``)."""
     if info.kind == "full":
-        return info.path
+        return storage.local_dir(info.path, key="model")
     out = workdir / "merged"
     model.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
     tokenizer.save_pretrained(out)  # type: ignore[attr-defined]

@@ -122,3 +122,48 @@ def test_eval_job_fail_on_gate_exit_code(
     res = json.loads((tmp_path / "out/eval.json").read_text())
     assert list(res["metrics"]) == ["perplexity"] and res["comparison"] is None
     assert res["gate"]["reasons"][0].startswith("FAILED max_perplexity: perplexity = ")
+
+
+@pytest.mark.timeout(300)
+def test_eval_job_reads_and_writes_a_bucket(
+    ray_cluster: ClusterInfo, tiny_model: Path, s3_bucket: str
+) -> None:
+    """Model, eval set, held-out text and output_dir all on s3://: the Ray task loads its
+    node's copy of the model (storage.local_dir), the results and manifest go to the bucket."""
+    from raylm import storage
+
+    base = storage.join(s3_bucket, "eval-job")
+    model = storage.join(base, "models", "tiny")
+    storage.copy_dir(str(tiny_model), model)
+    data = {}
+    for name in ("eval.jsonl", "heldout.jsonl"):
+        data[name] = storage.join(base, "data", name)
+        storage.write_text(data[name], (ROOT / "raylm/eval/sample" / name).read_text())
+    out = storage.join(base, "out")
+    proc = _run_job(
+        [
+            f"model={model}",
+            f"data.eval_path={data['eval.jsonl']}",
+            f"data.perplexity_path={data['heldout.jsonl']}",
+            "data.max_samples=4",
+            "metrics=[perplexity,exact_match]",
+            "generation.max_new_tokens=4",
+            "bootstrap.resamples=100",
+            "gate.max_perplexity=1e6",
+            f"output_dir={out}",
+        ],
+        ray_cluster,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(storage.read_text(storage.join(out, "eval.json")))
+    assert res["model"] == {"path": model, "kind": "full", "base": None}
+    assert (res["n_examples"], res["n_perplexity_docs"]) == (4, 4)
+    assert 500 < res["metrics"]["perplexity"]["value"] < 10_000 and res["gate"]["passed"]
+    assert storage.read_text(storage.join(out, "report.md")).startswith(
+        f"# Evaluation of `{model}`"
+    )
+    assert len(storage.read_text(storage.join(out, "predictions.jsonl")).splitlines()) == 4
+    manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
+    assert manifest["status"] == "succeeded" and manifest["outputs"]["eval"] == f"{out}/eval.json"
+    assert manifest["inputs"][model].startswith("listing:")
+    assert storage.exists(storage.join(out, "config.resolved.yaml"))

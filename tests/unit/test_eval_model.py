@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from raylm.eval.model import (
+    ModelInfo,
     decode_answers,
     describe_model,
     generate_hf,
@@ -126,3 +127,36 @@ def test_decode_stops_at_the_first_special_token(tiny) -> None:
     texts, lengths = decode_answers(tokenizer, generated)
     assert texts == ["License grant", ""]
     assert lengths == [len(words), 0]
+
+
+def test_a_model_and_an_adapter_in_a_bucket(
+    tiny, tiny_model: Path, tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """describe_model reads the bucket; load_model loads this node's copy of it, and the
+    info keeps the URI (what the report names)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from raylm import storage
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "home"))
+    model_uri = storage.join(s3_bucket, "eval-models", "tiny")
+    storage.copy_dir(str(tiny_model), model_uri)
+    assert describe_model(model_uri) == ModelInfo(model_uri, "full", None)
+    loaded, _, info = load_model(model_uri)
+    assert info.path == model_uri
+    ids = torch.tensor([tiny[1]("The Work")["input_ids"]])
+    with torch.inference_mode():
+        assert torch.equal(loaded(input_ids=ids).logits, tiny[0](input_ids=ids).logits)
+
+    torch.manual_seed(0)
+    peft_cfg = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(load_model(tiny_model)[0], peft_cfg).save_pretrained(tmp_path / "adapter")
+    adapter_uri = storage.join(s3_bucket, "eval-models", "adapter")
+    storage.copy_dir(str(tmp_path / "adapter"), adapter_uri)
+    info = describe_model(adapter_uri, adapter_base=model_uri)
+    assert (info.kind, info.base) == ("adapter", model_uri)  # a base in the bucket too
+    assert load_model(adapter_uri, adapter_base=model_uri)[2] == info
+    missing = storage.join(s3_bucket, "eval-models", "nope")
+    with pytest.raises(EvalDataError, match=f"base_model={missing} is neither.*nothing exists"):
+        describe_model(missing, key="base_model")

@@ -112,3 +112,32 @@ def test_eval_job_rejects_a_bad_record_before_starting_ray(tmp_path: Path, capsy
     assert f"{data}:3: missing field 'reference'" in err
     assert "fields: ['answer', 'prompt']" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_and_perplexity_data_in_a_bucket(s3_bucket: str, tmp_path: Path) -> None:
+    """The same readers on s3:// (jsonl, txt, a parquet prefix); a missing object is named
+    with its config key and URI."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raylm import storage
+
+    base = storage.join(s3_bucket, "eval-data")
+    rows = [GOOD, {"prompt": "2+2?", "reference": ["4", "four"]}]
+    storage.write_text(storage.join(base, "e.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    recs = load_eval_records(storage.join(base, "e.jsonl"))
+    assert [r.references for r in recs] == [("2.0",), ("4", "four")]
+    assert recs[0].id == f"{base}/e.jsonl:1"  # the URI keeps its scheme's //
+    storage.write_text(storage.join(base, "d.txt"), "one\n\ntwo\n")
+    assert load_texts(storage.join(base, "d.txt")) == ["one", "two"]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pq.write_table(pa.table({"text": ["a", "b"]}), shards / "part-0.parquet")
+    pq.write_table(pa.table({"text": ["c"]}), shards / "part-1.parquet")
+    storage.copy_dir(str(shards), storage.join(base, "shards"))
+    assert load_texts(storage.join(base, "shards")) == ["a", "b", "c"]
+    missing = storage.join(base, "nope.jsonl")
+    with pytest.raises(EvalDataError, match=f"not found: data.eval_path={missing}"):
+        load_eval_records(missing)
+    with pytest.raises(EvalDataError, match=f"not found: data.perplexity_path={missing}"):
+        load_texts(missing)

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from raylm import config
 from raylm.eval.run import evaluate_model, prediction_rows, prepare, summarize, write_outputs
 
@@ -56,3 +58,23 @@ def test_score_summarise_and_write(tiny_model: Path, tmp_path: Path) -> None:
 
 def _no_nan(name: str) -> float:
     raise AssertionError(f"eval.json must be strict JSON, found {name}")
+
+
+def test_a_missing_bucket_path_fails_at_setup_naming_key_and_uri(
+    s3_bucket: str, tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Exit 2 with one line, before any output is written or Ray is reached."""
+    from raylm import storage
+    from raylm.runner import main
+
+    missing = storage.join(s3_bucket, "no-such", "model")
+    out = storage.join(s3_bucket, "no-such", "out")
+    argv = [f"model={missing}", "metrics=[perplexity]", "ray.address=127.0.0.1:1"]
+    argv += [f"data.perplexity_path={ROOT / 'raylm/eval/sample/heldout.jsonl'}"]
+    assert main("eval", [*argv, f"output_dir={out}"]) == 2
+    assert f"model={missing} is neither" in capsys.readouterr().err
+    data = storage.join(s3_bucket, "no-such", "heldout.jsonl")
+    argv = [f"model={tiny_model}", "metrics=[perplexity]", f"data.perplexity_path={data}"]
+    assert main("eval", [*argv, f"output_dir={out}", "ray.address=127.0.0.1:1"]) == 2
+    assert f"not found: data.perplexity_path={data}" in capsys.readouterr().err
+    assert not storage.exists(out)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from raylm import templates
 from raylm.config import ConfigError, RayConfig, choice, positive
 from raylm.data.formats import INPUT_FORMATS
 
@@ -24,6 +25,16 @@ class ModelConfig:
 
     trust_remote_code: bool = False
     """Allow custom modelling code shipped with the checkpoint."""
+
+    template: str | None = None
+    """Chat template (LLaMA-Factory's ``template:``). None: the tokenizer's own template; a
+    name from raylm.templates (chatml, default, llama3, qwen, qwen3, qwen3_nothink, mistral,
+    gemma, alpaca, ...): that template replaces it (and, where LLaMA-Factory does, its stop
+    word becomes EOS), for sft/dpo on a base model. Shards must be tokenized with the same
+    one (the data job's ``tokenize.template``); ``final/``'s tokenizer carries it."""
+
+    def __post_init__(self) -> None:
+        templates.check(self.template, "model.template")
 
 
 @dataclass
@@ -149,20 +160,74 @@ class FreezeConfig:
 
 @dataclass
 class DPOConfig:
-    """Direct preference optimisation (stage dpo)."""
+    """Preference optimisation (stage dpo): DPO and its reference-free relatives.
+
+    The variants follow LLaMA-Factory's ``pref_loss`` (and TRL's trainers): sigmoid, hinge
+    and ipo score the policy against a reference model; simpo and orpo need none, so no
+    reference model is built or run for them (``needs_reference``).
+    """
 
     beta: float = 0.1
-    """Strength of the KL penalty towards the reference model."""
+    """The loss's one scale, whose meaning depends on ``loss_type``: sigmoid/hinge, the
+    strength of the KL penalty towards the reference (0.1 to 0.5 typical; higher keeps the
+    policy closer); ipo, the regularisation tau of the IPO paper (the target margin of the
+    length-averaged log-ratio is 1/(2 beta)); simpo, the scale of the length-averaged
+    reward (the SimPO authors use 2 to 10); orpo, the weight lambda of the odds-ratio
+    term next to the SFT loss (about 0.1 in the ORPO paper). LLaMA-Factory's
+    ``pref_beta``."""
 
     loss_type: str = "sigmoid"
-    """DPO loss variant; sigmoid is the original paper's."""
+    """sigmoid: DPO (Rafailov et al.), the default; the logistic loss on beta times the
+    difference of policy/reference log-ratios of chosen and rejected.
+    hinge: SLiC's hinge on the same margin; stops pushing once the margin exceeds 1/beta.
+    ipo: IPO's squared loss on the length-averaged log-ratios; regresses the margin to a
+    target instead of driving it to infinity, which resists overfitting clean preferences.
+    simpo: SimPO; no reference model, the length-averaged policy log-probs are the reward,
+    with a target margin ``simpo_gamma``; cheapest (one model, one forward).
+    orpo: ORPO; no reference model, SFT loss on the chosen response plus beta times an
+    odds-ratio penalty; trains from a base model in one stage, no separate SFT needed.
+    LLaMA-Factory's ``pref_loss`` (its ``kto_pair`` is not supported)."""
 
     label_smoothing: float = 0.0
-    """Conservative DPO: assumed probability that a preference label is flipped."""
+    """Conservative DPO (cDPO), sigmoid only: the assumed probability that a preference
+    label is flipped, in [0, 0.5); try 0.1 for noisy preference data. 0 is plain DPO.
+    LLaMA-Factory's ``dpo_label_smoothing``."""
+
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma (simpo only): the loss keeps pushing until the
+    scaled length-averaged margin beta * (chosen - rejected) exceeds it. The SimPO
+    authors' settings put gamma / beta at about 0.3 to 0.8. LLaMA-Factory's and TRL's
+    ``simpo_gamma``."""
+
+    sft_weight: float = 0.0
+    """Weight of an SFT loss (the length-averaged NLL of the chosen response) added to any
+    variant, which keeps the likelihood of chosen answers from falling while their margin
+    grows (RPO). 0 disables it; orpo has an SFT term of its own already. LLaMA-Factory's
+    ``pref_ftx``."""
 
     def __post_init__(self) -> None:
         positive("dpo.beta", self.beta)
-        choice("dpo.loss_type", self.loss_type, ("sigmoid",))
+        choice("dpo.loss_type", self.loss_type, ("sigmoid", "hinge", "ipo", "simpo", "orpo"))
+        positive("dpo.simpo_gamma", self.simpo_gamma, allow_zero=True)
+        positive("dpo.sft_weight", self.sft_weight, allow_zero=True)
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigError(
+                f"dpo.label_smoothing={self.label_smoothing} only applies to "
+                f"dpo.loss_type=sigmoid (cDPO), not {self.loss_type!r}; set it to 0"
+            )
+
+    @property
+    def needs_reference(self) -> bool:
+        """simpo and orpo score the policy alone: no reference model to build or run."""
+        return self.loss_type not in ("simpo", "orpo")
+
+    @property
+    def length_normalized(self) -> bool:
+        """ipo, simpo and orpo compare per-token averages of log-probs (as LLaMA-Factory
+        and TRL do), so long answers do not win or lose by length alone."""
+        return self.loss_type in ("ipo", "simpo", "orpo")
 
 
 @dataclass

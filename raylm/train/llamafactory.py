@@ -30,6 +30,8 @@ MAPPED: dict[str, str] = {
     "freeze_trainable_layers": "freeze.trainable_layers",
     "pref_beta": "dpo.beta",
     "pref_loss": "dpo.loss_type",
+    "pref_ftx": "dpo.sft_weight",
+    "simpo_gamma": "dpo.simpo_gamma",
     "dpo_label_smoothing": "dpo.label_smoothing",
     "cutoff_len": "data.cutoff_len",
     "max_samples": "data.max_samples",
@@ -75,6 +77,11 @@ IGNORED: dict[str, str] = {
 
 SPECIAL = ("dataset", "output_dir", "quantization_bit", "bf16", "fp16")
 
+# LLaMA-Factory pref_loss values raylm has no loss for, and what to use instead.
+UNSUPPORTED_PREF_LOSS: dict[str, str] = {
+    "kto_pair": "use sigmoid, hinge or ipo (or simpo/orpo without a reference model)",
+}
+
 
 def is_llamafactory(data: dict[str, Any]) -> bool:
     """LLaMA-Factory YAMLs are flat and always name the model this way."""
@@ -103,6 +110,12 @@ def translate(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
 
 def _special(data: dict[str, Any], out: dict[str, Any], source: str) -> None:
     """Keys that map onto more than one raylm key, or need a decision."""
+    pref_loss = str(data.get("pref_loss", ""))
+    if pref_loss in UNSUPPORTED_PREF_LOSS:
+        raise ConfigError(
+            f"{source}: pref_loss={pref_loss!r} is not supported by raylm: "
+            f"{UNSUPPORTED_PREF_LOSS[pref_loss]}"
+        )
     if data.get("bf16"):
         _set(out, "train.precision", "bf16")
     elif data.get("fp16"):
@@ -163,4 +176,9 @@ CONVERT: dict[str, Callable[[Any], Any]] = {
     "report_to": _report_to,
     "learning_rate": float,
     "num_train_epochs": float,
+    # YAML reads ``1e-3`` (no dot) as a string; LLaMA-Factory's parser coerces it.
+    "pref_beta": float,
+    "pref_ftx": float,
+    "simpo_gamma": float,
+    "dpo_label_smoothing": float,
 }

@@ -73,3 +73,38 @@ def test_llamafactory_values_raylm_cannot_honour(tmp_path: Path) -> None:
         config.load("train", [lf(tmp_path, dataset="a,b")])
     with pytest.raises(ConfigError, match="supports 4 only"):
         config.load("train", [lf(tmp_path, quantization_bit=8)])
+
+
+def test_llamafactory_preference_keys(tmp_path: Path) -> None:
+    """pref_loss / pref_beta / pref_ftx / simpo_gamma / dpo_label_smoothing reach cfg.dpo."""
+    simpo = config.load(
+        "train",
+        [
+            lf(
+                tmp_path,
+                stage="dpo",
+                pref_loss="simpo",
+                pref_beta=2.5,
+                simpo_gamma=1.25,
+                pref_ftx="1e-1",
+            )
+        ],
+    )
+    d = simpo.dpo
+    assert (simpo.stage, d.loss_type, d.beta, d.simpo_gamma, d.sft_weight) == (
+        "dpo", "simpo", 2.5, 1.25, 0.1,
+    )  # fmt: skip
+    assert not d.needs_reference
+    cdpo = config.load("train", [lf(tmp_path, stage="dpo", dpo_label_smoothing=0.1)])
+    assert (cdpo.dpo.loss_type, cdpo.dpo.label_smoothing) == ("sigmoid", 0.1)
+
+
+def test_llamafactory_preference_values_raylm_refuses(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="pref_loss='kto_pair' is not supported"):
+        config.load("train", [lf(tmp_path, stage="dpo", pref_loss="kto_pair")])
+    with pytest.raises(ConfigError, match=r"only applies to dpo\.loss_type=sigmoid"):
+        config.load("train", [lf(tmp_path, stage="dpo", pref_loss="ipo", dpo_label_smoothing=0.1)])
+    with pytest.raises(ConfigError) as err:
+        config.load("train", [lf(tmp_path, stage="dpo", simpo_gama=0.5, pref_bco_weight=0.1)])
+    assert "'simpo_gama' (did you mean 'simpo_gamma'?)" in str(err.value)
+    assert "'pref_bco_weight'" in str(err.value)

@@ -290,6 +290,12 @@ def _child_env(gcs_address: str, extra: dict[str, str]) -> dict[str, str]:
         ensure_auth_token()
     # A single node has nowhere to drain work to; draining only delays `down` by 30 s.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+    # Every node of this cluster shares one host, so a raylet that stops answering is
+    # dead, not behind a flaky network: the GCS may declare it so after 5 refused checks
+    # a second apart instead of Ray's 5 x 3 s. A hung (not dead) raylet still needs 5
+    # timed-out checks of 10 s each. Training resumes that much sooner after a lost node.
+    env.setdefault("RAY_health_check_period_ms", "1000")
+    env.setdefault("RAY_health_check_initial_delay_ms", "1000")
     for key, value in extra.items():
         env.setdefault(key, value)
     # Job drivers inherit PATH from the raylet: put our interpreter first.

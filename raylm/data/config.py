@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from raylm import templates
 from raylm.config import ConfigError, RayConfig, choice, positive
 from raylm.data.formats import INPUT_FORMATS
 
@@ -176,7 +177,14 @@ class TokenizeConfig:
     """Tokenize; false writes the cleaned records (text / messages / pairs) instead."""
 
     tokenizer: str | None = None
-    """A Hugging Face model or tokenizer directory (with a chat template for sft/dpo)."""
+    """A Hugging Face model or tokenizer directory (with a chat template for sft/dpo, or
+    a named ``template``)."""
+
+    template: str | None = None
+    """Chat template (LLaMA-Factory's ``template:``). None: the tokenizer's own template; a
+    name from raylm.templates (chatml, default, llama3, qwen, qwen3, qwen3_nothink, mistral,
+    gemma, alpaca, ...): that template replaces it, e.g. for a base model that has none.
+    The train job must name the same one (``model.template``)."""
 
     cutoff_len: int = 1024
     """Longest example in tokens; longer ones are truncated (LLaMA-Factory's cutoff_len)."""
@@ -189,6 +197,7 @@ class TokenizeConfig:
 
     def __post_init__(self) -> None:
         positive("tokenize.cutoff_len", self.cutoff_len)
+        templates.check(self.template, "tokenize.template")
         positive("tokenize.min_loss_tokens", self.min_loss_tokens, allow_zero=True)
         if self.enabled and not self.tokenizer:
             raise ConfigError("tokenize.enabled=true needs tokenize.tokenizer (a model directory)")

@@ -21,6 +21,7 @@ from raylm import storage
 from raylm.config import resolve_model
 from raylm.data.config import DataJobConfig
 from raylm.data.steps import QUARANTINE
+from raylm.tokenizer import load_tokenizer, require_chat_template
 
 ROW_GROUP_ROWS = 1024
 """Rows per Parquet row group of the shards (a train worker holds a few at a time)."""
@@ -33,10 +34,9 @@ def _target(out: str, sub: str) -> dict[str, Any]:
 
 
 @cache
-def _tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
+def _tokenizer(path: str, template: str | None) -> Any:
+    """One tokenizer per worker process (``raylm.tokenizer.load_tokenizer``)."""
+    return load_tokenizer(path, template)
 
 
 def tokenize_batch(cfg: DataJobConfig):
@@ -46,7 +46,7 @@ def tokenize_batch(cfg: DataJobConfig):
     tokenizer = resolve_model(cfg.tokenize.tokenizer)  # here: tasks run in another cwd
 
     def fn(batch: pa.Table) -> pa.Table:
-        tok = _tokenizer(tokenizer)
+        tok = _tokenizer(tokenizer, cfg.tokenize.template)
         out: dict[str, list] = {"id": [], "n_loss": [], "n_tokens": []}
         for ident, doc in zip(
             batch.column("id").to_pylist(), batch.column("doc").to_pylist(), strict=True
@@ -167,6 +167,7 @@ def write_shards(docs: Any, cfg: DataJobConfig, kind: str, out: str) -> dict[str
         "tokenized": cfg.tokenize.enabled,
         "packed": bool(cfg.tokenize.enabled and cfg.tokenize.pack and kind != "dpo"),
         "tokenizer": cfg.tokenize.tokenizer if cfg.tokenize.enabled else None,
+        "template": cfg.tokenize.template if cfg.tokenize.enabled else None,
         "cutoff_len": cfg.tokenize.cutoff_len,
     }
     if cfg.tokenize.enabled:
@@ -195,6 +196,9 @@ def _tokenized(docs: Any, cfg: DataJobConfig, kind: str, packed: bool) -> tuple[
     are dropped (and counted by the caller), the rest packed or given positions."""
     from ray.data.expressions import col
 
+    # A base tokenizer without a template fails here, once, not in every task.
+    tokenizer = _tokenizer(resolve_model(cfg.tokenize.tokenizer), cfg.tokenize.template)
+    require_chat_template(tokenizer, kind, "tokenize.template")
     tok = docs.map_batches(tokenize_batch(cfg), batch_format="pyarrow").materialize()
     good = tok.filter(expr=col("n_loss") >= cfg.tokenize.min_loss_tokens).materialize()
     if packed:

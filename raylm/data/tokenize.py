@@ -1,10 +1,14 @@
 """Token ids and loss masks for pt / sft / dpo, plus greedy packing.
 
-The masks are derived from the tokenizer's own chat template by rendering prefixes of
-the conversation, never from a hard-coded template, so any model's template works:
-the assistant content of turn i is the text between ``render(turns[:i], generation
-prompt)`` and ``render(turns[:i+1])``. Character spans map to tokens through the fast
-tokenizer's offsets, so the ids are exactly those of tokenizing the whole rendered chat.
+The masks are derived from the tokenizer's chat template (its own, or a named one from
+``raylm.templates`` that ``raylm.tokenizer.load_tokenizer`` put there) by rendering
+prefixes of the conversation, never from a hard-coded template, so any model's template
+works: the assistant reply of turn i is the text between ``render(turns[:i], generation
+prompt)`` and ``render(turns[:i+1])``. The reply runs from the end of the generation
+prompt (so what a template puts before the content, such as qwen3's empty think block,
+is trained, as in LLaMA-Factory) through the content and its end-of-turn token. Character
+spans map to tokens through the fast tokenizer's offsets, so the ids are exactly those of
+tokenizing the whole rendered chat.
 """
 
 from __future__ import annotations
@@ -25,13 +29,22 @@ def tokenize_pt(text: str, tokenizer: Any, cutoff_len: int | None) -> dict[str, 
 
 
 def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool = False) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "the tokenizer has no chat template (a base model?): name one with template "
+            "(data job: tokenize.template, train job: model.template), e.g. chatml or default"
+        )
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=generation_prompt
     )
 
 
 def _assistant_spans(tokenizer: Any, messages: list[dict], only_last: bool) -> tuple[str, list]:
-    """The rendered chat and, per trained assistant turn, (content start, content end, turn end)."""
+    """The rendered chat and, per trained assistant turn, (reply start, content end, turn end).
+
+    The reply starts where the generation prompt ends when that prompt is a prefix of the
+    chat (everything after it is the model's to produce), else where the content starts.
+    """
     full = _render(tokenizer, messages)
     spans = []
     for i, msg in enumerate(messages):
@@ -44,6 +57,8 @@ def _assistant_spans(tokenizer: Any, messages: list[dict], only_last: bool) -> t
         content = msg["content"].strip()
         at = full.find(content, start, end) if content else -1
         c_start, c_end = (at, at + len(content)) if at >= 0 else (start, start)
+        if at >= 0 and start:  # the generation prompt is a prefix: the reply follows it
+            c_start = start
         spans.append((c_start, c_end, end))
     return full, spans
 
@@ -51,7 +66,7 @@ def _assistant_spans(tokenizer: Any, messages: list[dict], only_last: bool) -> t
 def _chat_ids(
     tokenizer: Any, messages: list[dict], cutoff_len: int | None, only_last: bool = False
 ) -> tuple[list[int], list[int]]:
-    """Ids of the whole rendered chat; mask 1 on assistant content + its end-of-turn token."""
+    """Ids of the whole rendered chat; mask 1 on assistant replies + their end-of-turn token."""
     full, spans = _assistant_spans(tokenizer, messages, only_last)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]

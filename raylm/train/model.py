@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from raylm import tokenizer
 from raylm.config import ConfigError, resolve_model
 from raylm.train.config import TrainJobConfig
 
@@ -16,15 +17,12 @@ def torch_dtype(precision: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def load_tokenizer(cfg: TrainJobConfig):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(
-        resolve_model(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
+def load_tokenizer(cfg: TrainJobConfig) -> Any:
+    """The run's tokenizer (with ``model.template`` applied): what the workers render and
+    save into ``final/`` (``raylm.tokenizer.load_tokenizer``)."""
+    return tokenizer.load_tokenizer(
+        cfg.model.name_or_path, cfg.model.template, trust_remote_code=cfg.model.trust_remote_code
     )
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def check_qlora_device(cfg: TrainJobConfig, cuda_available: bool) -> None:

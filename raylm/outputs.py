@@ -13,6 +13,7 @@ import hashlib
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from raylm import templates
 from raylm.config import ConfigError
 from raylm.manifest import Manifest, hash_path
 
@@ -66,6 +67,10 @@ class DatasetOutput(StageOutput):
 
     rows: int
     """Rows in the shards (sequences after packing when tokenized)."""
+
+    template: str | None = None
+    """The named chat template the shards were rendered with (``raylm.templates``);
+    None: the tokenizer's own. Part of ``tokenizer_hash`` too."""
 
 
 @dataclasses.dataclass
@@ -153,16 +158,20 @@ TOKENIZER_FILES = (
 )
 
 
-def tokenizer_hash(name_or_path: str) -> str:
-    """One hash per tokenizer, whatever path reaches it.
+def tokenizer_hash(name_or_path: str, template: str | None = None) -> str:
+    """One hash per tokenizer and chat template, whatever path reaches it.
 
     Hashes the files that define tokenization (not the weights), so a model directory
     and its copy agree, and a retrained model with the same tokenizer does too. A hub id
-    that is not on disk is recorded by name.
+    that is not on disk is recorded by name. A named template (``raylm.templates``)
+    changes the rendered text and the EOS, so it is part of the hash: shards rendered with
+    one template never pass for another's. None (the tokenizer's own template, in its
+    files) leaves the hash as it always was.
     """
     root = Path(name_or_path)
     files = [root / f for f in TOKENIZER_FILES if (root / f).is_file()]
+    named = f"template={template}:{templates.get(template).digest()}" if template else ""
     if not files:
-        return f"name:{name_or_path}"
-    listing = "\n".join(f"{f.name}={hash_path(f)}" for f in files)
+        return f"name:{name_or_path}" + (f"+{named}" if named else "")
+    listing = "\n".join([*(f"{f.name}={hash_path(f)}" for f in files), *([named] if named else [])])
     return "sha256:" + hashlib.sha256(listing.encode()).hexdigest()

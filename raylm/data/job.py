@@ -59,7 +59,8 @@ def dataset_output(out: str) -> DatasetOutput:
         task=meta["task"],
         tokenized=bool(meta["tokenized"]),
         tokenizer=tokenizer,
-        tokenizer_hash=tokenizer_hash(tokenizer) if tokenizer else None,
+        tokenizer_hash=tokenizer_hash(tokenizer, meta.get("template")) if tokenizer else None,
         cutoff_len=meta["cutoff_len"] if meta["tokenized"] else None,
         rows=int(meta["num_rows"]),
+        template=meta.get("template"),
     )

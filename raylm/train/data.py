@@ -29,6 +29,7 @@ from raylm.config import ConfigError, resolve_model, resolve_path
 from raylm.data.sources import DATASET_INFO, Source, common_root, registry_sources
 from raylm.manifest import MANIFEST
 from raylm.outputs import DatasetOutput, read_output, tokenizer_hash
+from raylm.tokenizer import require_chat_template
 from raylm.train.config import TrainJobConfig
 
 log = logging.getLogger(__name__)
@@ -115,11 +116,12 @@ def check_tokenization(output: DatasetOutput, cfg: TrainJobConfig) -> None:
     """Token ids mean nothing to a model with another vocabulary, and rows longer or
     shorter than ``data.cutoff_len`` are not what this run's config says it trains on.
 
-    Tokenizers are compared by the hash of their files (two paths to one tokenizer
-    agree); a hub id that is not on disk compares by name.
+    Tokenizers are compared by the hash of their files and named chat template (two paths
+    to one tokenizer agree; shards rendered with another template do not); a hub id that
+    is not on disk compares by name.
     """
     model = resolve_model(cfg.model.name_or_path)
-    same_tokenizer = tokenizer_hash(model) == output.tokenizer_hash
+    same_tokenizer = tokenizer_hash(model, cfg.model.template) == output.tokenizer_hash
     same_cutoff = output.cutoff_len == cfg.data.cutoff_len
     if not (same_tokenizer and same_cutoff):
         raise ConfigError(_mismatch(output, cfg, model, same_tokenizer, same_cutoff))
@@ -129,21 +131,46 @@ def _mismatch(
     output: DatasetOutput, cfg: TrainJobConfig, model: str, same_tokenizer: bool, same_cutoff: bool
 ) -> str:
     """Both sides, and the two ways out: re-tokenize for this run, or run to fit the data."""
-    edited = not same_tokenizer and output.tokenizer == model
-    fixes = [] if same_tokenizer else [f"tokenize.tokenizer={model}"]
+    want = cfg.model.template
+    same_template = output.template == want
+    same_files = same_tokenizer or (
+        not same_template and _files_hash(model, output.template) == output.tokenizer_hash
+    )
+    edited = not same_files and output.tokenizer == model
+    fixes = [] if same_files else [f"tokenize.tokenizer={model}"]
+    fixes += [] if same_template else [f"tokenize.template={want or 'null'}"]
     fixes += [] if same_cutoff else [f"tokenize.cutoff_len={cfg.data.cutoff_len}"]
-    if same_tokenizer:
-        instead = f"set data.cutoff_len={output.cutoff_len}"
+    fit = [] if same_template else [f"model.template={output.template or 'null'}"]
+    fit += [] if same_cutoff else [f"data.cutoff_len={output.cutoff_len}"]
+    if same_files:
+        instead = "set " + " ".join(fit)
     else:
-        instead = "train a model that uses that tokenizer"
-        instead += "" if same_cutoff else f" with data.cutoff_len={output.cutoff_len}"
+        instead = "train a model that uses that tokenizer" + (
+            f" with {' '.join(fit)}" if fit else ""
+        )
     return (
         f"data.path={cfg.data.path!r} was tokenized with {output.tokenizer}"
+        f"{_template(output.template, same_template)}"
         f"{' (its tokenizer files changed since)' if edited else ''} "
-        f"(cutoff_len {output.cutoff_len}) but this run trains {model} with "
+        f"(cutoff_len {output.cutoff_len}) but this run trains {model}"
+        f"{_template(want, same_template)} with "
         f"data.cutoff_len={cfg.data.cutoff_len}; re-run the data job with "
         f"{' '.join(fixes)}, or {instead}"
     )
+
+
+def _files_hash(model: str, template: str | None) -> str | None:
+    """This model's hash with the data's template: equal when only the template differs."""
+    try:
+        return tokenizer_hash(model, template)
+    except ConfigError:  # a template name this raylm does not know
+        return None
+
+
+def _template(name: str | None, same: bool) -> str:
+    if same:
+        return ""
+    return f" (template {name})" if name else " (its own chat template)"
 
 
 def raw_sources(path: str, cfg: TrainJobConfig) -> list[Source]:
@@ -248,11 +275,10 @@ def _tokenize_raw(cfg: TrainJobConfig, source: dict[str, Any]) -> list[dict[str,
     order (their ids in the sample audit); that order is the canonical one the stream
     shuffles per epoch.
     """
-    from transformers import AutoTokenizer
+    from raylm.train.model import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        resolve_model(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
-    )
+    tok = load_tokenizer(cfg)
+    require_chat_template(tok, cfg.stage, "model.template")
     rows = []
     for i, (ident, record, src) in enumerate(raw_records(source["sources"], cfg.data.max_samples)):
         try:

@@ -140,3 +140,51 @@ def test_the_demo_pipeline_trains_at_the_cutoff_it_tokenizes_at() -> None:
     train = load("train", [ROOT / demo["train"]["config"]], demo["train"].get("overrides", []))
     assert data.tokenize.cutoff_len == train.data.cutoff_len
     assert data.tokenize.tokenizer == train.model.name_or_path
+
+
+def _templated_shards(tmp_path: Path, tokenizer: Path, template: str | None) -> Path:
+    out = _shards(tmp_path, tokenizer, 128)
+    output = DatasetOutput.from_record(Manifest.read(out).output, "m")  # type: ignore[union-attr]
+    named = dataclasses.replace(
+        output, template=template, tokenizer_hash=tokenizer_hash(str(tokenizer), template)
+    )
+    Manifest.start("data", {}, []).finish({}, {}, named.to_record()).write(out)
+    return out
+
+
+def test_shards_rendered_with_another_template_are_refused(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    data = _templated_shards(tmp_path, tiny_model, "chatml")
+    expected = (
+        f"was tokenized with {tiny_model} (template chatml) (cutoff_len 128) but this run "
+        f"trains {tiny_model} (its own chat template) with data.cutoff_len=128; re-run the "
+        "data job with tokenize.template=null, or set model.template=chatml"
+    )
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        data_inputs(_cfg(tiny_model, data))
+    with pytest.raises(
+        ConfigError, match=r"tokenize\.template=qwen, or set model\.template=chatml"
+    ):
+        data_inputs(load("train", [ROOT / "conf/train/sft_lora.yaml"],
+                         [f"model.name_or_path={tiny_model}", f"data.path={data}",
+                          "data.cutoff_len=128", "model.template=qwen"]))  # fmt: skip
+
+
+def test_shards_with_the_same_template_pass(tiny_model: Path, tmp_path: Path) -> None:
+    data = _templated_shards(tmp_path, tiny_model, "qwen3_nothink")
+    cfg = load("train", [ROOT / "conf/train/sft_lora.yaml"],
+               [f"model.name_or_path={tiny_model}", f"data.path={data}", "data.cutoff_len=128",
+                "model.template=qwen3_nothink"])  # fmt: skip
+    assert data_inputs(cfg)["output"].template == "qwen3_nothink"
+
+
+def test_the_data_job_output_records_its_template(tiny_model: Path, tmp_path: Path) -> None:
+    from raylm.data.job import dataset_output
+
+    meta = {"task": "sft", "tokenized": True, "tokenizer": str(tiny_model), "cutoff_len": 128,
+            "num_rows": 1, "template": "chatml"}  # fmt: skip
+    (tmp_path / "dataset_meta.json").write_text(json.dumps(meta))
+    output = dataset_output(str(tmp_path))
+    assert output.template == "chatml"
+    assert output.tokenizer_hash == tokenizer_hash(str(tiny_model), "chatml")

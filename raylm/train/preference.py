@@ -57,10 +57,11 @@ class PairLogps:
 
     def with_sums(self, chosen: torch.Tensor, rejected: torch.Tensor) -> PairLogps:
         """Another model's sums over the same tokens (the reference model's, or columns
-        precomputed from it): the token counts are this batch's."""
-        dtype = self.chosen.dtype
+        precomputed from it, which arrive as CPU tensors): the token counts, dtype and
+        device are this batch's."""
+        like = {"dtype": self.chosen.dtype, "device": self.chosen.device}
         return PairLogps(
-            chosen.to(dtype), rejected.to(dtype), self.chosen_tokens, self.rejected_tokens
+            chosen.to(**like), rejected.to(**like), self.chosen_tokens, self.rejected_tokens
         )
 
 

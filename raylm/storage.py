@@ -85,6 +85,13 @@ def is_dir(uri: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
+def is_file(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
 def makedirs(uri: str) -> None:
     fs, path = filesystem(uri)
     fs.create_dir(path, recursive=True)
@@ -209,11 +216,12 @@ def local_dir(uri: str | os.PathLike, *, key: str | None = None) -> str:
     The copy is named by a hash of the URI and its listing (relative names, sizes,
     modification times), so a second call reuses it after one LIST, and a rewritten
     object gives a fresh copy (S3 keeps modification times in whole seconds: a rewrite
-    of the same size within the same second goes unseen, as in ``manifest.hash_path``). It is written to a temporary sibling and renamed into
-    place: a half copy (a crash, a full disk) is never used, and of two processes
-    copying the same listing at once, one rename wins and both use the whole copy.
-    A copy whose source changed while it was taken is discarded and taken again.
-    Old copies are not evicted: delete the cache folder to reclaim the space.
+    of the same size within the same second goes unseen, as in ``manifest.hash_path``).
+    It is written to a temporary sibling and renamed into place: a half copy (a crash,
+    a full disk) is never used, and of two processes copying the same listing at once,
+    one rename wins and both use the whole copy. A copy whose source changed while it
+    was taken is discarded and taken again. Old copies are not evicted: delete the
+    cache folder to reclaim the space.
     ``key`` names the config key in errors (e.g. ``model.path``).
     """
     uri = os.fspath(uri)

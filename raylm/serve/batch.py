@@ -10,10 +10,11 @@ arguments come from ``raylm.engine``, as for serve and eval.
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 from typing import Any
 
-from raylm.config import ConfigError, resolve_path
+from raylm import storage
+from raylm.config import ConfigError, resolve_model, resolve_path
 from raylm.engine import LoraSlots, engine_env, engine_kwargs
 from raylm.serve.config import GenerateJobConfig
 
@@ -21,17 +22,39 @@ ERROR_COLUMN = "__inference_error__"
 OUTPUT_COLUMNS = ["row_id", "prompt", "completion", "prompt_tokens", "completion_tokens"]
 
 
+def check_inputs(cfg: GenerateJobConfig) -> None:
+    """Every path exists (locally or in a bucket), or a ConfigError naming its key; a
+    local ``model`` may also be a hub id (ORG/NAME), as everywhere in raylm."""
+    checks = [("lora_path", cfg.lora_path, "adapter_config.json", "a PEFT adapter dir")]
+    if storage.is_remote(cfg.model):
+        checks.append(("model", cfg.model, "config.json", "a Hugging Face model dir"))
+    else:
+        resolve_model(cfg.model)
+    for key, path, marker, what in checks:
+        if path and not _readable(key, storage.join(path, marker)):
+            raise ConfigError(f"{key}={path!r} is not {what} (no {marker})")
+    if not _readable("input.path", cfg.input.path, exists=True):
+        raise ConfigError(f"input.path={cfg.input.path!r} does not exist")
+
+
+def _readable(key: str, uri: str, exists: bool = False) -> bool:
+    try:
+        return storage.exists(uri) if exists else storage.is_file(uri)
+    except OSError as err:  # unreachable store, no credentials: named, not a traceback
+        raise ConfigError(f"{key}: cannot read {uri!r} ({err})") from None
+
+
 def read_prompts(cfg: GenerateJobConfig) -> Any:
+    """The prompts, read by Ray Data straight from the disk or the bucket."""
     import ray.data
 
     path = resolve_path(cfg.input.path)
-    p = Path(path)
-    if "://" not in path and not p.exists():
+    if not storage.exists(path):
         raise ConfigError(f"input.path={path!r} does not exist")
     # A read task asks for a whole CPU by default: on 2 CPUs with an engine running it
     # would wait forever, so it gets the same fraction as the other CPU stages.
     remote = {"num_cpus": cfg.tokenize_stage.num_cpus}
-    if p.is_dir() or path.endswith(".parquet"):
+    if path.endswith(".parquet") or storage.is_dir(path):
         ds = ray.data.read_parquet(path, ray_remote_args=remote)
     elif path.endswith((".jsonl", ".json")):
         ds = ray.data.read_json(path, ray_remote_args=remote)
@@ -48,6 +71,7 @@ def read_prompts(cfg: GenerateJobConfig) -> Any:
 
 
 def processor_config(cfg: GenerateJobConfig) -> Any:
+    """ray.data.llm's config; ``cfg.model`` must be a local directory by now (``local_paths``)."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
     model = resolve_path(cfg.model)
@@ -144,13 +168,28 @@ def _with_row_ids(ds: Any) -> Any:
     return ds.map_batches(_RowIds, batch_format="numpy", num_cpus=0.1, compute=one_actor)
 
 
-def run_generate(cfg: GenerateJobConfig, out_dir: Path) -> dict[str, Any]:
-    """Generate for every prompt; write predictions/ and quarantine/ (failed rows)."""
+def local_paths(cfg: GenerateJobConfig) -> GenerateJobConfig:
+    """``cfg`` with a model and adapter in a bucket replaced by copies on this node.
+
+    vLLM loads local directories only. The copy is made where the job runs, and the
+    engine actors get its path: on one node (or with ``RAYLM_HOME`` on shared storage)
+    they see it; on a multi-node cluster without that, keep the model on shared storage.
+    """
+    model = storage.local_dir(resolve_path(cfg.model), key="model")
+    lora = (
+        storage.local_dir(resolve_path(cfg.lora_path), key="lora_path") if cfg.lora_path else None
+    )
+    return dataclasses.replace(cfg, model=model, lora_path=lora)
+
+
+def run_generate(cfg: GenerateJobConfig, out_dir: str) -> dict[str, Any]:
+    """Generate for every prompt; write predictions/ and quarantine/ (failed rows), on
+    disk or in a bucket."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
     from ray.data.llm import build_processor
 
     ds = _with_row_ids(read_prompts(cfg))
+    cfg = local_paths(cfg)
     small = {"num_cpus": cfg.tokenize_stage.num_cpus}
     processor = build_processor(
         processor_config(cfg),
@@ -166,16 +205,13 @@ def run_generate(cfg: GenerateJobConfig, out_dir: Path) -> dict[str, Any]:
     failed_mask = pc.invert(pc.equal(pc.fill_null(full[ERROR_COLUMN], ""), ""))
     good = full.filter(pc.invert(failed_mask)).sort_by("row_id")
     bad = full.filter(failed_mask).sort_by("row_id")
-    pred_dir, quarantine = out_dir / "predictions", out_dir / "quarantine"
-    pred_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(good.select(OUTPUT_COLUMNS), pred_dir / "part-00000.parquet")
+    _write_parquet(good.select(OUTPUT_COLUMNS), out_dir, "predictions", "part-00000.parquet")
     if bad.num_rows:
-        quarantine.mkdir(parents=True, exist_ok=True)
         # Failed rows skip postprocess, so their prompt is still in source_prompt.
         keep = [
             c for c in ("row_id", "source_prompt", "prompt", ERROR_COLUMN) if c in bad.column_names
         ]
-        pq.write_table(bad.select(keep), quarantine / "failed.parquet")
+        _write_parquet(bad.select(keep), out_dir, "quarantine", "failed.parquet")
     return {
         "rows_in": full.num_rows,
         "rows_out": good.num_rows,
@@ -183,6 +219,15 @@ def run_generate(cfg: GenerateJobConfig, out_dir: Path) -> dict[str, Any]:
         "prompt_tokens": int(pc.sum(good["prompt_tokens"]).as_py() or 0),
         "completion_tokens": int(pc.sum(good["completion_tokens"]).as_py() or 0),
     }
+
+
+def _write_parquet(table: Any, out_dir: str, folder: str, name: str) -> None:
+    """One Parquet file under ``out_dir/folder`` through ``raylm.storage`` (disk or bucket)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(storage.join(out_dir, folder, name))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, path, filesystem=fs)
 
 
 def _keep_errors(row: dict[str, Any]) -> dict[str, Any]:

@@ -2,20 +2,22 @@
 
 A request is checked in this order: the API key (before the body is even read, so an
 anonymous client learns nothing), the body size (read at most the limit, never buffered
-whole), JSON, the model (a base model or one of its adapters on disk), the prompt and
-sampling parameters, and the prompt length in tokens against ``max_model_len``. Every
-rejection is an ``ApiError`` naming the field; none reaches an engine. The ASGI side
-(reading the request, answering it) is ``raylm.serve.direct``.
+whole), JSON, the model (a base model or one of its adapters, on disk or in a bucket),
+the prompt and sampling parameters, and the prompt length in tokens against
+``max_model_len``. Every rejection is an ``ApiError`` naming the field; none reaches an
+engine. The ASGI side (reading the request, answering it) is ``raylm.serve.direct``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from raylm import storage
 from raylm.serve import lora
 from raylm.serve.validation import (
     ApiError,
@@ -30,6 +32,11 @@ from raylm.serve.validation import (
 )
 
 logger = logging.getLogger(__name__)
+
+ADAPTER_SEEN_S = 30.0
+"""How long an adapter found in a bucket counts as present without asking the bucket
+again. A deleted adapter may be accepted this long after; a replica that still has it
+loaded keeps serving it anyway, as for a local one."""
 
 
 @dataclass
@@ -47,6 +54,12 @@ class ModelSettings:
 
     adapters: dict[str, str] = field(default_factory=dict)
     """Adapters by explicit name -> directory."""
+
+    @property
+    def remote(self) -> bool:
+        """Whether any adapter location is a bucket (each lookup is then a request)."""
+        paths = [self.adapters_dir, *self.adapters.values()]
+        return any(storage.is_remote(p) for p in paths if p)
 
 
 @dataclass
@@ -73,6 +86,8 @@ class RequestChecks:
         self.settings = IngressSettings(**(settings or {}))
         self.models = {k: ModelSettings(**v) for k, v in self.settings.models.items()}
         self._tokenizers: dict[str, Any] = {}
+        self._seen: dict[tuple[str | None, str], float] = {}
+        """(adapters_dir, adapter) -> when it was last found in a bucket."""
 
     def auth(self, header: str | None) -> None:
         check_auth(header, self.settings.key_hashes)
@@ -117,7 +132,7 @@ class RequestChecks:
             raise model_not_found(model, sorted(found))
         return found[model]
 
-    def resolve_model(self, body: dict[str, Any], bases: list[str]) -> str:
+    async def resolve_model(self, body: dict[str, Any], bases: list[str]) -> str:
         """The base model a request is for; fills in the one model if ``model`` is absent."""
         model = body.get("model")
         if model is None and len(bases) == 1:
@@ -133,14 +148,30 @@ class RequestChecks:
         if base in bases and not adapter:
             return base
         ms = self.models.get(base)
-        if base in bases and ms and lora.resolve_adapter(adapter, ms.adapters_dir, ms.adapters):
+        if base in bases and ms and await self._adapter_exists(ms, adapter):
             return base
-        raise model_not_found(model, sorted(self.model_ids(bases)))
+        known = await asyncio.to_thread(self.model_ids, bases)
+        raise model_not_found(model, sorted(known))
+
+    async def _adapter_exists(self, ms: ModelSettings, name: str) -> bool:
+        """Whether adapter ``name`` of ``ms`` can be served: a stat on a local disk; in a
+        bucket a request, made off the event loop and remembered for ``ADAPTER_SEEN_S``
+        once it succeeds (so steady adapter traffic costs no request each). An absent
+        adapter is looked up again every time: one copied in later is found."""
+        if not ms.remote:
+            return lora.resolve_adapter(name, ms.adapters_dir, ms.adapters) is not None
+        key = (ms.adapters_dir, name)
+        if time.monotonic() - self._seen.get(key, -ADAPTER_SEEN_S) < ADAPTER_SEEN_S:
+            return True
+        found = await asyncio.to_thread(lora.resolve_adapter, name, ms.adapters_dir, ms.adapters)
+        if found:
+            self._seen[key] = time.monotonic()
+        return found is not None
 
     async def check_generate(self, raw: bytes, chat: bool, bases: list[str]) -> dict[str, Any]:
         """The parsed body of a completion or chat request that passed every check."""
         body = parse_body(raw, self.settings.max_request_bytes)
-        base = self.resolve_model(body, bases)
+        base = await self.resolve_model(body, bases)
         check_prompt(body, chat)
         ms = self.models.get(base)
         max_len = ms.max_model_len if ms else 1 << 30

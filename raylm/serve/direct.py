@@ -6,14 +6,16 @@ own OpenAI app answers it (ray.serve.llm's ``LLMServer.__serve_build_asgi_app__`
 Tokens then cross one process boundary fewer, which is what closes the gap to vLLM's
 bare server (docs/benchmarks.md). This ASGI middleware wraps that app so a request
 still meets every raylm rule before vLLM sees it: API key, body size, JSON, model (base
-or an adapter on disk), parameters and prompt length (``raylm.serve.checks``), with the
-OpenAI-style error bodies naming the field. It then loads a requested adapter into this
-replica's engine if it is not loaded yet. Only the OpenAI routes raylm serves are let
-through; Serve's own probes (``/-/...``) and vLLM's liveness probe pass untouched.
+or an adapter, on disk or in a bucket), parameters and prompt length
+(``raylm.serve.checks``), with the OpenAI-style error bodies naming the field. It then
+loads a requested adapter into this replica's engine if it is not loaded yet. Only the
+OpenAI routes raylm serves are let through; Serve's own probes (``/-/...``) and vLLM's
+liveness probe pass untouched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -73,10 +75,14 @@ class ChecksMiddleware:
                 await self.adapter(parsed["model"])
             await self.app(scope, replay(raw, receive), send)
         elif method == "GET" and path == "/v1/models":
-            await reply(send, 200, {"object": "list", "data": self.checks.model_cards(self.cards)})
+            # Listing adapters may be a request to a bucket: off the event loop.
+            cards = await asyncio.to_thread(self.checks.model_cards, self.cards)
+            await reply(send, 200, {"object": "list", "data": cards})
         elif method == "GET" and path.startswith("/v1/models/"):
             model = path.removeprefix("/v1/models/")
-            await reply(send, 200, self.checks.model_card(model, self.cards))
+            await reply(
+                send, 200, await asyncio.to_thread(self.checks.model_card, model, self.cards)
+            )
         else:
             raise ApiError(404, "This endpoint is not served by raylm", code="not_found")
 

@@ -9,7 +9,6 @@ records the endpoint. Generate runs ``ray.data.llm`` over a dataset and writes
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from raylm import storage
 from raylm.config import resolve_path
@@ -25,10 +24,18 @@ class ServeJob(Job[ServeJobConfig]):
     remote_outputs = True  # serve_config.yaml and the manifest go through raylm.storage
 
     def setup(self, cfg: ServeJobConfig) -> ServeJobConfig:
+        """Relative paths mean the workspace (URIs stay); the model dir and named adapters
+        must exist now, locally or in a bucket, before anything is written or deployed."""
+        from raylm.serve.app import check_model_dir, lora_locations
+
         adapters = {name: resolve_path(p) for name, p in cfg.lora.adapters.items()}
-        lora = dataclasses.replace(cfg.lora, adapters=adapters)
+        adapters_dir = resolve_path(cfg.lora.adapters_dir) if cfg.lora.adapters_dir else None
+        lora = dataclasses.replace(cfg.lora, adapters=adapters, adapters_dir=adapters_dir)
         model = dataclasses.replace(cfg.model, path=resolve_path(cfg.model.path))
-        return dataclasses.replace(cfg, model=model, lora=lora)
+        cfg = dataclasses.replace(cfg, model=model, lora=lora)
+        check_model_dir(cfg.model.path)
+        lora_locations(cfg)
+        return cfg
 
     def inputs(self, cfg: ServeJobConfig) -> list[str]:
         return [cfg.model.path, *cfg.lora.adapters.values()]
@@ -41,13 +48,14 @@ class ServeJob(Job[ServeJobConfig]):
     def run(self, cfg: ServeJobConfig, out_dir: str) -> Result:
         import yaml
 
-        from raylm.serve.app import api_key_hashes, serve_config
+        from raylm.serve.app import api_key_hashes, serve_config, without_credentials
         from raylm.serve.deploy import choose_port, deploy, wait_running
 
         port = choose_port(cfg.http.port, cfg.dashboard_address)
         config = serve_config(cfg, api_key_hashes(cfg), port)
         config_path = storage.join(out_dir, "serve_config.yaml")
-        storage.write_text(config_path, yaml.safe_dump(config, sort_keys=False))
+        written = without_credentials(config)
+        storage.write_text(config_path, yaml.safe_dump(written, sort_keys=False))
         deploy(config, cfg.dashboard_address)
         url = f"http://{cfg.http.host}:{port}{cfg.route_prefix.rstrip('/')}/v1"
         print(f"serve: deployed app {cfg.app_name!r} ({config_path}); waiting for it to be RUNNING")
@@ -67,6 +75,20 @@ class ServeJob(Job[ServeJobConfig]):
 class GenerateJob(Job[GenerateJobConfig]):
     name = "generate"
     config = GenerateJobConfig
+    remote_outputs = True  # predictions/, quarantine/ and the manifest go through raylm.storage
+
+    def setup(self, cfg: GenerateJobConfig) -> GenerateJobConfig:
+        """Relative paths mean the workspace (URIs stay); every input must exist now,
+        locally or in a bucket, so a wrong path fails before Ray or vLLM start."""
+        from raylm.serve.batch import check_inputs
+
+        lora_path = resolve_path(cfg.lora_path) if cfg.lora_path else None
+        inp = dataclasses.replace(cfg.input, path=resolve_path(cfg.input.path))
+        cfg = dataclasses.replace(
+            cfg, model=resolve_path(cfg.model), lora_path=lora_path, input=inp
+        )
+        check_inputs(cfg)
+        return cfg
 
     def inputs(self, cfg: GenerateJobConfig) -> list[str]:
         paths = [cfg.model, cfg.input.path, cfg.lora_path]
@@ -75,14 +97,14 @@ class GenerateJob(Job[GenerateJobConfig]):
     def run(self, cfg: GenerateJobConfig, out_dir: str) -> Result:
         from raylm.serve.batch import run_generate
 
-        out = Path(out_dir)
-        stats = run_generate(cfg, out)
+        stats = run_generate(cfg, out_dir)
+        predictions = storage.join(out_dir, "predictions")
         print(
             f"generate: {stats['rows_out']}/{stats['rows_in']} rows completed "
             f"({stats['rows_failed']} failed -> quarantine/), "
-            f"{stats['completion_tokens']} tokens generated: {out / 'predictions'}"
+            f"{stats['completion_tokens']} tokens generated: {predictions}"
         )
-        outputs = {"predictions": str(out / "predictions")}
+        outputs = {"predictions": predictions}
         if stats["rows_failed"]:
-            outputs["quarantine"] = str(out / "quarantine")
+            outputs["quarantine"] = storage.join(out_dir, "quarantine")
         return Result(outputs, stats, exit_code=0 if stats["rows_failed"] == 0 else 1)

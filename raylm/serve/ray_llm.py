@@ -110,7 +110,8 @@ def engine_cls(before_start: Callable[[Any], None]) -> type:
 
 def lora_loader_cls(resolve: Callable[[str], str | None]) -> type:
     """Ray's adapter loader, finding adapter NAME of ``BASE:NAME`` at ``resolve(NAME)``
-    (a local or shared directory; None: no such adapter, a 404)."""
+    (a local directory; None: no such adapter, a 404), called in a thread because it
+    may copy the adapter from a bucket first."""
     from fastapi import HTTPException
 
     disk_config, ids = require("DiskMultiplexConfig"), require("global_id_manager")
@@ -121,7 +122,7 @@ def lora_loader_cls(resolve: Callable[[str], str | None]) -> type:
             if lora_model_id in self.disk_cache:
                 return self.disk_cache[lora_model_id]
             name = get_lora_id(lora_model_id)
-            path = resolve(name)
+            path = await asyncio.to_thread(resolve, name)  # may copy from a bucket
             if path is None:
                 raise HTTPException(404, f"LoRA adapter {name!r} not found")
             disk = disk_config.model_validate(

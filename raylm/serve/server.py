@@ -9,7 +9,7 @@ raylm wants of it. raylm's settings reach each replica as arguments of the deplo
 2. **Each LoRA adapter is loaded once** however many first requests arrive together
    (ray.serve.llm checks "loaded?" and then awaits the load without a lock, and vLLM
    fails the second load with "already been loaded": a 500 for a valid request).
-3. **Adapters come from a local or shared filesystem** (``raylm.serve.lora``).
+3. **Adapters come from a local or shared filesystem, or a bucket** (``raylm.serve.lora``).
 4. **A one-device CPU engine runs in one process** (``engine.single_process``, default
    on). vLLM's CPU platform always picks its multiprocess executor, even for a single
    worker (vLLM's own server does too), which puts the model in a second process that
@@ -20,14 +20,20 @@ raylm wants of it. raylm's settings reach each replica as arguments of the deplo
    thread binding matters, set ``engine.single_process: false``. Multi-device engines
    (tensor/pipeline parallel, and every GPU engine, which uses Ray's executor) are left
    exactly as ray.serve.llm configures them.
+5. **A model in a bucket is served from this node's copy** (``storage.local_dir``), made
+   before the engine starts; vLLM loads local directories only, and ray.serve.llm's own
+   downloader would keep a second cache with its own rules. The replica's request
+   checks count prompt tokens with that copy's tokenizer.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from raylm import storage
 from raylm.serve import lora
 
 
@@ -42,7 +48,7 @@ class ServerSettings:
     """``engine.single_process``."""
 
     adapters_dir: str | None = None
-    """Directory of PEFT adapters, one per sub-directory."""
+    """Directory (or bucket prefix) of PEFT adapters, one per sub-directory."""
 
     adapters: dict[str, str] = field(default_factory=dict)
     """Adapters by explicit name -> directory."""
@@ -58,6 +64,25 @@ def single_process_executor(parallel_config: Any, enabled: bool = True) -> bool:
     return False
 
 
+def on_local_model(llm_config: Any, settings: ServerSettings) -> Any:
+    """``llm_config`` with a bucket model replaced by this node's copy (a no-op for a
+    local model); the checks' tokenizer is that copy's too. Runs in the replica."""
+    from raylm.engine import on_local_copy
+
+    source = llm_config.model_loading_config.model_source
+    if not isinstance(source, str) or not storage.is_remote(source):
+        return llm_config
+    local = storage.local_dir(source, key="model.path")
+    data = llm_config.model_dump()
+    data["model_loading_config"]["model_source"] = local
+    data["engine_kwargs"] = on_local_copy(data["engine_kwargs"], source, local)
+    model = settings.checks.get("models", {}).get(llm_config.model_id)
+    if model is not None:
+        model["tokenizer_path"] = local
+    # A new config, not an edited one: LLMConfig caches what it derived from the source.
+    return type(llm_config).model_validate(data)
+
+
 def _server_cls() -> type:
     """Built lazily: importing ray.serve.llm pulls in vLLM-facing modules."""
     from raylm.serve import ray_llm
@@ -66,11 +91,12 @@ def _server_cls() -> type:
     class RaylmLLMServer(ray_llm.server_base()):
         async def __init__(self, llm_config: Any, *, raylm: dict[str, Any], **kwargs: Any) -> None:
             self.settings = ServerSettings(**raylm)
+            llm_config = await asyncio.to_thread(on_local_model, llm_config, self.settings)
             self.cards = {llm_config.model_id: ray_llm.model_card(llm_config)}
             one = partial(single_process_executor, enabled=self.settings.single_process)
             kwargs.setdefault("engine_cls", ray_llm.engine_cls(lambda c: one(c.parallel_config)))
             find = partial(
-                lora.resolve_adapter,
+                lora.local_adapter,
                 adapters_dir=self.settings.adapters_dir,
                 adapters=self.settings.adapters,
             )

@@ -102,3 +102,58 @@ def test_cpu_replicas_run_the_amx_safe_worker(model_dir: Path) -> None:
     assert cpu["worker_cls"] == "raylm.engine.RaylmCPUWorker" and cpu["dtype"] == "auto"
     gpu = app.llm_config(_cfg(model_dir, "resources.use_gpu=true"))["engine_kwargs"]
     assert "worker_cls" not in gpu  # GPU engines keep vLLM's own worker
+
+
+def test_a_model_and_adapters_in_a_bucket(
+    model_dir: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checked where they are; the replicas get the storage env (they copy from the
+    bucket), the written serve_config.yaml gets no credential; a missing one is named."""
+    from raylm import storage
+    from raylm.serve.job import ServeJob
+
+    base = storage.join(s3_bucket, "serve-config")
+    storage.copy_dir(str(model_dir), storage.join(base, "model"))
+    storage.write_text(storage.join(base, "adapters", "a1", "adapter_config.json"), "{}")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "tok-unit")
+    cfg = ServeJob().setup(
+        _cfg(
+            storage.join(base, "model"),
+            f"lora.adapters_dir={base}/adapters",
+            f"lora.adapters={{sft: {base}/adapters/a1}}",
+        )
+    )
+    config = app.serve_config(cfg, [], port=1)
+    env = config["applications"][0]["args"]["llm_config"]["runtime_env"]["env_vars"]
+    assert env["AWS_ENDPOINT_URL"] == storage.forwarded_env()["AWS_ENDPOINT_URL"]
+    assert env["AWS_SECRET_ACCESS_KEY"] and env["AWS_SESSION_TOKEN"] == "tok-unit"
+    written = app.without_credentials(config)
+    kept = written["applications"][0]["args"]["llm_config"]["runtime_env"]["env_vars"]
+    assert "AWS_ENDPOINT_URL" in kept and "VLLM_CPU_KVCACHE_SPACE" in kept
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(kept)
+    assert "AWS_SESSION_TOKEN" in env  # the deployed config itself is left whole
+    local = app.llm_config(_cfg(model_dir))["runtime_env"]["env_vars"]
+    assert not any(k.startswith("AWS_") for k in local)  # no bucket: nothing forwarded
+
+    missing = storage.join(base, "nope")
+    with pytest.raises(ConfigError, match=f"model.path='{missing}' is not a Hugging Face"):
+        ServeJob().setup(_cfg(missing))
+    with pytest.raises(ConfigError, match=f"lora.adapters without adapter_config.json.*{missing}"):
+        ServeJob().setup(_cfg(model_dir, f"lora.adapters={{x: {missing}}}"))
+
+
+def test_generate_names_a_missing_bucket_path_at_setup(model_dir: Path, s3_bucket: str) -> None:
+    from raylm import storage
+    from raylm.serve.job import GenerateJob
+
+    storage.write_text(storage.join(s3_bucket, "gen-setup", "p.jsonl"), '{"prompt": "x"}\n')
+    prompts = storage.join(s3_bucket, "gen-setup", "p.jsonl")
+    missing = storage.join(s3_bucket, "gen-setup", "nope")
+    for override, needle in [
+        (f"model={missing}", f"model='{missing}' is not a Hugging Face model dir"),
+        (f"lora_path={missing}", f"lora_path='{missing}' is not a PEFT adapter dir"),
+        (f"input.path={missing}.jsonl", f"input.path='{missing}.jsonl' does not exist"),
+    ]:
+        cfg = load("generate", [], [f"model={model_dir}", f"input.path={prompts}", override])
+        with pytest.raises(ConfigError, match=needle):
+            GenerateJob().setup(cfg)

@@ -181,3 +181,39 @@ def test_routes_are_matched_below_the_apps_route_prefix(served) -> None:
     r = prefixed.post("/lm/v1/completions", content=raw, headers=KEY)
     assert r.status_code == 200 and engine.bodies == [raw]
     assert prefixed.post("/lm/v1/completions", json={"prompt": 1}, headers=KEY).status_code == 400
+
+
+def test_adapters_in_a_bucket_are_listed_and_looked_up_off_the_event_loop(
+    s3_bucket: str,
+) -> None:
+    """A found adapter is remembered (no request per call); an absent one is asked for
+    each time, so one uploaded later is served."""
+    from raylm import storage
+    from raylm.serve import checks
+
+    root = storage.join(s3_bucket, "direct-adapters")
+    storage.write_text(storage.join(root, "a1", "adapter_config.json"), "{}")
+    settings = {"models": {"tiny": {"max_model_len": 64, "adapters_dir": root}}}
+    engine = Engine()
+    app = ChecksMiddleware(
+        engine.app(), settings=settings, cards={"tiny": CARD}, load_adapter=engine.load_adapter
+    )
+    client = TestClient(app)
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny", "tiny:a1"]
+    assert (
+        client.post("/v1/completions", json={"model": "tiny:a1", "prompt": "x"}).status_code == 200
+    )
+    storage.delete_dir(storage.join(root, "a1"))
+    # Still counted as present for ADAPTER_SEEN_S: no bucket request on the hot path.
+    assert (
+        client.post("/v1/completions", json={"model": "tiny:a1", "prompt": "x"}).status_code == 200
+    )
+    assert checks.ADAPTER_SEEN_S >= 10
+    assert (
+        client.post("/v1/completions", json={"model": "tiny:a2", "prompt": "x"}).status_code == 404
+    )
+    storage.write_text(storage.join(root, "a2", "adapter_config.json"), "{}")
+    assert (
+        client.post("/v1/completions", json={"model": "tiny:a2", "prompt": "x"}).status_code == 200
+    )
+    assert engine.loaded == ["tiny:a1", "tiny:a1", "tiny:a2"]

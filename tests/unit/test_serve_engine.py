@@ -92,3 +92,11 @@ def test_serve_needs_a_length_limit_for_its_checks(tmp_path) -> None:
 
     with pytest.raises(ConfigError, match=r"engine\.max_model_len must be set for serve"):
         load("serve", [], [f"model.path={tmp_path}", "engine.max_model_len=null"])
+
+
+def test_a_bucket_models_arguments_are_pointed_at_its_local_copy() -> None:
+    kwargs = engine.engine_kwargs(engine.EngineConfig(), "s3://b/m")
+    local = engine.on_local_copy(kwargs, "s3://b/m", "/cache/m-1")
+    assert local["tokenizer"] == "/cache/m-1" and local["dtype"] == kwargs["dtype"]
+    own = engine.engine_kwargs(engine.EngineConfig(extra={"tokenizer": "org/tok"}), "s3://b/m")
+    assert engine.on_local_copy(own, "s3://b/m", "/cache/m-1")["tokenizer"] == "org/tok"

@@ -120,3 +120,28 @@ def test_adapter_lookup(tmp_path: Path) -> None:
     (root / "a3").mkdir()
     (root / "a3" / lora.ADAPTER_CONFIG).write_text("{}")  # added later: found on the next look
     assert "a3" in lora.list_adapters(str(root), {})
+
+
+def test_adapters_in_a_bucket_are_listed_resolved_and_copied_once(
+    s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from raylm import storage
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "home"))
+    root = storage.join(s3_bucket, "lora-lookup")
+    for name in ("a1", "a2", ".hidden"):
+        storage.write_text(storage.join(root, name, lora.ADAPTER_CONFIG), '{"r": 8}')
+    storage.write_text(storage.join(root, "no-config", "weights.bin"), "x")
+    storage.write_text(storage.join(root, "a1", "nested", lora.ADAPTER_CONFIG), "{}")
+    extra = storage.join(s3_bucket, "elsewhere", "final")
+    storage.write_text(storage.join(extra, lora.ADAPTER_CONFIG), "{}")
+    found = lora.list_adapters(root, {"sft": extra})
+    assert found == {"a1": f"{root}/a1", "a2": f"{root}/a2", "sft": extra}
+    assert lora.resolve_adapter("a2", root, {}) == f"{root}/a2"
+    for bad in ("no-config", "../lora-lookup/a1", ".hidden", "missing"):
+        assert lora.resolve_adapter(bad, root, {}) is None
+    assert lora.list_adapters(storage.join(s3_bucket, "no-such-prefix"), {}) == {}
+    local = Path(lora.local_adapter("a1", root, {}))
+    assert (local / lora.ADAPTER_CONFIG).read_text() == '{"r": 8}'
+    assert lora.local_adapter("a1", root, {}) == str(local)  # copied once
+    assert lora.local_adapter("missing", root, {}) is None

@@ -39,6 +39,14 @@ def _tokenizer(path: str, template: str | None) -> Any:
     return load_tokenizer(path, template)
 
 
+def check_tokenizer(cfg: DataJobConfig, kind: str) -> None:
+    """sft / dpo need a chat template: a base tokenizer without one and no
+    ``tokenize.template`` fails naming the key (call it as soon as the kind is known)."""
+    if cfg.tokenize.enabled and cfg.tokenize.tokenizer:
+        tok = _tokenizer(resolve_model(cfg.tokenize.tokenizer), cfg.tokenize.template)
+        require_chat_template(tok, kind, "tokenize.template")
+
+
 def tokenize_batch(cfg: DataJobConfig):
     """Token ids, loss masks and the counts that decide which examples are kept."""
     from raylm.data import tokenize as tk
@@ -196,9 +204,7 @@ def _tokenized(docs: Any, cfg: DataJobConfig, kind: str, packed: bool) -> tuple[
     are dropped (and counted by the caller), the rest packed or given positions."""
     from ray.data.expressions import col
 
-    # A base tokenizer without a template fails here, once, not in every task.
-    tokenizer = _tokenizer(resolve_model(cfg.tokenize.tokenizer), cfg.tokenize.template)
-    require_chat_template(tokenizer, kind, "tokenize.template")
+    check_tokenizer(cfg, kind)  # once here, not in every task
     tok = docs.map_batches(tokenize_batch(cfg), batch_format="pyarrow").materialize()
     good = tok.filter(expr=col("n_loss") >= cfg.tokenize.min_loss_tokens).materialize()
     if packed:

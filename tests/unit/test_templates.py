@@ -239,3 +239,16 @@ def test_final_carries_the_template_and_its_stop_words(tiny_model: Path, tmp_pat
     stops = GenerationConfig.from_pretrained(final).eos_token_id
     assert stops == [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|im_start|>")]
     assert json.loads((final / "raylm_train.json").read_text())["template"] == "chatml"
+
+
+def test_the_data_job_checks_its_tokenizer_once_the_kind_is_known(base_tokenizer: Path) -> None:
+    from raylm.data.shards import check_tokenizer
+
+    def cfg(*extra: str):
+        overrides = ["tokenize.enabled=true", f"tokenize.tokenizer={base_tokenizer}", *extra]
+        return load("data", [ROOT / "conf/data/sample_sft.yaml"], overrides)
+
+    with pytest.raises(ConfigError, match=r"stage dpo .* set tokenize\.template"):
+        check_tokenizer(cfg(), "dpo")
+    check_tokenizer(cfg(), "pt")
+    check_tokenizer(cfg("tokenize.template=chatml"), "sft")

@@ -109,13 +109,16 @@ def test_rerun_skips_done_stages_and_gate_blocks_deploy(notebook_run: dict) -> N
 
 
 @pytest.mark.timeout(1200)
-def test_interrupted_training_resumes_on_rerun(ray_cluster: ClusterInfo, tmp_path: Path) -> None:
-    name = "e2e-interrupt"
-    run_dir = ROOT / "outputs" / "pipelines" / name
-    import shutil
+def test_interrupted_training_resumes_on_rerun(ray_cluster: ClusterInfo, s3_bucket: str) -> None:
+    """The pipeline's workspace in a bucket: the data stage writes its shards there, the
+    train stage its checkpoints; preempted and re-run, training resumes from the bucket."""
+    from raylm import storage
 
-    shutil.rmtree(run_dir, ignore_errors=True)
-    args = ["conf/pipeline/demo.yaml", f"name={name}", "eval.config=null", "serve.config=null",
+    name = "e2e-interrupt"
+    run_dir = storage.join(s3_bucket, "pipelines", name)
+    storage.delete_dir(run_dir)
+    args = ["conf/pipeline/demo.yaml", f"name={name}", f"workspace={s3_bucket}/pipelines",
+            "eval.config=null", "serve.config=null",
             "gate=false", "train.overrides=[model.name_or_path=outputs/models/tiny,data.cutoff_len=512,"
             "checkpoint.save_steps=2,train.epochs=2]"]  # fmt: skip
     client = JobSubmissionClient(ray_cluster.dashboard_url)
@@ -123,7 +126,7 @@ def test_interrupted_training_resumes_on_rerun(ray_cluster: ClusterInfo, tmp_pat
         cli.main(["submit", "pipeline", *args, "--no-wait", "--address", ray_cluster.dashboard_url])
         == 0
     )
-    _wait_for_checkpoint(run_dir / "train", timeout=900)
+    _wait_for_checkpoint(storage.join(run_dir, "train"), timeout=900)
     for job in client.list_jobs():  # preempt everything: the pipeline and its train stage
         meta = job.metadata or {}
         if job.status.value == "RUNNING" and (
@@ -132,19 +135,30 @@ def test_interrupted_training_resumes_on_rerun(ray_cluster: ClusterInfo, tmp_pat
             client.stop_job(job.submission_id)
     time.sleep(5)
     assert cli.main(["pipeline", *args]) == 0
-    summary = json.loads((run_dir / "manifest.json").read_text())["metrics"]
+    summary = json.loads(storage.read_text(storage.join(run_dir, "manifest.json")))["metrics"]
     assert summary["stages"] == {"data": "skipped", "train": "ran"}
-    train = json.loads((run_dir / "train" / "manifest.json").read_text())["metrics"]
+    train_manifest = storage.read_text(storage.join(run_dir, "train", "manifest.json"))
+    train = json.loads(train_manifest)["metrics"]
     assert train["resumes"] >= 1, "training restarted from scratch instead of resuming"
+    assert json.loads(train_manifest)["outputs"]["final"].startswith(s3_bucket)
 
 
-def _wait_for_checkpoint(train_dir: Path, timeout: float) -> None:
+def _wait_for_checkpoint(train_dir: str, timeout: float) -> None:
+    import pyarrow.fs as pafs
+
+    from raylm import storage
+
+    fs, root = storage.filesystem(train_dir)
+    manifest = storage.join(train_dir, "manifest.json")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(train_dir.glob("**/COMPLETE")):
+        found = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        if any(info.base_name == "COMPLETE" for info in found):
             return
-        manifest = train_dir / "manifest.json"
-        if manifest.exists() and json.loads(manifest.read_text())["status"] == "failed":
-            raise AssertionError(f"the train stage failed: {manifest.read_text()[-2000:]}")
+        if (
+            storage.exists(manifest)
+            and json.loads(storage.read_text(manifest))["status"] == "failed"
+        ):
+            raise AssertionError(f"the train stage failed: {storage.read_text(manifest)[-2000:]}")
         time.sleep(2)
     raise AssertionError(f"no complete checkpoint under {train_dir} after {timeout}s")

@@ -107,14 +107,14 @@ def test_resumed_run_sees_each_example_once_per_epoch(faulted: Path) -> None:
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize("where", ["local", "s3"])
 def test_killed_job_resubmitted_with_same_run_name_continues_exactly(
-    where: str, reference: Path, tiny_model: Path, tmp_path: Path, request
+    reference: Path, tiny_model: Path, tmp_path: Path, s3_bucket: str
 ) -> None:
     """SIGKILL the whole job (driver, controller, workers) after its first checkpoint,
     then run the same command again: it continues from that checkpoint and matches.
-    On S3 (a real S3-compatible server) the checkpoints, markers, metrics, final/ and
-    the manifest all live in the bucket, and the resume reads them back from there."""
+    The checkpoints, markers, metrics, final/ and the manifest all live in a bucket on a
+    real S3-compatible server, and the resume reads them back from there. (Resuming from
+    a local directory is what the worker-kill test above does.)"""
     import signal
     import subprocess
     import sys
@@ -122,7 +122,7 @@ def test_killed_job_resubmitted_with_same_run_name_continues_exactly(
 
     from raylm import storage
 
-    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket") + "/runs"
+    root = s3_bucket + "/runs"
     argv = [
         sys.executable, str(ROOT / "jobs/train.py"), str(ROOT / "conf/train/pt_full.yaml"),
         f"model.name_or_path={tiny_model}", f"data.path={ROOT / 'conf/train/data/pt_demo.jsonl'}",

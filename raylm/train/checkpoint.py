@@ -2,9 +2,10 @@
 
 Layout: ``RUN_DIR/checkpoint_<step>_<token>/`` holds DeepSpeed's files of every rank
 (Ray Train merges each rank's upload into one directory), ``trainer_state_rank<r>.pt``
-(RNG states per rank) and, last, ``COMPLETE``. Rank 0 writes ``COMPLETE`` only after
-``ray.train.report`` returned on every rank (a barrier), so its presence proves that
-every rank's files are in storage. Resume scans the run dir for the newest complete
+(RNG states per rank) and, last, ``COMPLETE`` (step, world size and the data stream's
+history of world sizes, which an elastic resume needs). Rank 0 writes ``COMPLETE``
+only after ``ray.train.report`` returned on every rank (a barrier), so its presence
+proves that every rank's files are in storage. Resume scans the run dir for the newest complete
 checkpoint instead of trusting ``ray.train.get_checkpoint()``: a checkpoint Ray had not
 registered yet when the job died (its ~2 s registration lag) is still found, and a
 half-written one is never loaded. The only work that can be lost is a checkpoint whose
@@ -76,9 +77,16 @@ def latest_complete(run_dir: str) -> tuple[int, str] | None:
     return complete[-1] if complete else None
 
 
-def mark_complete(path: str, step: int, world_size: int) -> None:
-    """Written whole or not at all (a local rename, or one object PUT)."""
+def mark_complete(path: str, step: int, world_size: int, worlds: Any = None) -> None:
+    """Written whole or not at all (a local rename, or one object PUT).
+
+    ``worlds`` is the data stream's history of world sizes (``raylm.train.stream.Worlds``)
+    up to this checkpoint. It lives here, not in the per-rank trainer state, because a
+    resuming worker needs it before its engine exists (the LR schedule's length depends
+    on it) and the marker is one small file every rank can read."""
     record = {"step": step, "world_size": world_size, "time": time.time()}
+    if worlds is not None:
+        record["worlds"] = [list(w) for w in worlds]
     storage.write_text(storage.join(str(path), COMPLETE), json.dumps(record))
 
 

@@ -27,7 +27,9 @@ Ordering semantics (what exact resume and the sample audit rely on):
    the epoch's stream: the positions no rank has reached yet are laid end to end and
    split again by rules 3 and 4 over the new ranks (``segment_of``), so no example of
    that epoch is seen twice or skipped; the next epoch starts whole at the new size.
-   The history must travel with the checkpoint (``RankStream.resized``).
+   The history must travel with the checkpoint (``RankStream.resized``), and an
+   epochs-based run's length in steps is counted from it (``stop_step``): a rest of the
+   epoch split over fewer ranks takes more steps, over more ranks fewer.
 
 Ids for the audit (``checkpoint.log_sample_ids``): a row's ``id`` column when it has one,
 else ``<file name>:<row in file>``.
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from functools import cached_property
@@ -215,6 +218,41 @@ def segment_of(step: int, worlds: Worlds, total: int, per_step: int) -> Segment:
             raise ValueError(f"{total} rows give no step of {per_step} to each of {world} ranks")
         epoch, first, ranges = epoch + 1, end, ((0, total),)
         i += resize is not None and resize <= end  # resized at the epoch's end
+
+
+def stop_step(epochs: float, worlds: Worlds, total: int, per_step: int) -> int:
+    """The step a run of ``epochs`` passes over the data ends at, given its world sizes
+    (the last one taken to hold from then on).
+
+    What is honoured is each epoch's rows, not a step count: whole epochs end where
+    ``segment_of`` ends them, so a run resized mid-epoch takes the steps that finish what
+    is left of that epoch at the new size (2 -> 1 workers: twice as many steps for the
+    rest; no row twice, none skipped), not ``epochs`` x the new size's steps per epoch.
+    A fractional last epoch takes ``ceil(epochs * S) - int(epochs) * S`` steps' worth of
+    rows, ``S`` its steps at the size it starts with; at one size throughout this is
+    ``ceil(epochs * S)`` steps in all, as a run that never resized counts them."""
+    whole = int(epochs)
+    step, target = 0, -1
+    while True:
+        seg = segment_of(step, worlds, total, per_step)
+        if seg.epoch > whole or (seg.epoch == whole and epochs == whole):
+            return step
+        if seg.epoch == whole:
+            take = seg.world * per_step
+            if target < 0:  # the partial epoch's first segment: its size's steps per epoch
+                whole_steps = seg.per_rank // per_step
+                target = (math.ceil(epochs * whole_steps) - whole * whole_steps) * take
+            if target <= seg.steps * take:
+                return seg.first_step + math.ceil(target / take)
+            target -= seg.steps * take
+        step = seg.first_step + seg.steps
+
+
+def rows_taken(step: int, worlds: Worlds, per_step: int) -> int:
+    """Rows all ranks together trained on in steps ``[0, step)`` (``samples_seen``)."""
+    ends = [first for first, _ in worlds[1:]] + [step]
+    spans = zip(worlds, ends, strict=True)
+    return sum(max(0, min(step, end) - first) * world * per_step for (first, world), end in spans)
 
 
 class Epoch:

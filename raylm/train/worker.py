@@ -4,13 +4,22 @@ Position in the data is a pure function of the optimizer step (``raylm.train.str
 a seeded order per epoch, fixed micro-batches per step), so resuming at step s replays
 exactly the batches an uninterrupted run would have seen from s on: nothing twice,
 nothing skipped.
+
+Elastic resume (a checkpoint written by N workers, resumed on M): the checkpoint's
+marker carries the stream's history of world sizes, and the resumed stream re-splits
+what no rank reached yet of the current epoch over the M ranks (``RankStream.resized``),
+so that epoch still sees each example once. An epochs-based run's length is counted from
+that history (``raylm.train.stream.stop_step``): what is honoured is the epoch's
+examples, so 2 -> 1 workers mid-epoch takes twice the steps for the rest of the epoch,
+not ``epochs`` x the new steps per epoch. ``max_steps`` is a step count and stays one.
+The LR schedule is rebuilt for the new length (its step count comes back from the
+checkpoint), so it bends where the size changed; at one size it is the same as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import tempfile
@@ -23,6 +32,7 @@ from raylm import storage
 from raylm.config import ConfigError
 from raylm.train import checkpoint as ckpt
 from raylm.train.config import TrainJobConfig
+from raylm.train.stream import rows_taken, stop_step
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -47,6 +57,8 @@ class _Loop:
         """``run_dir`` is a local/NFS path or an object-store URI (``raylm.storage``)."""
         self.cfg, self.run_dir, self.rank, self.world = cfg, run_dir, rank, world
         self.step = 0
+        self.samples_seen = 0
+        """Examples all ranks trained on so far (a resumed run starts from its history)."""
         self.fault: dict[str, Any] | None = None
         self.metrics_file = storage.join(run_dir, "metrics.jsonl")
         self.events_file = storage.join(run_dir, "events.jsonl")
@@ -73,9 +85,11 @@ class _Loop:
                 "fewer than one step "
                 f"needs (micro_batch_size*grad_accum={self.per_step}); add data or reduce them"
             )
-        self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
         self.ds_config = deepspeed_config(cfg, self.world)
         self._plan_resume()
+        self.total_steps = t.max_steps or self._all_min(
+            stop_step(t.epochs, self.stream.worlds, self.stream.plan.rows, self.per_step)
+        )
         model = load_model(cfg, self.ds_config if cfg.deepspeed.zero3_init else None)
         self.precomputed_ref = cfg.stage == "dpo" and self.stream.plan.has_columns(REF_COLUMNS)
         self.ref = None
@@ -111,10 +125,15 @@ class _Loop:
     # ---- resume ------------------------------------------------------------------------
     def _plan_resume(self) -> None:
         """Before the engine exists: a checkpoint written by another world size (a run that
-        shrank or grew with its spot capacity) loads through DeepSpeed's universal form."""
+        shrank or grew with its spot capacity) loads through DeepSpeed's universal form, and
+        the stream takes on the checkpoint's history of sizes (every resume, not only a
+        resized one: a run that shrank once and restarts at its new size must keep reading
+        the epoch as re-split), which the run's length in steps depends on."""
         self.latest = ckpt.latest_complete(self.run_dir)
         record = ckpt.marker(self.latest[1]) if self.latest else None
         self.saved_world = (record or {}).get("world_size", self.world)
+        if self.latest and record is not None:
+            self.stream.resized(record.get("worlds"), self.saved_world, self.latest[0])
         if self.saved_world != self.world:
             self.ds_config["checkpoint"] = {"load_universal": True}
 
@@ -144,12 +163,14 @@ class _Loop:
         ckpt.set_rng_state(own["rng"])
         self.step = own["step"]
         assert self.step == step, (self.step, step)
+        self.samples_seen = rows_taken(self.step, self.stream.worlds, self.per_step)
         if self.rank == 0:
             _truncate_metrics(self.metrics_file, self.step)
             _truncate_metrics(self.samples_file, self.step)
         name = path.rstrip("/").rpartition("/")[2]
         self._event({"event": "resume", "from_step": self.step, "checkpoint": name,
-                     "world_size_from": self.saved_world, "world_size": self.world})  # fmt: skip
+                     "world_size_from": self.saved_world, "world_size": self.world,
+                     "total_steps": self.total_steps})  # fmt: skip
 
     # ---- training ----------------------------------------------------------------------
     def run(self) -> None:
@@ -211,6 +232,7 @@ class _Loop:
             [sum(losses) / len(losses), float(tokens), float(samples)], dtype=torch.float64
         )
         dist.all_reduce(totals)
+        self.samples_seen += int(totals[2].item())
         loss = totals[0].item() / self.world
         tps = totals[1].item() / secs
         grad_norm = self.engine.get_global_grad_norm()
@@ -226,7 +248,7 @@ class _Loop:
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens": int(totals[1].item()),
             "tokens_per_s": tps,
-            "samples_seen": self.step * self.per_step * self.world,
+            "samples_seen": self.samples_seen,
             "time": time.time(),
         }
         storage.append_text(self.metrics_file, json.dumps(record) + "\n")
@@ -266,7 +288,8 @@ class _Loop:
         self._maybe_fault("after_upload", 0)
         dist.barrier()  # every rank's files are in storage now
         if self.rank == 0:
-            ckpt.mark_complete(storage.join(self.run_dir, name), self.step, self.world)
+            path = storage.join(self.run_dir, name)
+            ckpt.mark_complete(path, self.step, self.world, self.stream.worlds)
             self._event({"event": "checkpoint", "step": self.step, "name": name})
         dist.barrier()
 

@@ -9,6 +9,7 @@ that step needs.
 from __future__ import annotations
 
 import itertools
+import math
 import pickle
 from pathlib import Path
 
@@ -18,8 +19,9 @@ import pytest
 
 from raylm import storage
 from raylm.config import ConfigError, load
+from raylm.train import checkpoint as ckpt
 from raylm.train.data import make_plan, open_stream, plan_shards
-from raylm.train.stream import RankStream, pieces_of, plan_of_table
+from raylm.train.stream import RankStream, pieces_of, plan_of_table, rows_taken, stop_step
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -184,7 +186,12 @@ def test_steps_at_one_world_size_read_what_rows_reads(plan) -> None:
         assert epoch == step // 10 and ids(rows) == ids(s.rows(epoch, step % 10 * 4, 4))
 
 
-@pytest.mark.parametrize("worlds", [((0, 2), (4, 1)), ((0, 1), (3, 2)), ((0, 3), (2, 1), (9, 2))])
+RESIZES = [((0, 2), (4, 1)), ((0, 1), (3, 2)), ((0, 2), (4, 1), (6, 2)), ((0, 3), (2, 1), (9, 2))]
+"""Shrink, grow, shrink then grow back (the elastic test's run, back on two workers), and
+two resizes in one epoch."""
+
+
+@pytest.mark.parametrize("worlds", RESIZES)
 def test_a_resized_run_takes_every_row_of_the_epoch_at_most_once(plan, worlds) -> None:
     """Elastic resume: what is left of the epoch is re-split over the new ranks, so the
     epoch of the resize sees no row twice; the next epoch starts on the whole stream."""
@@ -219,3 +226,46 @@ def test_a_data_path_in_a_bucket_is_shards_or_a_raw_file_or_named(
     source = data_inputs(cfg(raw))
     assert source["kind"] == "raw" and source["path"] == raw
     assert make_plan(cfg(raw), source).rows == 64
+
+
+@pytest.mark.parametrize("worlds", RESIZES)
+def test_an_epochs_run_ends_where_its_resized_epoch_ends(plan, worlds) -> None:
+    """The run's length follows the epoch's rows, not the last size's steps per epoch."""
+    epochs = [epoch for epoch, _ in run_ids(plan, worlds, 40, per_step=4)]
+    assert stop_step(1.0, worlds, 80, 4) == epochs.index(1)
+    assert stop_step(2.0, worlds, 80, 4) == epochs.index(2)
+
+
+def test_stop_step_counts_epochs_as_a_run_that_never_resized_did() -> None:
+    for epochs, per_step, world in itertools.product((0.3, 1.0, 1.1, 2.5, 3.0), (1, 4), (1, 3)):
+        steps_per_epoch = 80 // world // per_step
+        expected = math.ceil(epochs * steps_per_epoch)  # as before elastic resume
+        assert stop_step(epochs, ((0, world),), 80, per_step) == expected
+
+
+def test_a_fractional_epoch_honours_its_rows_across_a_resize() -> None:
+    # 80 rows, 4 per rank-step. Epoch 1 starts at step 10 on 2 ranks: half of it is 5
+    # steps x 8 rows = 40 rows; 3 steps (24) at 2 ranks, then 16 at 1 rank = 4 steps.
+    assert stop_step(1.5, ((0, 2), (13, 1)), 80, 4) == 10 + 3 + 4
+    # Shrunk in epoch 0 (16 steps in all, see above); epoch 1 at 1 rank: 10 of its 20.
+    assert stop_step(1.5, ((0, 2), (4, 1)), 80, 4) == 16 + 10
+
+
+def test_samples_seen_follows_the_world_sizes() -> None:
+    assert rows_taken(6, ((0, 2), (4, 1)), 4) == 4 * 2 * 4 + 2 * 1 * 4
+    assert rows_taken(3, ((0, 2), (4, 1)), 4) == 3 * 2 * 4
+    assert rows_taken(10, ((0, 1), (3, 2), (6, 1)), 2) == 3 * 2 + 3 * 4 + 4 * 2
+
+
+def test_the_history_travels_in_the_checkpoint_marker(plan, tmp_path: Path) -> None:
+    """Shrink to one rank, checkpoint, grow back to two: the marker's JSON history is
+    what the grown run continues, and its two ranks take the rest of the epoch."""
+    one = RankStream(plan, 9, rank=0, world=1, per_step=4)
+    one.resized(None, saved_world=2, step=4)
+    ckpt.mark_complete(str(tmp_path), 6, 1, one.worlds)
+    record = ckpt.marker(str(tmp_path))
+    two = [RankStream(plan, 9, r, 2, 4) for r in range(2)]
+    for s in two:
+        assert s.resized(record["worlds"], record["world_size"], 6) == ((0, 2), (4, 1), (6, 2))
+    expected = run_ids(plan, ((0, 2), (4, 1), (6, 2)), 8, per_step=4)
+    assert [i for s in two for i in ids(s.step(7)[1])] == expected[7][1]

@@ -38,6 +38,7 @@ def run(cfg: DataJobConfig) -> dict[str, Any]:
     out = _fresh_output_dir(cfg)
     sources = expand_inputs(cfg.inputs, cfg.format, cfg.columns)
     kind = decide_kind(cfg, sources)
+    shards.check_tokenizer(cfg, kind)  # before hours of cleaning and dedup, not after
     log.info("data job: %d file(s), kind=%s", len(sources), kind)
     raw = readers.read_dataset(sources, cfg.text_column, cfg.text_unit, cfg.read_block_mb)
     clock = Stopwatch()

@@ -70,6 +70,8 @@ def stage_for(
         data = produced.get("data")
         if isinstance(data, DatasetOutput):
             wiring.append(f"data.path={data.path}")
+            if data.template:  # rendered with a named template: train renders the same
+                wiring.append(f"model.template={data.template}")
             inputs.append(data.path)
     model = produced.get("train")
     if name in ("eval", "serve") and isinstance(model, ModelOutput):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ def test_stages_are_wired_from_typed_outputs(demo: PipelineConfig, tmp_path: Pat
     # train reads what the data stage recorded, wherever that is.
     assert train.data.path == str(tmp_path / "d") and stages["train"].inputs == [train.data.path]
     assert (train.storage_path, train.run_name) == (str(tmp_path), "train")
+    assert train.model.template is None  # the data stage used the tokenizer's own template
     final = produced["train"].path
     # LoRA: eval scores the adapter on its recorded base and compares with the base itself.
     assert (ev.model, ev.adapter_base, ev.base_model) == (final, "/base", "/base")
@@ -109,3 +111,11 @@ def test_a_workspace_in_a_bucket_keeps_its_uris(demo: PipelineConfig, s3_bucket:
     assert not _already_done(stage, run_dir, "another", "http://unused")
     path = lineage.write(run_dir, {"stages": {"data": "ran"}})
     assert path == f"{run_dir}/lineage.json" and "curated" in lineage.describe(run_dir)
+
+
+def test_train_renders_with_the_template_the_data_stage_used(
+    demo: PipelineConfig, tmp_path: Path
+) -> None:
+    produced = _produced(tmp_path)
+    produced["data"] = dataclasses.replace(produced["data"], template="chatml")
+    assert stage_for("train", demo, tmp_path, produced).load().model.template == "chatml"

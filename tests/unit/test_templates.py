@@ -226,13 +226,13 @@ def test_tokenizer_hash_differs_by_template(tiny_model: Path) -> None:
 def test_final_carries_the_template_and_its_stop_words(tiny_model: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from raylm.train.export import write_final
+    from raylm.train.export import export_to
     from raylm.train.model import load_tokenizer as run_tokenizer
 
     overrides = [f"model.name_or_path={tiny_model}", "model.template=chatml"]
     cfg = load("train", [ROOT / "conf/train/pt_full.yaml"], overrides)
     module = AutoModelForCausalLM.from_pretrained(tiny_model)
-    write_final(cfg, module, module.state_dict(), run_tokenizer(cfg), tmp_path / "final")
+    export_to(cfg, module, run_tokenizer(cfg), tmp_path / "final", rank=0)
     final = tmp_path / "final"
     assert AutoTokenizer.from_pretrained(final).chat_template == templates.get("chatml").jinja()
     tok = AutoTokenizer.from_pretrained(final)

@@ -327,6 +327,14 @@ class ExportConfig:
     merge_lora: bool = False
     """Also write a merged full model (``final/merged``) for LoRA runs."""
 
+    shard_mb: int = 2000
+    """Largest safetensors file in ``final/``, in MiB. Rank 0 gathers the ZeRO-3 pieces
+    and writes one shard at a time, so its host memory peaks near this, not at the
+    model's size; a model over one shard gets ``model.safetensors.index.json``."""
+
+    def __post_init__(self) -> None:
+        positive("export.shard_mb", self.shard_mb)
+
 
 @dataclass
 class TrainJobConfig:
@@ -342,8 +350,9 @@ class TrainJobConfig:
     """Run name; submitting again with the same name and storage resumes the run."""
 
     storage_path: str = "outputs/train"
-    """Where runs live: a local path, or a shared filesystem (NFS) every node mounts at the
-    same path on a multi-node cluster; the run dir is storage_path/run_name."""
+    """Where runs live: a bucket (``s3://``, ``gs://``), or a local path, or a shared
+    filesystem (NFS) every node mounts at the same path on a multi-node cluster; the run
+    dir is storage_path/run_name."""
 
     report_to: list[str] = field(default_factory=list)
     """Extra metric sinks: tensorboard, mlflow, wandb (Ray metrics are always on)."""

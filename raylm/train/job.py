@@ -6,9 +6,8 @@ newest complete checkpoint.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from raylm import storage
+from raylm.config import ConfigError
 from raylm.job import Job, Result
 from raylm.manifest import MANIFEST, Manifest
 from raylm.outputs import ModelOutput
@@ -31,11 +30,20 @@ class TrainJob(Job[TrainJobConfig]):
 
     def inputs(self, cfg: TrainJobConfig) -> list[str]:
         """The file or shard dir actually read (a LLaMA-Factory dataset name resolves to
-        its file), and the base model when it is on disk (a hub id is not hashed)."""
+        its file), local or in a bucket (``raylm.storage``: a ``Path`` would make
+        ``s3://b/k`` into ``s3:/b/k``, which never exists, and drop the input unrecorded),
+        and the base model when it is on disk (a hub id is not hashed).
+
+        The data is always recorded: ``data_inputs`` names ``data.path`` when there is
+        nothing there, and a run whose manifest lacks its data would claim less than it
+        read."""
         from raylm.train.data import data_inputs
 
-        paths = [data_inputs(cfg)["path"], cfg.model.name_or_path]
-        return [p for p in paths if Path(p).exists()]
+        data = data_inputs(cfg)["path"]
+        if not storage.exists(data):
+            raise ConfigError(f"data.path={cfg.data.path!r}: nothing at {data}")
+        model = cfg.model.name_or_path
+        return [data, model] if storage.exists(model) else [data]
 
     remote_outputs = True
 
@@ -74,6 +82,6 @@ def _data_link(source: dict) -> dict[str, str]:
     if data_manifest is None:
         return {}
     return {
-        "data_manifest": str(Path(source["path"]) / MANIFEST),
+        "data_manifest": storage.join(source["path"], MANIFEST),
         "data_fingerprint": data_manifest.fingerprint(),
     }

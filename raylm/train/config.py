@@ -269,10 +269,20 @@ class ScalingConfig:
     """Data-parallel workers (one DeepSpeed rank each); the most an elastic run uses."""
 
     min_workers: int | None = None
-    """Elastic training: start (or continue) with as few as this many workers when spot
-    capacity is short, and grow back to ``num_workers`` when it returns (Ray Train's
-    elastic scaling). A checkpoint written at another worker count is converted to
-    DeepSpeed's universal form and loaded with its optimizer state. None: fixed size."""
+    """Elastic training: Ray Train's ``num_workers=(min_workers, num_workers)`` (its
+    elastic scaling policy, Ray 2.60). The group starts with as many workers as the
+    cluster has room for, between the two (it waits while fewer than ``min_workers``
+    fit); a lost worker is a failure (``checkpoint.max_failures``) after which the group
+    restarts at whatever size fits; while running, Ray looks for room every 60 s and, if
+    more workers fit, restarts the whole group at the larger size. Every resize is a
+    restart: the workers resume from the newest complete checkpoint, so the steps since
+    it are trained again (``checkpoint.save_steps`` bounds that). A checkpoint written at
+    another worker count is converted to DeepSpeed's universal form and loaded with its
+    optimizer state; the data stream re-splits the rest of the epoch over the new ranks,
+    so no example of it is seen twice or skipped, and an epochs-based run's length is
+    recounted from that (``raylm.train.worker``). The global batch is micro_batch_size x
+    grad_accum x workers, so it changes with the size (the LR is not rescaled). None, or
+    equal to ``num_workers``: a fixed size."""
 
     use_gpu: bool = False
     """One GPU per worker; False trains on CPU with gloo (the same code path)."""
@@ -282,6 +292,14 @@ class ScalingConfig:
 
     placement_strategy: str = "PACK"
     """Ray placement group strategy: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD."""
+
+    @property
+    def ray_num_workers(self) -> int | tuple[int, int]:
+        """Ray Train's ``ScalingConfig(num_workers=...)``: a ``(min, max)`` tuple turns on its
+        elastic policy; an equal pair would too, for nothing, so it stays a fixed size."""
+        if self.min_workers is None or self.min_workers == self.num_workers:
+            return self.num_workers
+        return self.min_workers, self.num_workers
 
     def __post_init__(self) -> None:
         positive("scaling.num_workers", self.num_workers)

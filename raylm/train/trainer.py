@@ -64,7 +64,7 @@ def build_trainer(cfg: TrainJobConfig, fault: dict[str, Any] | None = None):
         train_loop,
         train_loop_config={"cfg": cfg, "run_dir": run_dir, "fault": fault},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=s.num_workers if s.min_workers is None else (s.min_workers, s.num_workers),
+            num_workers=s.ray_num_workers,
             use_gpu=s.use_gpu,
             resources_per_worker=resources,
             placement_strategy=s.placement_strategy,

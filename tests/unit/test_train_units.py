@@ -177,3 +177,53 @@ def test_only_complete_checkpoints_count(tmp_path: Path) -> None:
     assert ckpt.latest_complete(str(tmp_path)) == (2, str(done2))
     assert [(s, ok) for s, _, ok in ckpt.list_checkpoints(tmp_path)] == [(2, True), (4, False)]
     assert ckpt.latest_complete(tmp_path / "nothing") is None
+
+
+def test_a_data_path_in_a_bucket_is_recorded_as_the_runs_input(
+    s3_bucket: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Through the runner, up to where Ray would start: the manifest names the bucket
+    object itself (not ``s3:/...``, not dropped), and a missing one exits 2 naming
+    ``data.path``."""
+    from raylm import runner, storage
+    from raylm.job import Result
+    from raylm.train.job import TrainJob
+
+    raw = f"{s3_bucket}/units/pt.jsonl"
+    storage.write_bytes(raw, (ROOT / "conf/train/data/pt_demo.jsonl").read_bytes())
+    monkeypatch.setattr(runner, "init_ray", lambda *_: {})
+    monkeypatch.setattr(TrainJob, "run", lambda self, cfg, out: Result())
+    argv = [str(ROOT / "conf/train/pt_full.yaml"), f"model.name_or_path={tiny_model}",
+            f"storage_path={tmp_path}", "run_name=bucket-data"]  # fmt: skip
+    assert runner.main("train", [*argv, f"data.path={raw}"]) == 0
+    inputs = json.loads((tmp_path / "bucket-data/manifest.json").read_text())["inputs"]
+    assert set(inputs) == {raw, str(tiny_model)} and inputs[raw].startswith("listing:")
+
+    missing = f"{s3_bucket}/units/missing.jsonl"
+    assert runner.main("train", [*argv, f"data.path={missing}"]) == 2
+    assert f"data.path={missing!r}" in capsys.readouterr().err
+
+
+def test_the_data_jobs_manifest_in_a_bucket_is_linked_whole(s3_bucket: str) -> None:
+    from raylm.manifest import MANIFEST, Manifest
+    from raylm.train.job import _data_link
+
+    out = f"{s3_bucket}/units/data-out"
+    Manifest.start("data", {"kind": "pt"}, inputs=[]).write(out)
+    link = _data_link({"kind": "shards", "path": out})
+    assert link["data_manifest"] == f"{out}/{MANIFEST}"
+    assert link["data_fingerprint"] == Manifest.read(out).fingerprint()
+
+
+def test_min_workers_turns_on_ray_trains_elastic_scaling() -> None:
+    """Ray 2.60's ScalingConfig takes ``num_workers=(min, max)`` for its elastic policy."""
+    from ray.train import ScalingConfig
+
+    elastic = ScalingConfig(num_workers=cfg("scaling.min_workers=1").scaling.ray_num_workers)
+    assert elastic.elasticity_enabled and (elastic.min_workers, elastic.max_workers) == (1, 2)
+    for fixed in ((), ("scaling.min_workers=2",)):
+        scaling = cfg("scaling.num_workers=2", *fixed).scaling
+        assert scaling.ray_num_workers == 2
+        assert not ScalingConfig(num_workers=scaling.ray_num_workers).elasticity_enabled
+    with pytest.raises(ConfigError, match=r"scaling\.min_workers=3 must be between 1 and"):
+        cfg("scaling.min_workers=3")

@@ -1,5 +1,6 @@
 """`raylm serve` end to end: the real CLI deploys the tiny model (and PEFT adapters) on the
-session cluster through the Serve REST API; the real `openai` client calls it.
+session cluster through the Serve REST API; the real `openai` client calls it. The model
+and the adapters dir are in a bucket (the session's S3 server), as on a real cluster.
 
 The module's app answers in the model replica (vLLM's app behind raylm's checks); one
 test deploys the README's plain conf/serve/tiny.yaml next to it.
@@ -14,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +27,7 @@ import openai
 import pytest
 import yaml
 
+from raylm import storage
 from raylm.cluster import ClusterInfo
 from raylm.serve import deploy
 
@@ -64,19 +65,26 @@ def make_adapter(base: Path, out: Path, seed: int) -> Path:
 class Served:
     url: str
     out: Path
-    adapters: Path
+    adapters: str
+    """The adapters dir: a prefix in the bucket."""
     later: Path
+    model: str
+    """The served model: a prefix in the bucket."""
     cluster: ClusterInfo
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster: ClusterInfo, tiny_model: Path, tmp_path_factory) -> Served:
+def served(ray_cluster: ClusterInfo, tiny_model: Path, s3_bucket: str, tmp_path_factory) -> Served:
+    """The model and its adapters come from the bucket: each replica copies the model to
+    its node before its engine starts, and an adapter on first use (storage.local_dir)."""
     root = tmp_path_factory.mktemp("serve")
-    adapters = root / "adapters"
-    make_adapter(tiny_model, adapters / "a1", seed=1)
-    make_adapter(tiny_model, adapters / "a2", seed=2)
+    make_adapter(tiny_model, root / "adapters" / "a1", seed=1)
+    make_adapter(tiny_model, root / "adapters" / "a2", seed=2)
     later = make_adapter(tiny_model, root / "later" / "a3", seed=3)
     make_adapter(tiny_model, root / "later" / "a4", seed=4)
+    model, adapters = (storage.join(s3_bucket, "serve-e2e", p) for p in ("tiny", "adapters"))
+    storage.copy_dir(str(tiny_model), model)
+    storage.copy_dir(str(root / "adapters"), adapters)
     out = root / "out"
     cmd = [
         sys.executable,
@@ -84,7 +92,7 @@ def served(ray_cluster: ClusterInfo, tiny_model: Path, tmp_path_factory) -> Serv
         "raylm.cli",
         "serve",
         str(CONF),
-        f"model.path={tiny_model}",
+        f"model.path={model}",
         f"lora.adapters_dir={adapters}",
         f"app_name={APP}",
         f"output_dir={out}",
@@ -101,7 +109,7 @@ def served(ray_cluster: ClusterInfo, tiny_model: Path, tmp_path_factory) -> Serv
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         url = json.loads((out / "manifest.json").read_text())["outputs"]["url"]
-        yield Served(url=url, out=out, adapters=adapters, later=later, cluster=ray_cluster)
+        yield Served(url, out, adapters, later, model, ray_cluster)
     finally:
         deploy.down(APP)
 
@@ -200,7 +208,7 @@ def test_new_adapter_is_served_without_redeploy(served: Served) -> None:
     before = _replica_ids()
     with pytest.raises(openai.NotFoundError):
         greedy(c, "tiny:a3")
-    shutil.copytree(served.later, served.adapters / "a3")
+    storage.copy_dir(str(served.later), storage.join(served.adapters, "a3"))  # an upload
     assert "tiny:a3" in [m.id for m in c.models.list().data]
     assert greedy(c, "tiny:a3") not in (greedy(c, "tiny"), greedy(c, "tiny:a1"))
     assert _replica_ids() == before  # same replicas: the base model was not redeployed
@@ -209,7 +217,7 @@ def test_new_adapter_is_served_without_redeploy(served: Served) -> None:
 def test_concurrent_first_requests_for_a_new_adapter_all_succeed(served: Served) -> None:
     """ray.serve.llm loads an adapter per request without a lock; the first burst for a
     new adapter used to fail all but one request with vLLM's "already been loaded"."""
-    shutil.copytree(served.later.parent / "a4", served.adapters / "a4")
+    storage.copy_dir(str(served.later.parent / "a4"), storage.join(served.adapters, "a4"))
 
     async def burst() -> list[str]:
         c = openai.AsyncOpenAI(base_url=served.url, api_key=KEY_ENV, max_retries=0, timeout=120)
@@ -296,6 +304,10 @@ def test_status_and_written_serve_config(served: Served) -> None:
     assert app["import_path"] == "raylm.serve.builder:build_app"
     assert app["args"]["raylm"]["checks"]["max_n"] == 4  # raylm's settings, beside Ray's
     assert "experimental_configs" not in app["args"]["llm_config"]
+    assert app["args"]["llm_config"]["model_loading_config"]["model_source"] == served.model
+    env = app["args"]["llm_config"]["runtime_env"]["env_vars"]
+    assert env["AWS_ENDPOINT_URL"] == os.environ["AWS_ENDPOINT_URL"]
+    assert "AWS_SECRET_ACCESS_KEY" not in env  # deployed with it, never written
     assert [d.split(":")[0] for d in st["deployments"]] == [SERVER_PREFIX]
     assert deploy.down("no-such-app") is False
 

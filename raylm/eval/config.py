@@ -23,13 +23,14 @@ class EvalDataConfig:
     """The held-out data the model is scored on."""
 
     eval_path: str | None = None
-    """jsonl of generation records: ``prompt`` (or chat ``messages``) plus ``reference``
-    (a string or a list of acceptable strings). None: no generation metrics."""
+    """jsonl of generation records (local or a bucket URI): ``prompt`` (or chat
+    ``messages``) plus ``reference`` (a string or a list of acceptable strings). None: no
+    generation metrics."""
 
     perplexity_path: str | None = None
     """Held-out text for perplexity: jsonl/json (``text`` or ``messages``), .txt (documents
-    separated by blank lines), or parquet (file or directory; ``text`` or ``messages`` column).
-    None: skip."""
+    separated by blank lines), or parquet (file or directory; ``text`` or ``messages`` column);
+    local or a bucket URI. None: skip."""
 
     max_samples: int | None = None
     """Score at most this many generation records and perplexity documents (None: all)."""
@@ -174,7 +175,8 @@ class EvalJobConfig:
     """The eval job: score a model (and optionally its base) and decide if it may ship."""
 
     model: str = MISSING
-    """Model directory: a full Hugging Face model or a PEFT adapter (adapter_config.json)."""
+    """Model directory: a full Hugging Face model or a PEFT adapter (adapter_config.json);
+    local or a bucket URI (copied to the node of the Ray task that loads it)."""
 
     base_model: str | None = None
     """A second model to compare against with the paired bootstrap (e.g. the untuned base)."""
@@ -222,7 +224,8 @@ class EvalJobConfig:
     """CPUs reserved by each model's Ray evaluation task (two run side by side with a base)."""
 
     output_dir: str = "outputs/eval"
-    """Where eval.json, report.md, predictions.jsonl and the manifest go."""
+    """Where eval.json, report.md, predictions.jsonl and the manifest go (local or a bucket
+    URI)."""
 
     ray: RayConfig = field(default_factory=RayConfig)
     """Cluster connection."""

@@ -21,7 +21,8 @@ class ServedModelConfig:
     """The model the app serves."""
 
     path: str = MISSING
-    """A Hugging Face directory: a train job's ``final/`` (full model) or any HF model dir."""
+    """A Hugging Face directory: a train job's ``final/`` (full model) or any HF model dir;
+    local, shared, or a bucket URI (``s3://``, ``gs://``: each replica copies it first)."""
 
     name: str = "raylm"
     """The model id clients pass as ``model``; LoRA adapters are ``NAME:ADAPTER``."""
@@ -39,11 +40,12 @@ class LoraServeConfig:
     """PEFT adapters served beside the base model, chosen per request by model name."""
 
     adapters_dir: str | None = None
-    """A local or shared-filesystem directory with one PEFT adapter per sub-directory;
-    ``NAME:SUBDIR`` selects one. Adapters copied in later are served without a redeploy."""
+    """A local or shared-filesystem directory, or a bucket prefix, with one PEFT adapter per
+    sub-directory; ``NAME:SUBDIR`` selects one. Adapters copied in later are served
+    without a redeploy."""
 
     adapters: dict[str, str] = field(default_factory=dict)
-    """Extra adapters by name -> directory (e.g. a train job's ``final/``)."""
+    """Extra adapters by name -> directory or bucket prefix (e.g. a train job's ``final/``)."""
 
     max_adapters_per_replica: int = 4
     """Adapters one replica keeps loaded; the least recently used is evicted."""
@@ -286,7 +288,7 @@ class GenerateInputConfig:
     """The prompts to complete."""
 
     path: str = MISSING
-    """A jsonl/json/parquet file or a directory of Parquet shards."""
+    """A jsonl/json/parquet file or a directory of Parquet shards (local or a bucket URI)."""
 
     prompt_column: str = "prompt"
     """Column with the prompt text (or a list of chat messages if ``chat`` is true)."""
@@ -303,10 +305,12 @@ class GenerateJobConfig:
     """The ``generate`` job: offline batch inference with ray.data.llm + vLLM to Parquet."""
 
     model: str = MISSING
-    """A Hugging Face model directory (a train job's ``final/``)."""
+    """A Hugging Face model directory (a train job's ``final/``), local or a bucket URI
+    (copied to the job's node first), or a hub id."""
 
     lora_path: str | None = None
-    """A PEFT adapter directory applied to every prompt (None: the base model)."""
+    """A PEFT adapter directory (local or a bucket URI) applied to every prompt (None: the
+    base model)."""
 
     input: GenerateInputConfig = field(default_factory=GenerateInputConfig)
     """The prompts."""
@@ -327,7 +331,7 @@ class GenerateJobConfig:
     """The chat-template / tokenize / detokenize stages."""
 
     output_dir: str = "outputs/generate"
-    """Where ``predictions/`` (Parquet) and the manifest go."""
+    """Where ``predictions/`` (Parquet) and the manifest go (local or a bucket URI)."""
 
     ray: RayConfig = field(default_factory=RayConfig)
     """Cluster connection."""

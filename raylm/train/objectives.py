@@ -66,22 +66,6 @@ def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (logps * batch["loss_mask"][:, 1:].to(logps.dtype)).sum(-1)
 
 
-def dpo_loss(
-    chosen: torch.Tensor,
-    rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
-    beta: float,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """Sigmoid DPO (Rafailov et al.); label_smoothing > 0 is conservative DPO (cDPO)."""
-    delta = (chosen - ref_chosen) - (rejected - ref_rejected)
-    losses = -F.logsigmoid(beta * delta) * (1 - label_smoothing)
-    if label_smoothing:
-        losses = losses - F.logsigmoid(-beta * delta) * label_smoothing
-    return losses.mean()
-
-
 def pair_batch(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen rows then rejected rows in one padded batch: one forward scores both."""
     merged = [

@@ -59,6 +59,8 @@ class _Loop:
         self.step = 0
         self.samples_seen = 0
         """Examples all ranks trained on so far (a resumed run starts from its history)."""
+        self.step_metrics: list[dict[str, float]] = []
+        """This step's preference metrics, one dict per micro-batch (logged, then reset)."""
         self.fault: dict[str, Any] | None = None
         self.metrics_file = storage.join(run_dir, "metrics.jsonl")
         self.events_file = storage.join(run_dir, "events.jsonl")
@@ -91,13 +93,11 @@ class _Loop:
             stop_step(t.epochs, self.stream.worlds, self.stream.plan.rows, self.per_step)
         )
         model = load_model(cfg, self.ds_config if cfg.deepspeed.zero3_init else None)
-        self.precomputed_ref = cfg.stage == "dpo" and self.stream.plan.has_columns(REF_COLUMNS)
+        # simpo/orpo score the policy alone: no reference model, no precomputed columns.
+        needs_ref = cfg.stage == "dpo" and cfg.dpo.needs_reference
+        self.precomputed_ref = needs_ref and self.stream.plan.has_columns(REF_COLUMNS)
         self.ref = None
-        if (
-            cfg.stage == "dpo"
-            and not self.precomputed_ref
-            and cfg.finetuning_type in ("full", "freeze")
-        ):
+        if needs_ref and not self.precomputed_ref and cfg.finetuning_type in ("full", "freeze"):
             self.ref = load_reference(cfg)
         params = [p for p in model.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in params)
@@ -179,6 +179,7 @@ class _Loop:
             start = time.perf_counter()
             epoch, step_rows = self.stream.step(self.step)
             losses, tokens, samples, ids = [], 0, 0, []
+            self.step_metrics = []
             for micro in range(self.cfg.train.grad_accum):
                 rows = step_rows[micro * mbs : (micro + 1) * mbs]
                 self._maybe_fault("mid_step", micro)
@@ -198,6 +199,7 @@ class _Loop:
         import torch
 
         from raylm.train import objectives as obj
+        from raylm.train import preference as pref
 
         pad = self.tok.pad_token_id
         if self.cfg.stage != "dpo":
@@ -205,31 +207,39 @@ class _Loop:
             loss, _ = obj.lm_loss(self.engine, batch)
             return loss, int(batch["attention_mask"].sum())
         batch = obj.pair_batch(rows, pad)
-        chosen, rejected = obj.sequence_logps(self.engine, batch).chunk(2)
+        policy = pref.pair_logps(self.engine, batch)
+        ref = None
         if self.precomputed_ref:
-            ref_c = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=chosen.dtype)
-            ref_r = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=chosen.dtype)
-        else:
+            ref = policy.with_sums(
+                torch.tensor([r["ref_chosen_logps"] for r in rows]),
+                torch.tensor([r["ref_rejected_logps"] for r in rows]),
+            )
+        elif self.cfg.dpo.needs_reference:
             with torch.no_grad():
-                ref_c, ref_r = self._ref_logps(batch).chunk(2)
-        d = self.cfg.dpo
-        loss = obj.dpo_loss(chosen, rejected, ref_c, ref_r, d.beta, d.label_smoothing)
+                ref = self._ref_logps(batch)
+        loss, metrics = pref.preference_loss(self.cfg.dpo, policy, ref)
+        self.step_metrics.append(metrics)
         return loss, int(batch["attention_mask"].sum())
 
     def _ref_logps(self, batch):
-        from raylm.train.objectives import sequence_logps
+        from raylm.train.preference import pair_logps
 
         if self.ref is not None:
-            return sequence_logps(self.ref, batch)
+            return pair_logps(self.ref, batch)
         with self.engine.module.disable_adapter():  # LoRA: the base model is the reference
-            return sequence_logps(self.engine.module, batch)
+            return pair_logps(self.engine.module, batch)
 
     def _log(self, epoch: int, losses: list[float], tokens: int, samples: int, secs: float) -> None:
         import torch
         import torch.distributed as dist
 
+        # Preference metrics: mean over this rank's micro-batches, then over ranks; every
+        # rank has the same keys (same config), so they ride the one all_reduce.
+        names = sorted({k for m in self.step_metrics for k in m})
+        means = [sum(m[k] for m in self.step_metrics) / len(self.step_metrics) for k in names]
         totals = torch.tensor(
-            [sum(losses) / len(losses), float(tokens), float(samples)], dtype=torch.float64
+            [sum(losses) / len(losses), float(tokens), float(samples), *means],
+            dtype=torch.float64,
         )
         dist.all_reduce(totals)
         self.samples_seen += int(totals[2].item())
@@ -250,6 +260,7 @@ class _Loop:
             "tokens_per_s": tps,
             "samples_seen": self.samples_seen,
             "time": time.time(),
+            **{k: v / self.world for k, v in zip(names, totals[3:].tolist(), strict=True)},
         }
         storage.append_text(self.metrics_file, json.dumps(record) + "\n")
         if self.gauges:

@@ -48,10 +48,14 @@ def dpo_run(ray_cluster, tiny_model: Path, tmp_path_factory) -> Path:
 def test_dpo_loss_goes_down_from_log2(dpo_run: Path) -> None:
     import math
 
-    losses = [m["loss"] for m in read_metrics(dpo_run / "metrics.jsonl")]
+    metrics = read_metrics(dpo_run / "metrics.jsonl")
+    losses = [m["loss"] for m in metrics]
     # Policy == reference at step 1, so the sigmoid loss starts at exactly log 2.
     assert losses[0] == pytest.approx(math.log(2), abs=1e-5)
     assert losses[-1] < losses[0] - 0.01
+    # The preference metrics ride along: no margin at step 1, a positive one once trained.
+    assert metrics[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert metrics[-1]["rewards/margins"] > 0 and 0 <= metrics[-1]["rewards/accuracies"] <= 1
 
 
 def test_freeze_changes_only_the_last_layers_and_final_loads(

@@ -310,22 +310,29 @@ def field_doc(cls: Any, dotted: str) -> str:
     return _attribute_docs(owner).get(leaf, "") if _is_dc(owner) else ""
 
 
-def describe(cls: Any, prefix: str = "") -> list[tuple[str, str, str]]:
-    """Every key below ``cls`` as (dotted key, default, doc): ``raylm config keys``."""
+def describe(cls: Any, prefix: str = "", owner: Any = None) -> list[tuple[str, str, str]]:
+    """Every key below ``cls`` as (dotted key, default, doc): ``raylm config keys``.
+
+    ``owner`` is the group's default instance where its parent builds one with its own
+    values (eval's engine is float32 where serve's is auto): those are the defaults shown.
+    """
     rows: list[tuple[str, str, str]] = []
     hints = typing.get_type_hints(cls)
     docs = _attribute_docs(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         sub = _strip_optional(hints[f.name])
-        if _is_dc(sub):
-            rows.extend(describe(sub, prefix=f"{key}."))
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
+        if owner is not None:
+            value: Any = getattr(owner, f.name)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
         elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
+            value = f.default_factory()
         else:
-            default = "(required)"
+            value = dataclasses.MISSING
+        if _is_dc(sub):
+            rows.extend(describe(sub, f"{key}.", value if _is_dc(type(value)) else None))
+            continue
+        default = "(required)" if value is dataclasses.MISSING else repr(value)
         rows.append((key, f"{_type_name(hints[f.name])} = {default}", docs.get(f.name, "")))
     return rows

@@ -131,3 +131,12 @@ def test_a_missing_model_dir_is_named_not_sent_to_the_hub(
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
     with pytest.raises(ConfigError, match="Ray's copy of --working-dir"):
         config.resolve_model("outputs/models/tiny")
+
+
+def test_listed_defaults_are_the_jobs_own() -> None:
+    """A group a job builds with its own values shows those, not the class's: the eval
+    job's engine runs float32 where serve's picks its dtype."""
+    rows = {job: dict((k, d) for k, d, _ in config.describe(config.config_class(job)))
+            for job in ("eval", "serve")}  # fmt: skip
+    assert rows["eval"]["engine.dtype"].endswith("'float32'")
+    assert rows["serve"]["engine.dtype"].endswith("'auto'")

@@ -108,28 +108,12 @@ def test_eval_job_compares_two_models(
 
 
 @pytest.mark.timeout(420)
-def test_eval_job_fail_on_gate_exit_code(
-    ray_cluster: ClusterInfo, tiny_model: Path, tmp_path: Path
-) -> None:
-    conf = tmp_path / "ppl_only.yaml"
-    conf.write_text(
-        f"model: {tiny_model}\nmetrics: [perplexity]\n"
-        f"data: {{perplexity_path: {ROOT / 'raylm/eval/sample/heldout.jsonl'}, max_samples: 3}}\n"
-        f"gate: {{max_perplexity: 2}}\nfail_on_gate: true\noutput_dir: {tmp_path / 'out'}\n"
-    )
-    proc = _run_job([], ray_cluster, conf)
-    assert proc.returncode == 3, proc.stderr[-3000:]
-    res = json.loads((tmp_path / "out/eval.json").read_text())
-    assert list(res["metrics"]) == ["perplexity"] and res["comparison"] is None
-    assert res["gate"]["reasons"][0].startswith("FAILED max_perplexity: perplexity = ")
-
-
-@pytest.mark.timeout(300)
-def test_eval_job_reads_and_writes_a_bucket(
-    ray_cluster: ClusterInfo, tiny_model: Path, s3_bucket: str
+def test_eval_job_on_a_bucket_fails_its_gate_with_exit_code_3(
+    ray_cluster: ClusterInfo, tiny_model: Path, s3_bucket: str, tmp_path: Path
 ) -> None:
     """Model, eval set, held-out text and output_dir all on s3://: the Ray task loads its
-    node's copy of the model (storage.local_dir), the results and manifest go to the bucket."""
+    node's copy of the model (storage.local_dir), results and manifest go to the bucket;
+    ``fail_on_gate`` turns the failed gate into exit code 3."""
     from raylm import storage
 
     base = storage.join(s3_bucket, "eval-job")
@@ -140,29 +124,24 @@ def test_eval_job_reads_and_writes_a_bucket(
         data[name] = storage.join(base, "data", name)
         storage.write_text(data[name], (ROOT / "raylm/eval/sample" / name).read_text())
     out = storage.join(base, "out")
-    proc = _run_job(
-        [
-            f"model={model}",
-            f"data.eval_path={data['eval.jsonl']}",
-            f"data.perplexity_path={data['heldout.jsonl']}",
-            "data.max_samples=4",
-            "metrics=[perplexity,exact_match]",
-            "generation.max_new_tokens=4",
-            "bootstrap.resamples=100",
-            "gate.max_perplexity=1e6",
-            f"output_dir={out}",
-        ],
-        ray_cluster,
+    conf = tmp_path / "bucket.yaml"
+    conf.write_text(
+        f"model: {model}\nmetrics: [perplexity, exact_match]\n"
+        f"data: {{perplexity_path: {data['heldout.jsonl']}, eval_path: {data['eval.jsonl']}, "
+        f"max_samples: 3}}\ngeneration: {{max_new_tokens: 4}}\nbootstrap: {{resamples: 100}}\n"
+        f"gate: {{max_perplexity: 2}}\nfail_on_gate: true\noutput_dir: {out}\n"
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_job([], ray_cluster, conf)
+    assert proc.returncode == 3, proc.stderr[-3000:]
     res = json.loads(storage.read_text(storage.join(out, "eval.json")))
     assert res["model"] == {"path": model, "kind": "full", "base": None}
-    assert (res["n_examples"], res["n_perplexity_docs"]) == (4, 4)
-    assert 500 < res["metrics"]["perplexity"]["value"] < 10_000 and res["gate"]["passed"]
+    assert list(res["metrics"]) == ["perplexity", "exact_match"] and res["comparison"] is None
+    assert (res["n_examples"], res["n_perplexity_docs"]) == (3, 3)
+    assert res["gate"]["reasons"][0].startswith("FAILED max_perplexity: perplexity = ")
     assert storage.read_text(storage.join(out, "report.md")).startswith(
         f"# Evaluation of `{model}`"
     )
-    assert len(storage.read_text(storage.join(out, "predictions.jsonl")).splitlines()) == 4
+    assert len(storage.read_text(storage.join(out, "predictions.jsonl")).splitlines()) == 3
     manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
     assert manifest["status"] == "succeeded" and manifest["outputs"]["eval"] == f"{out}/eval.json"
     assert manifest["inputs"][model].startswith("listing:")

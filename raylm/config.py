@@ -89,6 +89,17 @@ def resolve_model(name_or_path: str) -> str:
     )
 
 
+def local_model(name_or_path: str) -> str:
+    """What ``from_pretrained`` takes: :func:`resolve_model`'s answer, with a bucket URI
+    copied into this node's cache first (``raylm.storage.local_dir``). Called where the
+    weights are loaded, on the node that loads them; configs keep the URI, so every node
+    of a multi-node run fetches its own copy."""
+    from raylm import storage
+
+    resolved = resolve_model(name_or_path)
+    return storage.local_dir(resolved, key="model") if storage.is_remote(resolved) else resolved
+
+
 def _working_dir_hint() -> str:
     """Why a path that exists on the submitter's machine is missing inside a Ray job."""
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ or WORKSPACE_ENV in os.environ:

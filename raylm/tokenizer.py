@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from raylm import templates
-from raylm.config import ConfigError, resolve_model
+from raylm.config import ConfigError, local_model
 
 
 def load_tokenizer(name_or_path: str, template: str | None = None, **kw: Any) -> Any:
@@ -22,7 +22,7 @@ def load_tokenizer(name_or_path: str, template: str | None = None, **kw: Any) ->
     to ``from_pretrained`` (``trust_remote_code``)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(name_or_path), **kw)
+    tok = AutoTokenizer.from_pretrained(local_model(name_or_path), **kw)
     if template is not None:
         apply_template(tok, template, where=name_or_path)
     if tok.pad_token_id is None and tok.eos_token is not None:

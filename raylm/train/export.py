@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from raylm import storage
-from raylm.config import resolve_model
+from raylm.config import local_model
 from raylm.tokenizer import stop_token_ids
 
 FINAL = "final"
@@ -183,7 +183,7 @@ def merge_lora(cfg: Any, adapter_dir: Path, out: Path, tok: Any) -> None:
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(
-        resolve_model(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
+        local_model(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
     )
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(str(out), safe_serialization=True)

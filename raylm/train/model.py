@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from raylm import tokenizer
-from raylm.config import ConfigError, resolve_model
+from raylm.config import ConfigError, local_model
 from raylm.train.config import TrainJobConfig
 
 
@@ -98,9 +98,7 @@ def load_model(cfg: TrainJobConfig, ds_config: dict[str, Any] | None = None) -> 
         )
     partition = None if cfg.finetuning_type == "qlora" else ds_config
     with zero3_partitioned_load(partition):
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_model(cfg.model.name_or_path), **kwargs
-        )
+        model = AutoModelForCausalLM.from_pretrained(local_model(cfg.model.name_or_path), **kwargs)
     if cfg.finetuning_type in ("lora", "qlora"):
         return add_lora(model, cfg)
     if cfg.finetuning_type == "freeze":
@@ -165,7 +163,7 @@ def load_reference(cfg: TrainJobConfig) -> Any:
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(
-        resolve_model(cfg.model.name_or_path),
+        local_model(cfg.model.name_or_path),
         dtype=torch_dtype(cfg.train.precision),
         trust_remote_code=cfg.model.trust_remote_code,
     )

@@ -138,3 +138,20 @@ def test_local_dir_racers_both_get_a_whole_copy(
         a, b = pool.map(lambda _: storage.local_dir(uri), range(2))
     assert a == b and sorted(p.name for p in Path(a).iterdir()) == [f"f{i}.txt" for i in range(4)]
     assert [p.name for p in Path(storage.cache_root()).iterdir()] == [Path(a).name]
+
+
+def test_a_model_in_a_bucket_loads_from_this_nodes_copy(
+    s3_bucket: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Configs keep the URI; the loading side gets a local copy (what from_pretrained needs)."""
+    from raylm.config import local_model, resolve_model
+    from raylm.tokenizer import load_tokenizer
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "home"))
+    uri = storage.join(s3_bucket, "models", "tiny-local-model")
+    storage.copy_dir(str(tiny_model), uri)
+    assert resolve_model(uri) == uri
+    local = Path(local_model(uri))
+    assert local.is_relative_to(storage.cache_root()) and (local / "config.json").is_file()
+    assert load_tokenizer(uri).encode("hello") == load_tokenizer(str(tiny_model)).encode("hello")
+    assert local_model(str(tiny_model)) == str(tiny_model)

@@ -10,6 +10,8 @@ naming the field, so the data job can quarantine it with a reason.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 FORMATS = ("text", "alpaca", "sharegpt", "openai", "preference")
@@ -19,9 +21,11 @@ role/content); the one list both configs and ``dataset_info.json`` are checked a
 INPUT_FORMATS = ("auto", *FORMATS)
 """A job's ``format`` setting: a record format, or ``auto`` to detect it per record."""
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+"""Canonical roles; an assistant turn may carry ``tool_calls`` (Hugging Face's chat shape)."""
 
-# sharegpt ``from`` values (and OpenAI roles) -> canonical roles.
+# sharegpt ``from`` values (and OpenAI roles) -> canonical roles; LLaMA-Factory's
+# ``function_call`` turns become assistant turns with ``tool_calls`` (``_tool_call``).
 _ROLE_ALIASES = {
     "system": "system",
     "human": "user",
@@ -30,7 +34,13 @@ _ROLE_ALIASES = {
     "assistant": "assistant",
     "model": "assistant",
     "bot": "assistant",
+    "function_call": "function_call",
+    "observation": "tool",
+    "tool": "tool",
 }
+
+PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+"""``{{name}}``: what LLaMA-Factory's identity.json asks its users to fill in."""
 
 # Canonical column name -> default record key, per format (LLaMA-Factory's names).
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
@@ -101,7 +111,12 @@ def detect_format(
 def to_payload(
     record: Any, fmt: str, columns: dict[str, str], text_column: str, kind: str | None = None
 ) -> dict:
-    """The canonical payload: {"text"} (pt), {"messages"} (sft) or {"prompt","chosen","rejected"}."""
+    """The canonical payload: {"text"} (pt), {"messages"} (sft) or {"prompt","chosen","rejected"}.
+
+    A conversation also carries ``tools`` (function schemas, when its ``tools`` column
+    holds any) and, when the registry names a ``kto_tag`` column holding a boolean,
+    ``kto_label``: a KTO example (LLaMA-Factory's feedback data), which is its own kind.
+    """
     if not isinstance(record, dict):
         raise ValueError(f"record must be a JSON object, got {type(record).__name__}")
     if fmt == "auto":
@@ -111,12 +126,67 @@ def to_payload(
     if fmt == "preference":
         prompt, chosen, rejected = to_preference(record, columns)
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    return {"messages": to_messages(record, fmt, columns)}
+    payload: dict[str, Any] = {"messages": to_messages(record, fmt, columns)}
+    tools = to_tools(record, columns or {})
+    if tools:
+        payload["tools"] = tools
+    tag = (columns or {}).get("kto_tag")
+    if tag and isinstance(record.get(tag), bool):  # LLaMA-Factory: only a boolean tags
+        payload["kto_label"] = record[tag]
+    return payload
 
 
 def payload_kind(payload: dict) -> str:
-    """pt, sft or dpo: the task a canonical payload feeds."""
-    return "pt" if "text" in payload else "dpo" if "chosen" in payload else "sft"
+    """pt, sft, dpo or kto: the task a canonical payload feeds."""
+    if "text" in payload:
+        return "pt"
+    if "chosen" in payload:
+        return "dpo"
+    return "kto" if "kto_label" in payload else "sft"
+
+
+def to_tools(record: dict, columns: dict[str, str]) -> list[dict]:
+    """The function schemas of a record's ``tools`` column (LLaMA-Factory keeps them as a
+    JSON string), each in Hugging Face's ``{"type": "function", "function": ...}`` shape
+    that chat templates render (LLaMA-Factory's tool formatters wrap them the same way)."""
+    value = record.get(columns.get("tools", "tools"))
+    if value in (None, ""):
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"field 'tools' is not valid JSON: {err}") from None
+    value = [value] if isinstance(value, dict) else value
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ValueError("field 'tools' must be a list of function schemas (objects)")
+    return [
+        t if t.get("type") == "function" else {"type": "function", "function": t} for t in value
+    ]
+
+
+def fill_placeholders(record: Any, replacements: dict[str, str]) -> tuple[Any, set[str]]:
+    """``record`` with ``{{key}}`` replaced by ``replacements[key]`` in every string it
+    holds, and the placeholder names left unreplaced (for the warning that names them)."""
+    left: set[str] = set()
+
+    def fill(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key in replacements:
+            return replacements[key]
+        left.add(key)
+        return match.group(0)
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, str):
+            return PLACEHOLDER.sub(fill, value) if "{{" in value else value
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        return value
+
+    return walk(record), left
 
 
 def to_text(record: dict, columns: dict | None = None, text_column: str = "text") -> str:
@@ -192,13 +262,37 @@ def _chat(record: dict, cols: dict[str, str], fmt: str) -> list[dict]:
     system = record.get(cols.get("system", "system"))
     if isinstance(system, str) and system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
-    return messages
+    return [_tool_call(m, i) if m["role"] == "function_call" else m for i, m in enumerate(messages)]
 
 
 def _tag_roles(cols: dict[str, str]) -> dict[str, str]:
     """LLaMA-Factory's sharegpt ``tags`` naming the role values (``user_tag: "USER"``)."""
-    tags = {"user_tag": "user", "assistant_tag": "assistant", "system_tag": "system"}
+    tags = {
+        "user_tag": "user",
+        "assistant_tag": "assistant",
+        "system_tag": "system",
+        "function_tag": "function_call",
+        "observation_tag": "tool",
+    }
     return {cols[tag].lower(): role for tag, role in tags.items() if cols.get(tag)}
+
+
+def _tool_call(message: dict, i: int) -> dict:
+    """A LLaMA-Factory ``function_call`` turn (JSON ``{"name", "arguments"}``, or a list of
+    them) as an assistant turn with Hugging Face ``tool_calls``, which chat templates
+    render in the model's own tool-call syntax."""
+    try:
+        calls = json.loads(message["content"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"function_call turn {i} is not valid JSON: {err}") from None
+    calls = [calls] if isinstance(calls, dict) else calls
+    if not isinstance(calls, list) or not all(isinstance(c, dict) and "name" in c for c in calls):
+        raise ValueError(f"function_call turn {i} must hold {{name, arguments}} object(s)")
+    tool_calls = [
+        {"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}}
+        for c in calls
+    ]
+    return {"role": "assistant", "content": "", "tool_calls": tool_calls}
 
 
 def parse_turns(
@@ -226,22 +320,28 @@ def parse_turns(
                 f"expected one of {sorted(aliases)}"
             )
         content = turn.get(ctag)
+        calls = turn.get("tool_calls") if role == "assistant" else None
+        if content is None and calls:  # OpenAI: a tool-calling turn may have no content
+            content = ""
         if not isinstance(content, str):
             raise ValueError(f"{field}[{i}].{ctag} must be a string, got {type(content).__name__}")
-        messages.append({"role": role, "content": content})
+        messages.append(
+            {"role": role, "content": content, **({"tool_calls": calls} if calls else {})}
+        )
     return messages
 
 
 def _check_conversation(messages: list[dict]) -> None:
-    """Trainers assume user/assistant alternation after an optional system turn."""
+    """Trainers assume user/assistant alternation after an optional system turn; a tool
+    result stands where a user turn would (LLaMA-Factory's odd/even tags)."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     if not body:
         raise ValueError("conversation has no user or assistant turn")
     for i, msg in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if msg["role"] != expected:
+        expected = ("user", "tool") if i % 2 == 0 else ("assistant",)
+        if msg["role"] not in expected:
             raise ValueError(
-                f"turn {i} has role {msg['role']!r} but {expected!r} was expected "
+                f"turn {i} has role {msg['role']!r} but {expected[0]!r} was expected "
                 "(turns must alternate user/assistant after an optional system turn)"
             )
     if body[-1]["role"] != "assistant":

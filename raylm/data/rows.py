@@ -14,13 +14,16 @@ also accepts) JSON Lines under a ``.json`` name; any extension not listed in
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import pyarrow as pa
 
 from raylm import storage
-from raylm.data.sources import Source, file_kind
+from raylm.data.formats import fill_placeholders
+from raylm.data.sources import Source, file_kind, held_out, mix_order
 
 ROW_SCHEMA = pa.schema(
     [
@@ -233,3 +236,127 @@ def peek_first_record(sources: list[Source], text_column: str) -> dict | None:
             if isinstance(rec, dict):
                 return rec
     return None
+
+
+# ---- several datasets in one run (the train job's raw path: small sets, in memory) -------
+
+Record = tuple[str, Any, Source]
+"""``(id, record, source)`` of one example."""
+
+
+@dataclass
+class Mixed:
+    """A run's examples after LLaMA-Factory's ``max_samples``, ``mix_strategy`` and
+    ``val_size``, with where every record of every dataset went."""
+
+    train: list[Record]
+    """What is trained on, in mixed order (interleave_over may repeat a record)."""
+
+    held_out: list[Record]
+    """The ``val_size`` split, never trained on."""
+
+    counts: list[dict[str, Any]]
+    """Per dataset: ``in`` = ``out`` + sum(``removed``) + ``quarantined`` (records), and
+    ``out`` + ``repeats`` = ``train_rows`` + ``held_out_rows`` (examples)."""
+
+
+@dataclass
+class Datasets:
+    """The records a run reads, by dataset (a registry name, else the file)."""
+
+    records: dict[str, list[Record]]
+    """The first ``max_samples`` records of each, in reading order, placeholders filled."""
+
+    totals: dict[str, int]
+    """Rows of each dataset's files, those past ``max_samples`` counted but not parsed."""
+
+    placeholders: dict[str, set[str]]
+    """``{{key}}`` placeholders left unfilled, per dataset."""
+
+
+def dataset_records(
+    sources: list[Source], replacements: dict[str, str], limit: int | None
+) -> Datasets:
+    """Each dataset's first ``limit`` records (LLaMA-Factory's ``max_samples``) with
+    ``{{key}}`` placeholders filled. A row without a record raises ``BadRow`` naming its
+    id; rows past the limit are only counted, as LLaMA-Factory never looks at them."""
+    out = Datasets({}, {}, {})
+    for src in sources:
+        name = src.dataset or src.path
+        found = out.records.setdefault(name, [])
+        for row in read_file(src.for_task(), "text", "line"):
+            out.totals[name] = out.totals.get(name, 0) + 1
+            if limit is not None and len(found) >= limit:
+                continue
+            try:
+                record = parse_row(row)
+            except BadRow as err:
+                raise BadRow(f"{row['id']}: {err}") from None
+            filled, missing = fill_placeholders(record, replacements)
+            found.append((row["id"], filled, src))
+            if missing:
+                out.placeholders.setdefault(name, set()).update(missing)
+    return out
+
+
+def mix_datasets(
+    data: Datasets, strategy: str, probs: list[float] | None, val_size: float, seed: int
+) -> Mixed:
+    """LLaMA-Factory's order of operations: each dataset's first ``max_samples`` records
+    (``dataset_records``), mixed (``raylm.data.sources.mix_order``), then ``val_size``
+    held out of the mix (``raylm.data.sources.held_out``)."""
+    names = list(data.records)
+    kept = [data.records[n] for n in names]
+    order = mix_order([len(k) for k in kept], strategy, probs, seed)
+    train_pos, held_pos = (
+        held_out(len(order), val_size, seed) if val_size else (range(len(order)), [])
+    )
+    train = [kept[d][r] for d, r in (order[i] for i in train_pos)]
+    held = [kept[d][r] for d, r in (order[i] for i in held_pos)]
+    tally = {
+        "train_rows": Counter(order[i][0] for i in train_pos),
+        "held_out_rows": Counter(order[i][0] for i in held_pos),
+        "drawn": Counter(d for d, _ in set(order)),
+        "draws": Counter(d for d, _ in order),
+    }
+    counts = [
+        _counts(n, data.totals.get(n, 0), len(kept[d]), d, tally) for d, n in enumerate(names)
+    ]
+    return Mixed(train, held, counts)
+
+
+def _counts(name: str, n_in: int, n_kept: int, d: int, tally: dict[str, Counter]) -> dict[str, Any]:
+    """One dataset's line of ``Mixed.counts``."""
+    drawn = tally["drawn"][d]
+    return {
+        "dataset": name,
+        "in": n_in,
+        "out": drawn,
+        "removed": {"max_samples": n_in - n_kept, "not_drawn": n_kept - drawn},
+        "quarantined": 0,
+        "repeats": tally["draws"][d] - drawn,
+        "train_rows": tally["train_rows"][d],
+        "held_out_rows": tally["held_out_rows"][d],
+    }
+
+
+def accounted(c: dict[str, Any]) -> bool:
+    """Both identities of a dataset's counts hold (see ``Mixed.counts``)."""
+    records_ok = c["in"] == c["out"] + sum(c["removed"].values()) + c["quarantined"]
+    return records_ok and c["out"] + c["repeats"] == c["train_rows"] + c["held_out_rows"]
+
+
+def stats_document(train: Mixed, evals: Mixed, settings: dict[str, Any]) -> dict[str, Any]:
+    """Where every record of a run's datasets went: ``train`` (trained on, or held out by
+    val_size) and ``evals`` (eval datasets, all held out), with the mixing ``settings``.
+    Nothing held out is evaluated yet (``held_out_evaluated``)."""
+    held = [{**c, "train_rows": 0, "held_out_rows": c["train_rows"]} for c in evals.counts]
+    per = [{"role": "train", **c} for c in train.counts] + [{"role": "eval", **c} for c in held]
+    return {
+        "datasets": per,
+        "train_rows": len(train.train),
+        "held_out_rows": len(train.held_out) + len(evals.train),
+        "held_out_evaluated": False,
+        **settings,
+        "accounting_ok": all(accounted(c) for c in per),
+    }

@@ -52,6 +52,10 @@ class Source:
     columns: dict[str, str] = field(default_factory=dict)
     """Canonical name -> record key."""
 
+    dataset: str = ""
+    """The dataset the file belongs to (its registry name; ``""`` outside a registry):
+    what ``max_samples``, mixing and per-source counts work on."""
+
     def for_task(self) -> dict[str, str]:
         """The plain dict a read task gets (columns as JSON: one Arrow-friendly string)."""
         return {
@@ -87,7 +91,7 @@ def expand_inputs(inputs: list[str], fmt: str, columns: dict[str, str]) -> list[
         sources += [Source(f, _rel(f, root), fmt, dict(columns)) for f in files]
     names_seen = [s.name for s in sources]
     if len(set(names_seen)) != len(names_seen):  # ids must stay unique across inputs
-        sources = [Source(s.path, s.path, s.fmt, s.columns) for s in sources]
+        sources = [Source(s.path, s.path, s.fmt, s.columns, s.dataset) for s in sources]
     return sources
 
 
@@ -220,7 +224,9 @@ def registry_sources(path: str, names: list[str], fmt: str = "auto") -> list[Sou
         files = list_files(target)
         if not files:
             raise ConfigError(f"{path}: dataset {name!r} file {target} not found")
-        sources += [Source(f, f"{name}/{os.path.basename(f)}", entry_fmt, columns) for f in files]
+        sources += [
+            Source(f, f"{name}/{os.path.basename(f)}", entry_fmt, columns, name) for f in files
+        ]
     return sources
 
 
@@ -258,3 +264,104 @@ def _entry_format(entry: dict[str, Any], where: str, fmt: str) -> str:
             "or fix the entry's formatting/ranking"
         )
     return declared
+
+
+# ---- several datasets in one run (LLaMA-Factory's mix_strategy and val_size) --------------
+
+MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over", "interleave_once")
+"""LLaMA-Factory's ``mix_strategy``; the interleave ones are Hugging Face
+``interleave_datasets`` with stopping_strategy first_exhausted, all_exhausted and
+all_exhausted_without_replacement."""
+
+
+def check_mix(strategy: str, probs: list[float] | None, names: list[str]) -> None:
+    """Probabilities must fit the datasets and the strategy, or sampling is undefined
+    (Hugging Face would loop forever on a never-drawn dataset it must exhaust)."""
+    if probs is None:
+        return
+    if not strategy.startswith("interleave"):
+        raise ConfigError(
+            f"data.interleave_probs is set but data.mix_strategy={strategy!r}; use "
+            "interleave_under, interleave_over or interleave_once, or drop the probs"
+        )
+    if len(probs) != len(names):
+        raise ConfigError(
+            f"data.interleave_probs has {len(probs)} values for {len(names)} "
+            f"data.datasets {list(names)}"
+        )
+    if any(p < 0 for p in probs) or abs(sum(probs) - 1.0) > 1e-6:
+        raise ConfigError(f"data.interleave_probs={list(probs)} must be >= 0 and sum to 1")
+    if strategy != "interleave_under" and 0 in probs:
+        raise ConfigError(
+            f"data.mix_strategy={strategy} must exhaust every dataset, but "
+            f"data.interleave_probs={list(probs)} never draws one; give it a share"
+        )
+
+
+def mix_order(
+    lengths: list[int], strategy: str, probs: list[float] | None, seed: int
+) -> list[tuple[int, int]]:
+    """``(dataset, row)`` for every example of the mixed set, in the order Hugging Face's
+    ``concatenate_datasets`` / ``interleave_datasets`` (datasets 5.x, map-style) give
+    them for the same lengths, probabilities and seed: LLaMA-Factory's ``merge_dataset``.
+    interleave_over may repeat rows of the shorter datasets; interleave_under leaves the
+    rest of the longer ones out."""
+    if len(lengths) == 1 or strategy == "concat":
+        return [(d, r) for d, n in enumerate(lengths) for r in range(n)]
+    if probs is None:
+        return _round_robin(lengths, strategy)
+    return _sampled(lengths, strategy, probs, seed)
+
+
+def _round_robin(lengths: list[int], strategy: str) -> list[tuple[int, int]]:
+    """One example from each dataset in turn (no probabilities)."""
+    datasets = range(len(lengths))
+    if strategy == "interleave_under":
+        return [(d, r) for r in range(min(lengths)) for d in datasets]
+    if strategy == "interleave_over":
+        return [(d, r % lengths[d]) for r in range(max(lengths)) for d in datasets]
+    return [(d, r) for r in range(max(lengths)) for d in datasets if r < lengths[d]]
+
+
+def _sampled(
+    lengths: list[int], strategy: str, probs: list[float], seed: int
+) -> list[tuple[int, int]]:
+    """Draw the dataset of each next example, 1000 draws at a time from
+    ``default_rng(seed)`` (Hugging Face's loop): a dataset that runs out starts over
+    (interleave_over) or is skipped from then on (interleave_once)."""
+    import numpy as np
+
+    rng, n = np.random.default_rng(seed), len(lengths)
+    once = strategy == "interleave_once"
+    stop = any if strategy == "interleave_under" else all
+    exhausted, current = [False] * n, [0] * n
+    order: list[tuple[int, int]] = []
+    while True:
+        for drawn in rng.choice(n, size=1000, p=probs):
+            d = int(drawn)
+            if stop(exhausted):
+                return order
+            if not (once and exhausted[d]):
+                order.append((d, current[d]))
+                current[d] += 1
+            if current[d] >= lengths[d]:
+                exhausted[d] = True
+                current[d] = current[d] if once else 0
+
+
+def held_out(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """``(train, held out)`` positions of ``n`` examples: Hugging Face's
+    ``train_test_split(test_size=val_size, seed=seed)`` as LLaMA-Factory calls it (a
+    share below 1 rounds the held-out count up; 1 or more is a count)."""
+    import math
+
+    import numpy as np
+
+    n_test = int(val_size) if val_size >= 1 else math.ceil(val_size * n)
+    if not 0 < n_test < n:
+        raise ConfigError(
+            f"data.val_size={val_size} holds out {n_test} of {n} examples; "
+            "leave at least one to train on"
+        )
+    permutation = np.random.default_rng(seed).permutation(n).tolist()
+    return permutation[n_test:], permutation[:n_test]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from raylm.data.formats import detect_format, to_messages, to_preference, to_text
@@ -157,3 +159,75 @@ def test_pack_restarts_positions_and_never_overflows() -> None:
         starts = [p for p, pos in enumerate(r["position_ids"]) if pos == 0]
         assert len(starts) == len(r["source_ids"])
         assert len(r["loss_mask"]) == len(r["position_ids"]) == len(r["input_ids"])
+
+
+# ---- LLaMA-Factory's tool calls, KTO tags and identity placeholders ------------------------
+
+
+def test_sharegpt_function_calls_become_tool_calls_and_tools_are_wrapped() -> None:
+    from raylm.data.formats import payload_kind, to_payload
+
+    call = {"name": "search", "arguments": {"q": "rice"}}
+    rec = {
+        "conversations": [
+            {"from": "human", "value": "find rice recipes"},
+            {"from": "function_call", "value": json.dumps(call)},
+            {"from": "observation", "value": '{"found": 2}'},
+            {"from": "gpt", "value": "I found two."},
+        ],
+        "tools": json.dumps([{"name": "search", "parameters": {"type": "object"}}]),
+    }
+    payload = to_payload(rec, "sharegpt", {"messages": "conversations", "tools": "tools"}, "text")
+    assert payload["messages"][1:3] == [
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"type": "function", "function": call}]},
+        {"role": "tool", "content": '{"found": 2}'},
+    ]  # fmt: skip
+    assert payload["tools"] == [
+        {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}
+    ]
+    assert payload_kind(payload) == "sft"
+    rec["conversations"][1]["value"] = "search(rice)"
+    with pytest.raises(ValueError, match="function_call turn 1 is not valid JSON"):
+        to_payload(rec, "sharegpt", {"tools": "tools"}, "text")
+    rec["conversations"] = rec["conversations"][:1] + rec["conversations"][2:]
+    with pytest.raises(ValueError, match="turn 1 has role 'tool' but 'assistant' was expected"):
+        to_payload(rec, "sharegpt", {}, "text")
+
+
+def test_openai_tool_calls_pass_through() -> None:
+    calls = [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    rec = {"messages": [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "content": "done"},
+        {"role": "assistant", "content": "ok"},
+    ]}  # fmt: skip
+    assert to_messages(rec, "openai")[1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": calls,
+    }
+
+
+def test_kto_tag_keeps_a_boolean_label() -> None:
+    from raylm.data.formats import payload_kind, to_payload
+
+    cols = {"messages": "messages", "kto_tag": "label"}
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    payload = to_payload({"messages": turns, "label": False}, "sharegpt", cols, "text")
+    assert (payload["kto_label"], payload_kind(payload)) == (False, "kto")
+    plain = to_payload({"messages": turns, "label": "no"}, "sharegpt", cols, "text")
+    assert "kto_label" not in plain  # LLaMA-Factory tags only booleans
+
+
+def test_placeholders_fill_every_string_and_report_the_rest() -> None:
+    from raylm.data.formats import fill_placeholders
+
+    rec = {"instruction": "Who are you?", "output": "I am {{name}}, by {{ author }}.",
+           "history": [["hi {{name}}", "{{other}}"]], "n": 3}  # fmt: skip
+    filled, left = fill_placeholders(rec, {"name": "Raylm"})
+    assert filled["output"] == "I am Raylm, by {{ author }}."
+    assert filled["history"] == [["hi Raylm", "{{other}}"]] and filled["n"] == 3
+    assert left == {"author", "other"}
+    assert fill_placeholders(rec, {"name": "R", "author": "A", "other": "O"})[1] == set()

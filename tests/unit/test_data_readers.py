@@ -325,3 +325,97 @@ def test_registry_errors_name_the_dataset(tmp_path: Path) -> None:
         ConfigError, match=r"has no dataset\(s\) \['other'\]; it has \['gone', 'hub'\]"
     ):
         sources.registry_sources(str(registry), ["other"])
+
+
+# ---- several datasets in one run: LLaMA-Factory's mixing, Hugging Face's semantics -------
+
+STOPPING = {
+    "interleave_under": "first_exhausted",
+    "interleave_over": "all_exhausted",
+    "interleave_once": "all_exhausted_without_replacement",
+}
+
+
+def _hf_order(lengths: list[int], strategy: str, probs: list[float] | None, seed: int) -> list:
+    """``(dataset, row)`` of datasets' own concatenate/interleave on the same inputs."""
+    from datasets import Dataset, concatenate_datasets, interleave_datasets
+
+    parts = [Dataset.from_dict({"d": [i] * n, "r": list(range(n))}) for i, n in enumerate(lengths)]
+    if strategy == "concat":
+        mixed = concatenate_datasets(parts)
+    else:
+        mixed = interleave_datasets(parts, probabilities=probs, seed=seed,
+                                    stopping_strategy=STOPPING[strategy])  # fmt: skip
+    return list(zip(mixed["d"], mixed["r"], strict=True))
+
+
+MIXES = [("concat", None)] + [(s, p) for s in STOPPING for p in (None, [0.2, 0.5, 0.3])]
+
+
+@pytest.mark.parametrize(("strategy", "probs"), MIXES)
+@pytest.mark.parametrize("lengths", [[7, 3, 12], [1, 9, 4]])
+def test_mixing_is_hugging_face_interleave_row_for_row(
+    strategy: str, probs: list[float] | None, lengths: list[int]
+) -> None:
+    """Same algorithm, so the same sequence, not only the same counts per source."""
+    for seed in (0, 42):
+        assert sources.mix_order(lengths, strategy, probs, seed) == _hf_order(
+            lengths, strategy, probs, seed
+        )
+
+
+def test_mixing_counts_per_source() -> None:
+    under = sources.mix_order([5, 2], "interleave_under", None, 0)
+    assert under == [(0, 0), (1, 0), (0, 1), (1, 1)]  # stops when the 2-row set runs out
+    over = sources.mix_order([5, 2], "interleave_over", None, 0)
+    assert [d for d, _ in over].count(1) == 5 and sorted({r for d, r in over if d == 1}) == [0, 1]
+    once = sources.mix_order([5, 2], "interleave_once", [0.5, 0.5], 3)
+    assert sorted(once) == [(0, r) for r in range(5)] + [(1, 0), (1, 1)]
+
+
+def test_held_out_split_is_hugging_face_train_test_split() -> None:
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"i": list(range(97))})
+    for val_size in (0.1, 0.5, 5):
+        split = data.train_test_split(test_size=val_size, seed=42)
+        train, held = sources.held_out(97, val_size, 42)
+        assert (train, held) == (split["train"]["i"], split["test"]["i"])
+    assert len(sources.held_out(10, 0.01, 0)[1]) == 1  # a share rounds up
+    with pytest.raises(ConfigError, match="leave at least one to train on"):
+        sources.held_out(3, 3, 0)
+
+
+def test_mixing_settings_that_cannot_sample_are_refused() -> None:
+    with pytest.raises(ConfigError, match="mix_strategy='concat'"):
+        sources.check_mix("concat", [0.5, 0.5], ["a", "b"])
+    with pytest.raises(ConfigError, match="has 1 values for 2"):
+        sources.check_mix("interleave_under", [1.0], ["a", "b"])
+    with pytest.raises(ConfigError, match="sum to 1"):
+        sources.check_mix("interleave_under", [0.5, 0.6], ["a", "b"])
+    with pytest.raises(ConfigError, match="never draws one"):
+        sources.check_mix("interleave_over", [1.0, 0.0], ["a", "b"])
+    sources.check_mix("interleave_under", [1.0, 0.0], ["a", "b"])  # fine: stops at a's end
+
+
+def test_dataset_records_keep_max_samples_per_dataset_and_fill_placeholders(
+    tmp_path: Path,
+) -> None:
+    recs = [{"instruction": f"who {i}", "output": "I am {{name}} by {{author}}"} for i in range(5)]
+    (tmp_path / "a.json").write_text(json.dumps(recs))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in recs[:3]) + "\n{bad\n")
+    registry = {"a": {"file_name": "a.json"}, "b": {"file_name": "b.jsonl"}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(registry))
+    found = sources.registry_sources(str(tmp_path / "dataset_info.json"), ["a", "b"])
+    data = rows.dataset_records(found, {"name": "Raylm"}, limit=3)
+    assert {n: len(r) for n, r in data.records.items()} == {"a": 3, "b": 3}
+    assert data.totals == {"a": 5, "b": 4}  # b's bad 4th line is past max_samples: counted
+    assert data.records["a"][0][1]["output"] == "I am Raylm by {{author}}"
+    assert data.placeholders == {"a": {"author"}, "b": {"author"}}
+    with pytest.raises(rows.BadRow, match=r"b/b.jsonl:4: bad JSON"):
+        rows.dataset_records(found, {}, limit=None)
+    mixed = rows.mix_datasets(data, "interleave_over", [0.5, 0.5], val_size=2, seed=0)
+    assert len(mixed.held_out) == 2 and all(rows.accounted(c) for c in mixed.counts)
+    doc = rows.stats_document(mixed, rows.mix_datasets(data, "concat", None, 0, 0), {"seed": 0})
+    assert [c["role"] for c in doc["datasets"]] == ["train", "train", "eval", "eval"]
+    assert doc["held_out_rows"] == 2 + 6 and doc["accounting_ok"]

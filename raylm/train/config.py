@@ -9,6 +9,7 @@ from omegaconf import MISSING
 from raylm import templates
 from raylm.config import ConfigError, RayConfig, choice, positive
 from raylm.data.formats import INPUT_FORMATS
+from raylm.data.sources import MIX_STRATEGIES, check_mix
 
 STAGES = ("pt", "sft", "dpo")
 FINETUNING_TYPES = ("full", "lora", "freeze", "qlora")
@@ -42,10 +43,29 @@ class TrainDataConfig:
     """Where the training examples come from."""
 
     path: str = MISSING
-    """A data job's output directory (its Parquet shards stream to the workers), a raw
-    jsonl/json/parquet/text file, or a dataset name in the ``dataset_info.json`` beside
-    it (raw data is tokenized on the fly and held in memory: small sets). Local or a
-    URI (``s3://``, ``gs://``)."""
+    """A data job's output dir (its Parquet shards stream to the workers), a raw jsonl/
+    json/parquet/text file or a dataset named in the ``dataset_info.json`` beside it (raw
+    data is tokenized on the fly, in memory: small sets); with ``datasets``, the dir of
+    that registry (LLaMA-Factory's ``dataset_dir``). Local or a URI (``s3://``)."""
+
+    datasets: list[str] = field(default_factory=list)
+    """Names in ``path``'s ``dataset_info.json`` (LLaMA-Factory's ``dataset: a,b``)."""
+
+    eval_datasets: list[str] = field(default_factory=list)
+    """Registered datasets held out (``eval_dataset``): counted in data_stats.json, never
+    trained on; no held-out loss is computed yet (use the eval job on ``final/``)."""
+
+    mix_strategy: str = "concat"
+    """concat, or HF ``interleave_datasets`` seeded by train.seed (as LLaMA-Factory):
+    interleave_under (stop at the first exhausted), interleave_over (until all were
+    exhausted; short ones repeat), interleave_once (until all, none repeated)."""
+
+    interleave_probs: list[float] | None = None
+    """Chance of drawing from each of ``datasets`` (interleave_*); None: round robin."""
+
+    replacements: dict[str, str] = field(default_factory=dict)
+    """``{{key}}`` -> value in every text field (identity.json: ``{name: .., author: ..}``);
+    a dataset that still holds placeholders is named in a warning."""
 
     format: str = "auto"
     """Format of a raw file: auto, text, alpaca, sharegpt, openai, preference (shards: detected)."""
@@ -54,10 +74,12 @@ class TrainDataConfig:
     """Maximum tokens per example (LLaMA-Factory's cutoff_len); longer ones are truncated."""
 
     max_samples: int | None = None
-    """Use at most this many examples (None: all), for quick runs."""
+    """At most this many examples (None: all): the first of each dataset before mixing,
+    as LLaMA-Factory does (shards: of the whole set)."""
 
     val_size: float = 0.0
-    """Share of examples held out for evaluation loss (0 disables it)."""
+    """Held out after mixing (a share < 1, or a whole count), seeded by train.seed as
+    LLaMA-Factory's ``train_test_split``; counted in data_stats.json. 0: none."""
 
     shuffle_row_groups: int = 4
     """Parquet row groups whose rows are shuffled together: each epoch permutes the
@@ -66,10 +88,21 @@ class TrainDataConfig:
 
     def __post_init__(self) -> None:
         choice("data.format", self.format, INPUT_FORMATS)
+        choice("data.mix_strategy", self.mix_strategy, MIX_STRATEGIES)
         positive("data.cutoff_len", self.cutoff_len)
         positive("data.shuffle_row_groups", self.shuffle_row_groups)
-        if not 0.0 <= self.val_size < 1.0:
-            raise ConfigError(f"data.val_size={self.val_size} must be in [0, 1)")
+        if self.max_samples is not None:
+            positive("data.max_samples", self.max_samples)
+        if self.val_size < 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
+            raise ConfigError(
+                f"data.val_size={self.val_size} must be a share in [0, 1) or a whole count"
+            )
+        if self.val_size and self.eval_datasets:
+            raise ConfigError(
+                "data.val_size and data.eval_datasets both hold examples out; set one "
+                "(LLaMA-Factory refuses val_size with eval_dataset too)"
+            )
+        check_mix(self.mix_strategy, self.interleave_probs, self.datasets)
 
 
 @dataclass

@@ -8,24 +8,28 @@ its position in the data is a pure function of the step, so exact resume holds. 
 order (per-epoch row-group permutation, within-window shuffle, equal contiguous rank
 slices) is documented in ``raylm.train.stream``.
 
-Raw files (jsonl/json/parquet/text, or a LLaMA-Factory dataset name) are tokenized in
+Raw files (jsonl/json/parquet/text, or LLaMA-Factory dataset names) are tokenized in
 the driver and travel to the workers as one in-memory Parquet file inside the plan:
-that is for the small sets one trains on directly. Large corpora go through the data
-job, whose shards stream. ``data.path`` may be local or in a bucket (``s3://``,
-``gs://``) for both.
+that is for the small sets one trains on directly. Several registered datasets are
+mixed as LLaMA-Factory mixes them (``max_samples`` each, ``mix_strategy``, ``val_size``:
+``raylm.data.rows.mix_datasets``), and where every record went is written to the run's
+``data_stats.json``. Large corpora go through the data job, whose shards stream.
+``data.path`` may be local or in a bucket (``s3://``, ``gs://``) for both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import json
 import logging
 import pickle
-from collections.abc import Iterator
 from typing import Any
 
 from raylm import storage
 from raylm.config import ConfigError, resolve_model, resolve_path
+from raylm.data.formats import kind_of
 from raylm.data.sources import DATASET_INFO, Source, common_root, registry_sources
 from raylm.manifest import MANIFEST
 from raylm.outputs import DatasetOutput, read_output, tokenizer_hash
@@ -39,7 +43,10 @@ COLUMNS = {
     "pt": ("input_ids", "loss_mask"),
     "sft": ("input_ids", "loss_mask"),
     "dpo": ("chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask"),
+    "kto": ("input_ids", "loss_mask", "kto_label"),  # for a later KTO stage (not in STAGES)
 }
+STATS = "data_stats.json"
+"""Where a raw-data run records each dataset's counts (in its run dir)."""
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 """Optional precomputed reference log-probs; when present DPO needs no reference model."""
 
@@ -71,10 +78,11 @@ def data_inputs(cfg: TrainJobConfig) -> dict[str, Any]:
         output = dataset_output(path, cfg)
         check_dataset(output, cfg, path)
         return {"kind": "shards", "path": path, "output": output}
-    sources = raw_sources(path, cfg)
+    sources = raw_sources(path, cfg, list(dict.fromkeys(cfg.data.datasets)))
+    evals = raw_sources(path, cfg, cfg.data.eval_datasets) if cfg.data.eval_datasets else []
     paths = [s.path for s in sources]
     common = paths[0] if len(paths) == 1 else common_root(paths).rstrip("/")
-    return {"kind": "raw", "path": common, "sources": sources}
+    return {"kind": "raw", "path": common, "sources": sources, "eval_sources": evals}
 
 
 def dataset_output(path: str, cfg: TrainJobConfig) -> DatasetOutput:
@@ -173,42 +181,56 @@ def _template(name: str | None, same: bool) -> str:
     return f" (template {name})" if name else " (its own chat template)"
 
 
-def raw_sources(path: str, cfg: TrainJobConfig) -> list[Source]:
-    """A raw file, or a LLaMA-Factory dataset name resolved through the
-    ``dataset_info.json`` beside it (the data job's own resolution: ``raylm.data.sources``).
+def raw_sources(path: str, cfg: TrainJobConfig, names: list[str]) -> list[Source]:
+    """The files of ``names`` in the ``dataset_info.json`` at ``path`` (a dir or the file),
+    else a raw file, or a dataset name resolved through the ``dataset_info.json`` beside
+    it: the data job's own resolution (``raylm.data.sources.registry_sources``).
 
     Sources are named by their full path, so an error names the file and line.
     """
-    if storage.exists(path) and not storage.is_dir(path):
-        return [Source(path, path, cfg.data.format)]
-    parent, _, name = path.rstrip("/").rpartition("/")
-    registry = storage.join(parent, DATASET_INFO)
-    if storage.exists(registry):
-        found = registry_sources(registry, [name], cfg.data.format)
-        return [dataclasses.replace(s, name=s.path) for s in found]
-    raise ConfigError(
-        f"data.path={cfg.data.path!r}: expected a data job output dir (with {MANIFEST}), a "
-        "jsonl/json/parquet/text file, or a dataset named in a dataset_info.json; "
-        f"found nothing at {path}"
-    )
+    if names:
+        is_file = path.endswith(".json") and not storage.is_dir(path)
+        found = registry_sources(path if is_file else storage.join(path, DATASET_INFO), names,
+                                 cfg.data.format)  # fmt: skip
+    elif storage.exists(path) and not storage.is_dir(path):
+        found = [Source(path, path, cfg.data.format)]
+    elif storage.exists(
+        registry := storage.join(path.rstrip("/").rpartition("/")[0], DATASET_INFO)
+    ):
+        found = registry_sources(registry, [path.rstrip("/").rpartition("/")[2]], cfg.data.format)
+    else:
+        raise ConfigError(
+            f"data.path={cfg.data.path!r}: expected a data job output dir (with {MANIFEST}), a "
+            "jsonl/json/parquet/text file, or a dataset named in a dataset_info.json; "
+            f"found nothing at {path}"
+        )
+    for src in found:
+        _check_kind(src, cfg.stage)
+    return [dataclasses.replace(s, name=s.path) for s in found]
 
 
-def raw_records(sources: list[Source], limit: int | None) -> Iterator[tuple[str, Any, Source]]:
-    """``(id, record, source)`` of the first ``limit`` records; a row that holds no record
-    (bad JSON, undecodable bytes) stops the job naming its file and line."""
-    from raylm.data.rows import BadRow, records
+def _check_kind(src: Source, stage: str) -> None:
+    """A registered dataset made for another stage fails before any record is read (as
+    LLaMA-Factory refuses a ``ranking`` dataset outside rm/dpo); pt reads any text."""
+    what = f"dataset {src.dataset or src.path!r}"
+    if "kto_tag" in src.columns and stage != "kto":
+        raise ConfigError(
+            f"{what} is KTO feedback data (kto_tag {src.columns['kto_tag']!r}: one answer "
+            f"and a good/bad label per row) but stage={stage!r}; stage kto: not yet "
+            "supported by raylm"
+        )
+    found = kind_of(src.fmt) if src.fmt != "auto" else stage
+    if stage != "pt" and found != stage:
+        raise ConfigError(f"{what} is {found} data ({src.fmt}) but stage={stage!r}")
 
-    every = ((ident, record, src) for src in sources for ident, record in records(src))
-    try:
-        yield from itertools.islice(every, limit)
-    except BadRow as err:
-        raise ConfigError(str(err)) from None
 
-
-def tokenize_record(record: Any, src: Source, stage: str, tok: Any, cutoff: int) -> dict:
+def tokenize_record(
+    record: Any, src: Source, stage: str, tok: Any, cutoff: int, template: str = "of the tokenizer"
+) -> dict:
     """One raw record -> the shard columns, through raylm.data (the one record and
     tokenizer path). As in LLaMA-Factory, the stage decides how a record reads: pt takes
-    its text (or the ``prompt`` column a registry names), whatever its formatting."""
+    its text (or the ``prompt`` column a registry names), whatever its formatting. A KTO
+    example keeps its label (``kto_label``); ``template`` names the chat template in errors."""
     from raylm.data.formats import payload_kind, to_payload
     from raylm.data.tokenize import tokenize_payload
 
@@ -217,15 +239,99 @@ def tokenize_record(record: Any, src: Source, stage: str, tok: Any, cutoff: int)
     found = payload_kind(payload)
     if found != stage:
         raise ValueError(f"record is {found} data but stage={stage!r}")
-    return tokenize_payload(payload, tok, cutoff)
+    dataset = src.dataset or src.path
+    if "messages" in payload:
+        tok = _with_tools(payload, tok, dataset, template)
+    row = tokenize_payload(payload, tok, cutoff)
+    if isinstance(tok, _ToolsBound):
+        _check_calls_trained(payload, row, tok, dataset)
+    return row | ({"kto_label": payload["kto_label"]} if "kto_label" in payload else {})
+
+
+class _ToolsBound:
+    """``tok`` whose chat template always gets a conversation's ``tools``: the one
+    tokenization path (``raylm.data.tokenize``) renders without them."""
+
+    def __init__(self, tok: Any, tools: list[dict] | None) -> None:
+        self._tok, self._tools = tok, tools
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tok, name)
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        return self._tok(*args, **kw)
+
+    def apply_chat_template(self, messages: list[dict], **kw: Any) -> Any:
+        return self._tok.apply_chat_template(messages, tools=self._tools, **kw)
+
+
+def _with_tools(payload: dict, tok: Any, dataset: str, template: str) -> Any:
+    """The tokenizer to render a conversation with: with its tools bound when it has tool
+    calls, results or definitions, after checking that the chat template renders every
+    one of them (a template that drops them would train on a conversation that is not
+    the dataset's)."""
+    from jinja2 import TemplateError
+
+    messages, tools = payload["messages"], payload.get("tools") or []
+    calls = [c["function"] for m in messages for c in m.get("tool_calls", ())]
+    results = [m["content"] for m in messages if m["role"] == "tool"]
+    if not (tools or calls or results):
+        return tok
+    bound = _ToolsBound(tok, tools or None)
+    where = f"dataset {dataset!r} has tool calls, but the chat template {template}"
+    try:
+        text = bound.apply_chat_template(messages, tokenize=False)
+    except (TemplateError, TypeError, ValueError) as err:
+        raise ConfigError(f"{where} cannot render them: {err}") from None
+    names = {c.get("name", "") for c in calls} | {t["function"].get("name", "") for t in tools}
+    lost = [f"tool {n!r}" for n in sorted(names) if n not in text]
+    lost += [f"tool result {r[:40]!r}" for r in results if r not in text]
+    if lost:
+        raise ConfigError(
+            f"{where} cannot render them (it drops {', '.join(lost[:3])}); use a template "
+            "that renders tools and tool_calls (e.g. the model's own Qwen2.5/Qwen3 or "
+            "Llama 3.1 template via model.template=null)"
+        )
+    return bound
+
+
+def _check_calls_trained(payload: dict, row: dict, tok: Any, dataset: str) -> None:
+    """Warn (once per dataset) when the loss mask leaves a tool call's name untrained:
+    the mask derivation (``raylm.data.tokenize``) covers an assistant turn's content,
+    and a tool-calling turn has none, only ``tool_calls``."""
+    trained = tok.decode([t for t, m in zip(row["input_ids"], row["loss_mask"], strict=True) if m])
+    names = [c["function"]["name"] for m in payload["messages"] for c in m.get("tool_calls", ())]
+    if any(n not in trained for n in names):
+        _warn_once(
+            f"dataset {dataset!r}: the loss mask (raylm.data.tokenize) does not cover its "
+            "tool calls, only the turns' end; the calls are in the input but not trained on"
+        )
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 def build_dataset(cfg: TrainJobConfig, source: dict[str, Any]):
-    """The one-row Ray Dataset every worker gets whole: the pickled ``Plan``."""
+    """The one-row Ray Dataset every worker gets whole: the pickled ``Plan``; a raw-data
+    run's counts go to ``data_stats.json`` in the run dir."""
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    return ray.data.from_items([{"plan": pickle.dumps(make_plan(cfg, source))}])
+    plan = make_plan(cfg, source)
+    if "stats" in source:
+        write_stats(cfg, source["stats"])
+    return ray.data.from_items([{"plan": pickle.dumps(plan)}])
+
+
+def write_stats(cfg: TrainJobConfig, stats: dict[str, Any]) -> str:
+    """``data_stats.json`` in the run dir (local or a bucket); returns its path."""
+    from raylm.train.trainer import run_dir_of
+
+    path = storage.join(run_dir_of(cfg), STATS)
+    storage.write_text(path, json.dumps(stats, indent=2, ensure_ascii=False))
+    return path
 
 
 def make_plan(cfg: TrainJobConfig, source: dict[str, Any]):
@@ -268,27 +374,72 @@ def plan_shards(path: str, stage: str, limit: int | None, window: int):
 
 
 def _tokenize_raw(cfg: TrainJobConfig, source: dict[str, Any]) -> list[dict[str, Any]]:
-    """Tokenize raw files in the driver; a bad record stops the job naming it.
+    """Read, mix and tokenize raw datasets in the driver; a bad record stops the job
+    naming it. The counts go to ``source["stats"]`` (``data_stats.json``).
 
     Fine for the small sets one trains on directly; large corpora go through the data
-    job, which quarantines bad records instead of stopping. Rows are numbered in reading
+    job, which quarantines bad records instead of stopping. Rows are numbered in mixed
     order (their ids in the sample audit); that order is the canonical one the stream
     shuffles per epoch.
     """
+    from raylm.data.rows import BadRow
     from raylm.train.model import load_tokenizer
 
     tok = load_tokenizer(cfg)
     require_chat_template(tok, cfg.stage, "model.template")
+    try:
+        train = _mixed(source["sources"], cfg, cfg.data.val_size, cfg.data.mix_strategy)
+        evals = _mixed(source.get("eval_sources") or [], cfg, 0, "concat")
+    except BadRow as err:
+        raise ConfigError(str(err)) from None
+    template = repr(cfg.model.template) if cfg.model.template else f"of {cfg.model.name_or_path}"
     rows = []
-    for i, (ident, record, src) in enumerate(raw_records(source["sources"], cfg.data.max_samples)):
+    for i, (ident, record, src) in enumerate(train.train):
         try:
-            row = tokenize_record(record, src, cfg.stage, tok, cfg.data.cutoff_len)
+            row = tokenize_record(record, src, cfg.stage, tok, cfg.data.cutoff_len, template)
         except ValueError as err:
             raise ConfigError(f"{ident}: {err}") from None
         rows.append({"id": str(i), **row})
     if not rows:
         raise ConfigError(f"data.path={cfg.data.path!r}: no records")
+    source["stats"] = data_stats(cfg, train, evals)
     return rows
+
+
+def _mixed(sources: list[Source], cfg: TrainJobConfig, val_size: float, strategy: str):
+    """``raylm.data.rows.Mixed`` of the sources' datasets; a dataset still holding
+    ``{{placeholders}}`` after ``data.replacements`` is named in a warning."""
+    from raylm.data.rows import dataset_records, mix_datasets
+
+    data = dataset_records(sources, cfg.data.replacements, cfg.data.max_samples)
+    for name, keys in sorted(data.placeholders.items()):
+        marks = ", ".join("{{" + k + "}}" for k in sorted(keys))
+        log.warning(
+            "dataset %r holds placeholders %s that data.replacements does not fill "
+            "(e.g. data.replacements.%s=...); they are trained on as written",
+            name, marks, sorted(keys)[0],
+        )  # fmt: skip
+    probs = cfg.data.interleave_probs if strategy == cfg.data.mix_strategy else None
+    return mix_datasets(data, strategy, probs, val_size, cfg.train.seed)
+
+
+def data_stats(cfg: TrainJobConfig, train: Any, evals: Any) -> dict[str, Any]:
+    """``data_stats.json`` (``raylm.data.rows.stats_document``) with the settings behind it."""
+    from raylm.data.rows import stats_document
+
+    d = cfg.data
+    settings = {"mix_strategy": d.mix_strategy, "interleave_probs": d.interleave_probs,
+                "max_samples": d.max_samples, "val_size": d.val_size, "seed": cfg.train.seed}  # fmt: skip
+    stats = stats_document(train, evals, settings)
+    for c in stats["datasets"]:
+        log.info("data: %s", c)
+    if stats["held_out_rows"]:
+        log.warning(
+            "data: %d examples held out (data.val_size / data.eval_datasets), counted in %s; "
+            "the train job computes no held-out loss yet: evaluate final/ with the eval job",
+            stats["held_out_rows"], STATS,
+        )  # fmt: skip
+    return stats
 
 
 def open_stream(shard: Any, cfg: TrainJobConfig, rank: int, world: int):

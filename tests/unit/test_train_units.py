@@ -227,3 +227,38 @@ def test_min_workers_turns_on_ray_trains_elastic_scaling() -> None:
         assert not ScalingConfig(num_workers=scaling.ray_num_workers).elasticity_enabled
     with pytest.raises(ConfigError, match=r"scaling\.min_workers=3 must be between 1 and"):
         cfg("scaling.min_workers=3")
+
+
+def test_several_registered_datasets_are_mixed_and_counted(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """data.datasets resolve through the registry at data.path; max_samples applies to each
+    dataset; interleave_under stops at the shortest; eval datasets are held out whole."""
+    from raylm.train.data import _tokenize_raw
+
+    def write(name: str, n: int) -> None:
+        recs = [{"instruction": f"{name} {i}", "output": f"answer {i}"} for i in range(n)]
+        (tmp_path / f"{name}.json").write_text(json.dumps(recs))
+
+    for name, n in (("a", 9), ("b", 4), ("c", 3)):
+        write(name, n)
+    registry = {n: {"file_name": f"{n}.json"} for n in "abc"}
+    registry["p"] = {"file_name": "a.json", "ranking": True}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(registry))
+    c = cfg(f"model.name_or_path={tiny_model}", f"data.path={tmp_path}",
+            "data.datasets=[a,b]", "data.eval_datasets=[c]", "data.max_samples=6",
+            "data.mix_strategy=interleave_under")  # fmt: skip
+    source = data_inputs(c)
+    rows = _tokenize_raw(c, source)
+    stats = source["stats"]
+    counts = {(d["role"], d["dataset"]): d for d in stats["datasets"]}
+    a, b, ev = counts["train", "a"], counts["train", "b"], counts["eval", "c"]
+    assert (a["in"], a["removed"], a["train_rows"]) == (9, {"max_samples": 3, "not_drawn": 2}, 4)
+    assert (b["in"], b["removed"], b["train_rows"]) == (4, {"max_samples": 0, "not_drawn": 0}, 4)
+    assert (ev["held_out_rows"], ev["train_rows"]) == (3, 0)
+    assert len(rows) == stats["train_rows"] == 8 and stats["accounting_ok"]
+    with pytest.raises(
+        ConfigError, match=r"dataset 'p' is dpo data \(preference\) but stage='sft'"
+    ):
+        data_inputs(cfg(f"model.name_or_path={tiny_model}", f"data.path={tmp_path}",
+                        "data.datasets=[a,p]"))  # fmt: skip

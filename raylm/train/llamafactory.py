@@ -1,146 +1,280 @@
 """Read a flat LLaMA-Factory training YAML as a raylm train config.
 
-Users arrive with files like LLaMA-Factory's ``examples/train_lora/*.yaml``. Each key
-either maps onto a raylm key, is accepted with no effect (raylm already does that
-thing, or it only matters to LLaMA-Factory's own launcher), or is rejected by name.
-Nothing is dropped silently: ignored keys are logged with the reason.
+Users arrive with files like LLaMA-Factory's ``examples/train_lora/*.yaml``. Every key
+LLaMA-Factory knows has a fate in ``raylm.train.llamafactory_keys``: mapped onto a raylm
+key, accepted with no effect (the reason is logged), or refused with the reason and what
+would make it work; a key LLaMA-Factory does not know is refused with a did-you-mean.
+Nothing is dropped silently. All refusals of one file are reported together.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
-from raylm.config import ConfigError
+from raylm.config import ConfigError, resolve_path
+from raylm.train import llamafactory_keys as keys
+from raylm.train.config import SCHEDULERS
 
 log = logging.getLogger(__name__)
 
-# LLaMA-Factory key -> raylm dotted key.
-MAPPED: dict[str, str] = {
-    "model_name_or_path": "model.name_or_path",
-    "trust_remote_code": "model.trust_remote_code",
-    "stage": "stage",
-    "finetuning_type": "finetuning_type",
-    "lora_rank": "lora.rank",
-    "lora_alpha": "lora.alpha",
-    "lora_dropout": "lora.dropout",
-    "lora_target": "lora.target",
-    "freeze_trainable_layers": "freeze.trainable_layers",
-    "pref_beta": "dpo.beta",
-    "pref_loss": "dpo.loss_type",
-    "pref_ftx": "dpo.sft_weight",
-    "simpo_gamma": "dpo.simpo_gamma",
-    "dpo_label_smoothing": "dpo.label_smoothing",
-    "cutoff_len": "data.cutoff_len",
-    "max_samples": "data.max_samples",
-    "val_size": "data.val_size",
-    "per_device_train_batch_size": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.grad_accum",
-    "learning_rate": "train.lr",
-    "num_train_epochs": "train.epochs",
-    "max_steps": "train.max_steps",
-    "lr_scheduler_type": "train.lr_scheduler",
-    "warmup_ratio": "train.warmup_ratio",
-    "weight_decay": "train.weight_decay",
-    "max_grad_norm": "train.max_grad_norm",
-    "seed": "train.seed",
-    "logging_steps": "train.logging_steps",
-    "save_steps": "checkpoint.save_steps",
-    "save_total_limit": "checkpoint.keep",
-    "deepspeed": "deepspeed.config_file",
-    "report_to": "report_to",
-}
-
-# Keys accepted with no effect, and why (logged so the user knows).
-IGNORED: dict[str, str] = {
-    "do_train": "a train job always trains",
-    "template": "the chat template comes from the model's tokenizer",
-    "overwrite_cache": "raylm's data job writes fresh shards per run",
-    "preprocessing_num_workers": "Ray Data sizes its own parallelism",
-    "dataloader_num_workers": "Ray Data feeds the workers",
-    "plot_loss": "raylm always writes loss.png",
-    "overwrite_output_dir": "runs are keyed by run_name; re-running resumes",
-    "save_only_model": "raylm checkpoints always hold what exact resume needs",
-    "ddp_timeout": "Ray Train sets the collective timeout",
-    "resume_from_checkpoint": "raylm resumes from the newest complete checkpoint by itself",
-    "flash_attn": "the attention kernel is chosen by transformers for the device",
-    "eval_strategy": "use the eval job",
-    "eval_steps": "use the eval job",
-    "per_device_eval_batch_size": "use the eval job",
-    "do_eval": "use the eval job",
-    "dataset_dir": "folded into data.path",
-    "bf16": "folded into train.precision",
-    "fp16": "folded into train.precision",
-}
-
-SPECIAL = ("dataset", "output_dir", "quantization_bit", "bf16", "fp16")
-
-# LLaMA-Factory pref_loss values raylm has no loss for, and what to use instead.
 UNSUPPORTED_PREF_LOSS: dict[str, str] = {
     "kto_pair": "use sigmoid, hinge or ipo (or simpo/orpo without a reference model)",
 }
+"""LLaMA-Factory pref_loss values raylm has no loss for, and what to use instead."""
+
+STAGES: dict[str, str | None] = {
+    "pt": None,
+    "sft": None,
+    "dpo": None,
+    "kto": "stage kto: not yet supported by raylm",
+    "rm": "stage rm: not yet supported by raylm",
+    "ppo": "stage ppo: not supported by raylm (needs a reward model and generation in the loop)",
+}
+
+PREQUANTIZED = ("gptq", "awq", "aqlm", "hqq", "eetq", "fp8", "compressed-tensors", "bitnet")
+"""quant_method values of checkpoints (and quantization_method values) raylm cannot train:
+its only quantized path is QLoRA on bitsandbytes 4-bit (CUDA)."""
+
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
+"""``optim`` values that are what raylm builds anyway: torch AdamW."""
 
 
 def is_llamafactory(data: dict[str, Any]) -> bool:
     """LLaMA-Factory YAMLs are flat and always name the model this way."""
-    return "model_name_or_path" in data and not any(isinstance(v, dict) for v in data.values())
+    return "model_name_or_path" in data and not isinstance(data.get("model"), dict)
 
 
 def translate(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
-    """Nested raylm keys for a flat LLaMA-Factory mapping; raises on unknown keys."""
-    unknown = sorted(k for k in data if k not in MAPPED and k not in IGNORED and k not in SPECIAL)
-    if unknown:
-        known = [*MAPPED, *IGNORED, *SPECIAL]
-        hints = [_hint(k, known) for k in unknown]
-        raise ConfigError(
-            f"{source}: LLaMA-Factory keys raylm does not support: {', '.join(hints)}. "
-            f"Supported: {', '.join(sorted(MAPPED))}"
-        )
+    """Nested raylm keys for a flat LLaMA-Factory mapping; raises on unknown keys and on
+    anything raylm cannot honour, naming every such key with its reason."""
+    unknown = [_hint(k, keys.known()) for k in sorted(data) if k not in set(keys.known())]
+    refusals = [
+        f"{k}={data[k]!r}: {keys.REFUSED[k]}"
+        for k in data
+        if k in keys.REFUSED and not keys.at_default(k, data[k])
+    ]
     out: dict[str, Any] = {}
     for key, value in data.items():
-        if key in MAPPED:
-            _set(out, MAPPED[key], CONVERT.get(key, _same)(value))
-        elif key in IGNORED:
-            log.warning("%s: ignoring LLaMA-Factory key %r: %s", source, key, IGNORED[key])
-    _special(data, out, source)
+        if key in keys.MAPPED and value is not None:
+            _set(out, keys.MAPPED[key], CONVERT.get(key, _same)(value))
+    _defaults(data, out)
+    refusals += _special(data, out, source, bool(refusals or unknown))  # may override
+    if unknown or refusals:
+        raise ConfigError(_problems(source, unknown, refusals))
+    for key in data:
+        if key in keys.NOOP:
+            log.warning("%s: ignoring LLaMA-Factory key %r: %s", source, key, keys.NOOP[key])
     return out
 
 
-def _special(data: dict[str, Any], out: dict[str, Any], source: str) -> None:
-    """Keys that map onto more than one raylm key, or need a decision."""
+def _problems(source: str, unknown: list[str], refusals: list[str]) -> str:
+    """One message for every key of the file raylm cannot take."""
+    parts = [f"{source}:"]
+    if unknown:
+        parts.append(
+            f"keys LLaMA-Factory and raylm do not know: {', '.join(unknown)} (mapped keys: "
+            f"{', '.join(sorted(keys.MAPPED))}; docs/llamafactory.md lists them all)."
+        )
+    if refusals:
+        parts.append("LLaMA-Factory settings raylm cannot honour:")
+        parts += [f"\n  - {r}" for r in refusals]
+    return " ".join(parts).replace(" \n", "\n")
+
+
+def _special(data: dict[str, Any], out: dict[str, Any], source: str, refused: bool) -> list[str]:
+    """Keys whose fate depends on their value; returns the refusals (``refused``: some
+    key was refused already, so a missing dataset needs no mention)."""
+    refusals: list[str] = []
+    for check in (_stage, _values, _precision, _quantization, _attention, _ray, _resume):
+        refusals += check(data, out)
+    _data(data, out, refusals, refused)
+    _output(data, out)
+    if data.get("packing") is None and data.get("stage") == "pt":
+        log.warning(
+            "%s: stage pt: LLaMA-Factory packs documents into cutoff_len blocks; raylm's "
+            "train job truncates each document at cutoff_len (the data job's tokenize.pack "
+            "packs)",
+            source,
+        )
+    elif data.get("packing"):
+        refusals.append(
+            "packing=True: pack with the data job (tokenize.pack=true) and train on its shards"
+        )
+    return refusals
+
+
+def _stage(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
+    stage = str(data.get("stage", "sft"))
+    if stage not in STAGES:
+        return [f"stage={stage!r}: expected one of {list(STAGES)}"]
+    reason = STAGES[stage]
+    refusals = [reason] if reason else []
+    ftype = str(data.get("finetuning_type", "lora"))
+    if ftype == "oft":
+        refusals.append("finetuning_type='oft': OFT adapters are not supported; use lora")
+    layers = data.get("freeze_trainable_layers")
+    if layers is not None and int(layers) < 0:
+        refusals.append(
+            f"freeze_trainable_layers={layers}: negative trains the first layers in "
+            "LLaMA-Factory; raylm's freeze trains the last N (give a positive number)"
+        )
     pref_loss = str(data.get("pref_loss", ""))
     if pref_loss in UNSUPPORTED_PREF_LOSS:
-        raise ConfigError(
-            f"{source}: pref_loss={pref_loss!r} is not supported by raylm: "
-            f"{UNSUPPORTED_PREF_LOSS[pref_loss]}"
+        refusals.append(
+            f"pref_loss={pref_loss!r} is not supported by raylm: {UNSUPPORTED_PREF_LOSS[pref_loss]}"
         )
-    if data.get("bf16"):
+    return refusals
+
+
+def _values(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
+    """Mapped keys whose LLaMA-Factory values raylm has no counterpart for."""
+    refusals = []
+    sched = data.get("lr_scheduler_type")
+    if sched is not None and sched not in SCHEDULERS:
+        refusals.append(f"lr_scheduler_type={sched!r}: raylm has {', '.join(SCHEDULERS)}")
+    sinks = [s for s in _csv(data.get("report_to", [])) if s != "none"]
+    odd = [s for s in sinks if s not in ("tensorboard", "mlflow", "wandb")]
+    if odd:
+        refusals.append(f"report_to={odd}: raylm reports to tensorboard, mlflow or wandb")
+    optim = data.get("optim")
+    if optim is not None and optim not in OPTIMIZERS:
+        refusals.append(f"optim={optim!r}: raylm builds torch AdamW (exactly resumable)")
+    return refusals
+
+
+def _precision(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
+    if data.get("bf16") or data.get("pure_bf16"):
         _set(out, "train.precision", "bf16")
     elif data.get("fp16"):
         _set(out, "train.precision", "fp16")
-    if "output_dir" in data:
-        run_dir = str(data["output_dir"]).rstrip("/")
-        parent, _, name = run_dir.rpartition("/")
-        _set(out, "storage_path", parent or ".")
-        _set(out, "run_name", name)
-    if "dataset" in data:
-        names = [d.strip() for d in str(data["dataset"]).split(",") if d.strip()]
-        if len(names) != 1:
-            raise ConfigError(
-                f"{source}: dataset={data['dataset']!r}: raylm trains on one dataset; "
-                "merge them with the data job first"
-            )
-        root = str(data.get("dataset_dir", "")).rstrip("/")
-        _set(out, "data.path", f"{root}/{names[0]}" if root else names[0])
+    return []
+
+
+def _quantization(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
+    """bitsandbytes 4-bit is raylm's QLoRA; other methods, and checkpoints already
+    quantized by them (their config.json says so), are refused."""
+    method = str(data.get("quantization_method", "bnb")).lower()
     bits = data.get("quantization_bit")
-    if bits is not None:
-        if int(bits) != 4:
-            raise ConfigError(f"{source}: quantization_bit={bits}: raylm's QLoRA supports 4 only")
-        if data.get("finetuning_type", "lora") != "lora":
-            raise ConfigError(f"{source}: quantization_bit needs finetuning_type: lora")
-        _set(out, "finetuning_type", "qlora")
+    if method != "bnb":
+        return [
+            f"quantization_method={method!r}: raylm's only quantized path is QLoRA on "
+            "bitsandbytes 4-bit (quantization_method: bnb, quantization_bit: 4, a CUDA GPU)"
+        ]
+    found = _checkpoint_quantization(str(data.get("model_name_or_path", "")))
+    if found in PREQUANTIZED:
+        return [
+            f"model_name_or_path: a {found}-quantized checkpoint; raylm cannot train on it "
+            "(start from the unquantized model, with quantization_bit: 4 for QLoRA)"
+        ]
+    if bits is None:
+        return []
+    if int(bits) != 4:
+        return [f"quantization_bit={bits}: raylm's QLoRA (bitsandbytes) supports 4 only"]
+    if data.get("finetuning_type", "lora") != "lora":
+        return ["quantization_bit needs finetuning_type: lora (QLoRA)"]
+    _set(out, "finetuning_type", "qlora")
+    return []
+
+
+def _checkpoint_quantization(model: str) -> str | None:
+    """The ``quant_method`` a local checkpoint declares (hub ids are not looked up)."""
+    path = os.path.join(resolve_path(model), "config.json") if model else ""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            quant = json.load(f).get("quantization_config") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return str(quant.get("quant_method", "")).lower() or None
+
+
+def _attention(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
+    """raylm has no attention-implementation key: transformers picks sdpa where the model
+    supports it. auto/sdpa ask for that; disabled (eager) computes the same, slower."""
+    if "flash_attn" not in data:
+        return []
+    value = str(data["flash_attn"]).lower()
+    if value in ("auto", "sdpa", "disabled", "eager"):
+        log.warning("flash_attn=%s: transformers' default attention (sdpa) runs", value)
+        return []
+    return [
+        f"flash_attn={value!r} needs a CUDA GPU with flash-attn, and raylm has no "
+        "attention-implementation key (model.attn_implementation) to ask for it yet"
+    ]
+
+
+def _ray(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
+    """``resources_per_worker`` (earlier LLaMA-Factory releases): CPUs per worker, and one
+    GPU per worker at most."""
+    res = data.get("resources_per_worker")
+    if res is None:
+        return []
+    if not isinstance(res, dict):
+        return [f"resources_per_worker={res!r}: expected a mapping like {{GPU: 1}}"]
+    res = {str(k).upper(): v for k, v in res.items()}
+    refusals = [f"resources_per_worker.{k}: raylm reserves CPU and GPU only" for k in res
+                if k not in ("CPU", "GPU")]  # fmt: skip
+    if "CPU" in res:
+        _set(out, "scaling.cpus_per_worker", float(res["CPU"]))
+    gpus = float(res.get("GPU", 0))
+    if gpus > 1:
+        refusals.append(f"resources_per_worker.GPU={res['GPU']}: raylm runs one GPU per worker")
+    elif gpus:
+        _set(out, "scaling.use_gpu", True)
+    return refusals
+
+
+def _resume(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
+    value = data.get("resume_from_checkpoint")
+    if value in (None, True, False):
+        return []
+    return [
+        f"resume_from_checkpoint={value!r}: raylm resumes its own run (output_dir) from the "
+        "newest complete checkpoint; a checkpoint of another run cannot be named"
+    ]
+
+
+def _data(data: dict[str, Any], out: dict[str, Any], refusals: list[str], refused: bool) -> None:
+    """``dataset`` names registered in ``dataset_dir``'s dataset_info.json."""
+    root = str(data.get("dataset_dir", "data")).rstrip("/")
+    if root.upper().startswith("REMOTE:"):
+        refusals.append(
+            f"dataset_dir={root!r}: remote dataset repos cannot be read offline; download "
+            "the files and point dataset_dir at the dir holding dataset_info.json (or s3://)"
+        )
+        return
+    if "dataset" not in data:
+        if not (refusals or refused):
+            refusals.append("no 'dataset': a training YAML names the datasets to train on")
+        return
+    _set(out, "data.path", root)
+    _set(out, "data.datasets", _csv(data["dataset"]))
+
+
+def _output(data: dict[str, Any], out: dict[str, Any]) -> None:
+    """The run dir is ``output_dir``: its parent is storage_path and its name run_name,
+    unless a run name is given too (run_name, ray_run_name), which then lives inside it."""
+    if "output_dir" not in data:
+        return
+    run_dir = str(data["output_dir"]).rstrip("/")
+    if data.get("run_name") or data.get("ray_run_name"):
+        _set(out, "storage_path", run_dir)
+        return
+    parent, _, name = run_dir.rpartition("/")
+    _set(out, "storage_path", parent or ".")
+    _set(out, "run_name", name)
+
+
+def _defaults(data: dict[str, Any], out: dict[str, Any]) -> None:
+    """LLaMA-Factory defaults that differ from raylm's: lora_alpha is twice the rank."""
+    if data.get("lora_alpha") is None:
+        _set(out, "lora.alpha", 2 * int(data.get("lora_rank") or 8))
 
 
 def _hint(key: str, known: list[str]) -> str:
@@ -171,14 +305,25 @@ def _report_to(value: Any) -> list[str]:
     return [v for v in _csv(value) if v != "none"]
 
 
+def _max_steps(value: Any) -> int | None:
+    """transformers' ``max_steps: -1`` means no limit."""
+    return None if int(value) <= 0 else int(value)
+
+
 CONVERT: dict[str, Callable[[Any], Any]] = {
     "lora_target": _csv,
     "report_to": _report_to,
+    "eval_dataset": _csv,
+    "interleave_probs": lambda v: [float(p) for p in _csv(v)],
+    "max_steps": _max_steps,
     "learning_rate": float,
     "num_train_epochs": float,
+    "val_size": float,
     # YAML reads ``1e-3`` (no dot) as a string; LLaMA-Factory's parser coerces it.
     "pref_beta": float,
     "pref_ftx": float,
     "simpo_gamma": float,
     "dpo_label_smoothing": float,
+    "warmup_ratio": float,
+    "weight_decay": float,
 }

@@ -1,110 +1,447 @@
-"""A LLaMA-Factory training YAML loads as a raylm train config, or says which key is wrong."""
+"""LLaMA-Factory users bring their YAML and data unchanged: each of its text-model example
+recipes (tests/assets/llamafactory, copied from LLaMA-Factory ff6d4d12e) loads as a raylm
+train config or is refused naming the key and what it needs, and its demo data reads
+through the train job's one data path."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from raylm import config
 from raylm.config import ConfigError
+from raylm.train import llamafactory_keys as keys
 
-ASSET = Path(__file__).resolve().parents[1] / "assets" / "llamafactory_llama3_lora_sft.yaml"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+LF = ASSETS / "llamafactory"
+OLD_ASSET = ASSETS / "llamafactory_llama3_lora_sft.yaml"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "llamafactory.md"
+
+# Example YAML (under examples/) -> None if it loads, else the keys it is refused for.
+PARTITION: dict[str, tuple[str, ...] | None] = {
+    "extras/adam_mini/qwen2_full_sft.yaml": ("use_adam_mini",),
+    "extras/apollo/llama3_full_sft.yaml": ("use_apollo",),
+    "extras/asft/llama2_full_asft.yaml": ("use_asft_loss",),
+    "extras/asft/qwen2_full_asft.yaml": ("use_asft_loss",),
+    "extras/badam/llama3_full_sft.yaml": ("use_badam",),
+    "extras/dft/qwen2_full_sft.yaml": ("use_dft_loss",),
+    "extras/eaft/qwen25_05b_eaft_full.yaml": ("use_eaft_loss",),
+    "extras/fp8/llama3_fp8_deepspeed_sft.yaml": ("fp8",),
+    "extras/fp8/llama3_fp8_fsdp_sft.yaml": ("fp8", "fsdp", "fsdp_transformer_layer_cls_to_wrap"),
+    "extras/fsdp_qlora/llama3_lora_sft.yaml": None,
+    "extras/galore/llama3_full_sft.yaml": ("use_galore",),
+    "extras/llama_pro/llama3_freeze_sft.yaml": ("use_llama_pro",),
+    "extras/loraplus/llama3_lora_sft.yaml": ("loraplus_lr_ratio",),
+    "extras/mod/llama3_full_sft.yaml": ("mixture_of_depths", "optim"),
+    "extras/muon/qwen2_full_sft.yaml": ("use_muon",),
+    "extras/nlg_eval/llama3_lora_predict.yaml": (
+        "adapter_name_or_path",
+        "do_predict",
+        "predict_with_generate",
+    ),
+    "extras/oft/llama3_oft_sft.yaml": ("finetuning_type",),
+    "extras/pissa/llama3_lora_sft.yaml": ("pissa_init",),
+    "extras/qoft/llama3_oft_sft_awq.yaml": ("finetuning_type",),
+    "extras/qoft/llama3_oft_sft_bnb_npu.yaml": ("finetuning_type", "quantization_bit"),
+    "extras/qoft/llama3_oft_sft_gptq.yaml": ("finetuning_type",),
+    "inference/qwen3.yaml": ("infer_backend",),
+    "inference/qwen3_full_sft.yaml": ("infer_backend",),
+    "inference/qwen3_lora_sft.yaml": ("adapter_name_or_path", "infer_backend"),
+    "merge_lora/qwen3_full_sft.yaml": (
+        "export_device",
+        "export_dir",
+        "export_legacy_format",
+        "export_size",
+    ),
+    "merge_lora/qwen3_gptq.yaml": (
+        "export_device",
+        "export_dir",
+        "export_legacy_format",
+        "export_quantization_bit",
+        "export_quantization_dataset",
+        "export_size",
+    ),
+    "merge_lora/qwen3_lora_sft.yaml": (
+        "adapter_name_or_path",
+        "export_device",
+        "export_dir",
+        "export_legacy_format",
+        "export_size",
+    ),
+    "train_full/qwen3_full_sft.yaml": None,
+    "train_lora/qwen3_lora_dpo.yaml": None,
+    "train_lora/qwen3_lora_kto.yaml": ("stage",),
+    "train_lora/qwen3_lora_pretrain.yaml": None,
+    "train_lora/qwen3_lora_reward.yaml": ("stage",),
+    "train_lora/qwen3_lora_sft.yaml": None,
+    "train_lora/qwen3_lora_sft_ds3.yaml": None,
+    "train_lora/qwen3_lora_sft_ray.yaml": ("dataset_dir",),
+    "train_lora/qwen3_preprocess.yaml": ("tokenized_path",),
+    # Pre-quantized hub checkpoints: the YAML is plain LoRA; a local checkpoint whose
+    # config.json declares gptq/awq/aqlm is refused (test_prequantized_checkpoint_...).
+    "train_qlora/llama3_lora_sft_aqlm.yaml": None,
+    "train_qlora/llama3_lora_sft_awq.yaml": None,
+    "train_qlora/llama3_lora_sft_gptq.yaml": None,
+    "train_qlora/qwen3_lora_sft_bnb_npu.yaml": None,
+    "train_qlora/qwen3_lora_sft_otfq.yaml": None,
+}
+QLORA = {
+    "extras/fsdp_qlora/llama3_lora_sft.yaml",
+    "train_qlora/qwen3_lora_sft_bnb_npu.yaml",
+    "train_qlora/qwen3_lora_sft_otfq.yaml",
+}
 
 
-def test_llamafactory_example_maps_onto_train_config(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING):
-        cfg = config.load("train", [ASSET])
-    assert cfg.model.name_or_path == "/models/Meta-Llama-3-8B-Instruct"
-    assert cfg.model.trust_remote_code is True
-    assert (cfg.stage, cfg.finetuning_type) == ("sft", "lora")
-    assert (cfg.lora.rank, cfg.lora.target) == (8, ["all"])
-    assert cfg.data.path == "/data/identity"
-    assert (cfg.data.cutoff_len, cfg.data.max_samples) == (2048, 1000)
-    assert (cfg.storage_path, cfg.run_name) == ("saves/llama3-8b/lora", "sft")
-    assert (cfg.train.micro_batch_size, cfg.train.grad_accum) == (1, 8)
-    assert cfg.train.lr == pytest.approx(1e-4)
-    assert (cfg.train.epochs, cfg.train.lr_scheduler, cfg.train.warmup_ratio) == (
-        3.0,
-        "cosine",
-        0.1,
-    )
-    assert cfg.train.precision == "bf16"
-    assert (cfg.train.logging_steps, cfg.checkpoint.save_steps) == (10, 500)
-    assert cfg.report_to == []
-    ignored = caplog.text
-    for key in ("template", "plot_loss", "ddp_timeout", "preprocessing_num_workers"):
-        assert f"'{key}'" in ignored, f"ignoring {key} was not reported"
+@pytest.fixture
+def workspace(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The assets dir as the workspace, so the YAMLs' relative paths resolve as they do
+    in a LLaMA-Factory checkout (dataset_dir: data, deepspeed: examples/deepspeed/...)."""
+    monkeypatch.setenv(config.WORKSPACE_ENV, str(LF))
+    return LF
 
 
-def test_llamafactory_overrides_use_raylm_keys() -> None:
-    cfg = config.load("train", [ASSET], ["train.lr=5e-5", "lora.rank=16"])
-    assert (cfg.train.lr, cfg.lora.rank) == (5e-5, 16)
-
-
-def lf(tmp_path: Path, **extra: object) -> Path:
-    keys: dict[str, object] = {"model_name_or_path": "/m", "stage": "sft", "dataset": "d"}
-    lines = [f"{k}: {v}" for k, v in (keys | extra).items()]
-    path = tmp_path / "lf.yaml"
-    path.write_text("\n".join(lines) + "\n")
+def example(rel: str, tmp_path: Path, model: Path | str, **extra: object) -> Path:
+    """The example with the model replaced by ``model`` and output_dir by a tmp dir."""
+    data = yaml.safe_load((LF / "examples" / rel).read_text())
+    data["model_name_or_path"] = str(model)
+    if "output_dir" in data:
+        data["output_dir"] = str(tmp_path / "saves" / "run")
+    path = tmp_path / Path(rel).name
+    path.write_text(yaml.safe_dump(data | extra))
     return path
 
 
-def test_unknown_llamafactory_key_is_named_with_suggestion(tmp_path: Path) -> None:
+def refused_keys(err: ConfigError) -> list[str]:
+    """The keys named on the error's ``  - key...`` lines."""
+    return sorted(re.findall(r"^  - (\w+)", str(err), flags=re.M))
+
+
+def test_every_example_yaml_is_in_the_partition() -> None:
+    found = {str(p.relative_to(LF / "examples")) for p in (LF / "examples").rglob("*.yaml")}
+    assert found == set(PARTITION)
+
+
+@pytest.mark.parametrize("rel", sorted(PARTITION))
+def test_example_loads_or_is_refused_naming_its_keys(
+    rel: str, tmp_path: Path, tiny_model: Path, workspace: Path
+) -> None:
+    from raylm.train.data import data_inputs
+    from raylm.train.ds_config import deepspeed_config
+    from raylm.train.model import check_qlora_device
+
+    want = PARTITION[rel]
+    path = example(rel, tmp_path, tiny_model)
+    if want is not None:
+        with pytest.raises(ConfigError) as err:
+            config.load("train", [path])
+        assert refused_keys(err.value) == sorted(want), str(err.value)
+        return
+    cfg = config.load("train", [path])
+    assert cfg.model.name_or_path == str(tiny_model)
+    assert (cfg.storage_path, cfg.run_name) == (str(tmp_path / "saves"), "run")
+    sources = data_inputs(cfg)["sources"]  # the registry resolves every named dataset
+    assert sorted({s.dataset for s in sources}) == sorted(cfg.data.datasets)
+    deepspeed_config(cfg, world_size=2)  # the named DeepSpeed file merges
+    if rel in QLORA:
+        assert cfg.finetuning_type == "qlora"
+        with pytest.raises(ConfigError, match="needs CUDA GPUs"):
+            check_qlora_device(cfg, cuda_available=False)
+
+
+def test_qwen3_lora_sft_maps_onto_the_train_config(tmp_path: Path, tiny_model: Path) -> None:
+    cfg = config.load("train", [example("train_lora/qwen3_lora_sft.yaml", tmp_path, tiny_model)])
+    assert (cfg.stage, cfg.finetuning_type, cfg.model.template) == ("sft", "lora", "qwen3_nothink")
+    assert (cfg.data.path, cfg.data.datasets) == ("data", ["identity", "alpaca_en_demo"])
+    assert (cfg.data.cutoff_len, cfg.data.max_samples, cfg.data.mix_strategy) == (
+        2048, 1000, "concat",
+    )  # fmt: skip
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.target) == (8, 16, ["all"])
+    assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.lr) == (1, 8, 1e-4)
+    assert (cfg.train.epochs, cfg.train.warmup_ratio, cfg.train.precision) == (3.0, 0.1, "bf16")
+    assert (cfg.checkpoint.save_steps, cfg.train.logging_steps, cfg.report_to) == (500, 10, [])
+
+
+def test_old_llama3_asset_still_loads(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        cfg = config.load("train", [OLD_ASSET], ["train.lr=5e-5", "lora.rank=16"])
+    assert cfg.model.name_or_path == "/models/Meta-Llama-3-8B-Instruct"
+    assert (cfg.model.template, cfg.data.path, cfg.data.datasets) == (
+        "llama3",
+        "/data",
+        ["identity"],
+    )
+    assert (cfg.storage_path, cfg.run_name) == ("saves/llama3-8b/lora", "sft")
+    assert (cfg.train.lr, cfg.lora.rank) == (5e-5, 16)  # raylm keys override
+    for key in ("plot_loss", "ddp_timeout", "preprocessing_num_workers", "overwrite_cache"):
+        assert f"'{key}'" in caplog.text, f"ignoring {key} was not reported"
+
+
+def lf(tmp_path: Path, **extra: object) -> Path:
+    base: dict[str, object] = {"model_name_or_path": "/m", "stage": "sft", "dataset": "d"}
+    path = tmp_path / "lf.yaml"
+    path.write_text(yaml.safe_dump(base | extra))
+    return path
+
+
+def load_lf(tmp_path: Path, **extra: object):
+    return config.load("train", [lf(tmp_path, **extra)])
+
+
+def test_unknown_and_refused_keys_are_named_together(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
-        config.load("train", [lf(tmp_path, lerning_rate=1e-4, galore_rank=8)])
+        load_lf(tmp_path, lerning_rate=1e-4, galore_rnk=8, use_dora=True, stage="dpo",
+                pref_bco_weight=0.1)  # fmt: skip
     msg = str(err.value)
     assert "'lerning_rate' (did you mean 'learning_rate'?)" in msg
-    assert "'galore_rank'" in msg
+    assert "'galore_rnk' (did you mean 'galore_rank'?)" in msg
+    assert refused_keys(err.value) == ["pref_bco_weight", "use_dora"]
+    assert "DoRA" in msg and "BCO" in msg
 
 
-def test_llamafactory_special_keys(tmp_path: Path) -> None:
-    cfg = config.load(
-        "train", [lf(tmp_path, quantization_bit=4, lora_target="q_proj,v_proj", report_to="wandb")]
+def test_refused_keys_at_their_default_are_accepted(tmp_path: Path) -> None:
+    cfg = load_lf(tmp_path, use_dora=False, adam_beta1=0.9, warmup_steps=0, enable_thinking=True,
+                  logging_strategy="steps", resume_from_checkpoint=None, packing=False)  # fmt: skip
+    assert cfg.stage == "sft"
+    with pytest.raises(ConfigError, match=r"warmup_steps=100: .*set warmup_ratio"):
+        load_lf(tmp_path, warmup_steps=100)
+    with pytest.raises(ConfigError, match=r"adam_beta2=0\.95"):
+        load_lf(tmp_path, adam_beta2=0.95)
+
+
+def test_datasets_and_mixing_keys(tmp_path: Path) -> None:
+    cfg = load_lf(tmp_path, dataset="identity, alpaca_en_demo", dataset_dir="/lf/data",
+                  mix_strategy="interleave_under", interleave_probs="0.25,0.75",
+                  max_samples=10, val_size=0.1)  # fmt: skip
+    d = cfg.data
+    assert (d.path, d.datasets, d.mix_strategy) == ("/lf/data", ["identity", "alpaca_en_demo"],
+                                                   "interleave_under")  # fmt: skip
+    assert (d.interleave_probs, d.max_samples, d.val_size) == ([0.25, 0.75], 10, 0.1)
+    ev = load_lf(tmp_path, eval_dataset="alpaca_en_demo,identity").data.eval_datasets
+    assert ev == ["alpaca_en_demo", "identity"]
+    with pytest.raises(ConfigError, match="interleave_probs has 1 values for 2"):
+        load_lf(tmp_path, dataset="a,b", mix_strategy="interleave_over", interleave_probs="1.0")
+    with pytest.raises(ConfigError, match="both hold examples out"):
+        load_lf(tmp_path, eval_dataset="a", val_size=0.1)
+    with pytest.raises(ConfigError, match=r"dataset_dir='REMOTE:x': remote dataset repos"):
+        load_lf(tmp_path, dataset_dir="REMOTE:x")
+
+
+def test_ray_keys_map_onto_scaling_and_storage(tmp_path: Path) -> None:
+    cfg = load_lf(tmp_path, ray_num_workers=4, resources_per_worker={"GPU": 1, "CPU": 3},
+                  placement_strategy="SPREAD", ray_storage_path="s3://b/runs",
+                  ray_run_name="lf")  # fmt: skip
+    s = cfg.scaling
+    assert (s.num_workers, s.use_gpu, s.cpus_per_worker, s.placement_strategy) == (
+        4, True, 3.0, "SPREAD",
+    )  # fmt: skip
+    assert (cfg.storage_path, cfg.run_name) == ("s3://b/runs", "lf")
+    named = load_lf(tmp_path, output_dir="saves/x/sft", run_name="exp1")
+    assert (named.storage_path, named.run_name) == ("saves/x/sft", "exp1")
+    with pytest.raises(ConfigError) as err:
+        load_lf(tmp_path, resources_per_worker={"GPU": 2, "TPU": 1}, ray_init_kwargs={"a": 1})
+    assert refused_keys(err.value) == ["ray_init_kwargs", "resources_per_worker",
+                                       "resources_per_worker"]  # fmt: skip
+
+
+def test_flash_attn_and_quantization(tmp_path: Path) -> None:
+    for value in ("auto", "sdpa", "disabled"):
+        assert load_lf(tmp_path, flash_attn=value).stage == "sft"
+    with pytest.raises(ConfigError, match="flash_attn='fa2' needs a CUDA GPU with flash-attn"):
+        load_lf(tmp_path, flash_attn="fa2")
+    qlora = load_lf(
+        tmp_path, quantization_bit=4, quantization_method="bnb", lora_target="q_proj,v_proj"
     )
-    assert cfg.finetuning_type == "qlora"
-    assert cfg.lora.target == ["q_proj", "v_proj"]
-    assert cfg.report_to == ["wandb"]
-
-
-def test_llamafactory_values_raylm_cannot_honour(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="one dataset"):
-        config.load("train", [lf(tmp_path, dataset="a,b")])
+    assert (qlora.finetuning_type, qlora.lora.target) == ("qlora", ["q_proj", "v_proj"])
+    for method in ("gptq", "awq", "aqlm", "hqq", "eetq"):
+        with pytest.raises(ConfigError, match=f"quantization_method='{method}': .*bitsandbytes"):
+            load_lf(tmp_path, quantization_bit=4, quantization_method=method)
     with pytest.raises(ConfigError, match="supports 4 only"):
-        config.load("train", [lf(tmp_path, quantization_bit=8)])
+        load_lf(tmp_path, quantization_bit=8)
 
 
-def test_llamafactory_preference_keys(tmp_path: Path) -> None:
-    """pref_loss / pref_beta / pref_ftx / simpo_gamma / dpo_label_smoothing reach cfg.dpo."""
-    simpo = config.load(
-        "train",
-        [
-            lf(
-                tmp_path,
-                stage="dpo",
-                pref_loss="simpo",
-                pref_beta=2.5,
-                simpo_gamma=1.25,
-                pref_ftx="1e-1",
-            )
-        ],
+def test_prequantized_checkpoint_is_refused(tmp_path: Path) -> None:
+    model = tmp_path / "llama-gptq"
+    model.mkdir()
+    (model / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "gptq"}})
     )
+    with pytest.raises(ConfigError, match="model_name_or_path: a gptq-quantized checkpoint"):
+        config.load("train", [lf(tmp_path, model_name_or_path=str(model))])
+
+
+def test_stages_and_values_raylm_has_no_counterpart_for(tmp_path: Path) -> None:
+    for stage in ("kto", "rm"):
+        with pytest.raises(ConfigError, match=f"stage {stage}: not yet supported by raylm"):
+            load_lf(tmp_path, stage=stage)
+    with pytest.raises(ConfigError, match="stage ppo: not supported"):
+        load_lf(tmp_path, stage="ppo")
+    with pytest.raises(ConfigError, match="lr_scheduler_type='polynomial'"):
+        load_lf(tmp_path, lr_scheduler_type="polynomial")
+    with pytest.raises(ConfigError, match=r"report_to=\['swanlab'\]"):
+        load_lf(tmp_path, report_to="swanlab")
+    with pytest.raises(ConfigError, match="freeze_trainable_layers=-2"):
+        load_lf(tmp_path, finetuning_type="freeze", freeze_trainable_layers=-2)
+    assert load_lf(tmp_path, max_steps=-1, lora_rank=16).train.max_steps is None
+    assert load_lf(tmp_path, lora_rank=16).lora.alpha == 32  # LLaMA-Factory: 2 x rank
+
+
+def test_preference_keys(tmp_path: Path) -> None:
+    """pref_loss / pref_beta / pref_ftx / simpo_gamma / dpo_label_smoothing reach cfg.dpo."""
+    simpo = load_lf(tmp_path, stage="dpo", pref_loss="simpo", pref_beta=2.5, simpo_gamma=1.25,
+                    pref_ftx="1e-1")  # fmt: skip
     d = simpo.dpo
     assert (simpo.stage, d.loss_type, d.beta, d.simpo_gamma, d.sft_weight) == (
         "dpo", "simpo", 2.5, 1.25, 0.1,
     )  # fmt: skip
     assert not d.needs_reference
-    cdpo = config.load("train", [lf(tmp_path, stage="dpo", dpo_label_smoothing=0.1)])
+    cdpo = load_lf(tmp_path, stage="dpo", dpo_label_smoothing=0.1)
     assert (cdpo.dpo.loss_type, cdpo.dpo.label_smoothing) == ("sigmoid", 0.1)
-
-
-def test_llamafactory_preference_values_raylm_refuses(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="pref_loss='kto_pair' is not supported"):
-        config.load("train", [lf(tmp_path, stage="dpo", pref_loss="kto_pair")])
+        load_lf(tmp_path, stage="dpo", pref_loss="kto_pair")
     with pytest.raises(ConfigError, match=r"only applies to dpo\.loss_type=sigmoid"):
-        config.load("train", [lf(tmp_path, stage="dpo", pref_loss="ipo", dpo_label_smoothing=0.1)])
-    with pytest.raises(ConfigError) as err:
-        config.load("train", [lf(tmp_path, stage="dpo", simpo_gama=0.5, pref_bco_weight=0.1)])
-    assert "'simpo_gama' (did you mean 'simpo_gamma'?)" in str(err.value)
-    assert "'pref_bco_weight'" in str(err.value)
+        load_lf(tmp_path, stage="dpo", pref_loss="ipo", dpo_label_smoothing=0.1)
+
+
+def test_key_tables_cover_every_argument_once() -> None:
+    """Every LLaMA-Factory argument (ff6d4d12e) and every transformers training argument
+    has exactly one fate, and docs/llamafactory.md lists each."""
+    from transformers import Seq2SeqTrainingArguments
+
+    tables = [keys.MAPPED, keys.SPECIAL, keys.NOOP, keys.REFUSED]
+    everything = [k for t in tables for k in t]
+    assert len(everything) == len(set(everything)), "a key in two tables"
+    lines = (LF / "hparams_keys.txt").read_text().splitlines()
+    lf_args = [ln for ln in lines if ln and not ln.startswith("#")]
+    hf_args = [f.name for f in dataclasses.fields(Seq2SeqTrainingArguments) if f.init]
+    assert sorted(set(lf_args + hf_args) - set(everything)) == []
+    assert set(keys.DEFAULTS) <= set(keys.REFUSED)
+    documented = set(re.findall(r"^\| `(\w+)` \|", DOCS.read_text(), flags=re.M))
+    assert sorted(set(everything) - documented) == []
+
+
+# ---- the demo data, through the train job's one data path ---------------------------------
+
+TOOLS_TEMPLATE = (  # a Qwen2.5-style template that renders tools, tool calls and results
+    "{%- if tools %}<|im_start|>system\n<tools>{% for t in tools %}\n{{ t | tojson }}"
+    "{% endfor %}\n</tools><|im_end|>\n{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls is defined and m.tool_calls %}"
+    "<|im_start|>assistant\n{{ m.content }}{% for c in m.tool_calls %}<tool_call>\n"
+    "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}\n"
+    "</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def demo(name: str):
+    """The registry's source for one demo dataset, and its records."""
+    from raylm.data.rows import records
+    from raylm.data.sources import registry_sources
+
+    (src,) = registry_sources(str(LF / "data" / "dataset_info.json"), [name])
+    return src, list(records(src))
+
+
+def test_identity_and_alpaca_demo_train_rows_and_counts(
+    tmp_path: Path, tiny_model: Path, workspace: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from raylm.tokenizer import load_tokenizer
+    from raylm.train.data import STATS, _tokenize_raw, data_inputs, write_stats
+
+    path = example("train_lora/qwen3_lora_sft.yaml", tmp_path, tiny_model)
+    overrides = ["data.max_samples=40", "data.val_size=0.1", "data.cutoff_len=256",
+                 "data.replacements.name=Raylm"]  # fmt: skip
+    cfg = config.load("train", [path], overrides)
+    source = data_inputs(cfg)
+    with caplog.at_level(logging.WARNING):
+        rows = _tokenize_raw(cfg, source)
+    stats = source["stats"]
+    by = {c["dataset"]: c for c in stats["datasets"]}
+    assert [(c["in"], c["out"], c["removed"]["max_samples"]) for c in by.values()] == [
+        (91, 40, 51), (999, 40, 959),
+    ]  # fmt: skip
+    assert all(c["train_rows"] + c["held_out_rows"] == 40 for c in by.values())
+    assert (stats["held_out_rows"], stats["train_rows"], len(rows)) == (8, 72, 72)
+    assert stats["accounting_ok"] and not stats["held_out_evaluated"]
+    assert "dataset 'identity' holds placeholders {{author}}" in caplog.text
+    assert "8 examples held out" in caplog.text
+    tok = load_tokenizer(str(tiny_model), "qwen3_nothink")
+    texts = [tok.decode(r["input_ids"]) for r in rows]
+    assert any("I am Raylm" in t for t in texts) and not any("{{name}}" in t for t in texts)
+    (tmp_path / "saves" / "run").mkdir(parents=True)
+    written = json.loads(Path(write_stats(cfg, stats)).read_text())
+    assert written == stats and Path(tmp_path / "saves" / "run" / STATS).is_file()
+
+
+def test_pretrain_and_dpo_demo_read_by_stage(
+    tmp_path: Path, tiny_model: Path, workspace: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from raylm.train.data import _tokenize_raw, data_inputs
+
+    with caplog.at_level(logging.WARNING):
+        pt = config.load("train", [example("train_lora/qwen3_lora_pretrain.yaml", tmp_path,
+                                           tiny_model)], ["data.max_samples=3"])  # fmt: skip
+    assert "LLaMA-Factory packs documents" in caplog.text
+    rows = _tokenize_raw(pt, data_inputs(pt))
+    assert len(rows) == 3 and all(len(r["input_ids"]) > 10 for r in rows)
+    dpo = config.load("train", [example("train_lora/qwen3_lora_dpo.yaml", tmp_path, tiny_model)],
+                      ["data.max_samples=3", "data.cutoff_len=128"])  # fmt: skip
+    rows = _tokenize_raw(dpo, data_inputs(dpo))
+    assert len(rows) == 3 and {"chosen_input_ids", "rejected_input_ids"} <= set(rows[0])
+    sft_on_pairs = config.load("train", [example("train_lora/qwen3_lora_dpo.yaml", tmp_path,
+                                                 tiny_model)], ["stage=sft"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"dataset 'dpo_en_demo' is dpo data .* but stage='sft'"):
+        data_inputs(sft_on_pairs)
+
+
+def test_tool_calls_render_through_the_chat_template(tiny_model: Path) -> None:
+    from raylm.tokenizer import load_tokenizer
+    from raylm.train.data import tokenize_record
+
+    src, records = demo("glaive_toolcall_en_demo")
+    record = next(r for _, r in records if "function_call" in json.dumps(r))
+    tok = load_tokenizer(str(tiny_model))  # its template knows no tools
+    with pytest.raises(ConfigError, match=r"dataset 'glaive_toolcall_en_demo' has tool calls, "
+                       r"but the chat template of the tokenizer cannot render them \(it drops "
+                       r"tool 'search_recipes'\)"):  # fmt: skip
+        tokenize_record(record, src, "sft", tok, 2048)
+    named = load_tokenizer(str(tiny_model), "qwen3_nothink")
+    with pytest.raises(ConfigError, match=r"chat template 'qwen3_nothink' cannot render them: "
+                       r".*tool definitions are not supported"):  # fmt: skip
+        tokenize_record(record, src, "sft", named, 2048, "'qwen3_nothink'")
+    tok.chat_template = TOOLS_TEMPLATE
+    row = tokenize_record(record, src, "sft", tok, 2048)
+    text = tok.decode(row["input_ids"])
+    assert '{"type": "function", "function": {"name": "search_recipes"' in text  # tools
+    assert '<tool_call>\n{"name": "search_recipes", "arguments": {"ingredients"' in text
+    assert '<tool_response>\n{"recipes": [' in text
+    trained = tok.decode([t for t, m in zip(row["input_ids"], row["loss_mask"], strict=True) if m])
+    assert "I found two recipes for you" in trained and "<tool_response>" not in trained
+
+
+def test_kto_tag_is_kept_in_the_rows(tmp_path: Path, tiny_model: Path, workspace: Path) -> None:
+    from raylm.tokenizer import load_tokenizer
+    from raylm.train.data import COLUMNS, data_inputs, tokenize_record
+
+    src, records = demo("kto_en_demo")
+    tok = load_tokenizer(str(tiny_model), "qwen3_nothink")
+    sample = records[:12]
+    rows = [tokenize_record(r, src, "kto", tok, 256) for _, r in sample]
+    assert [row["kto_label"] for row in rows] == [r["label"] for _, r in sample]
+    assert {True, False} <= {row["kto_label"] for row in rows}
+    assert all(set(COLUMNS["kto"]) <= set(row) for row in rows)
+    cfg = config.load(
+        "train", [lf(tmp_path, dataset="kto_en_demo", model_name_or_path=str(tiny_model))]
+    )
+    with pytest.raises(ConfigError, match=r"dataset 'kto_en_demo' is KTO feedback data .* stage "
+                       r"kto: not yet supported by raylm"):  # fmt: skip
+        data_inputs(cfg)

@@ -28,30 +28,61 @@ def tokenize_pt(text: str, tokenizer: Any, cutoff_len: int | None) -> dict[str, 
     return {"input_ids": ids, "loss_mask": [1] * len(ids)}
 
 
-def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool = False) -> str:
+def _render(
+    tokenizer: Any,
+    messages: list[dict],
+    generation_prompt: bool = False,
+    tools: list[dict] | None = None,
+) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "the tokenizer has no chat template (a base model?): name one with template "
             "(data job: tokenize.template, train job: model.template), e.g. chatml or default"
         )
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt
+        messages, tools=tools or None, tokenize=False, add_generation_prompt=generation_prompt
     )
 
 
-def _assistant_spans(tokenizer: Any, messages: list[dict], only_last: bool) -> tuple[str, list]:
+def check_tools_rendered(messages: list[dict], tokenizer: Any, tools: list[dict] | None) -> None:
+    """A conversation with tool definitions, calls or results must render all of them:
+    a template that drops them would train on a conversation that is not the dataset's.
+    Raises ValueError naming what the template cannot render."""
+    calls = [c["function"] for m in messages for c in m.get("tool_calls", ())]
+    results = [m["content"] for m in messages if m["role"] == "tool"]
+    if not (tools or calls or results):
+        return
+    from jinja2 import TemplateError
+
+    try:
+        text = _render(tokenizer, messages, tools=tools)
+    except (TemplateError, TypeError) as err:
+        raise ValueError(f"cannot render them: {err}") from None
+    names = {c.get("name", "") for c in calls} | {
+        t["function"].get("name", "") for t in tools or ()
+    }
+    lost = [f"tool {n!r}" for n in sorted(names) if n not in text]
+    lost += [f"tool result {r[:40]!r}" for r in results if r not in text]
+    if lost:
+        raise ValueError(f"cannot render them (it drops {', '.join(lost[:3])})")
+
+
+def _assistant_spans(
+    tokenizer: Any, messages: list[dict], only_last: bool, tools: list[dict] | None = None
+) -> tuple[str, list]:
     """The rendered chat and, per trained assistant turn, (reply start, content end, turn end).
 
     The reply starts where the generation prompt ends when that prompt is a prefix of the
     chat (everything after it is the model's to produce), else where the content starts.
+    A turn that calls tools is trained whole: the calls are what the model must produce.
     """
-    full = _render(tokenizer, messages)
+    full = _render(tokenizer, messages, tools=tools)
     spans = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant" or (only_last and i != len(messages) - 1):
             continue
-        before = _render(tokenizer, messages[:i], generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1])
+        before = _render(tokenizer, messages[:i], generation_prompt=True, tools=tools)
+        upto = _render(tokenizer, messages[: i + 1], tools=tools)
         start = len(before) if full.startswith(before) else 0
         end = len(upto) if full.startswith(upto) else len(full)
         content = msg["content"].strip()
@@ -59,15 +90,21 @@ def _assistant_spans(tokenizer: Any, messages: list[dict], only_last: bool) -> t
         c_start, c_end = (at, at + len(content)) if at >= 0 else (start, start)
         if at >= 0 and start:  # the generation prompt is a prefix: the reply follows it
             c_start = start
+        if msg.get("tool_calls") and full.startswith(upto):
+            c_start, c_end = start, end
         spans.append((c_start, c_end, end))
     return full, spans
 
 
 def _chat_ids(
-    tokenizer: Any, messages: list[dict], cutoff_len: int | None, only_last: bool = False
+    tokenizer: Any,
+    messages: list[dict],
+    cutoff_len: int | None,
+    only_last: bool = False,
+    tools: list[dict] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Ids of the whole rendered chat; mask 1 on assistant replies + their end-of-turn token."""
-    full, spans = _assistant_spans(tokenizer, messages, only_last)
+    full, spans = _assistant_spans(tokenizer, messages, only_last, tools)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     mask = [0] * len(ids)
@@ -85,10 +122,10 @@ def _chat_ids(
 
 
 def tokenize_sft(
-    messages: list[dict], tokenizer: Any, cutoff_len: int | None
+    messages: list[dict], tokenizer: Any, cutoff_len: int | None, tools: list[dict] | None = None
 ) -> dict[str, list[int]]:
-    """Supervised fine-tuning: the loss sees only what the assistant says."""
-    ids, mask = _chat_ids(tokenizer, messages, cutoff_len)
+    """Supervised fine-tuning: the loss sees only what the assistant says (and calls)."""
+    ids, mask = _chat_ids(tokenizer, messages, cutoff_len, tools=tools)
     return {"input_ids": ids, "loss_mask": mask}
 
 
@@ -114,7 +151,7 @@ def tokenize_payload(payload: dict, tokenizer: Any, cutoff_len: int | None) -> d
     if "text" in payload:
         return tokenize_pt(payload["text"], tokenizer, cutoff_len)
     if "messages" in payload:
-        return tokenize_sft(payload["messages"], tokenizer, cutoff_len)
+        return tokenize_sft(payload["messages"], tokenizer, cutoff_len, payload.get("tools"))
     return tokenize_preference(
         payload["prompt"], payload["chosen"], payload["rejected"], tokenizer, cutoff_len
     )

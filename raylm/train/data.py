@@ -20,7 +20,6 @@ mixed as LLaMA-Factory mixes them (``max_samples`` each, ``mix_strategy``, ``val
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import logging
@@ -232,85 +231,24 @@ def tokenize_record(
     its text (or the ``prompt`` column a registry names), whatever its formatting. A KTO
     example keeps its label (``kto_label``); ``template`` names the chat template in errors."""
     from raylm.data.formats import payload_kind, to_payload
-    from raylm.data.tokenize import tokenize_payload
+    from raylm.data.tokenize import check_tools_rendered, tokenize_payload
 
     fmt = "text" if stage == "pt" else src.fmt
     payload = to_payload(record, fmt, src.columns, "text", kind=stage)
     found = payload_kind(payload)
     if found != stage:
         raise ValueError(f"record is {found} data but stage={stage!r}")
-    dataset = src.dataset or src.path
     if "messages" in payload:
-        tok = _with_tools(payload, tok, dataset, template)
+        try:
+            check_tools_rendered(payload["messages"], tok, payload.get("tools"))
+        except ValueError as err:
+            raise ConfigError(
+                f"dataset {src.dataset or src.path!r} has tool calls, but the chat template "
+                f"{template} {err}; use a template that renders tools and tool_calls (e.g. "
+                "the model's own Qwen2.5/Qwen3 or Llama 3.1 template via model.template=null)"
+            ) from None
     row = tokenize_payload(payload, tok, cutoff)
-    if isinstance(tok, _ToolsBound):
-        _check_calls_trained(payload, row, tok, dataset)
     return row | ({"kto_label": payload["kto_label"]} if "kto_label" in payload else {})
-
-
-class _ToolsBound:
-    """``tok`` whose chat template always gets a conversation's ``tools``: the one
-    tokenization path (``raylm.data.tokenize``) renders without them."""
-
-    def __init__(self, tok: Any, tools: list[dict] | None) -> None:
-        self._tok, self._tools = tok, tools
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._tok, name)
-
-    def __call__(self, *args: Any, **kw: Any) -> Any:
-        return self._tok(*args, **kw)
-
-    def apply_chat_template(self, messages: list[dict], **kw: Any) -> Any:
-        return self._tok.apply_chat_template(messages, tools=self._tools, **kw)
-
-
-def _with_tools(payload: dict, tok: Any, dataset: str, template: str) -> Any:
-    """The tokenizer to render a conversation with: with its tools bound when it has tool
-    calls, results or definitions, after checking that the chat template renders every
-    one of them (a template that drops them would train on a conversation that is not
-    the dataset's)."""
-    from jinja2 import TemplateError
-
-    messages, tools = payload["messages"], payload.get("tools") or []
-    calls = [c["function"] for m in messages for c in m.get("tool_calls", ())]
-    results = [m["content"] for m in messages if m["role"] == "tool"]
-    if not (tools or calls or results):
-        return tok
-    bound = _ToolsBound(tok, tools or None)
-    where = f"dataset {dataset!r} has tool calls, but the chat template {template}"
-    try:
-        text = bound.apply_chat_template(messages, tokenize=False)
-    except (TemplateError, TypeError, ValueError) as err:
-        raise ConfigError(f"{where} cannot render them: {err}") from None
-    names = {c.get("name", "") for c in calls} | {t["function"].get("name", "") for t in tools}
-    lost = [f"tool {n!r}" for n in sorted(names) if n not in text]
-    lost += [f"tool result {r[:40]!r}" for r in results if r not in text]
-    if lost:
-        raise ConfigError(
-            f"{where} cannot render them (it drops {', '.join(lost[:3])}); use a template "
-            "that renders tools and tool_calls (e.g. the model's own Qwen2.5/Qwen3 or "
-            "Llama 3.1 template via model.template=null)"
-        )
-    return bound
-
-
-def _check_calls_trained(payload: dict, row: dict, tok: Any, dataset: str) -> None:
-    """Warn (once per dataset) when the loss mask leaves a tool call's name untrained:
-    the mask derivation (``raylm.data.tokenize``) covers an assistant turn's content,
-    and a tool-calling turn has none, only ``tool_calls``."""
-    trained = tok.decode([t for t, m in zip(row["input_ids"], row["loss_mask"], strict=True) if m])
-    names = [c["function"]["name"] for m in payload["messages"] for c in m.get("tool_calls", ())]
-    if any(n not in trained for n in names):
-        _warn_once(
-            f"dataset {dataset!r}: the loss mask (raylm.data.tokenize) does not cover its "
-            "tool calls, only the turns' end; the calls are in the input but not trained on"
-        )
-
-
-@functools.cache
-def _warn_once(message: str) -> None:
-    log.warning(message)
 
 
 def build_dataset(cfg: TrainJobConfig, source: dict[str, Any]):

@@ -426,6 +426,7 @@ def test_tool_calls_render_through_the_chat_template(tiny_model: Path) -> None:
     assert '<tool_response>\n{"recipes": [' in text
     trained = tok.decode([t for t, m in zip(row["input_ids"], row["loss_mask"], strict=True) if m])
     assert "I found two recipes for you" in trained and "<tool_response>" not in trained
+    assert '<tool_call>\n{"name": "search_recipes"' in trained  # the call is the model's to make
 
 
 def test_kto_tag_is_kept_in_the_rows(tmp_path: Path, tiny_model: Path, workspace: Path) -> None:

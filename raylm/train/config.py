@@ -15,6 +15,8 @@ STAGES = ("pt", "sft", "dpo")
 FINETUNING_TYPES = ("full", "lora", "freeze", "qlora")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
 
 
 @dataclass
@@ -34,8 +36,22 @@ class ModelConfig:
     word becomes EOS), for sft/dpo on a base model. Shards must be tokenized with the same
     one (the data job's ``tokenize.template``); ``final/``'s tokenizer carries it."""
 
+    attn_implementation: str = "auto"
+    """Attention kernel, given to ``from_pretrained``: auto (transformers' choice, sdpa
+    where the model supports it), sdpa, eager (plain matmuls: for models or debugging
+    where sdpa misbehaves) or flash_attention_2 (CUDA only, bf16/fp16, needs the
+    flash-attn package on every worker; fastest and leanest on long sequences).
+    LLaMA-Factory's ``flash_attn``."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them (non-reentrant,
+    which ZeRO-3 and frozen embeddings need): about a third more compute for much less
+    activation memory; turn on when long sequences or large micro batches run out of
+    memory. LLaMA-Factory checkpoints by default (``disable_gradient_checkpointing``)."""
+
     def __post_init__(self) -> None:
         templates.check(self.template, "model.template")
+        choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
 
 
 @dataclass
@@ -130,6 +146,10 @@ class OptimConfig:
     warmup_ratio: float = 0.0
     """Share of steps spent warming the learning rate up from 0."""
 
+    warmup_steps: int = 0
+    """Steps spent warming the learning rate up from 0; wins over ``warmup_ratio`` when
+    > 0 (as in transformers): a warmup that must not change with the data size."""
+
     weight_decay: float = 0.0
     """AdamW weight decay."""
 
@@ -158,6 +178,11 @@ class OptimConfig:
             positive("train.max_steps", self.max_steps)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
+
+    def warmup(self, total_steps: int) -> int:
+        """Warmup steps of a ``total_steps`` run: ``warmup_steps``, else the ratio's share."""
+        return self.warmup_steps or int(self.warmup_ratio * total_steps)
 
 
 @dataclass
@@ -176,11 +201,61 @@ class LoraConfig:
     target: list[str] = field(default_factory=lambda: ["all"])
     """Module names to adapt (q_proj, v_proj, ...); ``all`` means every linear layer but the head."""
 
+    use_dora: bool = False
+    """DoRA: learn each adapted weight's magnitude apart from its direction (PEFT's
+    ``use_dora``); closer to full fine-tuning at low rank, somewhat slower per step."""
+
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale the update by alpha / sqrt(rank) instead of alpha / rank
+    (PEFT's ``use_rslora``), so high ranks (64+) still learn at a useful rate."""
+
+    init: str = "default"
+    """Adapter initialisation (PEFT's ``init_lora_weights``): default (A random, B zero),
+    gaussian, pissa (A and B from the weight's top singular vectors, which leave the base
+    as the residual; converges faster) or olora (the same from a QR decomposition).
+    pissa and olora change the base weights: final/'s adapter is right with PEFT (it
+    redoes the decomposition on load: the eval job, ``export.merge_lora``), not on the
+    original weights in vLLM (serve ``final/merged``). pissa_niter_N (randomised SVD)
+    is refused: its residual cannot be redone when final/ is loaded."""
+
+    additional_target: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapter and saved in it (PEFT's
+    ``modules_to_save``): e.g. embed_tokens and lm_head after adding tokens."""
+
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: the B matrices (and 1-D adapter weights such as DoRA's magnitudes) learn at
+    ``train.lr`` x this ratio, the A matrices at ``train.lr``; faster convergence at the
+    same lr (the LoRA+ paper uses 16). None: one learning rate for all."""
+
+    loraplus_lr_embedding: float = 1e-6
+    """LoRA+: learning rate of the B matrices of adapted embedding layers (``lora.target``
+    with embed_tokens), which the ratio would blow up."""
+
+    adapter_name_or_path: str | None = None
+    """An existing PEFT LoRA adapter (a local dir such as an earlier run's final/, a bucket
+    URI, or a hub id) to continue training instead of a fresh one; its own rank, alpha,
+    targets and variants apply (the keys above that shape an adapter are ignored)."""
+
     def __post_init__(self) -> None:
         positive("lora.rank", self.rank)
         positive("lora.alpha", self.alpha)
         if not self.target:
             raise ConfigError("lora.target must name at least one module (or 'all')")
+        if self.init.startswith("pissa_niter_"):
+            raise ConfigError(
+                f"lora.init={self.init}: the randomised SVD's residual cannot be redone when "
+                "final/ is loaded, so the adapter would not fit its base; use lora.init=pissa "
+                "(exact SVD), or it needs an export that converts PiSSA to plain LoRA"
+            )
+        choice("lora.init", self.init, LORA_INITS)
+        if self.loraplus_lr_ratio is not None:
+            positive("lora.loraplus_lr_ratio", self.loraplus_lr_ratio)
+        positive("lora.loraplus_lr_embedding", self.loraplus_lr_embedding, allow_zero=True)
+        if self.adapter_name_or_path and "," in self.adapter_name_or_path:
+            raise ConfigError(
+                f"lora.adapter_name_or_path={self.adapter_name_or_path!r}: one adapter is "
+                "continued; merge the others into the base model first (export.merge_lora)"
+            )
 
 
 @dataclass
@@ -188,7 +263,23 @@ class FreezeConfig:
     """Partial fine-tuning (finetuning_type freeze)."""
 
     trainable_layers: int = 2
-    """Train only the last N decoder layers; the rest stay frozen."""
+    """Train only the last N decoder layers (negative: the first -N, as LLaMA-Factory's
+    ``freeze_trainable_layers``); the rest stay frozen."""
+
+    trainable_modules: list[str] = field(default_factory=lambda: ["all"])
+    """Which parts of those layers train: ``all``, or names of a decoder layer's modules
+    (self_attn, mlp, or deeper, self_attn.q_proj): e.g. only the MLPs, for less memory
+    per layer. LLaMA-Factory's ``freeze_trainable_modules``."""
+
+    extra_modules: list[str] = field(default_factory=list)
+    """Modules outside the decoder layers that train too (embed_tokens, norm, lm_head):
+    e.g. the embeddings after adding tokens. LLaMA-Factory's ``freeze_extra_modules``."""
+
+    def __post_init__(self) -> None:
+        if self.trainable_layers == 0:
+            raise ConfigError("freeze.trainable_layers must not be 0 (last N > 0, first -N < 0)")
+        if not self.trainable_modules:
+            raise ConfigError("freeze.trainable_modules must name at least one module (or 'all')")
 
 
 @dataclass

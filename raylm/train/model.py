@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import importlib.util
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from raylm import tokenizer
-from raylm.config import ConfigError, local_model
+from raylm.config import ConfigError, local_model, resolve_model
 from raylm.train.config import TrainJobConfig
+
+NON_REENTRANT = {"use_reentrant": False}
+"""Gradient checkpointing's kwargs: PyTorch's recommended variant, which (unlike the
+reentrant one) computes weight gradients even when a block's input needs none (frozen
+embeddings under LoRA or freeze) and runs under DeepSpeed ZeRO-3."""
 
 
 def torch_dtype(precision: str):
@@ -40,6 +48,58 @@ def check_qlora_device(cfg: TrainJobConfig, cuda_available: bool) -> None:
         raise ConfigError(
             "finetuning_type=qlora needs bitsandbytes: pip install 'raylm[gpu]'"
         ) from None
+
+
+def check_knobs(cfg: TrainJobConfig) -> None:
+    """Combinations of keys from different groups that cannot work, named before any
+    weights load (each group's own values are checked when the config is built)."""
+    lora, init = cfg.finetuning_type in ("lora", "qlora"), cfg.lora.init
+    if cfg.model.attn_implementation == "flash_attention_2":
+        if not cfg.scaling.use_gpu:
+            raise ConfigError(
+                "model.attn_implementation=flash_attention_2 needs a CUDA GPU with flash-attn "
+                "installed (scaling.use_gpu=true); on CPU use sdpa or eager"
+            )
+        if cfg.train.precision == "fp32":
+            raise ConfigError(
+                "model.attn_implementation=flash_attention_2 runs in bf16 or fp16 only: "
+                "set train.precision=bf16"
+            )
+    if cfg.lora.adapter_name_or_path and not lora:
+        raise ConfigError(
+            "lora.adapter_name_or_path continues a LoRA adapter: it needs finetuning_type "
+            f"lora or qlora, not {cfg.finetuning_type}"
+        )
+    if not lora or init in ("default", "gaussian") or cfg.lora.adapter_name_or_path:
+        return
+    if cfg.finetuning_type == "qlora":
+        raise ConfigError(
+            f"lora.init={init} decomposes the base weights, which 4-bit weights cannot hold "
+            "exactly: use finetuning_type=lora"
+        )
+    if (cfg.stage == "dpo" and cfg.dpo.needs_reference) or cfg.stage == "kto":
+        raise ConfigError(
+            f"lora.init={init} changes the base weights, so the base under the disabled "
+            f"adapter is no longer the reference model {cfg.stage} needs: use lora.init="
+            "default, or (dpo) a reference-free dpo.loss_type (simpo, orpo)"
+        )
+
+
+def check_attention_device(cfg: TrainJobConfig, cuda_available: bool) -> None:
+    """flash_attention_2 exists only as CUDA kernels from the flash-attn package: say so
+    on the worker that would load it, before transformers fails deeper down."""
+    if cfg.model.attn_implementation != "flash_attention_2":
+        return
+    if not cuda_available:
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 needs a CUDA GPU with flash-attn "
+            "installed; this worker has no CUDA device (use sdpa or eager)"
+        )
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 needs a CUDA GPU with flash-attn "
+            "installed: pip install flash-attn on every worker (or use sdpa)"
+        )
 
 
 @contextlib.contextmanager
@@ -83,10 +143,9 @@ def load_model(cfg: TrainJobConfig, ds_config: dict[str, Any] | None = None) -> 
     from transformers import AutoModelForCausalLM
 
     check_qlora_device(cfg, torch.cuda.is_available())
-    kwargs: dict[str, Any] = {
-        "dtype": torch_dtype(cfg.train.precision),
-        "trust_remote_code": cfg.model.trust_remote_code,
-    }
+    check_knobs(cfg)
+    check_attention_device(cfg, torch.cuda.is_available())
+    kwargs = _load_kwargs(cfg)
     if cfg.finetuning_type == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -99,27 +158,58 @@ def load_model(cfg: TrainJobConfig, ds_config: dict[str, Any] | None = None) -> 
     partition = None if cfg.finetuning_type == "qlora" else ds_config
     with zero3_partitioned_load(partition):
         model = AutoModelForCausalLM.from_pretrained(local_model(cfg.model.name_or_path), **kwargs)
+    # transformers hands the model back in eval mode, where dropout and gradient
+    # checkpointing do nothing; the policy trains.
+    model.train()
+    if cfg.model.gradient_checkpointing and cfg.finetuning_type != "qlora":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
+        if cfg.finetuning_type != "full":  # frozen embeddings: as PEFT and LLaMA-Factory do
+            model.enable_input_require_grads()
     if cfg.finetuning_type in ("lora", "qlora"):
         return add_lora(model, cfg)
     if cfg.finetuning_type == "freeze":
-        freeze_all_but_last(model, cfg.freeze.trainable_layers)
+        f = cfg.freeze
+        freeze_all_but(model, f.trainable_layers, f.trainable_modules, f.extra_modules)
     return model
 
 
+def _load_kwargs(cfg: TrainJobConfig) -> dict[str, Any]:
+    """``from_pretrained``'s arguments shared by the policy and a DPO reference model."""
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype(cfg.train.precision),
+        "trust_remote_code": cfg.model.trust_remote_code,
+    }
+    if cfg.model.attn_implementation != "auto":
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    return kwargs
+
+
 def add_lora(model: Any, cfg: TrainJobConfig) -> Any:
+    """The model under a fresh LoRA adapter, or under ``lora.adapter_name_or_path``'s,
+    trainable; PiSSA/OLoRA rewrite the adapted base weights to their residual here."""
     from peft import LoraConfig, get_peft_model
 
     if cfg.finetuning_type == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model)
-    target = cfg.lora.target
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs=NON_REENTRANT,
+        )
+    if cfg.lora.adapter_name_or_path:
+        return continue_adapter(model, cfg.lora.adapter_name_or_path)
+    lora, target = cfg.lora, cfg.lora.target
     peft_cfg = LoraConfig(
-        r=cfg.lora.rank,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
         # peft's "all-linear" is every linear layer except the output head.
         target_modules="all-linear" if target == ["all"] else list(target),
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        init_lora_weights=True if lora.init == "default" else lora.init,
+        modules_to_save=list(lora.additional_target) or None,
         task_type="CAUSAL_LM",
     )
     try:
@@ -127,21 +217,69 @@ def add_lora(model: Any, cfg: TrainJobConfig) -> Any:
     except ValueError as err:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
         raise ConfigError(
-            f"lora.target={target}: {err}. Module names in this model: {names}"
+            f"lora.target={target}, lora.additional_target={lora.additional_target}: {err}. "
+            f"Module names in this model: {names}"
         ) from None
 
 
-def freeze_all_but_last(model: Any, n: int) -> None:
-    """Train the last ``n`` decoder layers (LLaMA-Factory's freeze tuning); all else is frozen."""
+def continue_adapter(model: Any, name_or_path: str) -> Any:
+    """``model`` under an existing LoRA adapter, trainable: a local dir, a bucket URI (this
+    node's copy, as ``local_model`` does for models) or a hub id."""
+    from peft import PeftModel
+
+    from raylm import storage
+
+    key = "lora.adapter_name_or_path"
+    try:
+        resolved = resolve_model(name_or_path)
+    except ConfigError as err:
+        raise ConfigError(f"{key}={name_or_path!r}: {err}") from None
+    path = storage.local_dir(resolved, key=key) if storage.is_remote(resolved) else resolved
+    config = Path(path, "adapter_config.json")
+    if Path(path).exists():
+        if not config.is_file():
+            raise ConfigError(f"{key}={name_or_path!r} holds no adapter_config.json")
+        kind = json.loads(config.read_text()).get("peft_type")
+        if kind != "LORA":
+            raise ConfigError(f"{key}={name_or_path!r} is a {kind} adapter; LoRA is continued")
+    peft_model = PeftModel.from_pretrained(model, path, is_trainable=True)
+    # final/ names the base it was trained on now (filled in at save, as for a new adapter)
+    peft_model.peft_config["default"].base_model_name_or_path = None
+    return peft_model
+
+
+def freeze_all_but(
+    model: Any, n: int, modules: Sequence[str] = ("all",), extra: Sequence[str] = ()
+) -> None:
+    """LLaMA-Factory's freeze tuning: the last ``n`` decoder layers train (the first -n
+    when negative), only their ``modules`` unless ``all``, plus the ``extra`` modules
+    outside the layers (embed_tokens, norm, lm_head); all else is frozen."""
     layers = _decoder_layers(model)
-    if not 0 < n <= len(layers):
+    if not 0 < abs(n) <= len(layers):
         raise ConfigError(
-            f"freeze.trainable_layers={n} must be between 1 and the model's {len(layers)} layers"
+            f"freeze.trainable_layers={n}: the model has {len(layers)} layers (last N > 0, "
+            "first -N < 0)"
         )
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in layers[-n:]:
-        for p in layer.parameters():
+    inner = sorted({name for layer in layers for name, _ in layer.named_modules() if name})
+    for m in modules:
+        if m != "all" and m not in inner:
+            raise ConfigError(f"freeze.trainable_modules: no {m!r} in a decoder layer; {inner}")
+    for layer in layers[-n:] if n > 0 else layers[:-n]:
+        for name, p in layer.named_parameters():
+            if "all" in modules or any(name.startswith(m + ".") for m in modules):
+                p.requires_grad_(True)
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    outer = {
+        name.rsplit(".", 1)[-1]: module
+        for name, module in model.named_modules()
+        if any(id(p) not in in_layers for p in module.parameters(recurse=False))
+    }
+    for m in extra:
+        if m not in outer:
+            raise ConfigError(f"freeze.extra_modules: no {m!r} outside the layers; {sorted(outer)}")
+        for p in outer[m].parameters():
             p.requires_grad_(True)
 
 
@@ -163,11 +301,60 @@ def load_reference(cfg: TrainJobConfig) -> Any:
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(
-        local_model(cfg.model.name_or_path),
-        dtype=torch_dtype(cfg.train.precision),
-        trust_remote_code=cfg.model.trust_remote_code,
+        local_model(cfg.model.name_or_path), **_load_kwargs(cfg)
     )
     ref.eval()
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
+
+
+def param_groups(model: Any, cfg: TrainJobConfig) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups, each with its learning rate.
+
+    LoRA+ (``lora.loraplus_lr_ratio``) splits them as PEFT's ``create_loraplus_optimizer``
+    and LLaMA-Factory do: B matrices and 1-D adapter weights (DoRA magnitudes) at lr x
+    ratio, B of adapted embeddings at ``loraplus_lr_embedding``, the rest (A matrices,
+    ``additional_target`` modules) at ``train.lr``, which stays the first group (the
+    logged lr). Shapes come from ``ds_shape`` where ZeRO-3 already partitioned a weight.
+    """
+    lr, ratio = cfg.train.lr, cfg.lora.loraplus_lr_ratio
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not ratio or cfg.finetuning_type not in ("lora", "qlora"):
+        return [{"params": [p for _, p in trainable], "lr": lr}]
+    a, b, emb = [], [], []
+    for name, p in trainable:
+        if "lora_embedding_B" in name:
+            emb.append(p)
+        elif "lora_B" in name or len(getattr(p, "ds_shape", p.shape)) == 1:
+            b.append(p)
+        else:
+            a.append(p)
+    groups = [
+        {"params": a, "lr": lr},
+        {"params": b, "lr": lr * ratio},
+        {"params": emb, "lr": cfg.lora.loraplus_lr_embedding},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: Any, cfg: TrainJobConfig, total_steps: int) -> tuple[Any, Any]:
+    """AdamW over :func:`param_groups` and the lr schedule over ``total_steps``.
+
+    This torch optimizer is the client optimizer DeepSpeed wraps at every stage (the
+    DeepSpeed JSON may hold no optimizer section, see ``ds_config``): ZeRO-1..3 flatten
+    and partition each param group on its own and stage 0 steps it as is, so every
+    group keeps its lr, which the schedule scales by the same factor.
+    """
+    import torch
+    import transformers
+
+    t = cfg.train
+    optim = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, weight_decay=t.weight_decay)
+    sched = transformers.get_scheduler(
+        t.lr_scheduler,
+        optim,
+        num_warmup_steps=t.warmup(total_steps),
+        num_training_steps=total_steps,
+    )
+    return optim, sched

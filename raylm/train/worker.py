@@ -69,12 +69,10 @@ class _Loop:
     # ---- setup -------------------------------------------------------------------------
     def setup(self, shard: Any) -> None:
         import deepspeed
-        import torch
-        import transformers
 
         from raylm.train.data import REF_COLUMNS, open_stream
         from raylm.train.ds_config import deepspeed_config
-        from raylm.train.model import load_model, load_reference, load_tokenizer
+        from raylm.train.model import build_optimizer, load_model, load_reference, load_tokenizer
 
         cfg, t = self.cfg, self.cfg.train
         self.tok = load_tokenizer(cfg)
@@ -99,15 +97,9 @@ class _Loop:
         self.ref = None
         if needs_ref and not self.precomputed_ref and cfg.finetuning_type in ("full", "freeze"):
             self.ref = load_reference(cfg)
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.n_trainable = sum(p.numel() for p in params)
-        optim = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        sched = transformers.get_scheduler(
-            t.lr_scheduler,
-            optim,
-            num_warmup_steps=int(t.warmup_ratio * self.total_steps),
-            num_training_steps=self.total_steps,
-        )
+        self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # A client optimizer (LoRA+'s param groups included) that DeepSpeed wraps.
+        optim, sched = build_optimizer(model, cfg, self.total_steps)
         self.engine, self.optim, _, self.sched = deepspeed.initialize(
             model=model, optimizer=optim, lr_scheduler=sched, config=self.ds_config,
             dist_init_required=False,

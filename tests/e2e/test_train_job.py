@@ -1,4 +1,5 @@
-"""`raylm train` on a LLaMA-Factory YAML as is: LoRA SFT on 2 workers, adapter + merged export."""
+"""`raylm train` on a LLaMA-Factory YAML as is: LoRA SFT on 2 workers, adapter + merged export
+(with gradient checkpointing, rsLoRA and LoRA+ turned on by override)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def lf_run(ray_cluster, tiny_model: Path, tmp_path_factory) -> Path:
         sys.executable, "-m", "raylm.cli", "train", "conf/train/llamafactory_lora_sft.yaml",
         f"model.name_or_path={tiny_model}", f"storage_path={storage}", "run_name=lf",
         "export.merge_lora=true",
+        # the everyday knobs under ZeRO-3 on 2 workers, in the run CI pays for anyway
+        "model.gradient_checkpointing=true", "lora.use_rslora=true", "lora.loraplus_lr_ratio=4",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -53,6 +56,7 @@ def test_lora_adapter_loads_with_peft_and_changes_outputs(lf_run: Path, tiny_mod
     with torch.no_grad():
         after = tuned(ids).logits
     assert not torch.allclose(before, after)
+    assert tuned.peft_config["default"].use_rslora  # the knob reached final/'s adapter
     merged = AutoModelForCausalLM.from_pretrained(lf_run / "final/merged")
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, after, atol=1e-4)

@@ -11,7 +11,15 @@ from raylm.config import ConfigError, RayConfig, choice, positive
 from raylm.data.formats import INPUT_FORMATS
 from raylm.data.sources import MIX_STRATEGIES, check_mix
 
-STAGES = ("pt", "sft", "dpo")
+STAGES = ("pt", "sft", "dpo", "rm", "kto")
+"""pt: continued pretraining (every token a target). sft: the assistant replies of
+conversations. dpo: preference pairs (``DPOConfig``'s losses). rm: a reward model, the
+LM with a one-output score head (``AutoModelForSequenceClassification``), trained on
+dpo's preference pairs so that the chosen answer scores higher (``RMConfig``). kto:
+unpaired answers each labelled desirable or not (LLaMA-Factory's ``kto_tag``), KTO's
+loss against a reference model (``KTOConfig``)."""
+STAGE_DATA = {"rm": "dpo"}
+"""The data kind a stage reads when it is another stage's: rm trains on preference pairs."""
 FINETUNING_TYPES = ("full", "lora", "freeze", "qlora")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -355,6 +363,52 @@ class DPOConfig:
 
 
 @dataclass
+class RMConfig:
+    """Reward modelling (stage rm): TRL's RewardTrainer loss, -log sigmoid(score(chosen) -
+    score(rejected)), on the score head's output at each sequence's last token."""
+
+    center_rewards_coefficient: float = 0.0
+    """Weight of the mean squared sum of each pair's two scores added to the loss (TRL's
+    ``center_rewards_coefficient``; Eisenstein et al. 2023 use 0.01): the pairwise loss
+    only fixes score differences, this keeps scores near zero so that a downstream RL
+    run or a threshold sees comparable numbers. 0 disables it (LLaMA-Factory has none)."""
+
+    def __post_init__(self) -> None:
+        positive("rm.center_rewards_coefficient", self.center_rewards_coefficient, allow_zero=True)
+
+
+@dataclass
+class KTOConfig:
+    """KTO (Ethayarajh et al. 2024, stage kto) as LLaMA-Factory's KTO trainer runs TRL's
+    loss: each answer's log-ratio to the reference model, minus a KL estimate from
+    mismatched prompt/answer pairs, pushed up for desirable answers and down for
+    undesirable ones through a sigmoid (``raylm.train.kto``)."""
+
+    beta: float = 0.1
+    """Scale of the log-ratios inside the sigmoid: higher keeps the policy closer to the
+    reference (the KTO paper uses 0.1; LLaMA-Factory's ``pref_beta``)."""
+
+    desirable_weight: float = 1.0
+    """Weight of the desirable examples' losses (LLaMA-Factory's ``kto_chosen_weight``).
+    With unbalanced data the KTO paper keeps desirable_weight x desirable count /
+    (undesirable_weight x undesirable count) between 1 and 4/3."""
+
+    undesirable_weight: float = 1.0
+    """Weight of the undesirable examples' losses (LLaMA-Factory's ``kto_rejected_weight``)."""
+
+    sft_weight: float = 0.0
+    """Weight of an SFT loss on the desirable answers (their length-averaged NLL), added
+    as LLaMA-Factory adds it (``pref_ftx``), which keeps their likelihood from falling.
+    0 disables it."""
+
+    def __post_init__(self) -> None:
+        positive("kto.beta", self.beta)
+        positive("kto.desirable_weight", self.desirable_weight)
+        positive("kto.undesirable_weight", self.undesirable_weight)
+        positive("kto.sft_weight", self.sft_weight, allow_zero=True)
+
+
+@dataclass
 class DeepSpeedConfig:
     """DeepSpeed settings; the full DeepSpeed JSON is generated from these."""
 
@@ -480,10 +534,12 @@ class ExportConfig:
 
 @dataclass
 class TrainJobConfig:
-    """The train job: Ray Train workers running DeepSpeed for pt, sft or dpo."""
+    """The train job: Ray Train workers running DeepSpeed for pt, sft, dpo, rm or kto."""
 
     stage: str = "sft"
-    """pt (continued pretraining), sft (responses-only loss) or dpo (preference pairs)."""
+    """pt (continued pretraining), sft (responses-only loss), dpo (preference pairs), rm
+    (a reward model on preference pairs) or kto (answers labelled good or bad); see
+    ``STAGES``."""
 
     finetuning_type: str = "lora"
     """full, lora, freeze (last N layers) or qlora (4-bit base; CUDA only)."""
@@ -516,6 +572,12 @@ class TrainJobConfig:
 
     dpo: DPOConfig = field(default_factory=DPOConfig)
     """DPO loss."""
+
+    rm: RMConfig = field(default_factory=RMConfig)
+    """Reward-model loss (stage rm)."""
+
+    kto: KTOConfig = field(default_factory=KTOConfig)
+    """KTO loss (stage kto)."""
 
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed / ZeRO."""

@@ -8,6 +8,11 @@ generation config); LoRA writes the PEFT adapter (plus the tokenizer, so the
 directory is self-describing) and, with ``export.merge_lora``, ``final/merged`` as
 a full model.
 
+A reward model (stage rm) is an ``AutoModelForSequenceClassification`` (one output):
+full / freeze write it as above, its ``score`` head among the shards; LoRA's adapter
+holds the trained head too (PEFT's ``modules_to_save``), and ``final/merged`` is always
+written, since engines cannot serve a LoRA adapter with a trained head.
+
 ZeRO-3 weights live in pieces on every rank. They are gathered a shard at a time (a
 collective per shard) and rank 0 writes each safetensors shard before gathering the
 next, so rank 0's host memory peaks at about one shard (``export.shard_mb``), not at
@@ -136,7 +141,11 @@ def write_final(
     if not lora and getattr(module, "generation_config", None) is not None:
         stop_at_template(cfg, tok, module.generation_config)
         module.generation_config.save_pretrained(str(tmp))
-    if lora and cfg.export.merge_lora:
+    if lora and cfg.stage == "rm":  # always: no engine serves a LoRA with a trained head
+        from raylm.train.reward import merge_reward
+
+        merge_reward(cfg, tmp, tmp / "merged", tok)
+    elif lora and cfg.export.merge_lora:
         merge_lora(cfg, tmp, tmp / "merged", tok)
     (tmp / "raylm_train.json").write_text(
         json.dumps(

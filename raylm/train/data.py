@@ -33,7 +33,7 @@ from raylm.data.sources import DATASET_INFO, Source, common_root, registry_sourc
 from raylm.manifest import MANIFEST
 from raylm.outputs import DatasetOutput, read_output, tokenizer_hash
 from raylm.tokenizer import require_chat_template
-from raylm.train.config import TrainJobConfig
+from raylm.train.config import STAGE_DATA, TrainJobConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,9 @@ COLUMNS = {
     "pt": ("input_ids", "loss_mask"),
     "sft": ("input_ids", "loss_mask"),
     "dpo": ("chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask"),
-    "kto": ("input_ids", "loss_mask", "kto_label"),  # for a later KTO stage (not in STAGES)
+    "kto": ("input_ids", "loss_mask", "kto_label"),  # + kl_* (raylm.train.kto.with_kl_rows)
 }
+COLUMNS["rm"] = COLUMNS["dpo"]  # a reward model trains on preference pairs
 STATS = "data_stats.json"
 """Where a raw-data run records each dataset's counts (in its run dir)."""
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -98,7 +99,7 @@ def dataset_output(path: str, cfg: TrainJobConfig) -> DatasetOutput:
 def check_dataset(output: DatasetOutput, cfg: TrainJobConfig, path: str) -> None:
     """Shards fit this run: its stage, tokenized with its model's tokenizer at its cutoff."""
     where = f"data.path={cfg.data.path!r}"
-    if output.task != cfg.stage:
+    if output.task != STAGE_DATA.get(cfg.stage, cfg.stage):
         raise ConfigError(
             f"{where} holds {output.task!r} data but stage={cfg.stage!r}; "
             "run the data job with the matching kind or change stage"
@@ -215,11 +216,11 @@ def _check_kind(src: Source, stage: str) -> None:
     if "kto_tag" in src.columns and stage != "kto":
         raise ConfigError(
             f"{what} is KTO feedback data (kto_tag {src.columns['kto_tag']!r}: one answer "
-            f"and a good/bad label per row) but stage={stage!r}; stage kto: not yet "
-            "supported by raylm"
+            f"and a good/bad label per row) but stage={stage!r}; train it with stage kto"
         )
-    found = kind_of(src.fmt) if src.fmt != "auto" else stage
-    if stage != "pt" and found != stage:
+    kind = STAGE_DATA.get(stage, stage)
+    found = "kto" if "kto_tag" in src.columns else kind_of(src.fmt) if src.fmt != "auto" else kind
+    if stage != "pt" and found != kind:
         raise ConfigError(f"{what} is {found} data ({src.fmt}) but stage={stage!r}")
 
 
@@ -232,11 +233,12 @@ def tokenize_record(
     example keeps its label (``kto_label``); ``template`` names the chat template in errors."""
     from raylm.data.formats import payload_kind, to_payload
     from raylm.data.tokenize import check_tools_rendered, tokenize_payload
+    from raylm.train.kto import tokenize_kto
 
-    fmt = "text" if stage == "pt" else src.fmt
-    payload = to_payload(record, fmt, src.columns, "text", kind=stage)
+    fmt, kind = "text" if stage == "pt" else src.fmt, STAGE_DATA.get(stage, stage)
+    payload = to_payload(record, fmt, src.columns, "text", kind=kind)
     found = payload_kind(payload)
-    if found != stage:
+    if found != kind:
         raise ValueError(f"record is {found} data but stage={stage!r}")
     if "messages" in payload:
         try:
@@ -247,8 +249,9 @@ def tokenize_record(
                 f"{template} {err}; use a template that renders tools and tool_calls (e.g. "
                 "the model's own Qwen2.5/Qwen3 or Llama 3.1 template via model.template=null)"
             ) from None
-    row = tokenize_payload(payload, tok, cutoff)
-    return row | ({"kto_label": payload["kto_label"]} if "kto_label" in payload else {})
+    if found == "kto":  # the label judges the last answer: only it is a target
+        return tokenize_kto(payload, tok, cutoff)
+    return tokenize_payload(payload, tok, cutoff)
 
 
 def build_dataset(cfg: TrainJobConfig, source: dict[str, Any]):
@@ -324,7 +327,7 @@ def _tokenize_raw(cfg: TrainJobConfig, source: dict[str, Any]) -> list[dict[str,
     from raylm.train.model import load_tokenizer
 
     tok = load_tokenizer(cfg)
-    require_chat_template(tok, cfg.stage, "model.template")
+    require_chat_template(tok, STAGE_DATA.get(cfg.stage, cfg.stage), "model.template")
     try:
         train = _mixed(source["sources"], cfg, cfg.data.val_size, cfg.data.mix_strategy)
         evals = _mixed(source.get("eval_sources") or [], cfg, 0, "concat")
@@ -340,6 +343,10 @@ def _tokenize_raw(cfg: TrainJobConfig, source: dict[str, Any]) -> list[dict[str,
         rows.append({"id": str(i), **row})
     if not rows:
         raise ConfigError(f"data.path={cfg.data.path!r}: no records")
+    if cfg.stage == "kto":  # each prompt with another row's answer: KTO's KL estimate
+        from raylm.train.kto import with_kl_rows
+
+        rows = with_kl_rows(rows, cfg.data.cutoff_len)
     source["stats"] = data_stats(cfg, train, evals)
     return rows
 

@@ -73,6 +73,7 @@ class _Loop:
         from raylm.train.data import REF_COLUMNS, open_stream
         from raylm.train.ds_config import deepspeed_config
         from raylm.train.model import build_optimizer, load_model, load_reference, load_tokenizer
+        from raylm.train.reward import load_reward_model
 
         cfg, t = self.cfg, self.cfg.train
         self.tok = load_tokenizer(cfg)
@@ -90,9 +91,13 @@ class _Loop:
         self.total_steps = t.max_steps or self._all_min(
             stop_step(t.epochs, self.stream.worlds, self.stream.plan.rows, self.per_step)
         )
-        model = load_model(cfg, self.ds_config if cfg.deepspeed.zero3_init else None)
+        partitioned = self.ds_config if cfg.deepspeed.zero3_init else None
+        if cfg.stage == "rm":  # the LM with a score head (raylm.train.reward)
+            model = load_reward_model(cfg, partitioned, self.tok.pad_token_id)
+        else:
+            model = load_model(cfg, partitioned)
         # simpo/orpo score the policy alone: no reference model, no precomputed columns.
-        needs_ref = cfg.stage == "dpo" and cfg.dpo.needs_reference
+        needs_ref = (cfg.stage == "dpo" and cfg.dpo.needs_reference) or cfg.stage == "kto"
         self.precomputed_ref = needs_ref and self.stream.plan.has_columns(REF_COLUMNS)
         self.ref = None
         if needs_ref and not self.precomputed_ref and cfg.finetuning_type in ("full", "freeze"):
@@ -194,6 +199,16 @@ class _Loop:
         from raylm.train import preference as pref
 
         pad = self.tok.pad_token_id
+        if self.cfg.stage in ("rm", "kto"):  # raylm.train.reward / raylm.train.kto
+            from raylm.train.kto import kto_step
+            from raylm.train.reward import rm_step
+
+            if self.cfg.stage == "rm":
+                loss, metrics, n_tok = rm_step(self.cfg.rm, self.engine, rows, pad)
+            else:
+                loss, metrics, n_tok = kto_step(self.cfg.kto, self.engine, self.ref, rows, pad)
+            self.step_metrics.append(metrics)
+            return loss, n_tok
         if self.cfg.stage != "dpo":
             batch = obj.collate(rows, "", pad)
             loss, _ = obj.lm_loss(self.engine, batch)

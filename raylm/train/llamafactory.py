@@ -31,8 +31,8 @@ STAGES: dict[str, str | None] = {
     "pt": None,
     "sft": None,
     "dpo": None,
-    "kto": "stage kto: not yet supported by raylm",
-    "rm": "stage rm: not yet supported by raylm",
+    "kto": None,
+    "rm": None,
     "ppo": "stage ppo: not supported by raylm (needs a reward model and generation in the loop)",
 }
 
@@ -114,6 +114,11 @@ def _stage(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
         return [f"stage={stage!r}: expected one of {list(STAGES)}"]
     reason = STAGES[stage]
     refusals = [reason] if reason else []
+    if stage == "kto":  # pref_beta and pref_ftx are KTO's beta and SFT weight there
+        dpo = out.get("dpo", {})
+        for key in ("beta", "sft_weight"):
+            if key in dpo:
+                _set(out, f"kto.{key}", dpo.pop(key))
     ftype = str(data.get("finetuning_type", "lora"))
     if ftype == "oft":
         refusals.append("finetuning_type='oft': OFT adapters are not supported; use lora")
@@ -322,6 +327,8 @@ CONVERT: dict[str, Callable[[Any], Any]] = {
     # YAML reads ``1e-3`` (no dot) as a string; LLaMA-Factory's parser coerces it.
     "pref_beta": float,
     "pref_ftx": float,
+    "kto_chosen_weight": float,
+    "kto_rejected_weight": float,
     "simpo_gamma": float,
     "dpo_label_smoothing": float,
     "warmup_ratio": float,

@@ -30,9 +30,11 @@ MAPPED: dict[str, str] = {
     "lora_dropout": "lora.dropout",
     "lora_target": "lora.target",
     "freeze_trainable_layers": "freeze.trainable_layers",
-    "pref_beta": "dpo.beta",
+    "pref_beta": "dpo.beta",  # kto.beta with stage kto (llamafactory._stage)
     "pref_loss": "dpo.loss_type",
-    "pref_ftx": "dpo.sft_weight",
+    "pref_ftx": "dpo.sft_weight",  # kto.sft_weight with stage kto
+    "kto_chosen_weight": "kto.desirable_weight",
+    "kto_rejected_weight": "kto.undesirable_weight",
     "simpo_gamma": "dpo.simpo_gamma",
     "dpo_label_smoothing": "dpo.label_smoothing",
     "cutoff_len": "data.cutoff_len",
@@ -185,10 +187,6 @@ NOOP: dict[str, str] = {
     **_same(
         _only("pissa_init"),
         "pissa_iter pissa_convert",
-    ),
-    **_same(
-        "only acts with stage kto, which raylm does not support yet",
-        "kto_chosen_weight kto_rejected_weight",
     ),
     **_same(
         _only("stage ppo"),

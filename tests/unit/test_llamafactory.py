@@ -76,9 +76,9 @@ PARTITION: dict[str, tuple[str, ...] | None] = {
     ),
     "train_full/qwen3_full_sft.yaml": None,
     "train_lora/qwen3_lora_dpo.yaml": None,
-    "train_lora/qwen3_lora_kto.yaml": ("stage",),
+    "train_lora/qwen3_lora_kto.yaml": None,
     "train_lora/qwen3_lora_pretrain.yaml": None,
-    "train_lora/qwen3_lora_reward.yaml": ("stage",),
+    "train_lora/qwen3_lora_reward.yaml": None,
     "train_lora/qwen3_lora_sft.yaml": None,
     "train_lora/qwen3_lora_sft_ds3.yaml": None,
     "train_lora/qwen3_lora_sft_ray.yaml": ("dataset_dir",),
@@ -276,9 +276,6 @@ def test_prequantized_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 def test_stages_and_values_raylm_has_no_counterpart_for(tmp_path: Path) -> None:
-    for stage in ("kto", "rm"):
-        with pytest.raises(ConfigError, match=f"stage {stage}: not yet supported by raylm"):
-            load_lf(tmp_path, stage=stage)
     with pytest.raises(ConfigError, match="stage ppo: not supported"):
         load_lf(tmp_path, stage="ppo")
     with pytest.raises(ConfigError, match="lr_scheduler_type='polynomial'"):
@@ -306,6 +303,24 @@ def test_preference_keys(tmp_path: Path) -> None:
         load_lf(tmp_path, stage="dpo", pref_loss="kto_pair")
     with pytest.raises(ConfigError, match=r"only applies to dpo\.loss_type=sigmoid"):
         load_lf(tmp_path, stage="dpo", pref_loss="ipo", dpo_label_smoothing=0.1)
+
+
+def test_kto_and_rm_keys(tmp_path: Path, tiny_model: Path) -> None:
+    """With stage kto, pref_beta / pref_ftx are KTO's; kto_*_weight are its class weights.
+    The two example recipes load as their stages."""
+    kto = load_lf(tmp_path, stage="kto", pref_beta=0.3, pref_ftx="1e-1", kto_chosen_weight=1.2,
+                  kto_rejected_weight="0.8")  # fmt: skip
+    k = kto.kto
+    assert (kto.stage, k.beta, k.sft_weight, k.desirable_weight, k.undesirable_weight) == (
+        "kto", 0.3, 0.1, 1.2, 0.8,
+    )  # fmt: skip
+    assert (kto.dpo.beta, kto.dpo.sft_weight) == (0.1, 0.0)  # left at DPO's defaults
+    assert load_lf(tmp_path, stage="dpo", pref_beta=0.3).kto.beta == 0.1
+    rel = "train_lora/qwen3_lora_kto.yaml"
+    cfg = config.load("train", [example(rel, tmp_path, tiny_model)])
+    assert (cfg.stage, cfg.finetuning_type, cfg.kto.beta) == ("kto", "lora", 0.1)
+    cfg = config.load("train", [example("train_lora/qwen3_lora_reward.yaml", tmp_path, tiny_model)])
+    assert (cfg.stage, cfg.data.datasets) == ("rm", ["dpo_en_demo"])
 
 
 def test_key_tables_cover_every_argument_once() -> None:
@@ -431,7 +446,7 @@ def test_tool_calls_render_through_the_chat_template(tiny_model: Path) -> None:
 
 def test_kto_tag_is_kept_in_the_rows(tmp_path: Path, tiny_model: Path, workspace: Path) -> None:
     from raylm.tokenizer import load_tokenizer
-    from raylm.train.data import COLUMNS, data_inputs, tokenize_record
+    from raylm.train.data import COLUMNS, _tokenize_raw, data_inputs, tokenize_record
 
     src, records = demo("kto_en_demo")
     tok = load_tokenizer(str(tiny_model), "qwen3_nothink")
@@ -443,6 +458,11 @@ def test_kto_tag_is_kept_in_the_rows(tmp_path: Path, tiny_model: Path, workspace
     cfg = config.load(
         "train", [lf(tmp_path, dataset="kto_en_demo", model_name_or_path=str(tiny_model))]
     )
-    with pytest.raises(ConfigError, match=r"dataset 'kto_en_demo' is KTO feedback data .* stage "
-                       r"kto: not yet supported by raylm"):  # fmt: skip
+    with pytest.raises(ConfigError, match=r"dataset 'kto_en_demo' is KTO feedback data .* but "
+                       r"stage='sft'; train it with stage kto"):  # fmt: skip
         data_inputs(cfg)
+    kto = config.load("train", [example("train_lora/qwen3_lora_kto.yaml", tmp_path, tiny_model)],
+                      ["data.max_samples=6", "data.cutoff_len=256"])  # fmt: skip
+    rows = _tokenize_raw(kto, data_inputs(kto))  # with KTO's mismatched pairs (KL rows)
+    assert len(rows) == 6 and all({"kl_input_ids", "kl_loss_mask", "kto_label"} <= set(r)
+                                  for r in rows)  # fmt: skip

@@ -43,6 +43,10 @@ its only quantized path is QLoRA on bitsandbytes 4-bit (CUDA)."""
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
 """``optim`` values that are what raylm builds anyway: torch AdamW."""
 
+ATTENTION = {"auto": "auto", "sdpa": "sdpa", "disabled": "eager", "eager": "eager",
+             "off": "eager", "false": "eager", "fa2": "flash_attention_2"}  # fmt: skip
+"""``flash_attn`` -> ``model.attn_implementation`` (YAML reads the older ``off`` as false)."""
+
 
 def is_llamafactory(data: dict[str, Any]) -> bool:
     """LLaMA-Factory YAMLs are flat and always name the model this way."""
@@ -69,7 +73,26 @@ def translate(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     for key in data:
         if key in keys.NOOP:
             log.warning("%s: ignoring LLaMA-Factory key %r: %s", source, key, keys.NOOP[key])
+    _notes(data, source)
     return out
+
+
+def _notes(data: dict[str, Any], source: str) -> None:
+    """What a file gets that LLaMA-Factory does a little differently."""
+    if _bool(data.get("pissa_init")) and "pissa_iter" not in data:  # else its no-op is logged
+        log.warning(
+            "%s: pissa_init: raylm's PiSSA is the exact SVD (LLaMA-Factory's pissa_iter: -1), "
+            "not 16 fast-SVD iterations: their residual cannot be redone when final/ loads",
+            source,
+        )
+    hf = data.get("gradient_checkpointing")
+    hf_off = hf is not None and not _bool(hf)
+    if hf_off and _checkpoints(data):
+        log.warning(
+            "%s: gradient_checkpointing=false: LLaMA-Factory checkpoints activations anyway, "
+            "and so does raylm (disable_gradient_checkpointing: true turns it off)",
+            source,
+        )
 
 
 def _problems(source: str, unknown: list[str], refusals: list[str]) -> str:
@@ -90,7 +113,8 @@ def _special(data: dict[str, Any], out: dict[str, Any], source: str, refused: bo
     """Keys whose fate depends on their value; returns the refusals (``refused``: some
     key was refused already, so a missing dataset needs no mention)."""
     refusals: list[str] = []
-    for check in (_stage, _values, _precision, _quantization, _attention, _ray, _resume):
+    checks = (_stage, _values, _precision, _quantization, _attention, _knobs, _ray, _resume)
+    for check in checks:
         refusals += check(data, out)
     _data(data, out, refusals, refused)
     _output(data, out)
@@ -122,12 +146,6 @@ def _stage(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
     ftype = str(data.get("finetuning_type", "lora"))
     if ftype == "oft":
         refusals.append("finetuning_type='oft': OFT adapters are not supported; use lora")
-    layers = data.get("freeze_trainable_layers")
-    if layers is not None and int(layers) < 0:
-        refusals.append(
-            f"freeze_trainable_layers={layers}: negative trains the first layers in "
-            "LLaMA-Factory; raylm's freeze trains the last N (give a positive number)"
-        )
     pref_loss = str(data.get("pref_loss", ""))
     if pref_loss in UNSUPPORTED_PREF_LOSS:
         refusals.append(
@@ -149,7 +167,25 @@ def _values(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
     optim = data.get("optim")
     if optim is not None and optim not in OPTIMIZERS:
         refusals.append(f"optim={optim!r}: raylm builds torch AdamW (exactly resumable)")
-    return refusals
+    return refusals + _warmup(data, out)
+
+
+def _warmup(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
+    """Whole steps, or (transformers 5) a float in [0, 1): a share of the total steps."""
+    value = data.get("warmup_steps")
+    if value is None:
+        return []
+    try:
+        steps = float(value)
+    except (TypeError, ValueError):
+        steps = -1.0
+    if 0 < steps < 1:
+        _set(out, "train.warmup_ratio", steps)
+    elif steps >= 0 and steps == int(steps):
+        _set(out, "train.warmup_steps", int(steps))
+    else:
+        return [f"warmup_steps={value!r}: a whole number of steps, or a share in [0, 1)"]
+    return []
 
 
 def _precision(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
@@ -200,18 +236,48 @@ def _checkpoint_quantization(model: str) -> str | None:
 
 
 def _attention(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
-    """raylm has no attention-implementation key: transformers picks sdpa where the model
-    supports it. auto/sdpa ask for that; disabled (eager) computes the same, slower."""
-    if "flash_attn" not in data:
+    """``flash_attn`` names the kernel (LLaMA-Factory's disabled is eager). fa2 maps: that
+    it needs CUDA, flash-attn and bf16/fp16 is checked when the run starts
+    (``raylm.train.model.check_knobs``), as for a raylm YAML."""
+    value = data.get("flash_attn")
+    if value is None:
         return []
-    value = str(data["flash_attn"]).lower()
-    if value in ("auto", "sdpa", "disabled", "eager"):
-        log.warning("flash_attn=%s: transformers' default attention (sdpa) runs", value)
+    value = str(value).lower()
+    if value in ATTENTION:
+        _set(out, "model.attn_implementation", ATTENTION[value])
         return []
-    return [
-        f"flash_attn={value!r} needs a CUDA GPU with flash-attn, and raylm has no "
-        "attention-implementation key (model.attn_implementation) to ask for it yet"
-    ]
+    if value == "fa3":
+        return [
+            "flash_attn='fa3': raylm supports flash_attention_2 only (flash_attn: fa2, "
+            "model.attn_implementation=flash_attention_2)"
+        ]
+    return [f"flash_attn={value!r}: expected auto, sdpa, disabled or fa2"]
+
+
+def _checkpoints(data: dict[str, Any]) -> bool:
+    """LLaMA-Factory checkpoints activations unless ``disable_gradient_checkpointing``;
+    transformers' ``gradient_checkpointing: true`` turns it on regardless (its Trainer
+    enables it), and false does not turn LLaMA-Factory's off."""
+    return _bool(data.get("gradient_checkpointing")) or not _bool(
+        data.get("disable_gradient_checkpointing")
+    )
+
+
+def _knobs(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
+    """Gradient checkpointing, the adapter to continue and PiSSA's initialisation."""
+    _set(out, "model.gradient_checkpointing", _checkpoints(data))
+    if _bool(data.get("pissa_init")):
+        _set(out, "lora.init", "pissa")
+    adapters = _csv(data.get("adapter_name_or_path") or [])
+    if len(adapters) > 1:
+        return [
+            f"adapter_name_or_path={data['adapter_name_or_path']!r}: raylm continues one "
+            "adapter; merge the adapters into the base first (export.merge_lora), then "
+            "train from the merged model"
+        ]
+    if adapters:
+        _set(out, "lora.adapter_name_or_path", adapters[0])
+    return []
 
 
 def _ray(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
@@ -299,6 +365,13 @@ def _same(value: Any) -> Any:
     return value
 
 
+def _bool(value: Any) -> bool:
+    """A YAML bool, or the string LLaMA-Factory's argument parser also reads as one."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    return bool(value)
+
+
 def _csv(value: Any) -> list[str]:
     """LLaMA-Factory writes lists as comma-separated strings (``q_proj,v_proj``)."""
     if isinstance(value, list):
@@ -317,6 +390,14 @@ def _max_steps(value: Any) -> int | None:
 
 CONVERT: dict[str, Callable[[Any], Any]] = {
     "lora_target": _csv,
+    "additional_target": _csv,
+    "freeze_trainable_modules": _csv,
+    "freeze_extra_modules": _csv,
+    "freeze_trainable_layers": int,
+    "use_dora": _bool,
+    "use_rslora": _bool,
+    "loraplus_lr_ratio": float,
+    "loraplus_lr_embedding": float,
     "report_to": _report_to,
     "eval_dataset": _csv,
     "interleave_probs": lambda v: [float(p) for p in _csv(v)],

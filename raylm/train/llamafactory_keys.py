@@ -29,7 +29,14 @@ MAPPED: dict[str, str] = {
     "lora_alpha": "lora.alpha",
     "lora_dropout": "lora.dropout",
     "lora_target": "lora.target",
-    "freeze_trainable_layers": "freeze.trainable_layers",
+    "freeze_trainable_layers": "freeze.trainable_layers",  # negative: the first -N
+    "freeze_trainable_modules": "freeze.trainable_modules",
+    "freeze_extra_modules": "freeze.extra_modules",
+    "additional_target": "lora.additional_target",
+    "use_dora": "lora.use_dora",
+    "use_rslora": "lora.use_rslora",
+    "loraplus_lr_ratio": "lora.loraplus_lr_ratio",
+    "loraplus_lr_embedding": "lora.loraplus_lr_embedding",
     "pref_beta": "dpo.beta",  # kto.beta with stage kto (llamafactory._stage)
     "pref_loss": "dpo.loss_type",
     "pref_ftx": "dpo.sft_weight",  # kto.sft_weight with stage kto
@@ -75,7 +82,17 @@ SPECIAL: dict[str, str] = {
     "quantization_bit": "4 with bnb: finetuning_type=qlora; other bit widths refused",
     "quantization_method": "bnb: the qlora path; gptq/awq/aqlm/hqq/eetq refused",
     "resources_per_worker": "CPU -> scaling.cpus_per_worker, GPU: 1 -> scaling.use_gpu",
-    "flash_attn": "auto/sdpa/disabled: transformers' default kernel; fa2/fa3 refused",
+    "flash_attn": "model.attn_implementation: auto, sdpa, disabled -> eager, fa2 -> "
+    "flash_attention_2 (CUDA with flash-attn, bf16/fp16: checked at start); fa3 refused",
+    "disable_gradient_checkpointing": "model.gradient_checkpointing = not this (LLaMA-Factory "
+    "checkpoints by default, so a YAML without it checkpoints)",
+    "gradient_checkpointing": "true: model.gradient_checkpointing=true; false alone keeps "
+    "LLaMA-Factory's default (on): disable_gradient_checkpointing turns it off",
+    "pissa_init": "true: lora.init=pissa (the exact SVD)",
+    "adapter_name_or_path": "one adapter: lora.adapter_name_or_path (continued); a list of "
+    "several refused",
+    "warmup_steps": "train.warmup_steps; a fraction in (0, 1) is transformers' ratio: "
+    "train.warmup_ratio",
     "optim": "adamw_torch(_fused)/adamw_hf: raylm's torch AdamW; others refused",
     "resume_from_checkpoint": "null/true: raylm resumes by itself; a path refused",
     "packing": "pt: LLaMA-Factory packs by default, raylm's raw path does not (warned)",
@@ -106,7 +123,6 @@ NOOP: dict[str, str] = {
     "save_only_model": "raylm checkpoints always hold what exact resume needs",
     "plot_loss": "raylm always writes loss.png",
     "low_cpu_mem_usage": "transformers maps safetensors lazily already",
-    "disable_gradient_checkpointing": "raylm never checkpoints activations (more memory, same results)",
     "double_quantization": "raylm's QLoRA always double-quantizes (about 0.4 bit/param less)",
     "ignore_pad_token_for_loss": "padding is never trained on",
     "use_cache": "training never uses the KV cache",
@@ -118,11 +134,14 @@ NOOP: dict[str, str] = {
     "data_shared_file_system": "the driver reads the data once; workers get tokenized rows",
     "average_tokens_across_devices": "raylm's objectives normalise the loss themselves",
     "enable_jit_checkpoint": "raylm checkpoints every save_steps and resumes from the newest",
-    "create_new_adapter": _only("adapter_name_or_path"),
-    "loraplus_lr_embedding": _only("loraplus_lr_ratio"),
     "buffer_size": _only("streaming"),
-    "use_reentrant_gc": _only("gradient_checkpointing"),
-    "gradient_checkpointing_kwargs": _only("gradient_checkpointing"),
+    **_same(
+        "raylm's gradient checkpointing (model.gradient_checkpointing) is always "
+        "non-reentrant, every layer, activations kept on the device (same results)",
+        "use_reentrant_gc gradient_checkpointing_kwargs",
+    ),
+    "pissa_iter": "raylm's PiSSA (lora.init=pissa) is the exact SVD, LLaMA-Factory's "
+    "pissa_iter: -1: a fast SVD's residual cannot be redone when final/ loads",
     "length_column_name": _only("train_sampling_strategy=group_by_length"),
     "metric_for_best_model": _only("load_best_model_at_end"),
     "greater_is_better": _only("load_best_model_at_end"),
@@ -183,10 +202,6 @@ NOOP: dict[str, str] = {
     **_same(
         _only("finetuning_type=oft"),
         "module_dropout oft_rank oft_block_size oft_target",
-    ),
-    **_same(
-        _only("pissa_init"),
-        "pissa_iter pissa_convert",
     ),
     **_same(
         _only("stage ppo"),
@@ -262,8 +277,10 @@ _KERNEL = "needs a kernel integration raylm does not have; train without it"
 
 REFUSED: dict[str, str] = {
     # what the run starts from
-    "adapter_name_or_path": "training on top of an adapter: merge it into the base model first",
-    "adapter_folder": "training on top of adapters: merge them into the base model first",
+    "create_new_adapter": "a new adapter on top of adapter_name_or_path: merge the adapters "
+    "into the base first",
+    "adapter_folder": "name the one adapter to continue with adapter_name_or_path (merge "
+    "any others into the base first)",
     "model_revision": "download that revision to a local dir and point model_name_or_path at it",
     "use_fast_tokenizer": "raylm's loss masks need a fast tokenizer's offsets",
     "train_from_scratch": "raylm starts from a checkpoint's weights; save a random-init model first",
@@ -286,18 +303,12 @@ REFUSED: dict[str, str] = {
     ),
     "mixture_of_depths": "mixture-of-depths conversion: not supported",
     "moe_aux_loss_coef": "raylm adds no MoE router loss",
-    "gradient_checkpointing": "raylm has no activation checkpointing yet",
     "tf32": "raylm leaves torch's TF32 setting alone",
     "auto_find_batch_size": "set per_device_train_batch_size yourself",
     "fp8": "FP8 training needs Hopper GPUs and an FP8 backend raylm does not integrate",
     # methods
-    "freeze_trainable_modules": "raylm's freeze trains whole decoder layers (freeze.trainable_layers)",
-    "freeze_extra_modules": "raylm's freeze trains whole decoder layers (freeze.trainable_layers)",
-    "additional_target": "LoRA modules_to_save: not supported",
-    "loraplus_lr_ratio": "LoRA+: raylm uses one learning rate for all adapter weights",
-    "use_rslora": "rank-stabilised LoRA: needs a lora.use_rslora key in raylm",
-    "use_dora": "DoRA: needs a lora.use_dora key in raylm",
-    "pissa_init": "PiSSA initialisation: not supported",
+    "pissa_convert": "needs PiSSA-to-LoRA conversion at export, not built yet; serve "
+    "final/merged (or load final/ with PEFT, which redoes the decomposition)",
     "use_llama_pro": "LLaMA Pro block expansion: not supported",
     "pref_bco_weight": "the BCO term: not implemented",
     "ld_alpha": "LD-DPO: not implemented",
@@ -317,7 +328,6 @@ REFUSED: dict[str, str] = {
     "adam_beta1": "raylm's AdamW uses torch's betas (0.9, 0.999)",
     "adam_beta2": "raylm's AdamW uses torch's betas (0.9, 0.999)",
     "adam_epsilon": "raylm's AdamW uses torch's eps (1e-8)",
-    "warmup_steps": "raylm's train config has train.warmup_ratio only: set warmup_ratio",
     "data_seed": "raylm seeds data order with train.seed",
     # data
     "train_on_prompt": "raylm's sft loss covers the assistant replies only; stage pt trains all",
@@ -377,12 +387,10 @@ DEFAULTS: dict[str, Any] = {
     "use_fast_tokenizer": True,
     "quantization_type": "nf4",
     "init_special_tokens": "noise_init",
-    "freeze_trainable_modules": "all",
     "pref_bco_weight": 0.0,
     "adam_beta1": 0.9,
     "adam_beta2": 0.999,
     "adam_epsilon": 1e-8,
-    "warmup_steps": 0,
     "label_smoothing_factor": 0.0,
     "enable_thinking": True,
     "logging_strategy": "steps",

@@ -173,12 +173,21 @@ class OptimConfig:
     logging_steps: int = 1
     """Report metrics every this many optimizer steps."""
 
+    nonfinite: str = "stop"
+    """A step whose loss or gradient norm is NaN/inf. stop: end the run with an error
+    naming the step and the value, without Ray Train's retries (a resume would replay
+    the same batches and fail again). skip: DeepSpeed drops that step's update (ZeRO
+    stages 1-3, or bf16/fp16; stage 0 in fp32 cannot skip and stops), the run goes on,
+    and events.jsonl records it. In fp16 gradient overflow is the loss scaler's and only
+    the loss is checked. See ``raylm.train.sinks``."""
+
     def __post_init__(self) -> None:
         positive("train.lr", self.lr)
         positive("train.epochs", self.epochs)
         positive("train.micro_batch_size", self.micro_batch_size)
         positive("train.grad_accum", self.grad_accum)
         positive("train.logging_steps", self.logging_steps)
+        choice("train.nonfinite", self.nonfinite, ("stop", "skip"))
         positive("train.max_grad_norm", self.max_grad_norm, allow_zero=True)
         choice("train.lr_scheduler", self.lr_scheduler, SCHEDULERS)
         choice("train.precision", self.precision, PRECISIONS)
@@ -553,7 +562,11 @@ class TrainJobConfig:
     dir is storage_path/run_name."""
 
     report_to: list[str] = field(default_factory=list)
-    """Extra metric sinks: tensorboard, mlflow, wandb (Ray metrics are always on)."""
+    """Live metric sinks, fed by rank 0 every logged step while the run trains:
+    tensorboard, mlflow, wandb (metrics.jsonl and Ray metrics are always on). Install
+    the one you use (the ``dev`` extra has all three): ``pip install tensorboard``,
+    ``mlflow-skinny`` or ``wandb``; a missing one fails at config load. Where each
+    writes and how to watch it: ``raylm.train.sinks``, docs/training.md."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """Base model."""
@@ -604,7 +617,10 @@ class TrainJobConfig:
     def __post_init__(self) -> None:
         choice("stage", self.stage, STAGES)
         choice("finetuning_type", self.finetuning_type, FINETUNING_TYPES)
+        from raylm.train.sinks import SINKS, require
+
         for sink in self.report_to:
-            choice("report_to", sink, ("tensorboard", "mlflow", "wandb"))
+            choice("report_to", sink, SINKS)
+        require(self.report_to)
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ConfigError("train.precision=fp16 needs scaling.use_gpu=true; use fp32 or bf16")

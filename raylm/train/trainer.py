@@ -44,6 +44,7 @@ def build_trainer(cfg: TrainJobConfig, fault: dict[str, Any] | None = None):
 
     from raylm.train.data import build_dataset, data_inputs, deterministic_split
     from raylm.train.model import check_qlora_device
+    from raylm.train.sinks import prepare
     from raylm.train.worker import train_loop
 
     check_qlora_device(cfg, cuda_available=cfg.scaling.use_gpu)
@@ -62,7 +63,12 @@ def build_trainer(cfg: TrainJobConfig, fault: dict[str, Any] | None = None):
     resources = {"CPU": s.cpus_per_worker} | ({"GPU": 1} if s.use_gpu else {})
     return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "run_dir": run_dir, "fault": fault},
+        train_loop_config={
+            "cfg": cfg,
+            "run_dir": run_dir,
+            "fault": fault,
+            "sinks": prepare(cfg.report_to, run_dir),  # fails here, before any worker
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.ray_num_workers,
             use_gpu=s.use_gpu,
@@ -87,17 +93,18 @@ def build_trainer(cfg: TrainJobConfig, fault: dict[str, Any] | None = None):
 def run_training(cfg: TrainJobConfig, fault: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or resume) and return the outputs and headline metrics."""
     from raylm.train.report import plot_loss, read_metrics
+    from raylm.train.sinks import stop_on_nonfinite
 
     trainer, source = build_trainer(cfg, fault)
-    trainer.fit()
     run_dir = run_dir_of(cfg)
+    with stop_on_nonfinite(run_dir):  # a NaN/inf step ends the job, not Ray's retries
+        trainer.fit()
     metrics = read_metrics(storage.join(run_dir, "metrics.jsonl"))
     if not metrics:
         raise RuntimeError(f"training finished but wrote no metrics in {run_dir}")
     title = f"{cfg.run_name} ({cfg.stage}, {cfg.finetuning_type})"
     with local_then_upload(run_dir) as local:
         plot_loss(metrics, local / "loss.png", title=title)
-        _report_to(cfg, metrics, local)
     from raylm.train.checkpoint import list_checkpoints
 
     done = [p.rpartition("/")[2] for _, p, ok in list_checkpoints(run_dir) if ok]
@@ -123,7 +130,7 @@ def run_training(cfg: TrainJobConfig, fault: dict[str, Any] | None = None) -> di
 @contextlib.contextmanager
 def local_then_upload(run_dir: str) -> Iterator[Path]:
     """A local directory for files written by libraries that only write locally
-    (matplotlib, TensorBoard); its contents land in ``run_dir`` afterwards."""
+    (matplotlib); its contents land in ``run_dir`` afterwards."""
     if not storage.is_remote(run_dir):
         yield Path(run_dir)
         return
@@ -138,37 +145,3 @@ def _count_resumes(run_dir: str) -> int:
         return 0
     lines = storage.read_text(events).splitlines()
     return sum(json.loads(ln)["event"] == "resume" for ln in lines if ln)
-
-
-def _report_to(cfg: TrainJobConfig, metrics: list[dict[str, Any]], run_dir: Path) -> None:
-    """Optional sinks beyond Ray metrics; a missing package is an error, not a silent skip."""
-    for sink in cfg.report_to:
-        if sink == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("report_to=tensorboard needs: pip install tensorboard") from None
-            writer = SummaryWriter(str(run_dir / "tensorboard"))
-            for m in metrics:
-                for key in ("loss", "lr", "tokens_per_s"):
-                    writer.add_scalar(f"train/{key}", m[key], m["step"])
-            writer.close()
-        else:
-            try:
-                module = __import__(sink)
-            except ImportError:
-                raise ConfigError(f"report_to={sink} needs: pip install {sink}") from None
-            _log_remote(module, sink, cfg, metrics)
-
-
-def _log_remote(module: Any, sink: str, cfg: TrainJobConfig, metrics: list[dict[str, Any]]) -> None:
-    keys = ("loss", "lr", "tokens_per_s")
-    if sink == "mlflow":
-        with module.start_run(run_name=cfg.run_name):
-            for m in metrics:
-                module.log_metrics({k: m[k] for k in keys}, step=m["step"])
-    else:
-        run = module.init(project="raylm", name=cfg.run_name)
-        for m in metrics:
-            run.log({k: m[k] for k in keys}, step=m["step"])
-        run.finish()

@@ -31,6 +31,7 @@ from typing import Any
 from raylm import storage
 from raylm.config import ConfigError
 from raylm.train import checkpoint as ckpt
+from raylm.train import sinks
 from raylm.train.config import TrainJobConfig
 from raylm.train.stream import rows_taken, stop_step
 
@@ -38,6 +39,8 @@ from raylm.train.stream import rows_taken, stop_step
 def train_loop(config: dict[str, Any]) -> None:
     """Entry point Ray Train runs on every worker."""
     cfg: TrainJobConfig = config["cfg"]
+    if sinks.stopped(config["run_dir"]):
+        return  # an earlier attempt stopped on a non-finite step: end, no retry (sinks.py)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
     import ray.train
     import torch
@@ -45,6 +48,7 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     state = _Loop(cfg, config["run_dir"], ctx.get_world_rank(), ctx.get_world_size())
     state.fault = config.get("fault")
+    state.sink_env = config.get("sinks", {})
     torch.manual_seed(cfg.train.seed)
     state.setup(ray.train.get_dataset_shard("train"))
     state.resume()
@@ -110,6 +114,7 @@ class _Loop:
             dist_init_required=False,
         )  # fmt: skip
         self.gauges = _gauges(cfg.run_name) if self.rank == 0 and _in_ray() else None
+        self.report = sinks.Reporter(self)  # report_to sinks (rank 0), non-finite guard
 
     def _all_min(self, value: int) -> int:
         import torch
@@ -191,6 +196,7 @@ class _Loop:
             self._log(epoch, losses, tokens, samples, time.perf_counter() - start)
             if self.step % self.cfg.checkpoint.save_steps == 0 or self.step == self.total_steps:
                 self.save()
+        self.report.close()
 
     def _loss(self, rows: list[dict[str, Any]]):
         import torch
@@ -253,6 +259,8 @@ class _Loop:
         loss = totals[0].item() / self.world
         tps = totals[1].item() / secs
         grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        self.report.check(self.step, loss, grad_norm, self.engine.was_step_applied())
         if self.rank != 0 or (
             self.step % self.cfg.train.logging_steps and self.step != self.total_steps
         ):
@@ -262,7 +270,8 @@ class _Loop:
             "epoch": epoch,
             "loss": loss,
             "lr": self.sched.get_last_lr()[0],
-            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "grad_norm": grad_norm,
+            "skipped_steps": self.engine.skipped_steps,
             "tokens": int(totals[1].item()),
             "tokens_per_s": tps,
             "samples_seen": self.samples_seen,
@@ -270,6 +279,7 @@ class _Loop:
             **{k: v / self.world for k, v in zip(names, totals[3:].tolist(), strict=True)},
         }
         storage.append_text(self.metrics_file, json.dumps(record) + "\n")
+        self.report.log(record)
         if self.gauges:
             self.gauges["loss"].set(loss)
             self.gauges["tokens_per_s"].set(tps)

@@ -5,18 +5,28 @@ SIGKILLed right after it uploaded its files of the step-4 checkpoint but before 
 checkpoint was marked COMPLETE. Ray Train's FailureConfig restarts the workers; they must
 ignore the incomplete step-4 checkpoint, resume from step 2, and reproduce the
 reference losses step for step (fp32 on CPU: within 1e-6), seeing every example once.
+
+Both runs also report to TensorBoard, MLflow and W&B (``report_to``): while the
+reference trains, a thread reads each sink's store and must see step 2 or later before
+the run is done (they are live, not written afterwards); the faulted run's sinks must
+continue across its resume (one MLflow run, one W&B id, TensorBoard's replayed steps
+purged).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from raylm.train.checkpoint import list_checkpoints
 from raylm.train.report import read_metrics
+from raylm.train.sinks import SINKS, logged
 from raylm.train.trainer import run_training
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +35,32 @@ STEPS = 6
 pytestmark = pytest.mark.timeout(420)
 
 
-EXTRA = ("checkpoint.keep=2", "checkpoint.max_failures=2", "checkpoint.log_sample_ids=true")
+EXTRA = (
+    "checkpoint.keep=2", "checkpoint.max_failures=2", "checkpoint.log_sample_ids=true",
+    f"report_to=[{','.join(SINKS)}]",
+)  # fmt: skip
+
+
+class Watch:
+    """Reads every sink's store from a thread while a run trains, as a person with
+    TensorBoard, ``mlflow ui`` or ``wandb beta leet`` open would; ``seen`` holds, per
+    sink, the newest step read and how many steps metrics.jsonl had then."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[int, int]] = {}
+        self.done = threading.Event()
+
+    def watch(self, run_dir: Path) -> None:
+        while not self.done.is_set() and len(self.seen) < len(SINKS):
+            for name in set(SINKS) - set(self.seen):
+                try:
+                    newest = max(logged(name, str(run_dir)), default=0)
+                except Exception:  # a store still being created
+                    continue
+                logged_steps = len(read_metrics(run_dir / "metrics.jsonl"))
+                if newest >= 2 and not (run_dir / "final").exists():
+                    self.seen[name] = (newest, logged_steps)
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +73,39 @@ def connected(ray_cluster):
 
 
 @pytest.fixture(scope="module")
-def reference(connected, pt_train_config, tmp_path_factory) -> Path:
+def sink_env() -> Iterator[None]:
+    """W&B flushes its offline file every 0.5 s instead of 15 (so the watch sees it);
+    the driver hands WANDB_* to rank 0 (raylm.train.sinks.prepare)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB__TRANSACTION_LOG_FLUSH_INTERVAL", "0.5")
+        mp.setenv("WANDB__DISABLE_STATS", "true")
+        for name in ("MLFLOW_TRACKING_URI", "WANDB_MODE", "WANDB_API_KEY"):
+            mp.delenv(name, raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def live() -> Watch:
+    return Watch()
+
+
+@pytest.fixture(scope="module")
+def reference(connected, sink_env, live, pt_train_config, tmp_path_factory) -> Path:
     storage = tmp_path_factory.mktemp("train_ref")
-    result = run_training(pt_train_config(storage, "ref", STEPS, *EXTRA))
+    for name in SINKS:  # import the readers before the run starts, not during it
+        logged(name, str(storage))
+    watcher = threading.Thread(target=live.watch, args=(storage / "ref",), daemon=True)
+    watcher.start()
+    try:
+        result = run_training(pt_train_config(storage, "ref", STEPS, *EXTRA))
+    finally:
+        live.done.set()
+        watcher.join()
     return Path(result["run_dir"])
 
 
 @pytest.fixture(scope="module")
-def faulted(connected, pt_train_config, tmp_path_factory) -> Path:
+def faulted(connected, sink_env, pt_train_config, tmp_path_factory) -> Path:
     storage = tmp_path_factory.mktemp("train_fault")
     fault = {"where": "after_upload", "rank": 1, "step": 4, "marker": str(storage / "fault")}
     result = run_training(pt_train_config(storage, "faulted", STEPS, *EXTRA), fault=fault)
@@ -97,6 +157,31 @@ def test_worker_kill_during_checkpoint_resumes_exactly(reference: Path, faulted:
     for a, b in zip(ref, got, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-6, (a["step"], a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
+
+
+def test_sinks_show_each_step_while_the_run_trains(reference: Path, live: Watch) -> None:
+    assert set(live.seen) == set(SINKS), f"read live only: {live.seen}"
+    for name, (newest, logged_steps) in live.seen.items():
+        assert newest >= 2 and logged_steps < STEPS, (name, newest, logged_steps)
+    want = {m["step"]: m["loss"] for m in read_metrics(reference / "metrics.jsonl")}
+    for name in SINKS:
+        assert logged(name, str(reference)) == pytest.approx(want, rel=1e-6), name
+    params = [e for e in events(reference) if e["event"] == "params"]
+    assert len(params) == 1 and params[0]["n_params"] == params[0]["n_trainable"] > 0
+
+
+def test_resumed_run_continues_the_same_sink_runs(faulted: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    want = {m["step"]: m["loss"] for m in read_metrics(faulted / "metrics.jsonl")}
+    for name in SINKS:  # TensorBoard: the replayed steps' first events are purged
+        assert logged(name, str(faulted)) == pytest.approx(want, rel=1e-6), name
+    ids = json.loads((faulted / "sinks.json").read_text())
+    client = MlflowClient(f"file://{faulted}/mlruns")
+    runs = client.search_runs([client.get_experiment_by_name("raylm").experiment_id])
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(ids["mlflow_run_id"], "FINISHED")]
+    attempts = list((faulted / "wandb").glob(f"offline-run-*-{ids['wandb_run_id']}*"))
+    assert len(attempts) == 2  # one W&B run id, resumed: `wandb sync` joins them
 
 
 def test_resumed_run_sees_each_example_once_per_epoch(faulted: Path) -> None:

@@ -10,6 +10,13 @@ from raylm import templates
 from raylm.config import ConfigError, RayConfig, choice, positive
 from raylm.data.formats import INPUT_FORMATS
 from raylm.data.sources import MIX_STRATEGIES, check_mix
+from raylm.train.config_methods import (
+    DPOConfig,
+    FreezeConfig,
+    KTOConfig,
+    LoraConfig,
+    RMConfig,
+)
 
 STAGES = ("pt", "sft", "dpo", "rm", "kto")
 """pt: continued pretraining (every token a target). sft: the assistant replies of
@@ -24,7 +31,6 @@ FINETUNING_TYPES = ("full", "lora", "freeze", "qlora")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
-LORA_INITS = ("default", "gaussian", "pissa", "olora")
 
 
 @dataclass
@@ -200,221 +206,6 @@ class OptimConfig:
     def warmup(self, total_steps: int) -> int:
         """Warmup steps of a ``total_steps`` run: ``warmup_steps``, else the ratio's share."""
         return self.warmup_steps or int(self.warmup_ratio * total_steps)
-
-
-@dataclass
-class LoraConfig:
-    """Low-rank adapters (finetuning_type lora or qlora)."""
-
-    rank: int = 8
-    """Adapter rank r."""
-
-    alpha: int = 16
-    """Scaling numerator; the update is scaled by alpha / rank."""
-
-    dropout: float = 0.0
-    """Dropout on the adapter input."""
-
-    target: list[str] = field(default_factory=lambda: ["all"])
-    """Module names to adapt (q_proj, v_proj, ...); ``all`` means every linear layer but the head."""
-
-    use_dora: bool = False
-    """DoRA: learn each adapted weight's magnitude apart from its direction (PEFT's
-    ``use_dora``); closer to full fine-tuning at low rank, somewhat slower per step."""
-
-    use_rslora: bool = False
-    """Rank-stabilised LoRA: scale the update by alpha / sqrt(rank) instead of alpha / rank
-    (PEFT's ``use_rslora``), so high ranks (64+) still learn at a useful rate."""
-
-    init: str = "default"
-    """Adapter initialisation (PEFT's ``init_lora_weights``): default (A random, B zero),
-    gaussian, pissa (A and B from the weight's top singular vectors, which leave the base
-    as the residual; converges faster) or olora (the same from a QR decomposition).
-    pissa and olora change the base weights: final/'s adapter is right with PEFT (it
-    redoes the decomposition on load: the eval job, ``export.merge_lora``), not on the
-    original weights in vLLM (serve ``final/merged``). pissa_niter_N (randomised SVD)
-    is refused: its residual cannot be redone when final/ is loaded."""
-
-    additional_target: list[str] = field(default_factory=list)
-    """Modules trained in full beside the adapter and saved in it (PEFT's
-    ``modules_to_save``): e.g. embed_tokens and lm_head after adding tokens."""
-
-    loraplus_lr_ratio: float | None = None
-    """LoRA+: the B matrices (and 1-D adapter weights such as DoRA's magnitudes) learn at
-    ``train.lr`` x this ratio, the A matrices at ``train.lr``; faster convergence at the
-    same lr (the LoRA+ paper uses 16). None: one learning rate for all."""
-
-    loraplus_lr_embedding: float = 1e-6
-    """LoRA+: learning rate of the B matrices of adapted embedding layers (``lora.target``
-    with embed_tokens), which the ratio would blow up."""
-
-    adapter_name_or_path: str | None = None
-    """An existing PEFT LoRA adapter (a local dir such as an earlier run's final/, a bucket
-    URI, or a hub id) to continue training instead of a fresh one; its own rank, alpha,
-    targets and variants apply (the keys above that shape an adapter are ignored)."""
-
-    def __post_init__(self) -> None:
-        positive("lora.rank", self.rank)
-        positive("lora.alpha", self.alpha)
-        if not self.target:
-            raise ConfigError("lora.target must name at least one module (or 'all')")
-        if self.init.startswith("pissa_niter_"):
-            raise ConfigError(
-                f"lora.init={self.init}: the randomised SVD's residual cannot be redone when "
-                "final/ is loaded, so the adapter would not fit its base; use lora.init=pissa "
-                "(exact SVD), or it needs an export that converts PiSSA to plain LoRA"
-            )
-        choice("lora.init", self.init, LORA_INITS)
-        if self.loraplus_lr_ratio is not None:
-            positive("lora.loraplus_lr_ratio", self.loraplus_lr_ratio)
-        positive("lora.loraplus_lr_embedding", self.loraplus_lr_embedding, allow_zero=True)
-        if self.adapter_name_or_path and "," in self.adapter_name_or_path:
-            raise ConfigError(
-                f"lora.adapter_name_or_path={self.adapter_name_or_path!r}: one adapter is "
-                "continued; merge the others into the base model first (export.merge_lora)"
-            )
-
-
-@dataclass
-class FreezeConfig:
-    """Partial fine-tuning (finetuning_type freeze)."""
-
-    trainable_layers: int = 2
-    """Train only the last N decoder layers (negative: the first -N, as LLaMA-Factory's
-    ``freeze_trainable_layers``); the rest stay frozen."""
-
-    trainable_modules: list[str] = field(default_factory=lambda: ["all"])
-    """Which parts of those layers train: ``all``, or names of a decoder layer's modules
-    (self_attn, mlp, or deeper, self_attn.q_proj): e.g. only the MLPs, for less memory
-    per layer. LLaMA-Factory's ``freeze_trainable_modules``."""
-
-    extra_modules: list[str] = field(default_factory=list)
-    """Modules outside the decoder layers that train too (embed_tokens, norm, lm_head):
-    e.g. the embeddings after adding tokens. LLaMA-Factory's ``freeze_extra_modules``."""
-
-    def __post_init__(self) -> None:
-        if self.trainable_layers == 0:
-            raise ConfigError("freeze.trainable_layers must not be 0 (last N > 0, first -N < 0)")
-        if not self.trainable_modules:
-            raise ConfigError("freeze.trainable_modules must name at least one module (or 'all')")
-
-
-@dataclass
-class DPOConfig:
-    """Preference optimisation (stage dpo): DPO and its reference-free relatives.
-
-    The variants follow LLaMA-Factory's ``pref_loss`` (and TRL's trainers): sigmoid, hinge
-    and ipo score the policy against a reference model; simpo and orpo need none, so no
-    reference model is built or run for them (``needs_reference``).
-    """
-
-    beta: float = 0.1
-    """The loss's one scale, whose meaning depends on ``loss_type``: sigmoid/hinge, the
-    strength of the KL penalty towards the reference (0.1 to 0.5 typical; higher keeps the
-    policy closer); ipo, the regularisation tau of the IPO paper (the target margin of the
-    length-averaged log-ratio is 1/(2 beta)); simpo, the scale of the length-averaged
-    reward (the SimPO authors use 2 to 10); orpo, the weight lambda of the odds-ratio
-    term next to the SFT loss (about 0.1 in the ORPO paper). LLaMA-Factory's
-    ``pref_beta``."""
-
-    loss_type: str = "sigmoid"
-    """sigmoid: DPO (Rafailov et al.), the default; the logistic loss on beta times the
-    difference of policy/reference log-ratios of chosen and rejected.
-    hinge: SLiC's hinge on the same margin; stops pushing once the margin exceeds 1/beta.
-    ipo: IPO's squared loss on the length-averaged log-ratios; regresses the margin to a
-    target instead of driving it to infinity, which resists overfitting clean preferences.
-    simpo: SimPO; no reference model, the length-averaged policy log-probs are the reward,
-    with a target margin ``simpo_gamma``; cheapest (one model, one forward).
-    orpo: ORPO; no reference model, SFT loss on the chosen response plus beta times an
-    odds-ratio penalty; trains from a base model in one stage, no separate SFT needed.
-    LLaMA-Factory's ``pref_loss`` (its ``kto_pair`` is not supported)."""
-
-    label_smoothing: float = 0.0
-    """Conservative DPO (cDPO), sigmoid only: the assumed probability that a preference
-    label is flipped, in [0, 0.5); try 0.1 for noisy preference data. 0 is plain DPO.
-    LLaMA-Factory's ``dpo_label_smoothing``."""
-
-    simpo_gamma: float = 0.5
-    """SimPO's target reward margin gamma (simpo only): the loss keeps pushing until the
-    scaled length-averaged margin beta * (chosen - rejected) exceeds it. The SimPO
-    authors' settings put gamma / beta at about 0.3 to 0.8. LLaMA-Factory's and TRL's
-    ``simpo_gamma``."""
-
-    sft_weight: float = 0.0
-    """Weight of an SFT loss (the length-averaged NLL of the chosen response) added to any
-    variant, which keeps the likelihood of chosen answers from falling while their margin
-    grows (RPO). 0 disables it; orpo has an SFT term of its own already. LLaMA-Factory's
-    ``pref_ftx``."""
-
-    def __post_init__(self) -> None:
-        positive("dpo.beta", self.beta)
-        choice("dpo.loss_type", self.loss_type, ("sigmoid", "hinge", "ipo", "simpo", "orpo"))
-        positive("dpo.simpo_gamma", self.simpo_gamma, allow_zero=True)
-        positive("dpo.sft_weight", self.sft_weight, allow_zero=True)
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ConfigError(
-                f"dpo.label_smoothing={self.label_smoothing} only applies to "
-                f"dpo.loss_type=sigmoid (cDPO), not {self.loss_type!r}; set it to 0"
-            )
-
-    @property
-    def needs_reference(self) -> bool:
-        """simpo and orpo score the policy alone: no reference model to build or run."""
-        return self.loss_type not in ("simpo", "orpo")
-
-    @property
-    def length_normalized(self) -> bool:
-        """ipo, simpo and orpo compare per-token averages of log-probs (as LLaMA-Factory
-        and TRL do), so long answers do not win or lose by length alone."""
-        return self.loss_type in ("ipo", "simpo", "orpo")
-
-
-@dataclass
-class RMConfig:
-    """Reward modelling (stage rm): TRL's RewardTrainer loss, -log sigmoid(score(chosen) -
-    score(rejected)), on the score head's output at each sequence's last token."""
-
-    center_rewards_coefficient: float = 0.0
-    """Weight of the mean squared sum of each pair's two scores added to the loss (TRL's
-    ``center_rewards_coefficient``; Eisenstein et al. 2023 use 0.01): the pairwise loss
-    only fixes score differences, this keeps scores near zero so that a downstream RL
-    run or a threshold sees comparable numbers. 0 disables it (LLaMA-Factory has none)."""
-
-    def __post_init__(self) -> None:
-        positive("rm.center_rewards_coefficient", self.center_rewards_coefficient, allow_zero=True)
-
-
-@dataclass
-class KTOConfig:
-    """KTO (Ethayarajh et al. 2024, stage kto) as LLaMA-Factory's KTO trainer runs TRL's
-    loss: each answer's log-ratio to the reference model, minus a KL estimate from
-    mismatched prompt/answer pairs, pushed up for desirable answers and down for
-    undesirable ones through a sigmoid (``raylm.train.kto``)."""
-
-    beta: float = 0.1
-    """Scale of the log-ratios inside the sigmoid: higher keeps the policy closer to the
-    reference (the KTO paper uses 0.1; LLaMA-Factory's ``pref_beta``)."""
-
-    desirable_weight: float = 1.0
-    """Weight of the desirable examples' losses (LLaMA-Factory's ``kto_chosen_weight``).
-    With unbalanced data the KTO paper keeps desirable_weight x desirable count /
-    (undesirable_weight x undesirable count) between 1 and 4/3."""
-
-    undesirable_weight: float = 1.0
-    """Weight of the undesirable examples' losses (LLaMA-Factory's ``kto_rejected_weight``)."""
-
-    sft_weight: float = 0.0
-    """Weight of an SFT loss on the desirable answers (their length-averaged NLL), added
-    as LLaMA-Factory adds it (``pref_ftx``), which keeps their likelihood from falling.
-    0 disables it."""
-
-    def __post_init__(self) -> None:
-        positive("kto.beta", self.beta)
-        positive("kto.desirable_weight", self.desirable_weight)
-        positive("kto.undesirable_weight", self.undesirable_weight)
-        positive("kto.sft_weight", self.sft_weight, allow_zero=True)
 
 
 @dataclass

@@ -45,6 +45,15 @@ def inside_project(path: str, root: Path | None = None) -> str:
     return str(full.relative_to(root))
 
 
+TRACKING_ENV_PREFIXES = ("MLFLOW_", "WANDB_")
+"""The settings of the train job's live metric sinks (``report_to``): a tracking server's
+URI, W&B's mode and project; read by the job's driver, so they travel with it."""
+
+
+def tracking_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(TRACKING_ENV_PREFIXES)}
+
+
 def submit(
     client: Any,
     job: str,
@@ -59,9 +68,10 @@ def submit(
 
     On a local cluster the job's relative paths resolve against the submitter's cwd
     (``RAYLM_WORKSPACE``), since Ray runs it in a temporary copy of the project. Storage
-    credentials and endpoints set here (``AWS_*``, ...) travel with the job.
+    credentials and endpoints set here (``AWS_*``, ...) and the metric sinks' settings
+    (``MLFLOW_*``, ``WANDB_*``) travel with the job.
     """
-    env = storage.forwarded_env()
+    env = storage.forwarded_env() | tracking_env()
     if local:
         env[WORKSPACE_ENV] = os.environ.get(WORKSPACE_ENV, str(Path.cwd()))
     request = {

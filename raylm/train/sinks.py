@@ -38,12 +38,12 @@ from typing import Any, ClassVar
 from raylm import storage
 from raylm.config import ConfigError, to_dict
 from raylm.job import JobFailed
+from raylm.submit import tracking_env
 
 SINKS = ("tensorboard", "mlflow", "wandb")
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow-skinny", "wandb": "wandb"}
 """What ``pip install`` needs for each sink (the import name is the sink's name)."""
 
-ENV_PREFIXES = ("MLFLOW_", "WANDB_")
 STATE_FILE = "sinks.json"
 STOP_FILE = "nonfinite.json"
 SYNC_S = 30.0
@@ -70,7 +70,7 @@ def prepare(report_to: list[str], run_dir: str) -> dict[str, str]:
     ``WANDB_*`` environment rank 0 opens them with (workers get their node's environment,
     not the driver's)."""
     require(report_to)
-    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+    env = tracking_env()
     if "mlflow" in report_to and storage.is_remote(run_dir) and not env.get("MLFLOW_TRACKING_URI"):
         raise ConfigError(
             f"report_to=mlflow with the run dir {run_dir} in a bucket needs a tracking "

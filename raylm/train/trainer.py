@@ -43,11 +43,12 @@ def build_trainer(cfg: TrainJobConfig, fault: dict[str, Any] | None = None):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raylm.train.data import build_dataset, data_inputs, deterministic_split
-    from raylm.train.model import check_qlora_device
+    from raylm.train.model import check_knobs, check_qlora_device
     from raylm.train.sinks import prepare
     from raylm.train.worker import train_loop
 
     check_qlora_device(cfg, cuda_available=cfg.scaling.use_gpu)
+    check_knobs(cfg)  # here too, so a bad combination fails before any worker starts
     if cfg.data.val_size:
         raise ConfigError(
             f"data.val_size={cfg.data.val_size}: the train job computes no held-out loss yet; "

@@ -52,3 +52,15 @@ def test_console_script_help_lists_every_job() -> None:
     ).stdout
     for word in ("submit", "jobs", "cluster", "check", "train"):
         assert word in out
+
+
+def test_metric_sink_settings_travel_with_a_submitted_job(monkeypatch) -> None:
+    """A submitted job's driver runs elsewhere; report_to's settings must reach it."""
+    from raylm.submit import tracking_env
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("UNRELATED_SECRET", "x")
+    env = tracking_env()
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000" and env["WANDB_MODE"] == "offline"
+    assert "UNRELATED_SECRET" not in env

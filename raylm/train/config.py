@@ -6,11 +6,12 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from raylm import templates
-from raylm.config import ConfigError, RayConfig, choice, positive
+from raylm import storage, templates
+from raylm.config import ConfigError, RayConfig, choice, positive, resolve_path
 from raylm.data.formats import INPUT_FORMATS
 from raylm.data.sources import MIX_STRATEGIES, check_mix
 from raylm.train.config_methods import (
+    SCHEDULERS,
     DPOConfig,
     FreezeConfig,
     KTOConfig,
@@ -29,7 +30,6 @@ STAGE_DATA = {"rm": "dpo"}
 """The data kind a stage reads when it is another stage's: rm trains on preference pairs."""
 FINETUNING_TYPES = ("full", "lora", "freeze", "qlora")
 PRECISIONS = ("fp32", "bf16", "fp16")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
@@ -415,3 +415,8 @@ class TrainJobConfig:
         require(self.report_to)
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ConfigError("train.precision=fp16 needs scaling.use_gpu=true; use fp32 or bf16")
+
+
+def run_dir_of(cfg: TrainJobConfig) -> str:
+    """``storage_path/run_name``: a local or NFS path, or an object-store URI."""
+    return storage.join(resolve_path(cfg.storage_path.removeprefix("file://")), cfg.run_name)

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from raylm.config import ConfigError, choice, positive
 
 LORA_INITS = ("default", "gaussian", "pissa", "olora")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+"""Learning-rate schedules (``train.lr_scheduler``); here, below both the train config
+and the LLaMA-Factory translation that checks ``lr_scheduler_type`` against them."""
 
 
 @dataclass

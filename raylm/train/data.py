@@ -268,7 +268,7 @@ def build_dataset(cfg: TrainJobConfig, source: dict[str, Any]):
 
 def write_stats(cfg: TrainJobConfig, stats: dict[str, Any]) -> str:
     """``data_stats.json`` in the run dir (local or a bucket); returns its path."""
-    from raylm.train.trainer import run_dir_of
+    from raylm.train.config import run_dir_of
 
     path = storage.join(run_dir_of(cfg), STATS)
     storage.write_text(path, json.dumps(stats, indent=2, ensure_ascii=False))

@@ -24,7 +24,7 @@ class TrainJob(Job[TrainJobConfig]):
         return for_workers(cfg)
 
     def output_dir(self, cfg: TrainJobConfig) -> str:
-        from raylm.train.trainer import run_dir_of
+        from raylm.train.config import run_dir_of
 
         return run_dir_of(cfg)
 

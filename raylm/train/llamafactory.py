@@ -18,7 +18,7 @@ from typing import Any
 
 from raylm.config import ConfigError, resolve_path
 from raylm.train import llamafactory_keys as keys
-from raylm.train.config import SCHEDULERS
+from raylm.train.config_methods import SCHEDULERS
 
 log = logging.getLogger(__name__)
 

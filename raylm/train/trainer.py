@@ -17,12 +17,7 @@ from typing import Any
 
 from raylm import storage
 from raylm.config import ConfigError, resolve_model, resolve_path
-from raylm.train.config import TrainJobConfig
-
-
-def run_dir_of(cfg: TrainJobConfig) -> str:
-    """``storage_path/run_name``: a local or NFS path, or an object-store URI."""
-    return storage.join(resolve_path(cfg.storage_path.removeprefix("file://")), cfg.run_name)
+from raylm.train.config import TrainJobConfig, run_dir_of
 
 
 def for_workers(cfg: TrainJobConfig) -> TrainJobConfig:

@@ -35,7 +35,7 @@ def test_pt_job_writes_packed_shards_the_train_job_can_read(
     meta = json.loads((out / "dataset_meta.json").read_text())
     assert meta | {"num_rows": 0, "num_tokens": 0} == {
         "kind": "pt", "task": "pt", "tokenized": True, "packed": True, "tokenizer": str(tiny_model),
-        "cutoff_len": 128, "num_rows": 0, "num_tokens": 0,
+        "template": None, "cutoff_len": 128, "num_rows": 0, "num_tokens": 0,
     }  # fmt: skip
     table = pa.concat_tables(
         pq.read_table(f) for f in sorted((out / "shards").glob("part-*.parquet"))

@@ -50,8 +50,18 @@ TRACKING_ENV_PREFIXES = ("MLFLOW_", "WANDB_")
 URI, W&B's mode and project; read by the job's driver, so they travel with it."""
 
 
+PROCESS_LOCAL_ENV = ("WANDB_SERVICE",)
+"""Set by wandb in a process that started its service: a handle to that process's
+service, not a setting. Forwarded, it makes every later run attach to the submitter's
+service, where a killed attempt's run still counts as open ("run ID ... is in use")."""
+
+
 def tracking_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(TRACKING_ENV_PREFIXES)}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(TRACKING_ENV_PREFIXES) and k not in PROCESS_LOCAL_ENV
+    }
 
 
 def submit(

@@ -245,6 +245,10 @@ class WandbSink(Sink):
     def open(self, run: RunInfo, config: dict[str, Any]) -> None:
         import wandb
 
+        # A service handle inherited from another process (the submitter, the raylet)
+        # would put this run in that process's service, where a killed attempt's run
+        # is still open: "run ID ... is in use". Each attempt starts its own.
+        os.environ.pop("WANDB_SERVICE", None)
         run_id = run.state.setdefault("wandb_run_id", uuid.uuid4().hex[:12])
         self.run = wandb.init(
             project=run.env.get("WANDB_PROJECT", "raylm"),

@@ -61,6 +61,7 @@ def test_metric_sink_settings_travel_with_a_submitted_job(monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("UNRELATED_SECRET", "x")
+    monkeypatch.setenv("WANDB_SERVICE", "3-123-unix-/tmp/wandb.sock")  # this process's own
     env = tracking_env()
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000" and env["WANDB_MODE"] == "offline"
-    assert "UNRELATED_SECRET" not in env
+    assert "UNRELATED_SECRET" not in env and "WANDB_SERVICE" not in env

@@ -184,9 +184,10 @@ def _load_kwargs(cfg: TrainJobConfig) -> dict[str, Any]:
     return kwargs
 
 
-def add_lora(model: Any, cfg: TrainJobConfig) -> Any:
+def add_lora(model: Any, cfg: TrainJobConfig, task_type: str = "CAUSAL_LM") -> Any:
     """The model under a fresh LoRA adapter, or under ``lora.adapter_name_or_path``'s,
-    trainable; PiSSA/OLoRA rewrite the adapted base weights to their residual here."""
+    trainable; PiSSA/OLoRA rewrite the adapted base weights to their residual here.
+    ``task_type`` SEQ_CLS (the reward model) has PEFT train and save the score head whole."""
     from peft import LoraConfig, get_peft_model
 
     if cfg.finetuning_type == "qlora":
@@ -210,7 +211,7 @@ def add_lora(model: Any, cfg: TrainJobConfig) -> Any:
         use_rslora=lora.use_rslora,
         init_lora_weights=True if lora.init == "default" else lora.init,
         modules_to_save=list(lora.additional_target) or None,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     try:
         return get_peft_model(model, peft_cfg)

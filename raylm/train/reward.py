@@ -74,7 +74,7 @@ def load_reward_model(
         if cfg.finetuning_type != "full":
             model.enable_input_require_grads()
     if lora:
-        return _add_lora(model, cfg)
+        return m.add_lora(model, cfg, task_type="SEQ_CLS")
     if cfg.finetuning_type == "freeze":
         f = cfg.freeze
         m.freeze_all_but(model, f.trainable_layers, f.trainable_modules, f.extra_modules)
@@ -84,39 +84,6 @@ def load_reward_model(
 
 def _head(model: Any) -> Any:
     return getattr(model, "score", None) or model.classifier
-
-
-def _add_lora(model: Any, cfg: TrainJobConfig) -> Any:
-    """LoRA on the backbone as ``raylm.train.model.add_lora`` sets it up, with PEFT's
-    sequence-classification task, which trains and saves the score head whole."""
-    from peft import LoraConfig, get_peft_model
-
-    if cfg.finetuning_type == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        from raylm.train.model import NON_REENTRANT
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
-            gradient_checkpointing_kwargs=NON_REENTRANT,
-        )  # fmt: skip
-    lora, target = cfg.lora, cfg.lora.target
-    peft_cfg = LoraConfig(
-        r=lora.rank,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules="all-linear" if target == ["all"] else list(target),
-        use_dora=lora.use_dora,
-        use_rslora=lora.use_rslora,
-        init_lora_weights=True if lora.init == "default" else lora.init,
-        modules_to_save=list(lora.additional_target) or None,  # the head is added by PEFT
-        task_type="SEQ_CLS",
-    )
-    try:
-        return get_peft_model(model, peft_cfg)
-    except ValueError as err:
-        names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
-        raise ConfigError(f"lora.target={target}: {err}. Module names: {names}") from None
 
 
 def pair_scores(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ import importlib.util
 import json
 import math
 import os
+import struct
 import sys
 import tempfile
 import time
@@ -274,7 +275,7 @@ class WandbSink(Sink):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):
-                records = _wandb_records(Path(self.file).read_bytes())
+                records = wandb_records(Path(self.file).read_bytes())
                 if any(r.WhichOneof("record_type") == "exit" for r in records):
                     return
             time.sleep(0.1)
@@ -395,50 +396,11 @@ class Reporter:
             storage.copy_dir(self.run.local_dir, self.run_dir)
 
 
-# ---- reading back ----------------------------------------------------------------------
-def logged(name: str, run_dir: str, key: str = "loss") -> dict[int, float]:
-    """Step -> value of ``train/<key>`` as sink ``name`` recorded it for a local run dir,
-    read with that sink's own reader (what the tests check, and a quick look at a run
-    without a UI). MLflow is read from the default file store, W&B from its offline files.
-    """
-    tag = f"train/{key}"
-    if name == "tensorboard":
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        if not Path(run_dir, "tensorboard").is_dir():
-            return {}
-        acc = EventAccumulator(storage.join(run_dir, "tensorboard"), size_guidance={"scalars": 0})
-        acc.Reload()
-        return {e.step: e.value for e in acc.Scalars(tag)} if tag in acc.Tags()["scalars"] else {}
-    state_file = storage.join(run_dir, STATE_FILE)
-    state = json.loads(storage.read_text(state_file)) if storage.exists(state_file) else {}
-    if name == "mlflow":
-        from mlflow.tracking import MlflowClient
-
-        if "mlflow_run_id" not in state:
-            return {}
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        client = MlflowClient("file://" + os.path.abspath(storage.join(run_dir, "mlruns")))
-        return {m.step: m.value for m in client.get_metric_history(state["mlflow_run_id"], tag)}
-    out: dict[int, float] = {}
-    run_id = state.get("wandb_run_id")
-    if run_id is None:
-        return out
-    for path in sorted(Path(run_dir, "wandb").glob(f"*run-*-{run_id}*/run-{run_id}.wandb")):
-        for record in _wandb_records(path.read_bytes()):
-            if record.WhichOneof("record_type") == "history":
-                row = {i.key or "/".join(i.nested_key): i.value_json for i in record.history.item}
-                if tag in row:
-                    out[record.history.step.num] = json.loads(row[tag])
-    return out
-
-
-def _wandb_records(data: bytes) -> Iterator[Any]:
+def wandb_records(data: bytes) -> Iterator[Any]:
     """The protobuf records of a ``.wandb`` file: W&B's LevelDB-style log (a 7-byte file
     header, then records of <crc32, length, type> + payload in 32 KiB blocks, a payload
     split over blocks as FIRST/MIDDLE/LAST). W&B ships no reader for it any more; a run
     still being written ends at its last complete record."""
-    import struct
 
     from wandb.proto import wandb_internal_pb2
 

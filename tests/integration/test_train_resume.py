@@ -26,7 +26,8 @@ import pytest
 
 from raylm.train.checkpoint import list_checkpoints
 from raylm.train.report import read_metrics
-from raylm.train.sinks import SINKS, logged
+from raylm.train.sink_readers import logged
+from raylm.train.sinks import SINKS
 from raylm.train.trainer import run_training
 
 ROOT = Path(__file__).resolve().parents[2]

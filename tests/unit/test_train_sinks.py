@@ -19,7 +19,8 @@ import pytest
 from raylm import config
 from raylm.config import ConfigError
 from raylm.train import sinks
-from raylm.train.sinks import NonFiniteError, Reporter, check_step, logged
+from raylm.train.sink_readers import logged
+from raylm.train.sinks import NonFiniteError, Reporter, check_step
 
 ALL = ["tensorboard", "mlflow", "wandb"]
 

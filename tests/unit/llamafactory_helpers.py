@@ -1,7 +1,7 @@
 """What the LLaMA-Factory tests share: the copied assets and YAML builders.
 (The assets make relative paths resolve as in a LLaMA-Factory checkout.)
 (Imported by name: pytest puts tests/unit on sys.path for its test modules; the
-``workspace`` fixture is in tests/unit/conftest.py.)"""
+integration tier loads it by path. The ``workspace`` fixture is in tests/unit/conftest.py.)"""
 
 from __future__ import annotations
 
@@ -11,6 +11,65 @@ import yaml
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 LF = ASSETS / "llamafactory"
+
+EXPORT = ("export_device", "export_dir", "export_legacy_format", "export_size")
+# Example YAML (under examples/) -> None if it loads, else the keys it is refused for.
+# (tests/unit/test_llamafactory.py loads each; tests/integration/test_llamafactory_train.py
+# trains each that loads.)
+PARTITION: dict[str, tuple[str, ...] | None] = {
+    "extras/adam_mini/qwen2_full_sft.yaml": ("use_adam_mini",),
+    "extras/apollo/llama3_full_sft.yaml": ("use_apollo",),
+    "extras/asft/llama2_full_asft.yaml": ("use_asft_loss",),
+    "extras/asft/qwen2_full_asft.yaml": ("use_asft_loss",),
+    "extras/badam/llama3_full_sft.yaml": ("use_badam",),
+    "extras/dft/qwen2_full_sft.yaml": ("use_dft_loss",),
+    "extras/eaft/qwen25_05b_eaft_full.yaml": ("use_eaft_loss",),
+    "extras/fp8/llama3_fp8_deepspeed_sft.yaml": ("fp8",),
+    "extras/fp8/llama3_fp8_fsdp_sft.yaml": ("fp8", "fsdp", "fsdp_transformer_layer_cls_to_wrap"),
+    "extras/fsdp_qlora/llama3_lora_sft.yaml": None,
+    "extras/galore/llama3_full_sft.yaml": ("use_galore",),
+    "extras/llama_pro/llama3_freeze_sft.yaml": ("use_llama_pro",),
+    "extras/loraplus/llama3_lora_sft.yaml": None,
+    "extras/mod/llama3_full_sft.yaml": ("mixture_of_depths", "optim"),
+    "extras/muon/qwen2_full_sft.yaml": ("use_muon",),
+    "extras/nlg_eval/llama3_lora_predict.yaml": ("do_predict", "predict_with_generate"),
+    "extras/oft/llama3_oft_sft.yaml": ("finetuning_type",),
+    "extras/pissa/llama3_lora_sft.yaml": ("pissa_convert",),  # without it: loads
+    "extras/qoft/llama3_oft_sft_awq.yaml": ("finetuning_type",),
+    "extras/qoft/llama3_oft_sft_bnb_npu.yaml": ("finetuning_type", "quantization_bit"),
+    "extras/qoft/llama3_oft_sft_gptq.yaml": ("finetuning_type",),
+    "inference/qwen3.yaml": ("infer_backend",),
+    "inference/qwen3_full_sft.yaml": ("infer_backend",),
+    "inference/qwen3_lora_sft.yaml": ("infer_backend",),
+    "merge_lora/qwen3_full_sft.yaml": EXPORT,
+    "merge_lora/qwen3_gptq.yaml": (
+        *EXPORT,
+        "export_quantization_bit",
+        "export_quantization_dataset",
+    ),
+    "merge_lora/qwen3_lora_sft.yaml": EXPORT,
+    "train_full/qwen3_full_sft.yaml": None,
+    "train_lora/qwen3_lora_dpo.yaml": None,
+    "train_lora/qwen3_lora_kto.yaml": None,
+    "train_lora/qwen3_lora_pretrain.yaml": None,
+    "train_lora/qwen3_lora_reward.yaml": None,
+    "train_lora/qwen3_lora_sft.yaml": None,
+    "train_lora/qwen3_lora_sft_ds3.yaml": None,
+    "train_lora/qwen3_lora_sft_ray.yaml": ("dataset_dir",),
+    "train_lora/qwen3_preprocess.yaml": ("tokenized_path",),
+    # Pre-quantized hub checkpoints: the YAML is plain LoRA; a local checkpoint whose
+    # config.json declares gptq/awq/aqlm is refused (test_prequantized_checkpoint_...).
+    "train_qlora/llama3_lora_sft_aqlm.yaml": None,
+    "train_qlora/llama3_lora_sft_awq.yaml": None,
+    "train_qlora/llama3_lora_sft_gptq.yaml": None,
+    "train_qlora/qwen3_lora_sft_bnb_npu.yaml": None,
+    "train_qlora/qwen3_lora_sft_otfq.yaml": None,
+}
+QLORA = {
+    "extras/fsdp_qlora/llama3_lora_sft.yaml",
+    "train_qlora/qwen3_lora_sft_bnb_npu.yaml",
+    "train_qlora/qwen3_lora_sft_otfq.yaml",
+}
 
 
 def example(rel: str, tmp_path: Path, model: Path | str, **extra: object) -> Path:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
-from llamafactory_helpers import ASSETS, LF, example, lf
+from llamafactory_helpers import ASSETS, LF, PARTITION, QLORA, example, lf
 
 from raylm import config
 from raylm.config import ConfigError
@@ -20,63 +20,6 @@ from raylm.train import llamafactory_keys as keys
 
 OLD_ASSET = ASSETS / "llamafactory_llama3_lora_sft.yaml"
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "llamafactory.md"
-
-EXPORT = ("export_device", "export_dir", "export_legacy_format", "export_size")
-# Example YAML (under examples/) -> None if it loads, else the keys it is refused for.
-PARTITION: dict[str, tuple[str, ...] | None] = {
-    "extras/adam_mini/qwen2_full_sft.yaml": ("use_adam_mini",),
-    "extras/apollo/llama3_full_sft.yaml": ("use_apollo",),
-    "extras/asft/llama2_full_asft.yaml": ("use_asft_loss",),
-    "extras/asft/qwen2_full_asft.yaml": ("use_asft_loss",),
-    "extras/badam/llama3_full_sft.yaml": ("use_badam",),
-    "extras/dft/qwen2_full_sft.yaml": ("use_dft_loss",),
-    "extras/eaft/qwen25_05b_eaft_full.yaml": ("use_eaft_loss",),
-    "extras/fp8/llama3_fp8_deepspeed_sft.yaml": ("fp8",),
-    "extras/fp8/llama3_fp8_fsdp_sft.yaml": ("fp8", "fsdp", "fsdp_transformer_layer_cls_to_wrap"),
-    "extras/fsdp_qlora/llama3_lora_sft.yaml": None,
-    "extras/galore/llama3_full_sft.yaml": ("use_galore",),
-    "extras/llama_pro/llama3_freeze_sft.yaml": ("use_llama_pro",),
-    "extras/loraplus/llama3_lora_sft.yaml": None,
-    "extras/mod/llama3_full_sft.yaml": ("mixture_of_depths", "optim"),
-    "extras/muon/qwen2_full_sft.yaml": ("use_muon",),
-    "extras/nlg_eval/llama3_lora_predict.yaml": ("do_predict", "predict_with_generate"),
-    "extras/oft/llama3_oft_sft.yaml": ("finetuning_type",),
-    "extras/pissa/llama3_lora_sft.yaml": ("pissa_convert",),  # without it: loads
-    "extras/qoft/llama3_oft_sft_awq.yaml": ("finetuning_type",),
-    "extras/qoft/llama3_oft_sft_bnb_npu.yaml": ("finetuning_type", "quantization_bit"),
-    "extras/qoft/llama3_oft_sft_gptq.yaml": ("finetuning_type",),
-    "inference/qwen3.yaml": ("infer_backend",),
-    "inference/qwen3_full_sft.yaml": ("infer_backend",),
-    "inference/qwen3_lora_sft.yaml": ("infer_backend",),
-    "merge_lora/qwen3_full_sft.yaml": EXPORT,
-    "merge_lora/qwen3_gptq.yaml": (
-        *EXPORT,
-        "export_quantization_bit",
-        "export_quantization_dataset",
-    ),
-    "merge_lora/qwen3_lora_sft.yaml": EXPORT,
-    "train_full/qwen3_full_sft.yaml": None,
-    "train_lora/qwen3_lora_dpo.yaml": None,
-    "train_lora/qwen3_lora_kto.yaml": None,
-    "train_lora/qwen3_lora_pretrain.yaml": None,
-    "train_lora/qwen3_lora_reward.yaml": None,
-    "train_lora/qwen3_lora_sft.yaml": None,
-    "train_lora/qwen3_lora_sft_ds3.yaml": None,
-    "train_lora/qwen3_lora_sft_ray.yaml": ("dataset_dir",),
-    "train_lora/qwen3_preprocess.yaml": ("tokenized_path",),
-    # Pre-quantized hub checkpoints: the YAML is plain LoRA; a local checkpoint whose
-    # config.json declares gptq/awq/aqlm is refused (test_prequantized_checkpoint_...).
-    "train_qlora/llama3_lora_sft_aqlm.yaml": None,
-    "train_qlora/llama3_lora_sft_awq.yaml": None,
-    "train_qlora/llama3_lora_sft_gptq.yaml": None,
-    "train_qlora/qwen3_lora_sft_bnb_npu.yaml": None,
-    "train_qlora/qwen3_lora_sft_otfq.yaml": None,
-}
-QLORA = {
-    "extras/fsdp_qlora/llama3_lora_sft.yaml",
-    "train_qlora/qwen3_lora_sft_bnb_npu.yaml",
-    "train_qlora/qwen3_lora_sft_otfq.yaml",
-}
 
 
 def refused_keys(err: ConfigError) -> list[str]:

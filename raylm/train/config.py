@@ -16,6 +16,7 @@ from raylm.train.config_methods import (
     FreezeConfig,
     KTOConfig,
     LoraConfig,
+    LossConfig,
     RMConfig,
 )
 
@@ -383,6 +384,9 @@ class TrainJobConfig:
     kto: KTOConfig = field(default_factory=KTOConfig)
     """KTO loss (stage kto)."""
 
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The pt/sft token loss: cross-entropy or LLaMA-Factory's dft, eaft, asft."""
+
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed / ZeRO."""
 
@@ -408,6 +412,7 @@ class TrainJobConfig:
     def __post_init__(self) -> None:
         choice("stage", self.stage, STAGES)
         choice("finetuning_type", self.finetuning_type, FINETUNING_TYPES)
+        self.loss.check(self.stage, self.finetuning_type, self.lora.init)
         from raylm.train.sinks import SINKS, require
 
         for sink in self.report_to:

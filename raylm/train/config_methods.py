@@ -227,3 +227,52 @@ class KTOConfig:
         positive("kto.desirable_weight", self.desirable_weight)
         positive("kto.undesirable_weight", self.undesirable_weight)
         positive("kto.sft_weight", self.sft_weight, allow_zero=True)
+
+
+LM_LOSSES = ("ce", "dft", "eaft", "asft")
+"""The token losses of stages pt and sft (``LossConfig.type``)."""
+
+
+@dataclass
+class LossConfig:
+    """The token loss of stages pt and sft (``raylm.train.objectives.lm_loss``): plain
+    cross-entropy, or one of LLaMA-Factory's reweighted variants, computed as its
+    ``trainer_utils`` does (per micro batch, averaged over its target tokens)."""
+
+    type: str = "ce"
+    """ce: mean next-token cross-entropy over the target tokens. dft (Dynamic Fine-Tuning,
+    LLaMA-Factory's ``use_dft_loss``): each target's cross-entropy times its probability
+    under the model, detached, so tokens the model finds unlikely pull less. eaft
+    (``use_eaft_loss``): each target's cross-entropy times (H / 3) ** eaft_alpha, H the
+    entropy of the model's top-20 next-token distribution, detached: confident
+    positions pull less. asft (``use_asft_loss``): dft plus asft_alpha x KL(reference ||
+    model) over the vocabulary at each target; the reference is the base model (a
+    frozen copy for full/freeze, the adapter disabled for lora), which costs a second
+    forward pass per micro batch."""
+
+    asft_alpha: float = 0.1
+    """asft: weight of the KL term that keeps the model near the reference
+    (LLaMA-Factory's ``asft_alpha``)."""
+
+    eaft_alpha: float = 1.0
+    """eaft: power of the entropy weight; 0 makes eaft plain cross-entropy
+    (LLaMA-Factory's ``eaft_alpha``)."""
+
+    def __post_init__(self) -> None:
+        choice("loss.type", self.type, LM_LOSSES)
+        positive("loss.asft_alpha", self.asft_alpha, allow_zero=True)
+        positive("loss.eaft_alpha", self.eaft_alpha, allow_zero=True)
+
+    def check(self, stage: str, finetuning_type: str, lora_init: str) -> None:
+        """The variants reweight the pt/sft token loss; asft's LoRA reference is the base
+        under the disabled adapter, which PiSSA/OLoRA have rewritten."""
+        if self.type == "ce":
+            return
+        if stage not in ("pt", "sft"):
+            raise ConfigError(f"loss.type={self.type} is a pt/sft token loss, not for {stage}")
+        lora = finetuning_type in ("lora", "qlora")
+        if self.type == "asft" and lora and lora_init in ("pissa", "olora"):
+            raise ConfigError(
+                f"loss.type=asft with lora.init={lora_init}: the base under the disabled "
+                "adapter is no longer the reference model asft needs; use lora.init=default"
+            )

@@ -114,6 +114,7 @@ def _special(data: dict[str, Any], out: dict[str, Any], source: str, refused: bo
     key was refused already, so a missing dataset needs no mention)."""
     refusals: list[str] = []
     checks = (_stage, _values, _precision, _quantization, _attention, _knobs, _ray, _resume)
+    checks += (_loss,)
     for check in checks:
         refusals += check(data, out)
     _data(data, out, refusals, refused)
@@ -280,6 +281,18 @@ def _knobs(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
     return []
 
 
+def _loss(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
+    """``use_dft_loss`` / ``use_eaft_loss`` / ``use_asft_loss``: ``loss.type`` (LLaMA-
+    Factory's SFT trainer reads them; its other stages ignore them)."""
+    on = [k for k in ("dft", "eaft", "asft") if _bool(data.get(f"use_{k}_loss"))]
+    if not on:
+        return []
+    if len(on) > 1 or str(data.get("stage", "sft")) != "sft":
+        return [f"use_{'_loss, use_'.join(on)}_loss: one SFT loss variant, with stage sft"]
+    _set(out, "loss.type", on[0])
+    return []
+
+
 def _ray(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
     """``resources_per_worker`` (earlier LLaMA-Factory releases): CPUs per worker, and one
     GPU per worker at most."""
@@ -414,4 +427,6 @@ CONVERT: dict[str, Callable[[Any], Any]] = {
     "dpo_label_smoothing": float,
     "warmup_ratio": float,
     "weight_decay": float,
+    "asft_alpha": float,
+    "eaft_alpha": float,
 }

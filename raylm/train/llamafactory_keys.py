@@ -70,6 +70,8 @@ MAPPED: dict[str, str] = {
     "ray_storage_path": "storage_path",
     "ray_run_name": "run_name",
     "run_name": "run_name",
+    "asft_alpha": "loss.asft_alpha",
+    "eaft_alpha": "loss.eaft_alpha",
 }
 
 SPECIAL: dict[str, str] = {
@@ -94,6 +96,9 @@ SPECIAL: dict[str, str] = {
     "warmup_steps": "train.warmup_steps; a fraction in (0, 1) is transformers' ratio: "
     "train.warmup_ratio",
     "optim": "adamw_torch(_fused)/adamw_hf: raylm's torch AdamW; others refused",
+    "use_dft_loss": "true (stage sft): loss.type=dft",
+    "use_eaft_loss": "true (stage sft): loss.type=eaft",
+    "use_asft_loss": "true (stage sft): loss.type=asft (the reference model loads too)",
     "resume_from_checkpoint": "null/true: raylm resumes by itself; a path refused",
     "packing": "pt: LLaMA-Factory packs by default, raylm's raw path does not (warned)",
 }
@@ -240,10 +245,6 @@ NOOP: dict[str, str] = {
         "fp8_backend fp8_enable_fsdp_float8_all_gather",
     ),
     **_same(
-        _only("use_asft_loss / use_eaft_loss"),
-        "asft_alpha eaft_alpha",
-    ),
-    **_same(
         _only("torch_compile"),
         "torch_compile_backend torch_compile_mode",
     ),
@@ -319,10 +320,6 @@ REFUSED: dict[str, str] = {
         _OPTIM,
         "use_galore use_apollo use_badam use_adam_mini use_muon optim_args "
         "optim_target_modules lr_scheduler_kwargs",
-    ),
-    **_same(
-        "SFT loss variant: not implemented (raylm's sft loss is token cross-entropy)",
-        "use_dft_loss use_asft_loss use_eaft_loss",
     ),
     "label_smoothing_factor": "label smoothing of the SFT loss: not implemented",
     "adam_beta1": "raylm's AdamW uses torch's betas (0.9, 0.999)",

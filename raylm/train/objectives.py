@@ -52,12 +52,72 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(logp, 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean next-token NLL over target tokens, and how many targets there were."""
-    logps = token_logps(forward_logits(model, batch), batch["input_ids"])
-    mask = batch["loss_mask"][:, 1:].to(logps.dtype)
+def lm_loss(
+    model: Any, batch: dict[str, torch.Tensor], loss: Any = None, ref: Any = None
+) -> tuple[torch.Tensor, int]:
+    """The pt/sft loss over target tokens, and how many targets there were: mean
+    next-token NLL, or the ``loss.type`` variant (a ``LossConfig``; None: ce). asft's
+    reference is ``ref``, or the model under its disabled adapter when ``ref`` is None."""
+    logits = forward_logits(model, batch)
+    kind = "ce" if loss is None else loss.type
+    if kind == "ce":
+        logps = token_logps(logits, batch["input_ids"])
+        mask = batch["loss_mask"][:, 1:].to(logps.dtype)
+        n = int(mask.sum().item())
+        return -(logps * mask).sum() / max(n, 1), n
+    ref_logits = reference_logits(model, ref, batch) if kind == "asft" else None
+    return weighted_lm_loss(logits, batch, kind, loss, ref_logits)
+
+
+def weighted_lm_loss(
+    logits: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    kind: str,
+    loss: Any,
+    ref_logits: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """LLaMA-Factory's ``_dft_cross_entropy`` / ``_eaft_cross_entropy`` /
+    ``_asft_cross_entropy`` (``train/trainer_utils.py`` at ff6d4d12) over the target
+    tokens: each token's cross-entropy times a detached weight, averaged over the targets
+    (its ``mean`` branch; raylm normalises every loss per micro batch), plus asft's
+    ``asft_alpha * KL(ref || model)`` averaged over the same tokens."""
+    mask = batch["loss_mask"][:, 1:].bool()
     n = int(mask.sum().item())
-    return -(logps * mask).sum() / max(n, 1), n
+    source = logits[:, :-1].float()[mask]  # [n, vocab]
+    target = batch["input_ids"][:, 1:][mask]
+    per_token = F.cross_entropy(source, target, reduction="none")
+    with torch.no_grad():
+        if kind in ("dft", "asft"):  # the target's probability
+            weight = torch.exp(-per_token)
+        elif kind == "eaft":  # entropy of the top-20 distribution, over 3, to a power
+            top = torch.topk(source, k=min(20, source.size(-1)), dim=-1).values
+            logp = top - torch.logsumexp(top, dim=-1, keepdim=True)
+            entropy = -(logp.exp() * logp).sum(-1)
+            weight = torch.pow(entropy / 3.0, loss.eaft_alpha)
+        else:
+            raise ValueError(f"unknown token loss {kind!r}")
+    out = (per_token * weight).sum() / max(n, 1)
+    if kind == "asft":
+        assert ref_logits is not None
+        q = F.softmax(ref_logits[:, :-1].float()[mask], dim=-1)
+        kl = F.kl_div(F.log_softmax(source, dim=-1), q, reduction="none").sum(-1)
+        out = out + loss.asft_alpha * kl.sum() / max(n, 1)
+    return out, n
+
+
+def reference_logits(model: Any, ref: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reference model's logits, without gradients: ``ref`` (full/freeze: a frozen
+    copy of the base), else the LoRA model under its disabled adapter (the base)."""
+    with torch.no_grad():
+        if ref is not None:
+            return forward_logits(ref, batch)
+        base = getattr(model, "module", model)  # under a DeepSpeed engine: the PEFT model
+        if not hasattr(base, "disable_adapter"):
+            raise RuntimeError(
+                "loss.type=asft needs a reference model: pass one (full/freeze) or train LoRA"
+            )
+        with base.disable_adapter():
+            return forward_logits(base, batch)
 
 
 def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -19,11 +19,11 @@ EXPORT = ("export_device", "export_dir", "export_legacy_format", "export_size")
 PARTITION: dict[str, tuple[str, ...] | None] = {
     "extras/adam_mini/qwen2_full_sft.yaml": ("use_adam_mini",),
     "extras/apollo/llama3_full_sft.yaml": ("use_apollo",),
-    "extras/asft/llama2_full_asft.yaml": ("use_asft_loss",),
-    "extras/asft/qwen2_full_asft.yaml": ("use_asft_loss",),
+    "extras/asft/llama2_full_asft.yaml": None,
+    "extras/asft/qwen2_full_asft.yaml": None,
     "extras/badam/llama3_full_sft.yaml": ("use_badam",),
-    "extras/dft/qwen2_full_sft.yaml": ("use_dft_loss",),
-    "extras/eaft/qwen25_05b_eaft_full.yaml": ("use_eaft_loss",),
+    "extras/dft/qwen2_full_sft.yaml": None,
+    "extras/eaft/qwen25_05b_eaft_full.yaml": None,
     "extras/fp8/llama3_fp8_deepspeed_sft.yaml": ("fp8",),
     "extras/fp8/llama3_fp8_fsdp_sft.yaml": ("fp8", "fsdp", "fsdp_transformer_layer_cls_to_wrap"),
     "extras/fsdp_qlora/llama3_lora_sft.yaml": None,
@@ -72,10 +72,20 @@ QLORA = {
 }
 
 
+USER_DATA = {
+    "extras/asft/llama2_full_asft.yaml": "alpaca_en_demo",  # names med, the user's own
+    "extras/asft/qwen2_full_asft.yaml": "alpaca_en_demo",  # names math, the user's own
+}
+"""Examples that name datasets LLaMA-Factory's registry lacks (the user registers
+them), and the demo dataset they are loaded with here instead."""
+
+
 def example(rel: str, tmp_path: Path, model: Path | str, **extra: object) -> Path:
     """The example with the model replaced by ``model`` and output_dir by a tmp dir."""
     data = yaml.safe_load((LF / "examples" / rel).read_text())
     data["model_name_or_path"] = str(model)
+    if rel in USER_DATA:  # a dataset LLaMA-Factory's dataset_info.json does not register
+        data["dataset"] = USER_DATA[rel]
     if "output_dir" in data:
         data["output_dir"] = str(tmp_path / "saves" / "run")
     path = tmp_path / Path(rel).name

@@ -349,7 +349,8 @@ def accounted(c: dict[str, Any]) -> bool:
 def stats_document(train: Mixed, evals: Mixed, settings: dict[str, Any]) -> dict[str, Any]:
     """Where every record of a run's datasets went: ``train`` (trained on, or held out by
     val_size) and ``evals`` (eval datasets, all held out), with the mixing ``settings``.
-    Nothing held out is evaluated yet (``held_out_evaluated``)."""
+    ``held_out_evaluated`` starts False; the train job sets it when it scores them
+    (``eval.strategy``)."""
     held = [{**c, "train_rows": 0, "held_out_rows": c["train_rows"]} for c in evals.counts]
     per = [{"role": "train", **c} for c in train.counts] + [{"role": "eval", **c} for c in held]
     return {

@@ -318,6 +318,31 @@ class CheckpointConfig:
 
 
 @dataclass
+class HeldOutConfig:
+    """Held-out loss while the run trains (``eval.*``), on what ``data.val_size`` or
+    ``data.eval_datasets`` keep out of training (``raylm.train.evaluate``)."""
+
+    strategy: str = "steps"
+    """steps: every ``eval.steps`` optimizer steps; epoch: at each epoch's end; no: never
+    (held-out examples are still kept out and counted). Any but no also scores after the
+    last step. LLaMA-Factory's ``eval_strategy``."""
+
+    steps: int | None = None
+    """Steps between evaluations; unset: ``train.logging_steps``, as in transformers."""
+
+    batch_size: int | None = None
+    """Held-out examples per worker per forward; unset: ``train.micro_batch_size``."""
+
+    def __post_init__(self) -> None:
+        if str(self.strategy) == "False":  # YAML 1.1 reads a bare no as false
+            self.strategy = "no"
+        choice("eval.strategy", self.strategy, ("steps", "epoch", "no"))
+        for key, value in (("eval.steps", self.steps), ("eval.batch_size", self.batch_size)):
+            if value is not None:
+                positive(key, value)
+
+
+@dataclass
 class ExportConfig:
     """What ``final/`` holds."""
 
@@ -395,6 +420,9 @@ class TrainJobConfig:
 
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing and retries."""
+
+    eval: HeldOutConfig = field(default_factory=HeldOutConfig)
+    """Held-out loss during training."""
 
     export: ExportConfig = field(default_factory=ExportConfig)
     """Final artefacts."""

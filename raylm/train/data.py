@@ -75,6 +75,12 @@ def data_inputs(cfg: TrainJobConfig) -> dict[str, Any]:
     except OSError as err:  # a bucket without credentials, an unreachable endpoint
         raise ConfigError(f"data.path={cfg.data.path!r} cannot be read: {err}") from None
     if is_output:
+        if cfg.data.val_size or cfg.data.eval_datasets:
+            raise ConfigError(
+                f"data.val_size / data.eval_datasets hold examples out of raw datasets, but "
+                f"data.path={cfg.data.path!r} is a data job's shards, all trained on; unset "
+                "them (and score final/ with the eval job), or train from the raw files"
+            )
         output = dataset_output(path, cfg)
         check_dataset(output, cfg, path)
         return {"kind": "shards", "path": path, "output": output}
@@ -255,15 +261,17 @@ def tokenize_record(
 
 
 def build_dataset(cfg: TrainJobConfig, source: dict[str, Any]):
-    """The one-row Ray Dataset every worker gets whole: the pickled ``Plan``; a raw-data
-    run's counts go to ``data_stats.json`` in the run dir."""
+    """The one-row Ray Dataset every worker gets whole: the pickled ``Plan`` and the
+    tokenized held-out rows; a raw-data run's counts go to ``data_stats.json`` in the
+    run dir."""
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     plan = make_plan(cfg, source)
     if "stats" in source:
         write_stats(cfg, source["stats"])
-    return ray.data.from_items([{"plan": pickle.dumps(plan)}])
+    held_out = pickle.dumps(source.get("held_out") or [])  # raylm.train.evaluate
+    return ray.data.from_items([{"plan": pickle.dumps(plan), "held_out": held_out}])
 
 
 def write_stats(cfg: TrainJobConfig, stats: dict[str, Any]) -> str:
@@ -333,21 +341,29 @@ def _tokenize_raw(cfg: TrainJobConfig, source: dict[str, Any]) -> list[dict[str,
         evals = _mixed(source.get("eval_sources") or [], cfg, 0, "concat")
     except BadRow as err:
         raise ConfigError(str(err)) from None
+    rows = _tokenized(train.train, cfg, tok, "")
+    if not rows:
+        raise ConfigError(f"data.path={cfg.data.path!r}: no records")
+    source["held_out"] = _tokenized([*train.held_out, *evals.train], cfg, tok, "eval-")
+    source["stats"] = data_stats(cfg, train, evals)
+    return rows
+
+
+def _tokenized(records: list[Any], cfg: TrainJobConfig, tok: Any, prefix: str) -> list[dict]:
+    """Rows numbered ``prefix`` + position; KTO rows also get another row's answer for
+    each prompt (KTO's KL estimate, ``with_kl_rows``)."""
     template = repr(cfg.model.template) if cfg.model.template else f"of {cfg.model.name_or_path}"
     rows = []
-    for i, (ident, record, src) in enumerate(train.train):
+    for i, (ident, record, src) in enumerate(records):
         try:
             row = tokenize_record(record, src, cfg.stage, tok, cfg.data.cutoff_len, template)
         except ValueError as err:
             raise ConfigError(f"{ident}: {err}") from None
-        rows.append({"id": str(i), **row})
-    if not rows:
-        raise ConfigError(f"data.path={cfg.data.path!r}: no records")
-    if cfg.stage == "kto":  # each prompt with another row's answer: KTO's KL estimate
+        rows.append({"id": f"{prefix}{i}", **row})
+    if cfg.stage == "kto" and rows:
         from raylm.train.kto import with_kl_rows
 
         rows = with_kl_rows(rows, cfg.data.cutoff_len)
-    source["stats"] = data_stats(cfg, train, evals)
     return rows
 
 
@@ -376,12 +392,13 @@ def data_stats(cfg: TrainJobConfig, train: Any, evals: Any) -> dict[str, Any]:
     settings = {"mix_strategy": d.mix_strategy, "interleave_probs": d.interleave_probs,
                 "max_samples": d.max_samples, "val_size": d.val_size, "seed": cfg.train.seed}  # fmt: skip
     stats = stats_document(train, evals, settings)
+    stats["held_out_evaluated"] = bool(stats["held_out_rows"]) and cfg.eval.strategy != "no"
     for c in stats["datasets"]:
         log.info("data: %s", c)
-    if stats["held_out_rows"]:
+    if stats["held_out_rows"] and cfg.eval.strategy == "no":
         log.warning(
-            "data: %d examples held out (data.val_size / data.eval_datasets), counted in %s; "
-            "the train job computes no held-out loss yet: evaluate final/ with the eval job",
+            "data: %d examples held out (data.val_size / data.eval_datasets), counted in %s, "
+            "and never scored: eval.strategy=no",
             stats["held_out_rows"], STATS,
         )  # fmt: skip
     return stats

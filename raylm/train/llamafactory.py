@@ -85,6 +85,14 @@ def _notes(data: dict[str, Any], source: str) -> None:
             "not 16 fast-SVD iterations: their residual cannot be redone when final/ loads",
             source,
         )
+    strategy = data.get("eval_strategy", data.get("evaluation_strategy"))
+    if strategy is None and (data.get("val_size") or data.get("eval_dataset")):
+        log.warning(
+            "%s: val_size / eval_dataset without eval_strategy: the examples are held out "
+            "and counted but not scored (transformers' default is no); set eval_strategy: "
+            "steps (with eval_steps) or epoch",
+            source,
+        )
     hf = data.get("gradient_checkpointing")
     hf_off = hf is not None and not _bool(hf)
     if hf_off and _checkpoints(data):
@@ -359,6 +367,8 @@ def _defaults(data: dict[str, Any], out: dict[str, Any]) -> None:
     """LLaMA-Factory defaults that differ from raylm's: lora_alpha is twice the rank."""
     if data.get("lora_alpha") is None:
         _set(out, "lora.alpha", 2 * int(data.get("lora_rank") or 8))
+    if data.get("eval_strategy", data.get("evaluation_strategy")) is None:
+        _set(out, "eval.strategy", "no")  # transformers' default
 
 
 def _hint(key: str, known: list[str]) -> str:
@@ -396,6 +406,15 @@ def _report_to(value: Any) -> list[str]:
     return [v for v in _csv(value) if v != "none"]
 
 
+def _count(key: str, value: Any) -> int:
+    """A step count; transformers also reads a float below 1 as a share of the run."""
+    if float(value) < 1:
+        raise ConfigError(
+            f"{key}={value}: a share of the run's steps; raylm takes a step count (>= 1)"
+        )
+    return int(value)
+
+
 def _max_steps(value: Any) -> int | None:
     """transformers' ``max_steps: -1`` means no limit."""
     return None if int(value) <= 0 else int(value)
@@ -418,6 +437,10 @@ CONVERT: dict[str, Callable[[Any], Any]] = {
     "learning_rate": float,
     "num_train_epochs": float,
     "val_size": float,
+    "eval_steps": lambda v: _count("eval_steps", v),
+    "eval_strategy": lambda v: "no" if v is False else str(v),  # YAML reads no as false
+    "evaluation_strategy": lambda v: "no" if v is False else str(v),
+    "per_device_eval_batch_size": int,
     # YAML reads ``1e-3`` (no dot) as a string; LLaMA-Factory's parser coerces it.
     "pref_beta": float,
     "pref_ftx": float,

@@ -30,6 +30,11 @@ MAPPED: dict[str, str] = {
     "lora_dropout": "lora.dropout",
     "lora_target": "lora.target",
     "freeze_trainable_layers": "freeze.trainable_layers",  # negative: the first -N
+    # Unset, eval_strategy is transformers' no: held out and counted, not scored (warned).
+    "eval_strategy": "eval.strategy",
+    "evaluation_strategy": "eval.strategy",  # transformers' older name
+    "eval_steps": "eval.steps",  # a share of the run's steps (< 1) is refused
+    "per_device_eval_batch_size": "eval.batch_size",
     "freeze_trainable_modules": "freeze.trainable_modules",
     "freeze_extra_modules": "freeze.extra_modules",
     "additional_target": "lora.additional_target",
@@ -103,7 +108,10 @@ SPECIAL: dict[str, str] = {
     "packing": "pt: LLaMA-Factory packs by default, raylm's raw path does not (warned)",
 }
 
-_EVAL = "the train job computes no held-out loss yet: evaluate final/ with the eval job"
+_EVAL = (
+    "raylm's held-out loss (eval.strategy, eval.steps, eval.batch_size) has no such "
+    "setting; score final/ with the eval job for more"
+)
 _LOG = "raylm writes metrics.jsonl, loss.png and Ray's logs on its own schedule"
 _DIST = "Ray Train and DeepSpeed set up the process group and collectives"
 _MM = "vision/audio input: raylm trains text models"
@@ -123,6 +131,8 @@ def _same(reason: str, keys: str) -> dict[str, str]:
 
 NOOP: dict[str, str] = {
     "do_train": "a train job always trains",
+    "do_eval": "raylm scores the held-out examples whenever eval.strategy is not no "
+    "(transformers derives do_eval from eval_strategy too)",
     "overwrite_cache": "raw data is tokenized afresh each run; the data job writes fresh shards",
     "overwrite_output_dir": "runs are keyed by run_name; re-running resumes",
     "save_only_model": "raylm checkpoints always hold what exact resume needs",
@@ -168,8 +178,7 @@ NOOP: dict[str, str] = {
     ),
     **_same(
         _EVAL,
-        "do_eval eval_strategy evaluation_strategy eval_steps eval_delay "
-        "per_device_eval_batch_size prediction_loss_only eval_on_start "
+        "eval_delay prediction_loss_only eval_on_start "
         "eval_do_concat_batches eval_use_gather_object eval_accumulation_steps "
         "include_for_metrics batch_eval_metrics bf16_full_eval fp16_full_eval "
         "eval_num_beams eval_on_each_dataset compute_accuracy",
@@ -268,7 +277,11 @@ NOOP: dict[str, str] = {
     ),
 }
 
-_INFER = "an inference setting: serve the model with `raylm serve` (vLLM) or `raylm generate`"
+_INFER = (
+    "an inference YAML (llamafactory-cli api/chat): run it with `raylm serve FILE` "
+    "(vLLM, OpenAI API), not raylm train"
+)
+_PREDICT = "a do_predict YAML: run it with `raylm generate FILE` (predictions and BLEU/ROUGE)"
 _EXPORT = (
     "LLaMA-Factory's export step: raylm's train job writes final/ (the adapter) and, "
     "with export.merge_lora=true, final/merged; quantized export is not supported"
@@ -345,13 +358,15 @@ REFUSED: dict[str, str] = {
     # schedule, checkpoints, outputs
     "logging_strategy": "raylm logs every train.logging_steps steps",
     "save_strategy": "raylm checkpoints every checkpoint.save_steps steps and at the end",
-    "load_best_model_at_end": _EVAL,
-    "early_stopping_steps": _EVAL,
+    "load_best_model_at_end": "final/ is the last step's model: pick another checkpoint "
+    "by eval.jsonl's eval_loss and export it",
+    "early_stopping_steps": "raylm runs max_steps / epochs: watch eval_loss live "
+    "(report_to) and stop the job",
     "push_to_hub": "raylm does not push to the hub: upload final/ yourself",
     "use_swanlab": "report_to takes tensorboard, mlflow or wandb",
     "enable_torch_profiler": "profile with Ray's tools; raylm has no profiler hook",
-    "do_predict": _EVAL + " (predictions: raylm generate)",
-    "predict_with_generate": _EVAL + " (predictions: raylm generate)",
+    "do_predict": _PREDICT,
+    "predict_with_generate": _PREDICT,
     # distribution and launchers
     "fsdp": "raylm shards with DeepSpeed ZeRO: deepspeed.stage=3",
     "fsdp_config": "raylm shards with DeepSpeed ZeRO: deepspeed.stage=3",

@@ -16,16 +16,23 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in storage.read_text(str(path)).splitlines() if ln.strip()]
 
 
-def plot_loss(metrics: list[dict[str, Any]], out: Path, title: str) -> Path:
+def plot_loss(
+    metrics: list[dict[str, Any]], out: Path, title: str, evals: list[dict[str, Any]] | None = None
+) -> Path:
+    """The training loss per logged step, and the held-out loss where it was scored."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], marker=".")
+    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], marker=".", label="train")
+    if evals:
+        steps, losses = [e["step"] for e in evals], [e["eval_loss"] for e in evals]
+        ax.plot(steps, losses, marker="o", label="held out")
+        ax.legend()
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -12,11 +12,12 @@ from raylm.train.sinks import STATE_FILE, wandb_records
 
 
 def logged(name: str, run_dir: str, key: str = "loss") -> dict[int, float]:
-    """Step -> value of ``train/<key>`` as sink ``name`` recorded it for a local run dir,
+    """Step -> value of ``train/<key>`` (or of ``key`` itself when it names its section,
+    such as ``eval/loss``) as sink ``name`` recorded it for a local run dir,
     read with that sink's own reader (what the tests check, and a quick look at a run
     without a UI). MLflow is read from the default file store, W&B from its offline files.
     """
-    tag = f"train/{key}"
+    tag = key if key.startswith(("train/", "eval/")) else f"train/{key}"
     if name == "tensorboard":
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -165,7 +165,7 @@ class Sink(abc.ABC):
 
     @abc.abstractmethod
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Record one logged step's metrics (names without the ``train/`` prefix)."""
+        """Record one logged step's metrics (names with their ``train/`` or ``eval/``)."""
 
     @abc.abstractmethod
     def close(self, failed: bool = False) -> None:
@@ -191,7 +191,7 @@ class TensorBoardSink(Sink):
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
-            self.writer.add_scalar(f"train/{key}", value, step)
+            self.writer.add_scalar(key, value, step)
         self.writer.flush()  # a local file: cheap, and what makes it live
 
     def close(self, failed: bool = False) -> None:
@@ -233,7 +233,7 @@ class MLflowSink(Sink):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(f"train/{k}", v, now, step) for k, v in metrics.items()]
+        batch = [Metric(k, v, now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
     def close(self, failed: bool = False) -> None:
@@ -266,7 +266,7 @@ class WandbSink(Sink):
     def log(self, step: int, metrics: dict[str, float]) -> None:
         # commit=True: with an explicit step W&B would otherwise hold the row back
         # until the next step arrives.
-        self.run.log({f"train/{k}": v for k, v in metrics.items()}, step=step, commit=True)
+        self.run.log(metrics, step=step, commit=True)
 
     def close(self, failed: bool = False) -> None:
         self.run.finish(exit_code=1 if failed else 0)
@@ -363,11 +363,13 @@ class Reporter:
                 dist.barrier()
             raise
 
-    def log(self, record: dict[str, Any]) -> None:
-        """Rank 0: one logged step to every sink. A sink that fails to log is reported and
-        skipped for that step; ``metrics.jsonl`` already holds the step."""
+    def log(self, record: dict[str, Any], section: str = "train") -> None:
+        """Rank 0: one logged step to every sink, its metrics named ``section/name``
+        (``train/loss``; held-out ones ``eval/loss``, without their ``eval_``). A sink
+        that fails to log is reported and skipped for that step; ``metrics.jsonl`` or
+        ``eval.jsonl`` already holds the step."""
         metrics = {
-            k: float(v)
+            f"{section}/{k.removeprefix(section + '_')}": float(v)
             for k, v in record.items()
             if k not in ("step", "time") and isinstance(v, int | float) and not isinstance(v, bool)
         }

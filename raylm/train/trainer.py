@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from raylm import storage
-from raylm.config import ConfigError, resolve_model, resolve_path
+from raylm.config import resolve_model, resolve_path
 from raylm.train.config import TrainJobConfig, run_dir_of
 
 
@@ -44,11 +44,6 @@ def build_trainer(cfg: TrainJobConfig, fault: dict[str, Any] | None = None):
 
     check_qlora_device(cfg, cuda_available=cfg.scaling.use_gpu)
     check_knobs(cfg)  # here too, so a bad combination fails before any worker starts
-    if cfg.data.val_size:
-        raise ConfigError(
-            f"data.val_size={cfg.data.val_size}: the train job computes no held-out loss yet; "
-            "set it to 0 and evaluate final/ with the eval job"
-        )
     cfg = for_workers(cfg)
     run_dir = run_dir_of(cfg)
     storage.makedirs(run_dir)
@@ -88,6 +83,7 @@ def build_trainer(cfg: TrainJobConfig, fault: dict[str, Any] | None = None):
 
 def run_training(cfg: TrainJobConfig, fault: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or resume) and return the outputs and headline metrics."""
+    from raylm.train.evaluate import EVAL_FILE
     from raylm.train.report import plot_loss, read_metrics
     from raylm.train.sinks import stop_on_nonfinite
 
@@ -98,9 +94,10 @@ def run_training(cfg: TrainJobConfig, fault: dict[str, Any] | None = None) -> di
     metrics = read_metrics(storage.join(run_dir, "metrics.jsonl"))
     if not metrics:
         raise RuntimeError(f"training finished but wrote no metrics in {run_dir}")
+    evals = read_metrics(storage.join(run_dir, EVAL_FILE))
     title = f"{cfg.run_name} ({cfg.stage}, {cfg.finetuning_type})"
     with local_then_upload(run_dir) as local:
-        plot_loss(metrics, local / "loss.png", title=title)
+        plot_loss(metrics, local / "loss.png", title=title, evals=evals)
     from raylm.train.checkpoint import list_checkpoints
 
     done = [p.rpartition("/")[2] for _, p, ok in list_checkpoints(run_dir) if ok]
@@ -112,14 +109,16 @@ def run_training(cfg: TrainJobConfig, fault: dict[str, Any] | None = None) -> di
             "metrics": storage.join(run_dir, "metrics.jsonl"),
             "loss_plot": storage.join(run_dir, "loss.png"),
             "checkpoints": json.dumps(done),
-        },
+        }
+        | ({"eval_metrics": storage.join(run_dir, EVAL_FILE)} if evals else {}),
         "metrics": {
             "steps": metrics[-1]["step"],
             "first_loss": metrics[0]["loss"],
             "final_loss": metrics[-1]["loss"],
             "mean_tokens_per_s": sum(m["tokens_per_s"] for m in metrics) / len(metrics),
             "resumes": _count_resumes(run_dir),
-        },
+        }
+        | ({"final_eval_loss": evals[-1]["eval_loss"]} if evals else {}),
     }
 
 

@@ -33,6 +33,7 @@ from raylm.config import ConfigError
 from raylm.train import checkpoint as ckpt
 from raylm.train import sinks
 from raylm.train.config import TrainJobConfig
+from raylm.train.evaluate import HeldOut, held_out_rows
 from raylm.train.stream import rows_taken, stop_step
 
 
@@ -82,6 +83,7 @@ class _Loop:
         cfg, t = self.cfg, self.cfg.train
         self.tok = load_tokenizer(cfg)
         self.stream = open_stream(shard, cfg, self.rank, self.world)
+        self.held_out = HeldOut(self, held_out_rows(shard))
         self.per_step = t.micro_batch_size * t.grad_accum
         self.steps_per_epoch = self._all_min(self.stream.steps_per_epoch)
         if self.steps_per_epoch == 0:
@@ -167,8 +169,8 @@ class _Loop:
         assert self.step == step, (self.step, step)
         self.samples_seen = rows_taken(self.step, self.stream.worlds, self.per_step)
         if self.rank == 0:
-            _truncate_metrics(self.metrics_file, self.step)
-            _truncate_metrics(self.samples_file, self.step)
+            for path in (self.metrics_file, self.samples_file, self.held_out.file):
+                _truncate_metrics(path, self.step)
         name = path.rstrip("/").rpartition("/")[2]
         self._event({"event": "resume", "from_step": self.step, "checkpoint": name,
                      "world_size_from": self.saved_world, "world_size": self.world,
@@ -194,6 +196,10 @@ class _Loop:
             self.step += 1
             self._audit(epoch, ids)
             self._log(epoch, losses, tokens, samples, time.perf_counter() - start)
+            if self.held_out.due(self.step, self.total_steps):
+                record = self.held_out.run(self.step, epoch)
+                if record is not None:
+                    self.report.log(record, section="eval")
             if self.step % self.cfg.checkpoint.save_steps == 0 or self.step == self.total_steps:
                 self.save()
         self.report.close()

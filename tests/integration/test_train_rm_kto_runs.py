@@ -17,6 +17,7 @@ import pytest
 
 from raylm.config import load
 from raylm.train.report import read_metrics
+from raylm.train.sink_readers import logged
 from raylm.train.trainer import run_training
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,9 +64,16 @@ def test_reward_model_learns_and_scores_held_out_pairs(connected, tiny_model: Pa
     from raylm.train.reward import pair_scores
 
     pairs = _pairs()
-    train = tmp_path / "pairs.jsonl"
-    train.write_text("".join(json.dumps(p) + "\n" for p in pairs[:TRAIN_PAIRS]))
-    run = _run(tiny_model, tmp_path, "rm", "stage=rm", f"data.path={train}")
+    data = tmp_path / "data"
+    data.mkdir()
+    info = {}
+    for name, part in (("train_pairs", pairs[:TRAIN_PAIRS]), ("held_pairs", pairs[TRAIN_PAIRS:])):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in part))
+        info[name] = {"file_name": f"{name}.jsonl", "ranking": True}
+    (data / "dataset_info.json").write_text(json.dumps(info))
+    run = _run(tiny_model, tmp_path, "rm", "stage=rm", f"data.path={data}",
+               "data.datasets=[train_pairs]", "data.eval_datasets=[held_pairs]",
+               "eval.steps=4", "eval.batch_size=3", "report_to=[tensorboard]")  # fmt: skip
 
     losses = [m["loss"] for m in read_metrics(run / "metrics.jsonl")]
     assert losses[0] == pytest.approx(math.log(2), abs=0.05)  # a fresh head scores ~0
@@ -83,6 +91,14 @@ def test_reward_model_learns_and_scores_held_out_pairs(connected, tiny_model: Pa
     accuracy = float((chosen > rejected).float().mean())
     print(f"rm: losses {[round(x, 4) for x in losses]}, held-out accuracy {accuracy:.3f}")
     assert accuracy >= 0.75, (accuracy, chosen, rejected)  # chance is 0.5
+    # The held-out pairs were scored during training, the same way (eval_datasets).
+    evals = read_metrics(run / "eval.jsonl")
+    assert [(e["step"], e["examples"]) for e in evals] == [(4, 16), (8, 16)]
+    assert evals[-1]["eval_accuracy"] == pytest.approx(accuracy)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < math.log(2), evals
+    assert logged("tensorboard", str(run), "eval/accuracy") == {
+        e["step"]: pytest.approx(e["eval_accuracy"]) for e in evals
+    }
     assert json.loads((run / "final/raylm_train.json").read_text())["stage"] == "rm"
 
 

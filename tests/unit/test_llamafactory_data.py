@@ -60,7 +60,9 @@ def test_identity_and_alpaca_demo_train_rows_and_counts(
     ]  # fmt: skip
     assert all(c["train_rows"] + c["held_out_rows"] == 40 for c in by.values())
     assert (stats["held_out_rows"], stats["train_rows"], len(rows)) == (8, 72, 72)
-    assert stats["accounting_ok"] and not stats["held_out_evaluated"]
+    assert stats["accounting_ok"] and not stats["held_out_evaluated"]  # eval_strategy unset
+    held = source["held_out"]  # tokenized for the workers all the same
+    assert len(held) == 8 and all(r["id"].startswith("eval-") and r["input_ids"] for r in held)
     assert "dataset 'identity' holds placeholders {{author}}" in caplog.text
     assert "8 examples held out" in caplog.text
     tok = load_tokenizer(str(tiny_model), "qwen3_nothink")

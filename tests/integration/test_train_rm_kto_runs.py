@@ -118,7 +118,8 @@ def test_kto_loss_goes_down_from_one_half(connected, tiny_model: Path, tmp_path:
                                   "user_tag": "user", "assistant_tag": "assistant"}}}  # fmt: skip
     (data / "dataset_info.json").write_text(json.dumps(info))
     run = _run(tiny_model, tmp_path, "kto", "stage=kto", f"data.path={data}",
-               "data.datasets=[demo_kto]", "kto.beta=0.1")  # fmt: skip
+               "data.datasets=[demo_kto]", "kto.beta=0.1", "data.val_size=8",
+               "eval.strategy=epoch")  # fmt: skip
 
     metrics = read_metrics(run / "metrics.jsonl")
     losses = [m["loss"] for m in metrics]
@@ -135,3 +136,7 @@ def test_kto_loss_goes_down_from_one_half(connected, tiny_model: Path, tmp_path:
     )
     assert chosen > rejected, (chosen, rejected)
     assert (run / "final/adapter_model.safetensors").exists()
+    # 88 rows trained on, 4 per step: epoch 0 ends at step 22; the run stops at 8
+    (held,) = read_metrics(run / "eval.jsonl")
+    assert (held["step"], held["examples"]) == (8, 8) and math.isfinite(held["eval_loss"])
+    assert held["eval_loss"] < 0.5, held  # the reference scores every held-out row 0.5

@@ -151,6 +151,7 @@ def check_settings(
             cfg.model.name: {
                 "max_model_len": cfg.engine.max_model_len,
                 "tokenizer_path": None if "://" in model_dir else model_dir,
+                "chat_template": cfg.engine.extra.get("chat_template"),
                 "adapters_dir": locations.get("adapters_dir"),
                 "adapters": dict(locations.get("adapters", {})),
             }

@@ -101,8 +101,11 @@ def _preprocess(cfg: GenerateJobConfig) -> Any:
         "temperature": cfg.sampling.temperature,
         "top_p": cfg.sampling.top_p,
     }
-    if cfg.sampling.seed is not None:
-        sampling["seed"] = cfg.sampling.seed
+    for key in ("seed", "top_k", "repetition_penalty"):
+        if getattr(cfg.sampling, key) is not None:
+            sampling[key] = getattr(cfg.sampling, key)
+    if cfg.sampling.stop_token_ids:
+        sampling["stop_token_ids"] = list(cfg.sampling.stop_token_ids)
     lora = resolve_path(lora_path) if lora_path else None
 
     def pre(row: dict[str, Any]) -> dict[str, Any]:

@@ -49,6 +49,10 @@ class ModelSettings:
     tokenizer_path: str | None = None
     """Directory to load the tokenizer from for prompt-length checks (None: skip them)."""
 
+    chat_template: str | None = None
+    """The template the server renders chats with (``engine.extra.chat_template``, e.g. a
+    LLaMA-Factory ``template:``); None: the tokenizer's own."""
+
     adapters_dir: str | None = None
     """Directory of PEFT adapters, re-listed on each /v1/models call."""
 
@@ -210,6 +214,8 @@ class RequestChecks:
                 self._tokenizers[path] = await asyncio.to_thread(
                     AutoTokenizer.from_pretrained, path
                 )
+                if ms.chat_template:  # count what the server renders
+                    self._tokenizers[path].chat_template = ms.chat_template
             except Exception as err:  # a remote/unreadable path: the engine still checks
                 logger.warning("no tokenizer at %s for length checks: %s", path, err)
                 self._tokenizers[path] = None

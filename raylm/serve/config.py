@@ -232,6 +232,14 @@ class ServeJobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     """Cluster connection."""
 
+    @staticmethod
+    def from_foreign_yaml(data: dict, source: str) -> dict:
+        """A LLaMA-Factory inference YAML (``llamafactory-cli api|chat``) reads as this
+        config (raylm.serve.llamafactory)."""
+        from raylm.serve.llamafactory import is_llamafactory, serve_translate
+
+        return serve_translate(data, source) if is_llamafactory(data) else data
+
     def __post_init__(self) -> None:
         if not self.route_prefix.startswith("/"):
             raise ConfigError(f"route_prefix={self.route_prefix!r} must start with '/'")
@@ -276,8 +284,22 @@ class SamplingConfig:
     seed: int | None = 0
     """Per-request seed, so sampled outputs are reproducible."""
 
+    top_k: int | None = None
+    """Sample from the k most likely tokens only (None: all)."""
+
+    repetition_penalty: float | None = None
+    """vLLM's repetition penalty (None: 1.0, none)."""
+
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end a completion besides EOS (``input.template``'s stop words are
+    added to these)."""
+
     def __post_init__(self) -> None:
         positive("sampling.max_tokens", self.max_tokens)
+        if self.top_k is not None:
+            positive("sampling.top_k", self.top_k)
+        if self.repetition_penalty is not None:
+            positive("sampling.repetition_penalty", self.repetition_penalty)
         positive("sampling.temperature", self.temperature, allow_zero=True)
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"sampling.top_p={self.top_p} must be in (0, 1]")
@@ -297,7 +319,23 @@ class GenerateInputConfig:
     """Apply the tokenizer's chat template: prompt_column holds a user message or messages."""
 
     limit: int | None = None
-    """Use only the first N rows (None: all)."""
+    """Use only the first N rows (None: all); with ``datasets``, of each dataset."""
+
+    datasets: list[str] = field(default_factory=list)
+    """Names registered in ``path``'s ``dataset_info.json`` (LLaMA-Factory's eval_dataset):
+    each record's conversation up to its last assistant turn is the prompt, rendered with
+    ``template``, and that turn is the label. Writes LLaMA-Factory's
+    ``generated_predictions.jsonl`` and ``predict_results.json`` (BLEU-4, ROUGE-1/2/L)."""
+
+    template: str | None = None
+    """A named chat template (raylm.templates) for ``datasets``' prompts (None: the
+    tokenizer's own)."""
+
+    def __post_init__(self) -> None:
+        if self.template is not None:
+            from raylm import templates
+
+            templates.check(self.template, "input.template")
 
 
 @dataclass
@@ -335,6 +373,13 @@ class GenerateJobConfig:
 
     ray: RayConfig = field(default_factory=RayConfig)
     """Cluster connection."""
+
+    @staticmethod
+    def from_foreign_yaml(data: dict, source: str) -> dict:
+        """A LLaMA-Factory do_predict YAML reads as this config (raylm.serve.llamafactory)."""
+        from raylm.serve.llamafactory import generate_translate, is_llamafactory
+
+        return generate_translate(data, source) if is_llamafactory(data) else data
 
     def __post_init__(self) -> None:
         positive("batch_size", self.batch_size)

@@ -9,9 +9,10 @@ records the endpoint. Generate runs ``ray.data.llm`` over a dataset and writes
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from raylm import storage
-from raylm.config import resolve_path
+from raylm.config import ConfigError, resolve_path
 from raylm.job import Job, Result
 from raylm.outputs import ServiceOutput
 from raylm.serve.config import GenerateJobConfig, ServeJobConfig
@@ -88,6 +89,16 @@ class GenerateJob(Job[GenerateJobConfig]):
             cfg, model=resolve_path(cfg.model), lora_path=lora_path, input=inp
         )
         check_inputs(cfg)
+        if cfg.input.datasets:  # names missing from the registry fail here, not in Ray
+            from raylm.data.sources import registry_sources
+            from raylm.serve.predict import registry
+
+            registry_sources(registry(cfg), list(cfg.input.datasets))
+        elif cfg.input.template:
+            raise ConfigError(
+                "input.template renders input.datasets' conversations; prompts from a "
+                "file use the tokenizer's own template (input.chat=true)"
+            )
         return cfg
 
     def inputs(self, cfg: GenerateJobConfig) -> list[str]:
@@ -95,8 +106,14 @@ class GenerateJob(Job[GenerateJobConfig]):
         return [resolve_path(p) for p in paths if p]
 
     def run(self, cfg: GenerateJobConfig, out_dir: str) -> Result:
-        from raylm.serve.batch import run_generate
+        import time
 
+        from raylm.serve.batch import run_generate
+        from raylm.serve.predict import PREDICTIONS, RESULTS, prepare, write_results
+
+        started, labels = time.time(), None
+        if cfg.input.datasets:  # LLaMA-Factory's do_predict
+            cfg, labels = prepare(cfg, out_dir)
         stats = run_generate(cfg, out_dir)
         predictions = storage.join(out_dir, "predictions")
         print(
@@ -107,4 +124,9 @@ class GenerateJob(Job[GenerateJobConfig]):
         outputs = {"predictions": predictions}
         if stats["rows_failed"]:
             outputs["quarantine"] = storage.join(out_dir, "quarantine")
+        if labels is not None:
+            stats |= write_results(out_dir, labels, started)
+            outputs |= {"predictions_jsonl": storage.join(out_dir, PREDICTIONS),
+                        "predict_results": storage.join(out_dir, RESULTS)}  # fmt: skip
+            print(f"generate: {json.dumps({k: v for k, v in stats.items() if 'predict_' in k})}")
         return Result(outputs, stats, exit_code=0 if stats["rows_failed"] == 0 else 1)

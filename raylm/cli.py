@@ -184,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["show", "keys"])
     p.add_argument("job", choices=config.job_names())
     p.add_argument("rest", nargs="*", metavar="CONFIG.yaml | key=value")
+    p = sub.add_parser("chat", help="chat with a served model (LLaMA-Factory's chat verb)")
+    p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the app's OpenAI URL")
+    p.add_argument("--model", help="model id, e.g. raylm:ADAPTER (default: the first listed)")
+    p.add_argument("--api-key-env", default="RAYLM_API_KEY", help="env var with the key")
+    p.add_argument("--system", help="a system prompt for the conversation")
+    p.add_argument("--temperature", type=float, help="sampling temperature")
+    p.add_argument("--max-tokens", type=int, help="completion length cap")
     p = sub.add_parser("lineage", help="show what a pipeline run's served model came from")
     p.add_argument("run_dir", help="a pipeline run directory (workspace/name)")
     p = sub.add_parser("tiny-model", help="build the tiny offline Llama model")
@@ -210,6 +217,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cluster_command(args)
     if args.command == "config":
         return config_command(args)
+    if args.command == "chat":
+        from raylm.serve.chat import main as chat
+
+        given = {"temperature": args.temperature, "max_tokens": args.max_tokens}
+        sampling = {k: v for k, v in given.items() if v is not None}
+        return chat(args.url, args.model, args.api_key_env, args.system, sampling)
     if args.command == "lineage":
         from raylm.pipeline.lineage import describe
 

@@ -15,8 +15,9 @@ LF = ASSETS / "llamafactory"
 EXPORT = ("export_device", "export_dir", "export_legacy_format", "export_size")
 # Example YAML (under examples/) -> None if it loads, else the keys it is refused for.
 # (tests/unit/test_llamafactory.py loads each; tests/integration/test_llamafactory_train.py
-# trains each that loads.)
-PARTITION: dict[str, tuple[str, ...] | None] = {
+# trains each that loads.) "serve" / "generate": an inference or do_predict YAML, which
+# loads as that job (tests/unit/test_llamafactory_infer.py) and which train refuses.
+PARTITION: dict[str, tuple[str, ...] | str | None] = {
     "extras/adam_mini/qwen2_full_sft.yaml": ("use_adam_mini",),
     "extras/apollo/llama3_full_sft.yaml": ("use_apollo",),
     "extras/asft/llama2_full_asft.yaml": None,
@@ -32,15 +33,15 @@ PARTITION: dict[str, tuple[str, ...] | None] = {
     "extras/loraplus/llama3_lora_sft.yaml": None,
     "extras/mod/llama3_full_sft.yaml": ("mixture_of_depths", "optim"),
     "extras/muon/qwen2_full_sft.yaml": ("use_muon",),
-    "extras/nlg_eval/llama3_lora_predict.yaml": ("do_predict", "predict_with_generate"),
+    "extras/nlg_eval/llama3_lora_predict.yaml": "generate",  # raylm generate FILE
     "extras/oft/llama3_oft_sft.yaml": ("finetuning_type",),
     "extras/pissa/llama3_lora_sft.yaml": ("pissa_convert",),  # without it: loads
     "extras/qoft/llama3_oft_sft_awq.yaml": ("finetuning_type",),
     "extras/qoft/llama3_oft_sft_bnb_npu.yaml": ("finetuning_type", "quantization_bit"),
     "extras/qoft/llama3_oft_sft_gptq.yaml": ("finetuning_type",),
-    "inference/qwen3.yaml": ("infer_backend",),
-    "inference/qwen3_full_sft.yaml": ("infer_backend",),
-    "inference/qwen3_lora_sft.yaml": ("infer_backend",),
+    "inference/qwen3.yaml": "serve",  # raylm serve FILE
+    "inference/qwen3_full_sft.yaml": "serve",
+    "inference/qwen3_lora_sft.yaml": "serve",
     "merge_lora/qwen3_full_sft.yaml": EXPORT,
     "merge_lora/qwen3_gptq.yaml": (
         *EXPORT,

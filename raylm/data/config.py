@@ -177,8 +177,8 @@ class TokenizeConfig:
     """Tokenize; false writes the cleaned records (text / messages / pairs) instead."""
 
     tokenizer: str | None = None
-    """A Hugging Face model or tokenizer directory (with a chat template for sft/dpo, or
-    a named ``template``)."""
+    """A Hugging Face model or tokenizer directory (with a chat template for sft/dpo/kto,
+    or a named ``template``)."""
 
     template: str | None = None
     """Chat template (LLaMA-Factory's ``template:``). None: the tokenizer's own template; a
@@ -190,7 +190,8 @@ class TokenizeConfig:
     """Longest example in tokens; longer ones are truncated (LLaMA-Factory's cutoff_len)."""
 
     pack: bool = False
-    """Pack several short examples into rows of cutoff_len tokens (pt and sft only)."""
+    """Pack several short examples into rows of cutoff_len tokens (pt and sft only; dpo
+    and kto rows are never packed)."""
 
     min_loss_tokens: int = 1
     """Drop examples with fewer trainable tokens (e.g. the answer was truncated away)."""
@@ -212,11 +213,19 @@ class DataJobConfig:
     ``dataset_info.json`` (``path/dataset_info.json#name1,name2`` selects datasets)."""
 
     format: str = "auto"
-    """Record format: auto (per record), text, alpaca, sharegpt, openai, preference."""
+    """Record format: auto (per record), text, alpaca, sharegpt, openai, preference.
+
+    It sets the job's kind: pt (text), sft (conversations), dpo (preference) or kto
+    (conversations whose ``columns`` name a ``kto_tag``, as LLaMA-Factory's feedback data
+    registers it: the last answer and a boolean good/bad label). A kto job's shards have
+    input_ids, loss_mask, kto_label and KTO's mismatched pairs (kl_input_ids,
+    kl_loss_mask), what the train job's stage kto reads."""
 
     columns: dict[str, str] = field(default_factory=dict)
     """Canonical name -> column, LLaMA-Factory style (prompt, query, response, system,
-    history, messages, chosen, rejected, role_tag, content_tag)."""
+    history, messages, chosen, rejected, role_tag, content_tag, tools, kto_tag). A
+    ``kto_tag`` column (boolean) makes the records KTO examples; ``tools`` holds function
+    schemas that the chat template renders with the conversation."""
 
     text_column: str = "text"
     """Column holding the document of raw-text records."""

@@ -63,11 +63,14 @@ DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
 }
 
 
-def kind_of(fmt: str) -> str:
-    """The task kind a format feeds: pt (raw text), sft (conversations) or dpo (pairs)."""
+def kind_of(fmt: str, columns: dict[str, str] | None = None) -> str:
+    """The task kind a format feeds: pt (raw text), sft (conversations) or dpo (pairs);
+    conversations whose ``columns`` name a ``kto_tag`` (LLaMA-Factory's feedback data)
+    feed kto."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
-    return {"text": "pt", "preference": "dpo"}.get(fmt, "sft")
+    kind = {"text": "pt", "preference": "dpo"}.get(fmt, "sft")
+    return "kto" if kind == "sft" and (columns or {}).get("kto_tag") else kind
 
 
 def _cols(fmt: str, columns: dict | None) -> dict[str, str]:
@@ -105,7 +108,8 @@ def detect_format(
     found = [fmt for fmt, needed in looks if needed <= keys]
     if not found:
         raise ValueError(f"cannot tell the record's format from its keys {sorted(keys)}")
-    return next((f for f in found if kind_of(f) == kind), found[0])
+    conversations = "sft" if kind == "kto" else kind  # kto data is conversations too
+    return next((f for f in found if kind_of(f) == conversations), found[0])
 
 
 def to_payload(

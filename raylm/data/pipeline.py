@@ -100,9 +100,10 @@ def process(raw: Any, cfg: DataJobConfig, kind: str) -> tuple[Any, dict[str, Any
 
 
 def decide_kind(cfg: DataJobConfig, sources: list[Source]) -> str:
-    """pt, sft or dpo: from the formats set, or from the first well-formed record."""
+    """pt, sft, dpo or kto: from the sources' formats (a registry entry with a ``kto_tag``
+    is kto), or from the first well-formed record."""
     fmts = {s.fmt for s in sources}
-    explicit = {formats.kind_of(f) for f in fmts if f != "auto"}
+    explicit = {formats.kind_of(s.fmt, s.columns) for s in sources if s.fmt != "auto"}
     if "auto" in fmts:
         auto = [s for s in sources if s.fmt == "auto"]
         first = rows.peek_first_record(auto, cfg.text_column)
@@ -114,7 +115,8 @@ def decide_kind(cfg: DataJobConfig, sources: list[Source]) -> str:
         explicit.add(formats.payload_kind(payload))
     if len(explicit) != 1:
         raise ConfigError(
-            f"inputs mix task kinds {sorted(explicit)} (pt text, sft conversations, dpo pairs); "
+            f"inputs mix task kinds {sorted(explicit)} (pt text, sft conversations, dpo "
+            "pairs, kto labelled answers); "
             "run one data job per kind"
         )
     return explicit.pop()

@@ -40,11 +40,11 @@ def _tokenizer(path: str, template: str | None) -> Any:
 
 
 def check_tokenizer(cfg: DataJobConfig, kind: str) -> None:
-    """sft / dpo need a chat template: a base tokenizer without one and no
+    """sft / dpo / kto need a chat template: a base tokenizer without one and no
     ``tokenize.template`` fails naming the key (call it as soon as the kind is known)."""
     if cfg.tokenize.enabled and cfg.tokenize.tokenizer:
         tok = _tokenizer(resolve_model(cfg.tokenize.tokenizer), cfg.tokenize.template)
-        require_chat_template(tok, kind, "tokenize.template")
+        require_chat_template(tok, "sft" if kind == "kto" else kind, "tokenize.template")
 
 
 def tokenize_batch(cfg: DataJobConfig):
@@ -81,6 +81,8 @@ def _typed(cols: dict[str, list]) -> pa.Table:
             arrays[name] = pa.array(values, type=pa.list_(pa.int32()))
         elif name in ("n_loss", "n_tokens"):
             arrays[name] = pa.array(values, type=pa.int64())
+        elif name == "kto_label":
+            arrays[name] = pa.array(values, type=pa.bool_())
         elif name == "source_ids":
             arrays[name] = pa.array(values, type=pa.list_(pa.string()))
         else:
@@ -104,6 +106,23 @@ def pack_batch(block_len: int):
     return fn
 
 
+def kl_batch(cutoff_len: int):
+    """KTO rows -> the same rows with ``kl_input_ids`` / ``kl_loss_mask``: each prompt
+    with the answer of the row before it in its batch of ``LF_BLOCK`` rows
+    (``raylm.data.tokenize.with_kl_rows``, as the train job pairs raw rows), so the shards
+    carry KTO's mismatched pairs and train at any micro batch size with exact resume."""
+    from raylm.data import tokenize as tk
+
+    def fn(batch: pa.Table) -> pa.Table:
+        paired = tk.with_kl_rows(batch.select(["input_ids", "loss_mask"]).to_pylist(), cutoff_len)
+        for name, kind in (("kl_input_ids", pa.int32()), ("kl_loss_mask", pa.int8())):
+            values = pa.array([r[name] for r in paired], type=pa.list_(kind))
+            batch = batch.append_column(name, values)
+        return batch
+
+    return fn
+
+
 def with_positions(batch: pa.Table) -> pa.Table:
     lengths = pa.compute.list_value_length(batch.column("input_ids")).to_numpy()
     pos = [list(range(n)) for n in lengths]
@@ -111,7 +130,8 @@ def with_positions(batch: pa.Table) -> pa.Table:
 
 
 def records_batch(kind: str):
-    """Untokenized output: the cleaned records with typed columns."""
+    """Untokenized output: the cleaned records with typed columns (conversations: role /
+    content turns, their tool schemas and calls as JSON in ``tools``, a KTO label)."""
     message = pa.struct([("role", pa.string()), ("content", pa.string())])
 
     def fn(batch: pa.Table) -> pa.Table:
@@ -119,9 +139,14 @@ def records_batch(kind: str):
         docs = [json.loads(d) for d in batch.column("doc").to_pylist()]
         if kind == "pt":
             return pa.table({"id": ids, "text": [d["text"] for d in docs]})
-        if kind == "sft":
-            msgs = pa.array([d["messages"] for d in docs], type=pa.list_(message))
-            return pa.table({"id": ids, "messages": msgs})
+        if kind in ("sft", "kto"):
+            msgs = pa.array([_plain_turns(d["messages"]) for d in docs], type=pa.list_(message))
+            tools = pa.array([_tools_json(d) for d in docs], type=pa.string())
+            table = pa.table({"id": ids, "messages": msgs, "tools": tools})
+            if kind == "kto":
+                labels = pa.array([bool(d["kto_label"]) for d in docs], type=pa.bool_())
+                table = table.append_column("kto_label", labels)
+            return table
         return pa.table(
             {
                 "id": ids,
@@ -132,6 +157,20 @@ def records_batch(kind: str):
         )
 
     return fn
+
+
+def _plain_turns(messages: list[dict]) -> list[dict]:
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _tools_json(doc: dict) -> str | None:
+    """A conversation's tool schemas and each turn's tool calls, as JSON (the role/content
+    ``messages`` struct has no place for them): ``{"tools": [...], "tool_calls": {turn:
+    [...]}}``, None when it has neither."""
+    calls = {str(i): m["tool_calls"] for i, m in enumerate(doc["messages"]) if m.get("tool_calls")}
+    if not (doc.get("tools") or calls):
+        return None
+    return json.dumps({"tools": doc.get("tools") or [], "tool_calls": calls}, ensure_ascii=False)
 
 
 class PartNames:
@@ -173,7 +212,7 @@ def write_shards(docs: Any, cfg: DataJobConfig, kind: str, out: str) -> dict[str
         "kind": kind if cfg.tokenize.enabled else "text",
         "task": kind,
         "tokenized": cfg.tokenize.enabled,
-        "packed": bool(cfg.tokenize.enabled and cfg.tokenize.pack and kind != "dpo"),
+        "packed": bool(cfg.tokenize.enabled and cfg.tokenize.pack and kind in ("pt", "sft")),
         "tokenizer": cfg.tokenize.tokenizer if cfg.tokenize.enabled else None,
         "template": cfg.tokenize.template if cfg.tokenize.enabled else None,
         "cutoff_len": cfg.tokenize.cutoff_len,
@@ -213,6 +252,11 @@ def _tokenized(docs: Any, cfg: DataJobConfig, kind: str, packed: bool) -> tuple[
         ).materialize()
     elif kind == "dpo":
         rows = good
+    elif kind == "kto":  # no position_ids: the train job's raw kto rows have none either
+        from raylm.data.tokenize import LF_BLOCK
+
+        kl = kl_batch(cfg.tokenize.cutoff_len)
+        rows = good.map_batches(kl, batch_size=LF_BLOCK, batch_format="pyarrow")
     else:
         rows = good.map_batches(with_positions, batch_format="pyarrow")
     rows = rows.materialize()

@@ -48,19 +48,84 @@ _PAYLOAD, _TEXT = "_payload", "_text"
 
 
 def map_strings(payload: dict, fn: Callable[[str], str]) -> dict:
-    """Apply ``fn`` to every piece of text a payload holds (contents, answers)."""
+    """Apply ``fn`` to every piece of text a payload holds: contents, answers, and the
+    string values of tool-call arguments (an e-mail address a model passes to a tool is
+    PII too). Everything else (tool schemas, a KTO label) passes through unchanged."""
     if "text" in payload:
-        return {"text": fn(payload["text"])}
+        return {**payload, "text": fn(payload["text"])}
     if "messages" in payload:
-        return {"messages": [{**m, "content": fn(m["content"])} for m in payload["messages"]]}
-    prompt = [{**m, "content": fn(m["content"])} for m in payload["prompt"]]
-    return {"prompt": prompt, "chosen": fn(payload["chosen"]), "rejected": fn(payload["rejected"])}
+        return {**payload, "messages": [_map_message(m, fn) for m in payload["messages"]]}
+    prompt = [_map_message(m, fn) for m in payload["prompt"]]
+    chosen, rejected = fn(payload["chosen"]), fn(payload["rejected"])
+    return {**payload, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _map_message(message: dict, fn: Callable[[str], str]) -> dict:
+    out = {**message, "content": fn(message["content"])}
+    if message.get("tool_calls"):
+        out["tool_calls"] = [_map_call(c, fn) for c in message["tool_calls"]]
+    return out
+
+
+def _map_call(call: Any, fn: Callable[[str], str]) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or "arguments" not in function:
+        return call
+    args = function["arguments"]
+    if isinstance(args, str):  # OpenAI: a JSON string; re-serialised only if a value changed
+        try:
+            parsed = json.loads(args)
+        except json.JSONDecodeError:
+            mapped_args = fn(args)
+        else:
+            mapped = _map_json(parsed, fn)
+            mapped_args = args if mapped == parsed else json.dumps(mapped, ensure_ascii=False)
+    else:
+        mapped_args = _map_json(args, fn)
+    return {**call, "function": {**function, "arguments": mapped_args}}
+
+
+def _map_json(value: Any, fn: Callable[[str], str]) -> Any:
+    """``fn`` on every string value of a JSON value (keys stay: they are parameter names)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        return [_map_json(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_json(v, fn) for k, v in value.items()}
+    return value
 
 
 def strings_of(payload: dict) -> str:
+    """The payload's text, joined: what the quality filters judge."""
     seen: list[str] = []
     map_strings(payload, lambda s: seen.append(s) or s)
     return "\n".join(seen)
+
+
+def dedup_text(payload: dict) -> str:
+    """What dedup compares: the whole example, so two examples are duplicates only when
+    everything the model trains on agrees: the text, the tool calls (names and arguments)
+    and tool schemas, and a KTO example's label (the same answer judged good and bad is
+    two examples; ``Sign`` also keeps the labels apart for fuzzy dedup)."""
+    parts = [strings_of(payload)]
+    messages = payload.get("messages") or payload.get("prompt") or []
+    calls = [c for m in messages for c in m.get("tool_calls") or ()]
+    for extra in (calls, payload.get("tools")):
+        if extra:
+            parts.append(json.dumps(extra, ensure_ascii=False, sort_keys=True))
+    if "kto_label" in payload:
+        parts.append(f"kto_label={bool(payload['kto_label'])}")
+    return "\n".join(parts)
+
+
+def _label_salt(row: dict[str, Any]) -> int:
+    """XORed into an undesirable KTO example's shingle hashes: its shingles then share none
+    with a desirable one's, so fuzzy dedup never merges examples with different labels."""
+    return _SALT if row[_PAYLOAD].get("kto_label") is False else 0
+
+
+_SALT = 0x9E3779B97F4A7C15
 
 
 class Step(abc.ABC):
@@ -186,6 +251,9 @@ class Sign:
         if not self.cfg.fuzzy:
             return
         flat, lengths = dedup.shingle_batch(texts, self.cfg.ngram)
+        salts = np.array([_label_salt(r) for r in kept], dtype=np.uint64)
+        if salts.any():
+            flat = flat ^ np.repeat(salts, lengths).astype(flat.dtype)
         sigs = dedup.minhash_flat(flat, lengths, self.cfg.num_perm, self.cfg.seed)
         sets = np.split(flat, np.cumsum(lengths)[:-1])
         for r, sig, shingles in zip(kept, sigs, sets, strict=True):
@@ -224,7 +292,7 @@ def process_rows(
     kept = [r for r in out if not r["status"]]
     for row in kept:
         row["doc"] = json.dumps(row[_PAYLOAD], ensure_ascii=False)
-        row[_TEXT] = strings_of(row[_PAYLOAD])
+        row[_TEXT] = dedup_text(row[_PAYLOAD])
     sign = Sign(cfg)
     sign.run(kept)
     return out, {s.name: dict(s.stats) for s in (*steps, sign)}

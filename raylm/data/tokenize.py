@@ -1,4 +1,4 @@
-"""Token ids and loss masks for pt / sft / dpo, plus greedy packing.
+"""Token ids and loss masks for pt / sft / dpo / kto, plus greedy packing.
 
 The masks are derived from the tokenizer's chat template (its own, or a named one from
 ``raylm.templates`` that ``raylm.tokenizer.load_tokenizer`` put there) by rendering
@@ -145,11 +145,57 @@ def tokenize_preference(
     return out
 
 
-def tokenize_payload(payload: dict, tokenizer: Any, cutoff_len: int | None) -> dict[str, list[int]]:
+LF_BLOCK = 1000
+"""LLaMA-Factory's preprocessing batch: KTO's KL partners are cycled within each such block."""
+
+
+def tokenize_kto(payload: dict, tok: Any, cutoff: int | None) -> dict[str, Any]:
+    """A KTO payload (a conversation ending in the judged answer, and ``kto_label``) ->
+    ``input_ids`` / ``loss_mask`` on that answer alone, and the label.
+
+    The label judges the last answer only, so only the last assistant turn is a target;
+    earlier turns are prompt, as LLaMA-Factory encodes a KTO example.
+    """
+    messages = payload["messages"]
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("a KTO example must end with the assistant answer its label judges")
+    ids, mask = _chat_ids(tok, messages, cutoff, only_last=True, tools=payload.get("tools"))
+    return {"input_ids": ids, "loss_mask": mask, "kto_label": bool(payload["kto_label"])}
+
+
+def _answer_start(row: dict[str, Any]) -> int:
+    """Where a KTO row's answer starts: its first target token (the whole row if none
+    survived the cutoff)."""
+    mask = row["loss_mask"]
+    return next((t for t, m in enumerate(mask) if m), len(mask))
+
+
+def with_kl_rows(rows: list[dict[str, Any]], cutoff: int | None) -> list[dict[str, Any]]:
+    """KTO rows with ``kl_input_ids`` / ``kl_loss_mask``: row i's prompt followed by the
+    answer of row i-1 of its block of ``LF_BLOCK`` rows (LLaMA-Factory's +1 offset; the
+    block's first row takes its last's answer), cut at ``cutoff``. The mismatched pairs
+    of KTO's KL estimate (``raylm.train.kto``): the train job adds them to raw rows, the
+    data job writes them into its kto shards, so both train on the same pairs."""
+    out = []
+    for start in range(0, len(rows), LF_BLOCK):
+        block = rows[start : start + LF_BLOCK]
+        for i, row in enumerate(block):
+            other = block[i - 1]  # i == 0 takes the block's last answer
+            p, a = _answer_start(row), _answer_start(other)
+            ids = list(row["input_ids"][:p]) + list(other["input_ids"][a:])
+            mask = [0] * p + list(other["loss_mask"][a:])
+            out.append(row | {"kl_input_ids": ids[:cutoff], "kl_loss_mask": mask[:cutoff]})
+    return out
+
+
+def tokenize_payload(payload: dict, tokenizer: Any, cutoff_len: int | None) -> dict[str, Any]:
     """A canonical payload (``raylm.data.formats.to_payload``) -> the shard columns of its
-    task: the one tokenization path of the data job and of the train job's raw files."""
+    task: the one tokenization path of the data job and of the train job's raw files (a
+    KTO payload, with ``kto_label``, through ``tokenize_kto``)."""
     if "text" in payload:
         return tokenize_pt(payload["text"], tokenizer, cutoff_len)
+    if "kto_label" in payload:
+        return tokenize_kto(payload, tokenizer, cutoff_len)
     if "messages" in payload:
         return tokenize_sft(payload["messages"], tokenizer, cutoff_len, payload.get("tools"))
     return tokenize_preference(

@@ -42,13 +42,16 @@ COLUMNS = {
     "pt": ("input_ids", "loss_mask"),
     "sft": ("input_ids", "loss_mask"),
     "dpo": ("chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask"),
-    "kto": ("input_ids", "loss_mask", "kto_label"),  # + kl_* (raylm.train.kto.with_kl_rows)
+    "kto": ("input_ids", "loss_mask", "kto_label"),  # + KL_COLUMNS where the data has them
 }
 COLUMNS["rm"] = COLUMNS["dpo"]  # a reward model trains on preference pairs
 STATS = "data_stats.json"
 """Where a raw-data run records each dataset's counts (in its run dir)."""
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 """Optional precomputed reference log-probs; when present DPO needs no reference model."""
+KL_COLUMNS = ("kl_input_ids", "kl_loss_mask")
+"""KTO's mismatched pairs (``raylm.data.tokenize.with_kl_rows``): raw rows and the data
+job's kto shards have them; kto rows without them pair within the micro batch."""
 
 
 def deterministic_split() -> Any:
@@ -318,7 +321,8 @@ def plan_shards(path: str, stage: str, limit: int | None, window: int):
             f"{base}/{names[0]} lacks columns {missing} that stage={stage} needs; "
             f"it has {sorted(have)}"
         )
-    columns = tuple(c for c in (*COLUMNS[stage], "position_ids", *REF_COLUMNS, "id") if c in have)
+    optional = ("position_ids", *REF_COLUMNS, *KL_COLUMNS, "id")
+    columns = tuple(c for c in (*COLUMNS[stage], *optional) if c in have)
     return Plan(base, tuple(names), pieces_of(groups, limit), columns, window)
 
 

@@ -17,6 +17,8 @@ which LLaMA-Factory's KTO example uses.
 
 The label judges the last answer only, so only the last assistant turn is a target
 (``tokenize_kto``); earlier turns are prompt, as LLaMA-Factory encodes a KTO example.
+``tokenize_kto`` and ``with_kl_rows`` live in ``raylm.data.tokenize``, so the data job
+writes kto shards with the very rows (and KL pairs) the train job builds from raw files.
 """
 
 from __future__ import annotations
@@ -27,50 +29,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from raylm.data.tokenize import LF_BLOCK, tokenize_kto, with_kl_rows
 from raylm.train.config import KTOConfig
 from raylm.train.objectives import collate, forward_logits, token_logps
 
-LF_BLOCK = 1000
-"""LLaMA-Factory's preprocessing batch: KL partners are cycled within each such block."""
-
-
-def tokenize_kto(payload: dict, tok: Any, cutoff: int | None) -> dict[str, Any]:
-    """A KTO payload (a conversation ending in the judged answer, and ``kto_label``) ->
-    ``input_ids`` / ``loss_mask`` on that answer alone, and the label."""
-    from raylm.data.tokenize import _chat_ids  # the one chat -> ids/mask path
-
-    messages = payload["messages"]
-    if not messages or messages[-1]["role"] != "assistant":
-        raise ValueError("a KTO example must end with the assistant answer its label judges")
-    ids, mask = _chat_ids(tok, messages, cutoff, only_last=True, tools=payload.get("tools"))
-    return {"input_ids": ids, "loss_mask": mask, "kto_label": bool(payload["kto_label"])}
-
-
-def _split(row: dict[str, Any]) -> int:
-    """Where the answer starts: the first target token (the whole row if none survived
-    the cutoff)."""
-    mask = row["loss_mask"]
-    return next((t for t, m in enumerate(mask) if m), len(mask))
-
-
-def with_kl_rows(rows: list[dict[str, Any]], cutoff: int | None) -> list[dict[str, Any]]:
-    """``rows`` with ``kl_input_ids`` / ``kl_loss_mask``: row i's prompt followed by the
-    answer of row i-1 of its block (LLaMA-Factory's +1 offset), cut at ``cutoff``."""
-    out = []
-    for start in range(0, len(rows), LF_BLOCK):
-        block = rows[start : start + LF_BLOCK]
-        for i, row in enumerate(block):
-            other = block[i - 1]  # i == 0 takes the block's last answer
-            p, a = _split(row), _split(other)
-            ids = row["input_ids"][:p] + other["input_ids"][a:]
-            mask = [0] * p + other["loss_mask"][a:]
-            out.append(row | {"kl_input_ids": ids[:cutoff], "kl_loss_mask": mask[:cutoff]})
-    return out
+__all__ = ["LF_BLOCK", "answer_logps", "kto_loss", "kto_step", "tokenize_kto", "with_kl_rows"]
 
 
 def _kl_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The mismatched rows of a micro-batch: precomputed (``with_kl_rows``), or, for rows
-    that lack them (shards), TRL's way, each prompt with the previous row's answer."""
+    """The mismatched rows of a micro-batch: precomputed (``with_kl_rows``: raw rows, and
+    the data job's kto shards), or, for rows that lack them (foreign Parquet), TRL's way,
+    each prompt with the previous row's answer."""
     if all("kl_input_ids" in r for r in rows):
         return [{"input_ids": r["kl_input_ids"], "loss_mask": r["kl_loss_mask"]} for r in rows]
     if len(rows) < 2:

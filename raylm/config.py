@@ -129,6 +129,7 @@ JOBS: dict[str, str] = {
     "data": "raylm.data.job:DataJob",
     "train": "raylm.train.job:TrainJob",
     "eval": "raylm.eval.job:EvalJob",
+    "export": "raylm.export.job:ExportJob",
     "serve": "raylm.serve.job:ServeJob",
     "generate": "raylm.serve.job:GenerateJob",
     "pipeline": "raylm.pipeline.job:PipelineJob",

@@ -57,6 +57,21 @@ def stop_token_ids(tok: Any, template: str | None) -> list[int]:
     return ids
 
 
+def stop_at_template(template: str | None, tok: Any, generation_config: Any) -> None:
+    """With a named template, generation must stop at its EOS and stop words (which the
+    base model's generation config may not know: qwen's <|im_end|> on a base Qwen), so
+    engines reading ``generation_config.json`` (vLLM, transformers) stop where the model
+    was trained to; the base's own EOS ids are kept too."""
+    if not template:
+        return
+    ids = stop_token_ids(tok, template)
+    old = generation_config.eos_token_id
+    for i in old if isinstance(old, list) else [old]:
+        if i is not None and i not in ids:
+            ids.append(i)
+    generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
+
+
 def require_chat_template(tok: Any, stage: str, key: str) -> None:
     """sft / dpo render conversations: a base tokenizer without a template cannot, so
     fail before any record is read, naming the config key that fixes it."""

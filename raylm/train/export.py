@@ -30,7 +30,7 @@ from typing import Any
 
 from raylm import storage
 from raylm.config import local_model
-from raylm.tokenizer import stop_token_ids
+from raylm.tokenizer import stop_at_template
 
 FINAL = "final"
 
@@ -139,7 +139,7 @@ def write_final(
     shutil.rmtree(weights, ignore_errors=True)
     tok.save_pretrained(str(tmp))  # with model.template, its chat_template and EOS
     if not lora and getattr(module, "generation_config", None) is not None:
-        stop_at_template(cfg, tok, module.generation_config)
+        stop_at_template(cfg.model.template, tok, module.generation_config)
         module.generation_config.save_pretrained(str(tmp))
     if lora and cfg.stage == "rm":  # always: no engine serves a LoRA with a trained head
         from raylm.train.reward import merge_reward
@@ -198,21 +198,5 @@ def merge_lora(cfg: Any, adapter_dir: Path, out: Path, tok: Any) -> None:
     merged.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     if merged.generation_config is not None:
-        stop_at_template(cfg, tok, merged.generation_config)
+        stop_at_template(cfg.model.template, tok, merged.generation_config)
         merged.generation_config.save_pretrained(str(out))
-
-
-def stop_at_template(cfg: Any, tok: Any, generation_config: Any) -> None:
-    """With a named template, generation must stop at its EOS and stop words (which the
-    base model's generation config may not know: qwen's <|im_end|> on a base Qwen), so
-    engines reading ``generation_config.json`` (vLLM, transformers) stop where the model
-    was trained to; the base's own EOS ids are kept too."""
-    template = getattr(cfg.model, "template", None)
-    if not template:
-        return
-    ids = stop_token_ids(tok, template)
-    old = generation_config.eos_token_id
-    for i in old if isinstance(old, list) else [old]:
-        if i is not None and i not in ids:
-            ids.append(i)
-    generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids

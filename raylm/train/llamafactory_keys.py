@@ -283,8 +283,8 @@ _INFER = (
 )
 _PREDICT = "a do_predict YAML: run it with `raylm generate FILE` (predictions and BLEU/ROUGE)"
 _EXPORT = (
-    "LLaMA-Factory's export step: raylm's train job writes final/ (the adapter) and, "
-    "with export.merge_lora=true, final/merged; quantized export is not supported"
+    "an export YAML (llamafactory-cli export): run it with `raylm export FILE` (adapters "
+    "merged shard by shard and checked), not raylm train"
 )
 _OPTIM = "raylm builds torch AdamW (exactly resumable); needs another optimizer in raylm"
 _KERNEL = "needs a kernel integration raylm does not have; train without it"

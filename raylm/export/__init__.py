@@ -1,0 +1,1 @@
+"""The export stage: a trained model made into what an engine serves (merged, checked)."""

@@ -1,0 +1,94 @@
+"""The export job's config: what to fold together, how to check it, where it goes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from raylm import templates
+from raylm.config import ConfigError, RayConfig, positive
+
+CHECK_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Question: what is 12 + 30? Answer:",
+)
+
+
+@dataclass
+class MergeCheckConfig:
+    """The merge check: the merged model must compute what base + adapters compute, and
+    something else than the base alone (``raylm.export.check``)."""
+
+    enabled: bool = True
+    """Run the check; a failed check fails the job (off only for models too large to
+    run forward on the export node)."""
+
+    prompts: list[str] = field(default_factory=lambda: list(CHECK_PROMPTS))
+    """Texts whose next-token logits are compared (every position of each)."""
+
+    tolerance: float | None = None
+    """Largest |merged - (base + adapters)| logit difference allowed, relative to the
+    largest |logit|. Unset: by the saved weights' dtype, a few units of its rounding
+    (float32 1e-4, float16 2e-3, bfloat16 1.6e-2). The adapters must also move the
+    base's logits by more than this, else the merge would be indistinguishable from
+    the base and the job fails saying the adapters have no effect."""
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.prompts:
+            raise ConfigError("check.prompts is empty; give a few texts or check.enabled=false")
+        if self.tolerance is not None:
+            positive("check.tolerance", self.tolerance)
+
+
+@dataclass
+class ExportJobConfig:
+    """The export job: LoRA adapters merged into their base shard by shard and checked,
+    with the tokenizer and generation config the served model needs."""
+
+    model: str = MISSING
+    """The model: a Hugging Face directory or hub id (the base when ``adapters`` are
+    given), a bucket URI, or a train job's output dir, whose manifest names its adapter
+    (``final/``) and the base it was trained from."""
+
+    adapters: list[str] = field(default_factory=list)
+    """PEFT LoRA adapters folded into ``model``, in this order (several merge in turn).
+    A train job's output dir names its own adapter."""
+
+    template: str | None = None
+    """Named chat template (``raylm.templates``) baked into the exported tokenizer and
+    its stop tokens into ``generation_config.json``. Unset: the tokenizer's own (a raylm
+    train run's ``final/`` already carries the template it trained with)."""
+
+    tokenizer: str | None = None
+    """Where the tokenizer comes from. Unset: the first adapter that has one (a raylm
+    train run saves its tokenizer beside the adapter), else ``model``."""
+
+    output_dir: str = "outputs/export"
+    """The exported model directory (local, NFS or a bucket URI); also holds the job's
+    manifest and ``export_check.json``."""
+
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint (the merge check loads the model)."""
+
+    check: MergeCheckConfig = field(default_factory=MergeCheckConfig)
+    """The merge check."""
+
+    num_cpus: float = 1.0
+    """CPUs of the Ray task that merges (visible in the dashboard)."""
+
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Cluster connection."""
+
+    @staticmethod
+    def from_foreign_yaml(data: dict, source: str) -> dict:
+        """LLaMA-Factory's export YAML (``llamafactory-cli export``) reads as this config."""
+        from raylm.export.llamafactory import is_llamafactory, translate
+
+        return translate(data, source=source) if is_llamafactory(data) else data
+
+    def __post_init__(self) -> None:
+        if self.template is not None:
+            templates.get(self.template)  # an unknown name fails here, with the list
+        positive("num_cpus", self.num_cpus)

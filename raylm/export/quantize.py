@@ -16,7 +16,10 @@ from typing import Any
 
 from raylm.export.config import ExportJobConfig
 
-QUANTIZERS: dict[str, str] = {}
+QUANTIZERS: dict[str, str] = {
+    "gguf": "raylm.export.gguf:quantize",
+    "int8_dynamic": "raylm.export.int8:quantize",
+}
 """method -> "module:function"; a method listed in ``QUANT_METHODS`` but not here is
 refused when the job starts, naming what is missing."""
 

@@ -1,0 +1,162 @@
+"""GGUF export (raylm.export.gguf): files written by the export job, read back by gguf's
+reader, loaded by transformers' GGUF loader with logits within each type's error, the
+tokenizer carried over, the Modelfile, and the refusals (tiny model, CPU, no Ray)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from lora_helpers import lora_adapter
+
+from raylm import config
+from raylm.config import ConfigError
+from raylm.export.gguf import convert, load_gguf, modelfile
+from raylm.export.job import CHECK_FILE, export_model, resolve_sources
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Licenses: MIT, Apache, GPL 3.0"]
+TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "bf16": 1.5e-2, "q8_0": 3e-2, "q5_0": 0.2, "q4_0": 0.3}
+"""Largest |gguf - source| logit difference over the largest |logit|, by type: f32 is
+the exact conversion (the q/k permutation undone by the loader), f16 its rounding,
+q8_0 / q5_0 / q4_0 the block quantization's error on this random model's weights."""
+
+
+@pytest.fixture(scope="module")
+def gguf_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gguf")
+    for t in TOLERANCE:
+        convert(tiny_model, out / f"model-{t}.gguf", t)
+    return out
+
+
+def _logits(model, tok) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [model(**tok(p, return_tensors="pt")).logits[0] for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def source_logits(tiny_model: Path) -> list[torch.Tensor]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    return _logits(model, AutoTokenizer.from_pretrained(tiny_model))
+
+
+def test_export_job_writes_gguf_files_modelfile_and_figures(tiny_model: Path, tmp_path: Path):
+    adapter = lora_adapter(tiny_model, tmp_path / "a", seed=5)
+    out = tmp_path / "export"
+    over = [f"model={tiny_model}", f"adapters=[{adapter}]", f"output_dir={out}",
+            "quantize.method=gguf", "quantize.gguf_types=[f16,q4_0]"]  # fmt: skip
+    cfg = config.load("export", [], over)
+    figures = export_model(cfg, resolve_sources(cfg), str(out))["quantize"]
+    assert figures == json.loads((out / CHECK_FILE).read_text())["quantize"]
+    files = {f["type"]: f for f in figures["files"]}
+    assert list(files) == ["f16", "q4_0"]
+    for t, f in files.items():
+        assert (out / "quantized" / f["file"]).stat().st_size == f["bytes"] > 0, t
+        assert f["seconds"] > 0
+    # sizes: f16 about half the float32 merge, q4_0 (output.weight kept q8_0) under 40% of f16
+    assert files["f16"]["bytes"] < 0.55 * figures["merged_bytes"]
+    assert files["q4_0"]["bytes"] < 0.4 * files["f16"]["bytes"]
+    base = figures["merged_perplexity"]
+    assert 1 < base < 1e4 and figures["eval_docs"] > 5
+    assert abs(files["f16"]["perplexity_ratio"] - 1) < 1e-3
+    assert 0.8 < files["q4_0"]["perplexity_ratio"] < 1.25
+    mf = (out / "quantized" / "Modelfile").read_text()
+    assert (
+        mf.startswith("FROM ./model-q4_0.gguf\n") and figures["modelfile_from"] == "model-q4_0.gguf"
+    )
+
+
+def test_gguf_reader_lists_llama_tensors_and_tokenizer(gguf_dir: Path, tiny_model: Path) -> None:
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    hp = json.loads((tiny_model / "config.json").read_text())
+    reader = GGUFReader(gguf_dir / "model-q8_0.gguf")
+    kv = {name: field.contents() for name, field in reader.fields.items()}
+    assert kv["general.architecture"] == "llama"
+    assert kv["llama.block_count"] == hp["num_hidden_layers"]
+    assert kv["llama.attention.head_count_kv"] == hp["num_key_value_heads"]
+    assert kv["llama.embedding_length"] == hp["hidden_size"]
+    assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "gpt-2"
+    assert len(kv["tokenizer.ggml.tokens"]) == hp["vocab_size"]
+    assert kv["tokenizer.ggml.tokens"][tok.eos_token_id] == "<|im_end|>"
+    assert len(kv["tokenizer.ggml.merges"]) > 1000
+    assert kv["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+    assert kv["tokenizer.ggml.bos_token_id"] == tok.bos_token_id
+    assert kv["tokenizer.ggml.padding_token_id"] == tok.pad_token_id
+    assert kv["tokenizer.chat_template"] == tok.chat_template
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    layer = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+    want = {"token_embd.weight", "output.weight", "output_norm.weight"} | {
+        f"blk.{i}.{n}.weight"
+        for i in range(hp["num_hidden_layers"])
+        for n in [*layer, "attn_norm", "ffn_norm"]
+    }
+    assert set(types) == want
+    assert types["blk.0.attn_q.weight"] == Q.Q8_0 and types["output.weight"] == Q.Q8_0
+    assert types["blk.0.attn_norm.weight"] == Q.F32 and types["output_norm.weight"] == Q.F32
+    q4 = {t.name: t.tensor_type for t in GGUFReader(gguf_dir / "model-q4_0.gguf").tensors}
+    assert q4["blk.0.ffn_down.weight"] == Q.Q4_0 and q4["output.weight"] == Q.Q8_0
+
+
+@pytest.mark.parametrize("gtype", list(TOLERANCE))
+def test_transformers_loads_the_gguf_with_logits_within_tolerance(
+    gguf_dir: Path, tiny_model: Path, source_logits: list[torch.Tensor], gtype: str
+) -> None:
+    from transformers import AutoTokenizer
+
+    got = _logits(
+        load_gguf(gguf_dir, f"model-{gtype}.gguf"), AutoTokenizer.from_pretrained(tiny_model)
+    )
+    worst = max(
+        float((g - s).abs().max() / s.abs().max()) for g, s in zip(got, source_logits, strict=True)
+    )
+    assert worst <= TOLERANCE[gtype], (gtype, worst)
+    if gtype in ("q8_0", "q4_0"):
+        assert worst > 1e-4  # really quantized, not a float copy
+
+
+def test_tokenizer_from_gguf_encodes_as_the_source(gguf_dir: Path, tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    src = AutoTokenizer.from_pretrained(tiny_model)
+    back = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="model-f16.gguf")
+    text = "Hello <|im_start|>user\nwörld 🚀 3333 it's\n\n  tabs\tand spaces<|im_end|>"
+    assert back.encode(text, add_special_tokens=False) == src.encode(text, add_special_tokens=False)
+
+
+def test_modelfile_chatml_template_and_stops(tiny_model: Path, tmp_path: Path) -> None:
+    mf = modelfile(tiny_model, "model-q8_0.gguf")
+    assert mf.startswith("FROM ./model-q8_0.gguf\n")
+    assert "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n" in mf
+    assert mf.count('PARAMETER stop "<|im_end|>"') == 1
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    (other / "chat_template.jinja").write_text(
+        "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    mf = modelfile(other, "m.gguf")
+    assert not [line for line in mf.splitlines() if line.startswith("TEMPLATE")]
+    assert "not ChatML" in mf
+    assert 'PARAMETER stop "<|im_end|>"' in mf  # the eos of generation_config.json
+
+
+def test_k_quants_and_other_architectures_are_refused(tiny_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="llama-quantize"):
+        convert(tiny_model, tmp_path / "x.gguf", "q4_k_m")
+    with pytest.raises(ConfigError, match="unknown type"):
+        convert(tiny_model, tmp_path / "x.gguf", "q3")
+    other = tmp_path / "qwen"
+    shutil.copytree(tiny_model, other)
+    hp = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**hp, "architectures": ["Qwen2ForCausalLM"]}))
+    with pytest.raises(ConfigError, match=r"Qwen2ForCausalLM.*convert_hf_to_gguf"):
+        convert(other, tmp_path / "x.gguf", "f16")
+    assert not (tmp_path / "x.gguf").exists()

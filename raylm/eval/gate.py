@@ -17,7 +17,8 @@ class Check:
     """One threshold and how the model fared against it."""
 
     name: str
-    """min_metric, max_metric, max_perplexity or require_improvement_over_base."""
+    """min_metric, max_metric, max_perplexity, require_improvement_over_base or
+    min_judge_win_rate."""
     metric: str
     value: float | None
     threshold: float
@@ -50,6 +51,8 @@ def gate(results: dict[str, Any], cfg: GateConfig) -> Verdict:
         )
     if cfg.require_improvement_over_base is not None:
         checks.append(_improvement(results, cfg))
+    if cfg.min_judge_win_rate is not None:
+        checks.append(_judge(results, cfg.min_judge_win_rate, cfg.use_ci_bound))
     if not checks:
         return Verdict(True, ["no gate thresholds configured: passed by default"], [])
     ordered = sorted(checks, key=lambda c: c.passed)
@@ -99,3 +102,26 @@ def _improvement(results: dict, cfg: GateConfig) -> Check:
     )
     msg = f"{'ok' if ok else 'FAILED'} {name}: {metric} {detail}"
     return Check(name, metric, p, req.p_value, ok, msg)
+
+
+def _judge(results: dict, threshold: float, use_ci: bool) -> Check:
+    """The LLM judge's win rate over the base model (``results["judge"]``, raylm.eval.judge)."""
+    name, metric = "min_judge_win_rate", "judge_win_rate"
+    win = ((results.get("judge") or {}).get("win_rate")) or {}
+    if not win:
+        msg = (
+            f"FAILED {name}: no LLM-judge win rate in the results (judge.base_url and "
+            f"base_model must be set), so it cannot be checked against {threshold:g}"
+        )
+        return Check(name, metric, None, threshold, False, msg)
+    value = win.get("ci_low") if use_ci else win.get("value")
+    label = "judge win rate lower CI bound" if use_ci else "judge win rate"
+    ok = value is not None and value >= threshold
+    j = results["judge"]
+    detail = (
+        f"(over base: {j.get('wins')} wins, {j.get('ties')} ties incl. "
+        f"{j.get('inconsistent')} inconsistent across the swap, {j.get('losses')} losses; "
+        f"judge {j.get('model')} at {j.get('base_url')})"
+    )
+    msg = f"{'ok' if ok else 'FAILED'} {name}: {label} = {_fmt(value)} {'>=' if ok else '<'} min {threshold:g} {detail}"
+    return Check(name, metric, value, threshold, ok, msg)

@@ -75,7 +75,7 @@ def _score_generation(
     budgets = [_budget(r, n, cfg) for r, n in zip(records, lengths, strict=True)]
     wanted = [m for m in cfg.metrics if m in GENERATION_METRICS]
     refs = [r.references for r in records]
-    stats |= generation_stats(wanted, answers, refs, budgets, cfg.normalize)
+    stats |= generation_stats(wanted, answers, refs, budgets, cfg.normalize, cfg.bleu_tokenize)
     return {"predictions": answers, "answer_tokens": lengths}
 
 
@@ -137,12 +137,21 @@ def run_eval(cfg: EvalJobConfig, inputs: EvalInputs) -> tuple[dict[str, Any], li
         for role, info in inputs.models.items()
     }
     outs = dict(zip(refs, ray.get(list(refs.values())), strict=True))
-    results = summarize(cfg, outs, inputs.records, inputs.docs)
+    judged = None
+    if cfg.judge.base_url:  # in the driver, once both models' answers exist
+        from raylm.eval.judge import judge_answers
+
+        judged = judge_answers(cfg, inputs.records, outs)
+    results = summarize(cfg, outs, inputs.records, inputs.docs, judged)
     return results, prediction_rows(cfg, outs, inputs.records)
 
 
 def summarize(
-    cfg: EvalJobConfig, outs: dict[str, dict], records: list[EvalRecord], docs: list[Any]
+    cfg: EvalJobConfig,
+    outs: dict[str, dict],
+    records: list[EvalRecord],
+    docs: list[Any],
+    judge: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     b = cfg.bootstrap
     per_model = {
@@ -174,6 +183,7 @@ def summarize(
         "bootstrap": asdict(cfg.bootstrap),
         "generation": asdict(cfg.generation),
         "seconds": {role: out["seconds"] for role, out in outs.items()},
+        "judge": judge,
     }
     results["gate"] = gate(results, cfg.gate).to_dict()
     return results

@@ -175,6 +175,11 @@ class OptimConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
 
+    optimizer: str = "adamw"
+    """adamw: torch AdamW. muon (LLaMA-Factory's ``use_muon``): Muon on every trainable 2-D
+    weight but embeddings and lm_head, AdamW on the rest, as LLaMA-Factory splits them;
+    DeepSpeed's Muon, so every ZeRO stage orthogonalises whole matrices (raylm.train.muon)."""
+
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables clipping)."""
 
@@ -202,6 +207,7 @@ class OptimConfig:
         positive("train.grad_accum", self.grad_accum)
         positive("train.logging_steps", self.logging_steps)
         choice("train.nonfinite", self.nonfinite, ("stop", "skip"))
+        choice("train.optimizer", self.optimizer, ("adamw", "muon"))
         positive("train.max_grad_norm", self.max_grad_norm, allow_zero=True)
         choice("train.lr_scheduler", self.lr_scheduler, SCHEDULERS)
         choice("train.precision", self.precision, PRECISIONS)

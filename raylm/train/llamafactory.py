@@ -154,7 +154,10 @@ def _stage(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
                 _set(out, f"kto.{key}", dpo.pop(key))
     ftype = str(data.get("finetuning_type", "lora"))
     if ftype == "oft":
-        refusals.append("finetuning_type='oft': OFT adapters are not supported; use lora")
+        refusals.append(
+            "finetuning_type='oft': raylm's loader, export and serving build LoRA adapters "
+            "only (OFT would be PEFT's OFTConfig through all three); use lora"
+        )
     pref_loss = str(data.get("pref_loss", ""))
     if pref_loss in UNSUPPORTED_PREF_LOSS:
         refusals.append(
@@ -175,7 +178,10 @@ def _values(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
         refusals.append(f"report_to={odd}: raylm reports to tensorboard, mlflow or wandb")
     optim = data.get("optim")
     if optim is not None and optim not in OPTIMIZERS:
-        refusals.append(f"optim={optim!r}: raylm builds torch AdamW (exactly resumable)")
+        refusals.append(
+            f"optim={optim!r}: raylm builds torch AdamW, or Muon with use_muon (paged and "
+            "8-bit bitsandbytes optimizers are not built)"
+        )
     return refusals + _warmup(data, out)
 
 
@@ -452,4 +458,5 @@ CONVERT: dict[str, Callable[[Any], Any]] = {
     "weight_decay": float,
     "asft_alpha": float,
     "eaft_alpha": float,
+    "use_muon": lambda v: "muon" if _bool(v) else "adamw",
 }

@@ -77,6 +77,7 @@ MAPPED: dict[str, str] = {
     "run_name": "run_name",
     "asft_alpha": "loss.asft_alpha",
     "eaft_alpha": "loss.eaft_alpha",
+    "use_muon": "train.optimizer",  # true: muon
 }
 
 SPECIAL: dict[str, str] = {
@@ -286,7 +287,8 @@ _EXPORT = (
     "an export YAML (llamafactory-cli export): run it with `raylm export FILE` (adapters "
     "merged shard by shard and checked), not raylm train"
 )
-_OPTIM = "raylm builds torch AdamW (exactly resumable); needs another optimizer in raylm"
+_OPTIM = "raylm builds torch AdamW or Muon (use_muon); needs another optimizer in raylm"
+_PKG = "is not in raylm's package set nor in raylm.train.model.build_optimizer"
 _KERNEL = "needs a kernel integration raylm does not have; train without it"
 
 REFUSED: dict[str, str] = {
@@ -315,7 +317,8 @@ REFUSED: dict[str, str] = {
         "liger_kernel_config use_v1_kernels shift_attn upcast_layernorm "
         "upcast_lmhead_output torch_compile neftune_noise_alpha",
     ),
-    "mixture_of_depths": "mixture-of-depths conversion: not supported",
+    "mixture_of_depths": "converting the model to mixture-of-depths needs the MoD package, which "
+    "raylm does not ship or build; train without it",
     "moe_aux_loss_coef": "raylm adds no MoE router loss",
     "tf32": "raylm leaves torch's TF32 setting alone",
     "auto_find_batch_size": "set per_device_train_batch_size yourself",
@@ -323,17 +326,24 @@ REFUSED: dict[str, str] = {
     # methods
     "pissa_convert": "needs PiSSA-to-LoRA conversion at export, not built yet; serve "
     "final/merged (or load final/ with PEFT, which redoes the decomposition)",
-    "use_llama_pro": "LLaMA Pro block expansion: not supported",
+    "use_llama_pro": "raylm does not build LLaMA Pro's layer choice (train only the blocks "
+    "scripts/llama_pro.py inserted, evenly spaced); freeze_trainable_layers trains the last N "
+    "layers instead: use that without use_llama_pro",
     "pref_bco_weight": "the BCO term: not implemented",
     "ld_alpha": "LD-DPO: not implemented",
     "ref_model": "DPO's reference is the base model (or the adapter disabled) in raylm",
     "ref_model_adapters": "DPO's reference is the base model (or the adapter disabled) in raylm",
     "ref_model_quantization_bit": "the reference model is never quantized in raylm",
-    **_same(
-        _OPTIM,
-        "use_galore use_apollo use_badam use_adam_mini use_muon optim_args "
-        "optim_target_modules lr_scheduler_kwargs",
-    ),
+    **_same(_OPTIM, "optim_args optim_target_modules lr_scheduler_kwargs"),
+    "use_galore": f"GaLore needs the galore-torch package, which {_PKG}; a projected "
+    "per-matrix optimizer, it would also need ZeRO stage 0 (unpartitioned weights)",
+    "use_apollo": f"APOLLO needs the apollo-torch package, which {_PKG}; a projected "
+    "per-matrix optimizer, it would also need ZeRO stage 0 (unpartitioned weights)",
+    "use_adam_mini": f"Adam-mini needs the adam-mini package, which {_PKG}; use AdamW, or "
+    "Muon (use_muon)",
+    "use_badam": f"BAdam needs the badam package, which {_PKG}; it switches the trainable "
+    "block during the run, which raylm's fixed DeepSpeed param groups do not: use "
+    "finetuning_type freeze or lora",
     "label_smoothing_factor": "label smoothing of the SFT loss: not implemented",
     "adam_beta1": "raylm's AdamW uses torch's betas (0.9, 0.999)",
     "adam_beta2": "raylm's AdamW uses torch's betas (0.9, 0.999)",

@@ -340,7 +340,8 @@ def param_groups(model: Any, cfg: TrainJobConfig) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: Any, cfg: TrainJobConfig, total_steps: int) -> tuple[Any, Any]:
-    """AdamW over :func:`param_groups` and the lr schedule over ``total_steps``.
+    """AdamW over :func:`param_groups` (or ``train.optimizer=muon``: Muon and AdamW,
+    ``raylm.train.muon``) and the lr schedule over ``total_steps``.
 
     This torch optimizer is the client optimizer DeepSpeed wraps at every stage (the
     DeepSpeed JSON may hold no optimizer section, see ``ds_config``): ZeRO-1..3 flatten
@@ -351,7 +352,12 @@ def build_optimizer(model: Any, cfg: TrainJobConfig, total_steps: int) -> tuple[
     import transformers
 
     t = cfg.train
-    optim = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "muon":  # LLaMA-Factory's use_muon (raylm.train.muon)
+        from raylm.train.muon import build_muon
+
+        optim = build_muon(model, cfg)
+    else:
+        optim = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, weight_decay=t.weight_decay)
     sched = transformers.get_scheduler(
         t.lr_scheduler,
         optim,

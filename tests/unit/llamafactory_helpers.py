@@ -32,7 +32,7 @@ PARTITION: dict[str, tuple[str, ...] | str | None] = {
     "extras/llama_pro/llama3_freeze_sft.yaml": ("use_llama_pro",),
     "extras/loraplus/llama3_lora_sft.yaml": None,
     "extras/mod/llama3_full_sft.yaml": ("mixture_of_depths", "optim"),
-    "extras/muon/qwen2_full_sft.yaml": ("use_muon",),
+    "extras/muon/qwen2_full_sft.yaml": None,
     "extras/nlg_eval/llama3_lora_predict.yaml": "generate",  # raylm generate FILE
     "extras/oft/llama3_oft_sft.yaml": ("finetuning_type",),
     "extras/pissa/llama3_lora_sft.yaml": ("pissa_convert",),  # without it: loads

@@ -140,6 +140,28 @@ class ImprovementConfig:
 
 
 @dataclass
+class NonInferiorityConfig:
+    """The model may be worse than ``base_model`` on one metric, but by no more than a
+    margin, by the paired bootstrap's interval: how a quantized or merged export is
+    gated against the model it came from."""
+
+    metric: str = "perplexity"
+    """The metric compared (perplexity counts lower as better)."""
+
+    margin: float = 0.05
+    """The largest loss accepted, in the metric's units, or as a share of the base's
+    value with ``relative`` (0.05: perplexity at most 5 % higher)."""
+
+    relative: bool = True
+    """Read ``margin`` as a share of the base model's value."""
+
+    def __post_init__(self) -> None:
+        if "/" not in self.metric:
+            choice("gate.non_inferior_to_base.metric", self.metric, METRICS)
+        positive("gate.non_inferior_to_base.margin", self.margin, allow_zero=True)
+
+
+@dataclass
 class GateConfig:
     """Thresholds a model must meet to be deployed; all given ones must hold."""
 
@@ -154,6 +176,11 @@ class GateConfig:
 
     require_improvement_over_base: ImprovementConfig | None = None
     """If set, the model must beat ``base_model`` on this metric (paired bootstrap)."""
+
+    non_inferior_to_base: NonInferiorityConfig | None = None
+    """If set, the model must not be worse than ``base_model`` on this metric by more
+    than the margin: the pessimistic end of the paired bootstrap's interval of the
+    difference must stay within it (a quantized export against the unquantized one)."""
 
     use_ci_bound: bool = False
     """Check thresholds against the pessimistic end of the confidence interval (the lower
@@ -180,8 +207,9 @@ class GateConfig:
         used = set(self.min_metric) | set(self.max_metric)
         if self.max_perplexity is not None:
             used.add("perplexity")
-        if self.require_improvement_over_base is not None:
-            used.add(self.require_improvement_over_base.metric)
+        for rule in (self.require_improvement_over_base, self.non_inferior_to_base):
+            if rule is not None:
+                used.add(rule.metric)
         return used
 
 
@@ -435,8 +463,9 @@ class EvalJobConfig:
             raise ConfigError(
                 f"gate checks {missing}, which metrics={self.metrics} does not compute"
             )
-        if self.gate.require_improvement_over_base is not None and not self.base_model:
-            raise ConfigError("gate.require_improvement_over_base needs base_model to be set")
+        for rule in ("require_improvement_over_base", "non_inferior_to_base"):
+            if getattr(self.gate, rule) is not None and not self.base_model:
+                raise ConfigError(f"gate.{rule} needs base_model to be set")
         if self.gate.min_judge_win_rate is not None and not self.judge.base_url:
             raise ConfigError("gate.min_judge_win_rate needs judge.base_url (the judge's endpoint)")
         if self.judge.base_url and not self.base_model:

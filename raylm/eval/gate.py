@@ -17,8 +17,8 @@ class Check:
     """One threshold and how the model fared against it."""
 
     name: str
-    """min_metric, max_metric, max_perplexity, require_improvement_over_base or
-    min_judge_win_rate."""
+    """min_metric, max_metric, max_perplexity, require_improvement_over_base,
+    non_inferior_to_base or min_judge_win_rate."""
     metric: str
     value: float | None
     threshold: float
@@ -51,6 +51,8 @@ def gate(results: dict[str, Any], cfg: GateConfig) -> Verdict:
         )
     if cfg.require_improvement_over_base is not None:
         checks.append(_improvement(results, cfg))
+    if cfg.non_inferior_to_base is not None:
+        checks.append(_non_inferior(results, cfg))
     if cfg.min_judge_win_rate is not None:
         checks.append(_judge(results, cfg.min_judge_win_rate, cfg.use_ci_bound))
     if not checks:
@@ -102,6 +104,31 @@ def _improvement(results: dict, cfg: GateConfig) -> Check:
     )
     msg = f"{'ok' if ok else 'FAILED'} {name}: {metric} {detail}"
     return Check(name, metric, p, req.p_value, ok, msg)
+
+
+def _non_inferior(results: dict, cfg: GateConfig) -> Check:
+    """Worse than base by at most the margin: the interval's pessimistic end of
+    tuned - base (its low end when higher is better, its high end when lower is)."""
+    req = cfg.non_inferior_to_base
+    assert req is not None
+    name, metric = "non_inferior_to_base", req.metric
+    comp = (results.get("comparison") or {}).get(metric)
+    if not comp or comp.get("base") is None:
+        msg = f"FAILED {name}: no comparison with a base model on {metric} in the results"
+        return Check(name, metric, None, req.margin, False, msg)
+    margin = req.margin * abs(comp["base"]) if req.relative else req.margin
+    up = comp["higher_is_better"]
+    worst = comp.get("ci_low") if up else comp.get("ci_high")
+    loss = None if worst is None else (-worst if up else worst)
+    ok = loss is not None and loss <= margin
+    share = f" ({req.margin:.1%} of base)" if req.relative else ""
+    detail = (
+        f"{_fmt(comp['tuned'])} vs base {_fmt(comp['base'])}: worst-case loss "
+        f"{_fmt(loss)} by the paired bootstrap {'<=' if ok else '>'} margin {margin:.4g}{share}"
+    )
+    return Check(
+        name, metric, loss, margin, ok, f"{'ok' if ok else 'FAILED'} {name}: {metric} {detail}"
+    )
 
 
 def _judge(results: dict, threshold: float, use_ci: bool) -> Check:

@@ -133,6 +133,11 @@ def test_gate_config_loads_from_yaml_overrides(tmp_path) -> None:
         (["base_model=null", "gate.require_improvement_over_base.metric=bleu"], "needs base_model"),
         (["gate.require_improvement_over_base.p_value=0"], "must be in (0, 1]"),
         (["gate.max_perplexity=-1"], "must be > 0"),
+        (
+            ["base_model=null", "gate.non_inferior_to_base.margin=0.1"],
+            "non_inferior_to_base needs base_model",
+        ),
+        (["gate.non_inferior_to_base.metric=perplexit"], "did you mean 'perplexity'"),
     ],
 )
 def test_bad_gate_config_is_explained(overrides: list[str], message: str) -> None:
@@ -140,3 +145,20 @@ def test_bad_gate_config_is_explained(overrides: list[str], message: str) -> Non
     with pytest.raises(ConfigError) as err:
         config.load("eval", [], base + overrides)
     assert message in str(err.value)
+
+
+def test_non_inferiority_bounds_the_worst_case_loss() -> None:
+    from raylm.eval.config import NonInferiorityConfig
+
+    # perplexity 12.5 vs base 11.0, diff CI [0.5, 2.5]: worst case +2.5 = 22.7 % of base
+    loose = GateConfig(non_inferior_to_base=NonInferiorityConfig("perplexity", margin=0.25))
+    tight = GateConfig(non_inferior_to_base=NonInferiorityConfig("perplexity", margin=0.2))
+    assert gate(_results(COMPARISON), loose).passed
+    verdict = gate(_results(COMPARISON), tight)
+    assert not verdict.passed and "worst-case loss 2.5" in verdict.reasons[0]
+    # rouge_l higher is better, diff CI [0.04, 0.18]: never worse, passes even a zero margin
+    zero = NonInferiorityConfig("rouge_l", margin=0.0, relative=False)
+    assert gate(_results(COMPARISON), GateConfig(non_inferior_to_base=zero)).passed
+    absolute = NonInferiorityConfig("perplexity", margin=2.0, relative=False)
+    assert not gate(_results(COMPARISON), GateConfig(non_inferior_to_base=absolute)).passed
+    assert not gate(_results(None), loose).passed  # no base compared: fails, saying so

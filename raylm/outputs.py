@@ -100,6 +100,10 @@ class ModelOutput(StageOutput):
     merged: str | None = None
     """For an adapter: a full model with the adapter merged in, if one was written."""
 
+    source: str | None = None
+    """For a quantized export: the unquantized (merged) model it was made from, which
+    the pipeline's export_eval stage compares it with."""
+
 
 @dataclasses.dataclass
 class EvalOutput(StageOutput):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from raylm.config import ConfigError, RayConfig, positive
 
-STAGES = ("data", "train", "eval", "serve")
+STAGES = ("data", "train", "eval", "export", "export_eval", "serve")
 
 
 @dataclass
@@ -22,7 +22,8 @@ class StageConfig:
 
 @dataclass
 class PipelineConfig:
-    """data -> train -> eval -> gate -> serve, each a Ray job reading the previous output."""
+    """data -> train -> eval -> gate -> [export -> export_eval -> gate] -> serve, each a
+    Ray job reading the previous stage's output."""
 
     name: str = "pipeline"
     """Run name: the run directory is ``workspace/name``; re-running it resumes."""
@@ -38,6 +39,14 @@ class PipelineConfig:
 
     eval: StageConfig = field(default_factory=StageConfig)
     """Evaluation stage; its gate verdict decides whether serve runs."""
+
+    export: StageConfig = field(default_factory=StageConfig)
+    """Export stage, after eval's gate: the trained model merged (and quantized, with
+    the export config's ``quantize``); when present, serve deploys its model."""
+
+    export_eval: StageConfig = field(default_factory=StageConfig)
+    """Evaluation of a quantized export against the merged model it came from (an eval
+    config whose gate is typically ``non_inferior_to_base``); its gate decides serve."""
 
     serve: StageConfig = field(default_factory=StageConfig)
     """Deployment stage."""
@@ -57,3 +66,5 @@ class PipelineConfig:
             raise ConfigError(f"a pipeline needs at least one stage config among {list(STAGES)}")
         if self.serve.config and self.gate and not self.eval.config:
             raise ConfigError("gate=true needs an eval stage (or set gate=false to deploy ungated)")
+        if self.export_eval.config and not self.export.config:
+            raise ConfigError("export_eval scores the export stage's model: add an export stage")

@@ -16,17 +16,24 @@ LINEAGE = "lineage.json"
 
 
 def build(run_dir: str, summary: dict[str, Any]) -> dict[str, Any]:
-    """The chain serve -> eval -> train checkpoint -> data manifest -> input file hashes."""
-    dirs = {name: storage.join(run_dir, name) for name in ("data", "train", "eval", "serve")}
+    """The chain serve -> [export eval -> export ->] eval -> train checkpoint -> data
+    manifest -> input file hashes."""
+    names = ("data", "train", "eval", "export", "export_eval", "serve")
+    dirs = {name: storage.join(run_dir, name) for name in names}
     stages = {name: Manifest.read(d) for name, d in dirs.items()}
     lineage: dict[str, Any] = {"run_dir": run_dir, "summary": summary}
     if stages["serve"]:
         lineage["served"] = _link(stages["serve"], dirs["serve"])
-    if stages["eval"]:
-        link = _link(stages["eval"], dirs["eval"])
-        report = storage.join(dirs["eval"], "eval.json")
-        link["gate"] = json.loads(storage.read_text(report)).get("gate")
-        lineage["evaluation"] = link
+    for name, key in (("export_eval", "export_evaluation"), ("eval", "evaluation")):
+        if stages[name]:
+            link = _link(stages[name], dirs[name])
+            report = storage.join(dirs[name], "eval.json")
+            link["gate"] = json.loads(storage.read_text(report)).get("gate")
+            lineage[key] = link
+    if stages["export"]:
+        link = _link(stages["export"], dirs["export"])
+        link["check"] = stages["export"].outputs.get("check")
+        lineage["export"] = link
     if stages["train"]:
         link = _link(stages["train"], dirs["train"])
         link["checkpoint"] = stages["train"].outputs.get("final")
@@ -62,7 +69,8 @@ def describe(run_dir: str) -> str:
     """``raylm lineage RUN``: the chain as indented text, newest artefact first."""
     record = json.loads(storage.read_text(storage.join(str(run_dir), LINEAGE)))
     lines = [f"run {record['run_dir']}"]
-    for key, label in (("served", "served"), ("evaluation", "evaluated"),
+    for key, label in (("served", "served"), ("export_evaluation", "export evaluated"),
+                       ("export", "exported"), ("evaluation", "evaluated"),
                        ("training", "trained"), ("data", "curated")):  # fmt: skip
         link = record.get(key)
         if not link:
@@ -72,9 +80,9 @@ def describe(run_dir: str) -> str:
         )
         for path, digest in sorted(link["inputs"].items()):
             lines.append(f"    <- {path} {digest[:19]}")
-    gate = (record.get("evaluation") or {}).get("gate")
-    if gate is not None:
-        lines.append(
-            f"  gate: {'passed' if gate['passed'] else 'failed'} {gate.get('reasons', [])}"
-        )
+    for key, label in (("evaluation", "gate"), ("export_evaluation", "export gate")):
+        gate = (record.get(key) or {}).get("gate")
+        if gate is not None:
+            verdict = "passed" if gate["passed"] else "failed"
+            lines.append(f"  {label}: {verdict} {gate.get('reasons', [])}")
     return "\n".join(lines)

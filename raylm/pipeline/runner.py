@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from raylm import config, storage
+from raylm.config import ConfigError
 from raylm.job import JobFailed
 from raylm.manifest import Manifest
 from raylm.outputs import DatasetOutput, EvalOutput, ModelOutput, StageOutput, read_output
@@ -33,7 +34,11 @@ OUTPUT_TYPES: dict[str, type[StageOutput]] = {
     "data": DatasetOutput,
     "train": ModelOutput,
     "eval": EvalOutput,
+    "export": ModelOutput,
+    "export_eval": EvalOutput,
 }
+GATES = {"export": ("eval",), "serve": ("eval", "export_eval")}
+"""The eval stages whose gate a stage waits for (those the pipeline has)."""
 
 
 class StageFailed(JobFailed):
@@ -48,14 +53,19 @@ class Stage:
     argv: list[str]
     out_dir: str
     inputs: list[str]
+    job: str = ""
+    """The job that runs it (export_eval is an eval job); default: ``name``."""
+
+    def __post_init__(self) -> None:
+        self.job = self.job or self.name
 
     def load(self) -> Any:
-        return config.load(self.name, *split_argv(self.argv))
+        return config.load(self.job, *split_argv(self.argv))
 
     def fingerprint(self) -> str:
         cfg = config.to_dict(self.load())
         present = [p for p in self.inputs if storage.exists(p)]
-        return Manifest.start(self.name, cfg, present).fingerprint()
+        return Manifest.start(self.job, cfg, present).fingerprint()
 
 
 def stage_for(
@@ -73,11 +83,36 @@ def stage_for(
             if data.template:  # rendered with a named template: train renders the same
                 wiring.append(f"model.template={data.template}")
             inputs.append(data.path)
-    model = produced.get("train")
+    model = (
+        produced.get("export")
+        if name == "serve" and "export" in produced
+        else produced.get("train")
+    )
     if name in ("eval", "serve") and isinstance(model, ModelOutput):
         wiring += _model_wiring(name, model, adapter_name=cfg.name)
         inputs.append(model.path)
-    return Stage(name, [sc.config, *wiring, *sc.overrides], out, inputs)
+    if name == "export" and isinstance(model, ModelOutput):
+        train_dir = storage.join(run_dir, "train")  # its manifest names adapter and base
+        wiring.append(f"model={train_dir}")
+        inputs.append(model.path)
+    exported = produced.get("export")
+    if name == "export_eval" and isinstance(exported, ModelOutput):
+        wiring += _export_eval_wiring(exported)
+        inputs.append(exported.path)
+    job = "eval" if name == "export_eval" else name
+    return Stage(name, [sc.config, *wiring, *sc.overrides], out, inputs, job)
+
+
+def _export_eval_wiring(exported: ModelOutput) -> list[str]:
+    """The quantized export scored against the merged model it was made from."""
+    if not exported.source:
+        raise ConfigError(
+            f"export_eval compares a quantized export with the merged model it came from, "
+            f"but the export at {exported.path} is not quantized: set the export stage's "
+            "quantize.method, or drop export_eval (the export's merge check already "
+            "compared the merge with base + adapters)"
+        )
+    return [f"model={exported.path}", f"base_model={exported.source}"]
 
 
 def _model_wiring(name: str, model: ModelOutput, adapter_name: str) -> list[str]:
@@ -96,10 +131,11 @@ def run(cfg: PipelineConfig, run_dir: str, dashboard: str) -> dict[str, Any]:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(dashboard)
-    summary: dict[str, Any] = {"stages": {}, "deployed": False}
+    summary: dict[str, Any] = {"stages": {}, "gates": {}, "deployed": False}
     produced: dict[str, StageOutput] = {}
     for name in (n for n in STAGES if getattr(cfg, n).config):
-        if name == "serve" and not _gate_allows(cfg, produced, summary):
+        gates = [g for g in GATES.get(name, ()) if g in produced and g not in summary["gates"]]
+        if not all(_gate_allows(cfg, g, produced, summary, blocked=name) for g in gates):
             break
         stage = stage_for(name, cfg, run_dir, produced)
         fingerprint = stage.fingerprint()
@@ -119,7 +155,7 @@ def run(cfg: PipelineConfig, run_dir: str, dashboard: str) -> dict[str, Any]:
 def _run_stage(client: Any, stage: Stage, cfg: PipelineConfig) -> str:
     sid = submit(
         client,
-        stage.name,
+        stage.job,
         stage.argv,
         python=sys.executable,
         local=True,
@@ -169,19 +205,24 @@ def _record(stage: Stage, run_dir: str, fingerprint: str, sid: str) -> None:
 
 
 def _gate_allows(
-    cfg: PipelineConfig, produced: dict[str, StageOutput], summary: dict[str, Any]
-) -> bool:
+    cfg: PipelineConfig, stage: str, produced: dict[str, StageOutput], summary: dict[str, Any],
+    blocked: str,
+) -> bool:  # fmt: skip
+    """The gate of eval stage ``stage``; a failed one stops the pipeline before ``blocked``."""
     if not cfg.gate:
-        print("pipeline: gate disabled: deploying without an eval verdict", flush=True)
+        print(f"pipeline: gate disabled: {blocked} runs without {stage}'s verdict", flush=True)
+        summary["gates"][stage] = None
         return True
-    verdict_of = produced["eval"]
+    verdict_of = produced[stage]
     assert isinstance(verdict_of, EvalOutput)
     verdict = json.loads(storage.read_text(verdict_of.report))["gate"]
-    summary["gate"] = verdict
+    summary["gates"][stage] = verdict
+    if stage == "eval":
+        summary["gate"] = verdict
     if verdict_of.gate_passed:
-        print("pipeline: gate passed", flush=True)
+        print(f"pipeline: {stage} gate passed", flush=True)
         return True
     reasons = "; ".join(verdict.get("reasons", [])) or "no reason given"
-    print(f"pipeline: gate FAILED, not deploying: {reasons}", flush=True)
-    summary["stages"]["serve"] = "blocked"
+    print(f"pipeline: {stage} gate FAILED, not running {blocked}: {reasons}", flush=True)
+    summary["stages"][blocked] = "blocked"
     return False

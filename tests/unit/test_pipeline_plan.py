@@ -119,3 +119,34 @@ def test_train_renders_with_the_template_the_data_stage_used(
     produced = _produced(tmp_path)
     produced["data"] = dataclasses.replace(produced["data"], template="chatml")
     assert stage_for("train", demo, tmp_path, produced).load().model.template == "chatml"
+
+
+def test_export_stages_are_wired_and_serve_deploys_the_export(
+    demo: PipelineConfig, tmp_path: Path
+) -> None:
+    demo.export.config = "conf/export/tiny.yaml"
+    demo.export_eval.config = "conf/eval/default.yaml"
+    produced = _produced(tmp_path)
+    export = stage_for("export", demo, tmp_path, produced)
+    assert export.load().model == str(tmp_path / "train")  # the train run's manifest dir
+    assert (export.job, export.inputs) == ("export", [produced["train"].path])
+    merged = str(tmp_path / "export")
+    produced["export"] = ModelOutput(merged, False, "/base", merged, 128, "sft")
+    with pytest.raises(ConfigError, match="is not quantized"):
+        stage_for("export_eval", demo, tmp_path, produced)
+    quantized = ModelOutput(
+        f"{merged}/quantized", False, "/base", merged, 128, "sft", source=merged
+    )
+    produced["export"] = quantized
+    ev = stage_for("export_eval", demo, tmp_path, produced)
+    assert ev.job == "eval" and ev.out_dir == str(tmp_path / "export_eval")
+    assert (ev.load().model, ev.load().base_model) == (quantized.path, merged)
+    serve = stage_for("serve", demo, tmp_path, produced).load()
+    assert serve.model.path == quantized.path and not serve.lora.adapters
+
+
+def test_export_eval_needs_an_export_stage(tmp_path: Path) -> None:
+    conf = tmp_path / "p.yaml"
+    conf.write_text("train: {config: conf/train/sft_lora.yaml}\nexport_eval: {config: e.yaml}\n")
+    with pytest.raises(ConfigError, match="add an export stage"):
+        config.load("pipeline", [conf])

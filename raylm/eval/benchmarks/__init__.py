@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from raylm.config import resolve_path
+from raylm.eval.benchmarks.readers import EXTENSIONS
 from raylm.eval.bootstrap import confidence_interval
 from raylm.eval.config import BenchmarkConfig, EvalJobConfig
 from raylm.eval.metrics import REGISTRY, Metric
@@ -60,9 +61,17 @@ def load_benchmarks(cfg: EvalJobConfig) -> dict[str, BenchmarkData]:
                     f"benchmark {b.name}: shots={b.shots} needs a directory path holding "
                     f"the {b.fewshot_split!r} split"
                 )
-            dev = read_benchmark(b.format, b.path, b.fewshot_split)
+            split = b.fewshot_split
+            if b.format == "gsm8k" and split == "dev" and not _has_split(b.path, split):
+                split = "train"  # GSM8K has no dev split: its examples come from train
+            dev = read_benchmark(b.format, b.path, split)
         out[b.name] = BenchmarkData(b, items, dev)
     return out
+
+
+def _has_split(path: str, split: str) -> bool:
+    p = Path(path)
+    return (p / split).is_dir() or any((p / f"{split}{ext}").is_file() for ext in EXTENSIONS)
 
 
 def run_benchmarks(

@@ -53,6 +53,16 @@ def test_original_mmlu_csv_layout(tmp_path: Path) -> None:
     assert (item.subject, item.choices, item.answer) == ("anatomy", ("1", "2", "3", "4"), 1)
 
 
+def test_hugging_face_parquet_shards(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"question": "q?", "answer": "1 + 1 = 2\n#### 2"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "test-00000-of-00001.parquet")
+    (item,) = read_math(tmp_path, "test")
+    assert item.answer == "2"
+
+
 def test_bad_answer_is_named(tmp_path: Path) -> None:
     f = tmp_path / "x.jsonl"
     f.write_text('{"question": "q", "choices": ["a", "b"], "answer": 5, "subject": "s"}\n')

@@ -63,8 +63,9 @@ class CodeTask:
 
 
 def split_files(path: str | Path, split: str) -> list[Path]:
-    """The files of ``split`` under ``path``: the file itself, ``<split>.<ext>``, or every
-    file of ``<split>/`` (one per subject), sorted so the order is stable."""
+    """The files of ``split`` under ``path``: the file itself, ``<split>.<ext>``, the shards
+    ``<split>-*.<ext>`` of a Hugging Face download, or every file of ``<split>/`` (one per
+    subject), sorted so the order is stable."""
     p = Path(path)
     if p.is_file():
         return [p]
@@ -73,6 +74,9 @@ def split_files(path: str | Path, split: str) -> list[Path]:
     for ext in EXTENSIONS:
         if (p / f"{split}{ext}").is_file():
             return [p / f"{split}{ext}"]
+    shards = sorted(f for f in p.glob(f"{split}-*") if f.suffix in EXTENSIONS)
+    if shards:  # a Hugging Face dataset download: test-00000-of-00001.parquet
+        return shards
     sub = p / split
     files = sorted(f for f in sub.glob("*") if f.suffix in EXTENSIONS) if sub.is_dir() else []
     if not files:

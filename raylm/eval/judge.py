@@ -29,6 +29,7 @@ import numpy as np
 from raylm.eval.bootstrap import confidence_interval
 from raylm.eval.config import BootstrapConfig, JudgeConfig
 from raylm.eval.metrics import Metric, ratio
+from raylm.job import JobFailed
 
 SYSTEM_PROMPT = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by "
@@ -49,8 +50,9 @@ WIN_RATE = Metric("judge_win_rate", True, ratio)
 SCORES = {"tuned": 1.0, "tie": 0.5, "base": 0.0}
 
 
-class JudgeError(RuntimeError):
-    """The judge could not be asked or did not answer with verdicts."""
+class JudgeError(JobFailed):
+    """The judge could not be asked or did not answer with verdicts (the job runner prints
+    it without a traceback)."""
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,39 @@ class _Judge:
         finally:
             await self.client.close()
         return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(pairs))]
+
+
+def check_judge(cfg: JudgeConfig) -> None:
+    """Fail in seconds, before any model is loaded, when the judge cannot be asked: lists
+    the endpoint's models (one quick request, no retries). An unreachable URL, a refused
+    key, or no way to name the model (``judge.model`` unset and no model list) is an error;
+    an endpoint without ``/models`` is fine when ``judge.model`` is set."""
+    import openai
+
+    where = f"LLM judge at {cfg.base_url}"
+    client = openai.OpenAI(
+        base_url=str(cfg.base_url),
+        api_key=_api_key(cfg),
+        max_retries=0,
+        timeout=min(cfg.timeout_s, 30),
+    )
+    try:
+        listed = [m.id for m in client.models.list().data]
+    except openai.APIConnectionError as err:
+        cause = f" ({err.__cause__})" if err.__cause__ else ""
+        raise JudgeError(f"{where} is unreachable: {err}{cause}") from err
+    except openai.APIStatusError as err:
+        if err.status_code in (401, 403) or cfg.model is None:
+            raise JudgeError(
+                f"{where} answered HTTP {err.status_code} to GET /models: {str(err)[:300]}"
+            ) from err
+        return
+    except (openai.OpenAIError, AttributeError, TypeError) as err:
+        raise JudgeError(f"{where} answered nonsense to GET /models: {err}") from err
+    finally:
+        client.close()
+    if cfg.model is None and not listed:
+        raise JudgeError(f"{where} lists no model; set judge.model")
 
 
 def _run_sync(coro: Any) -> Any:

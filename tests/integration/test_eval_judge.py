@@ -1,26 +1,35 @@
 """The LLM judge for real: a small OpenAI-compatible HTTP server in this file answers the
 ``openai`` client deterministically from the prompt, so the swap logic, the verdict
 parser, retries, the concurrency bound, the win rate and the gate are checked end to end.
-No Ray: the judge step runs in the driver on answers that already exist."""
+Most tests need no Ray (the judge step runs in the driver on answers that already exist);
+the last one runs the eval job on the session cluster with the judge wired in."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from raylm.cluster import ClusterInfo
 from raylm.eval.config import EvalDataConfig, EvalJobConfig, GateConfig, JudgeConfig
-from raylm.eval.judge import JudgeError, Pair, judge_answers, judge_pairs
+from raylm.eval.judge import JudgeError, Pair, check_judge, judge_answers, judge_pairs
 from raylm.eval.records import EvalRecord
 from raylm.eval.run import summarize
+from raylm.models.tiny import TinySpec, build
+
+ROOT = Path(__file__).resolve().parents[2]
 
 _ANSWER = re.compile(r"\[The Start of Assistant ([AB])'s Answer\]\n(.*?)\n\[The End of", re.S)
 
@@ -279,3 +288,71 @@ def test_an_unreachable_judge_is_named() -> None:
     with pytest.raises(JudgeError, match=rf"LLM judge at {re.escape(url)} .*is unreachable"):
         judge_answers(cfg, records, outs)
     assert time.perf_counter() - t0 < 30
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+def test_check_judge_fails_fast(server: JudgeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_judge(JudgeConfig(base_url=server.url))  # lists models: fine
+    url = _closed_port_url()
+    with pytest.raises(JudgeError, match=rf"LLM judge at {re.escape(url)} is unreachable"):
+        check_judge(JudgeConfig(base_url=url, model="keyword"))
+    locked = JudgeServer(api_key="s3cret")
+    try:
+        monkeypatch.setenv("RAYLM_TEST_JUDGE_KEY", "wrong")
+        with pytest.raises(JudgeError, match="HTTP 401 to GET /models"):
+            check_judge(JudgeConfig(base_url=locked.url, api_key_env="RAYLM_TEST_JUDGE_KEY"))
+    finally:
+        locked.close()
+
+
+def _run_job(conf: Path, cluster: ClusterInfo) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_ADDRESS=cluster.gcs_address)
+    cmd = [sys.executable, str(ROOT / "jobs/eval.py"), str(conf)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=360)
+
+
+def _conf(tmp_path: Path, model: Path, base: Path, url: str, out: Path) -> Path:
+    conf = tmp_path / "judge.yaml"
+    conf.write_text(
+        f"model: {model}\nbase_model: {base}\nmetrics: [exact_match]\n"
+        f"data: {{eval_path: {ROOT / 'raylm/eval/sample/eval.jsonl'}, max_samples: 6}}\n"
+        "generation: {max_new_tokens: 6}\nbootstrap: {resamples: 200}\n"
+        f"judge: {{base_url: '{url}', model: keyword, max_concurrency: 4}}\n"
+        f"gate: {{min_judge_win_rate: 0.6}}\nfail_on_gate: true\noutput_dir: {out}\n"
+    )
+    return conf
+
+
+@pytest.mark.timeout(480)
+def test_eval_job_with_a_judge_gates_on_its_win_rate(
+    ray_cluster: ClusterInfo, tiny_model: Path, tmp_path: Path, server: JudgeServer
+) -> None:
+    """Two untrained tiny models: no answer holds GOOD, so every pair is a tie, the win
+    rate is 0.5 and the gate (min 0.6) holds the model back, exit code 3."""
+    other = build(tmp_path / "tiny-seed1", TinySpec(seed=1))
+    out = tmp_path / "eval"
+    proc = _run_job(_conf(tmp_path, tiny_model, other, server.url, out), ray_cluster)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    res = json.loads((out / "eval.json").read_text())
+    judged = res["judge"]
+    assert judged["n"] == 6 and len(server.asked) == 12 and judged["model"] == "keyword"
+    assert judged["ties"] == 6 and judged["win_rate"]["value"] == 0.5
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    for row in rows:  # the judge saw exactly the answers the job wrote, in both orders
+        pair = (row["prediction"], row["base_prediction"])
+        assert pair in server.asked and pair[::-1] in server.asked
+    reasons = res["gate"]["reasons"]
+    assert reasons[0].startswith("FAILED min_judge_win_rate: judge win rate = 0.5 < min 0.6")
+
+    # An unreachable judge stops the job in its setup: before any model loads or output.
+    url = _closed_port_url()
+    out2 = tmp_path / "eval-unreachable"
+    proc = _run_job(_conf(tmp_path, tiny_model, other, url, out2), ray_cluster)
+    assert proc.returncode not in (0, 3)
+    assert f"LLM judge at {url} is unreachable" in proc.stderr + proc.stdout
+    assert not (out2 / "eval.json").exists()

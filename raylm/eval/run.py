@@ -19,7 +19,7 @@ from raylm import storage
 from raylm.eval.bootstrap import confidence_interval, paired_bootstrap
 from raylm.eval.config import GENERATION_METRICS, EvalJobConfig
 from raylm.eval.gate import gate
-from raylm.eval.metrics import REGISTRY, example_scores, generation_stats
+from raylm.eval.metrics import example_scores, generation_stats
 from raylm.eval.model import ModelInfo, describe_model
 from raylm.eval.records import EvalRecord, load_eval_records, load_texts
 
@@ -30,6 +30,7 @@ def evaluate_model(
     records: list[EvalRecord],
     docs: list[Any],
     adapter_base: str | None,
+    benchmarks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score one model (a Ray task): per-example statistics of every metric, its answers."""
     import torch
@@ -50,6 +51,12 @@ def evaluate_model(
         t1 = time.perf_counter()
         out |= _score_generation(info, model, tokenizer, records, cfg, out["stats"])
         out["seconds"]["generation"] = round(time.perf_counter() - t1, 3)
+    if benchmarks:  # standard benchmarks from local files (raylm.eval.benchmarks)
+        from raylm.eval.benchmarks import run_benchmarks
+
+        stats, out["benchmarks"], secs = run_benchmarks(info, model, tokenizer, cfg, benchmarks)
+        out["stats"] |= stats
+        out["seconds"] |= secs
     out["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     return out
 
@@ -106,6 +113,8 @@ class EvalInputs:
     docs: list[Any]
     models: dict[str, ModelInfo]
     """"model" and, when comparing, "base_model"."""
+    benchmarks: dict[str, Any] | None = None
+    """Each configured benchmark's examples, by name (``raylm.eval.benchmarks``)."""
 
 
 def prepare(cfg: EvalJobConfig) -> EvalInputs:
@@ -122,7 +131,9 @@ def prepare(cfg: EvalJobConfig) -> EvalInputs:
     models = {"model": describe_model(cfg.model, cfg.adapter_base)}
     if cfg.base_model:
         models["base_model"] = describe_model(cfg.base_model, key="base_model")
-    return EvalInputs(records, docs, models)
+    from raylm.eval.benchmarks import load_benchmarks
+
+    return EvalInputs(records, docs, models, load_benchmarks(cfg) if cfg.benchmarks else None)
 
 
 def run_eval(cfg: EvalJobConfig, inputs: EvalInputs) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -137,9 +148,18 @@ def run_eval(cfg: EvalJobConfig, inputs: EvalInputs) -> tuple[dict[str, Any], li
             inputs.records,
             inputs.docs,
             cfg.adapter_base if role == "model" else None,
+            inputs.benchmarks,
         )
         for role, info in inputs.models.items()
     }
+    lm_eval_ref = None
+    if cfg.lm_eval is not None:  # lm-evaluation-harness beside raylm's own scoring
+        from raylm.eval.benchmarks.lm_eval_run import run_lm_eval
+
+        lm_eval_task = ray.remote(num_cpus=cfg.num_cpus, max_retries=0)(run_lm_eval)
+        lm_eval_ref = lm_eval_task.options(name="raylm-eval:lm_eval").remote(
+            inputs.models["model"], cfg, inputs.benchmarks
+        )
     outs = dict(zip(refs, ray.get(list(refs.values())), strict=True))
     judged = None
     if cfg.judge.base_url:  # in the driver, once both models' answers exist
@@ -147,6 +167,10 @@ def run_eval(cfg: EvalJobConfig, inputs: EvalInputs) -> tuple[dict[str, Any], li
 
         judged = judge_answers(cfg, inputs.records, outs)
     results = summarize(cfg, outs, inputs.records, inputs.docs, judged)
+    if lm_eval_ref is not None:
+        from raylm.eval.benchmarks.lm_eval_run import with_agreement
+
+        results["lm_eval"] = with_agreement(ray.get(lm_eval_ref), results["benchmarks"])
     return results, prediction_rows(cfg, outs, inputs.records)
 
 
@@ -157,13 +181,16 @@ def summarize(
     docs: list[Any],
     judge: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    from raylm.eval.benchmarks import metric_of, summarize_benchmarks
+
     b = cfg.bootstrap
+    names = [*cfg.metrics, *(m for bench in cfg.benchmarks for m in bench.metric_names())]
     per_model = {
         role: {
             name: confidence_interval(
-                REGISTRY[name], out["stats"][name], b.resamples, b.confidence, b.seed
+                metric_of(name), out["stats"][name], b.resamples, b.confidence, b.seed
             ).to_dict()
-            for name in cfg.metrics
+            for name in names
         }
         for role, out in outs.items()
     }
@@ -172,9 +199,9 @@ def summarize(
         tuned, base = outs["model"]["stats"], outs["base_model"]["stats"]
         comparison = {
             name: paired_bootstrap(
-                REGISTRY[name], tuned[name], base[name], b.resamples, b.confidence, b.seed
+                metric_of(name), tuned[name], base[name], b.resamples, b.confidence, b.seed
             ).to_dict()
-            for name in cfg.metrics
+            for name in names
         }
     results: dict[str, Any] = {
         "model": outs["model"]["model"],
@@ -187,6 +214,7 @@ def summarize(
         "bootstrap": asdict(cfg.bootstrap),
         "generation": asdict(cfg.generation),
         "seconds": {role: out["seconds"] for role, out in outs.items()},
+        "benchmarks": summarize_benchmarks(cfg, outs) if cfg.benchmarks else None,
         "judge": judge,
     }
     results["gate"] = gate(results, cfg.gate).to_dict()

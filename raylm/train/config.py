@@ -305,6 +305,12 @@ class TrainJobConfig:
         choice("stage", self.stage, STAGES)
         choice("finetuning_type", self.finetuning_type, FINETUNING_TYPES)
         self.loss.check(self.stage, self.finetuning_type, self.lora.init)
+        pissa = self.finetuning_type == "lora" and self.lora.init in ("pissa", "olora")
+        if self.export.pissa_convert and (not pissa or self.lora.adapter_name_or_path):
+            raise ConfigError(
+                "export.pissa_convert converts a new adapter of finetuning_type=lora with "
+                "lora.init pissa or olora"
+            )
         from raylm.train.sinks import SINKS, require
 
         for sink in self.report_to:

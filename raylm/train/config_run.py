@@ -153,5 +153,11 @@ class ExportConfig:
     and writes one shard at a time, so its host memory peaks near this, not at the
     model's size; a model over one shard gets ``model.safetensors.index.json``."""
 
+    pissa_convert: bool = False
+    """lora.init pissa/olora: write final/ as the equivalent plain LoRA of the original
+    base (twice the rank), which engines that do not redo the decomposition (vLLM) serve
+    right; the trained PiSSA adapter stays in final/pissa_backup (LLaMA-Factory's
+    ``pissa_convert``; raylm.train.pissa)."""
+
     def __post_init__(self) -> None:
         positive("export.shard_mb", self.shard_mb)

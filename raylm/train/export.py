@@ -141,6 +141,10 @@ def write_final(
     if not lora and getattr(module, "generation_config", None) is not None:
         stop_at_template(cfg.model.template, tok, module.generation_config)
         module.generation_config.save_pretrained(str(tmp))
+    if lora and cfg.export.pissa_convert:  # before merging: the merge reads final/
+        from raylm.train.pissa import convert_pissa
+
+        convert_pissa(cfg, tmp)
     if lora and cfg.stage == "rm":  # always: no engine serves a LoRA with a trained head
         from raylm.train.reward import merge_reward
 

@@ -283,6 +283,8 @@ def _knobs(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
     _set(out, "model.gradient_checkpointing", _checkpoints(data))
     if _bool(data.get("pissa_init")):
         _set(out, "lora.init", "pissa")
+    elif _bool(data.get("pissa_convert")):
+        return ["pissa_convert=True converts a PiSSA adapter: it needs pissa_init: true"]
     adapters = _csv(data.get("adapter_name_or_path") or [])
     if len(adapters) > 1:
         return [
@@ -459,4 +461,5 @@ CONVERT: dict[str, Callable[[Any], Any]] = {
     "asft_alpha": float,
     "eaft_alpha": float,
     "use_muon": lambda v: "muon" if _bool(v) else "adamw",
+    "pissa_convert": _bool,
 }

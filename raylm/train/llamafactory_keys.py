@@ -78,6 +78,7 @@ MAPPED: dict[str, str] = {
     "asft_alpha": "loss.asft_alpha",
     "eaft_alpha": "loss.eaft_alpha",
     "use_muon": "train.optimizer",  # true: muon
+    "pissa_convert": "export.pissa_convert",
 }
 
 SPECIAL: dict[str, str] = {
@@ -324,8 +325,6 @@ REFUSED: dict[str, str] = {
     "auto_find_batch_size": "set per_device_train_batch_size yourself",
     "fp8": "FP8 training needs Hopper GPUs and an FP8 backend raylm does not integrate",
     # methods
-    "pissa_convert": "needs PiSSA-to-LoRA conversion at export, not built yet; serve "
-    "final/merged (or load final/ with PEFT, which redoes the decomposition)",
     "use_llama_pro": "raylm does not build LLaMA Pro's layer choice (train only the blocks "
     "scripts/llama_pro.py inserted, evenly spaced); freeze_trainable_layers trains the last N "
     "layers instead: use that without use_llama_pro",

@@ -35,7 +35,7 @@ PARTITION: dict[str, tuple[str, ...] | str | None] = {
     "extras/muon/qwen2_full_sft.yaml": None,
     "extras/nlg_eval/llama3_lora_predict.yaml": "generate",  # raylm generate FILE
     "extras/oft/llama3_oft_sft.yaml": ("finetuning_type",),
-    "extras/pissa/llama3_lora_sft.yaml": ("pissa_convert",),  # without it: loads
+    "extras/pissa/llama3_lora_sft.yaml": None,
     "extras/qoft/llama3_oft_sft_awq.yaml": ("finetuning_type",),
     "extras/qoft/llama3_oft_sft_bnb_npu.yaml": ("finetuning_type", "quantization_bit"),
     "extras/qoft/llama3_oft_sft_gptq.yaml": ("finetuning_type",),

@@ -249,9 +249,8 @@ MAPS: list[tuple[dict[str, object], dict[str, object]]] = [
 REFUSALS: list[tuple[dict[str, object], str]] = [
     ({"flash_attn": "fa3"}, r"flash_attn='fa3': raylm supports flash_attention_2 only"),
     ({"flash_attn": "xformers"}, r"flash_attn='xformers': expected auto, sdpa, disabled or fa2"),
-    ({"pissa_init": True, "pissa_convert": True},
-     r"pissa_convert=True: needs PiSSA-to-LoRA conversion at export, not built yet; serve "
-     r"final/merged"),
+    ({"pissa_convert": True}, r"pissa_convert=True converts a PiSSA adapter: it needs "
+     r"pissa_init: true"),
     ({"adapter_name_or_path": "a, b"}, r"adapter_name_or_path='a, b': .*merge the adapters "
      r"into the base first"),
     ({"adapter_name_or_path": "a", "create_new_adapter": True},

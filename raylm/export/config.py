@@ -46,6 +46,9 @@ QUANT_METHODS = (
     "none",
     "gguf",
     "int8_dynamic",
+    "gptq",
+    "awq",
+    "w8a8",
 )
 """Each method with its quantizer in ``raylm.export.quantize.QUANTIZERS``."""
 
@@ -82,6 +85,11 @@ class QuantizeConfig:
         choice("quantize.method", self.method, QUANT_METHODS)
         positive("quantize.nsamples", self.nsamples)
         positive("quantize.max_length", self.max_length)
+        if self.method in ("gptq", "awq", "w8a8") and not self.dataset:
+            raise ConfigError(f"quantize.method={self.method} needs quantize.dataset (calibration)")
+        bits = {"gptq": (2, 3, 4, 8), "awq": (4,)}.get(self.method)  # llmcompressor's
+        if bits and self.bits not in bits:
+            raise ConfigError(f"quantize.bits={self.bits}: {self.method} takes {list(bits)}")
 
 
 @dataclass

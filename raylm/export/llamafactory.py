@@ -4,6 +4,9 @@ YAMLs (examples/merge_lora) read as the export job's config, every key with a fa
 LLaMA-Factory merges in memory and saves with ``export_size`` GB shards; raylm merges
 the base's own shards one at a time (``raylm.export.merge``), so the shard layout is the
 base's and ``export_size`` / ``export_device`` change nothing (said in a warning).
+``export_quantization_bit`` (with its dataset / nsamples / maxlen) asks for a GPTQ copy:
+LLaMA-Factory runs optimum's GPTQ (auto-gptq), raylm llmcompressor's ``GPTQModifier``
+(``quantize.method=gptq``, written to ``export_dir/quantized``; ``raylm.export.llmc``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ MAPPED = {
     "template": "template",
     "trust_remote_code": "trust_remote_code",
     "export_dir": "output_dir",
+    # LLaMA-Factory quantizes with GPTQ through optimum / auto-gptq; raylm runs
+    # llmcompressor's GPTQModifier (W{bit}A16, group 128) in its own venv (raylm.export.llmc)
+    "export_quantization_bit": "quantize.bits",
+    "export_quantization_dataset": "quantize.dataset",
+    "export_quantization_nsamples": "quantize.nsamples",
+    "export_quantization_maxlen": "quantize.max_length",
 }
 NOOP = {
     "export_size": "raylm keeps the base's shard layout: each shard is merged in place",
@@ -34,11 +43,6 @@ NOOP = {
 REFUSED = {
     "export_legacy_format": "raylm writes safetensors only (set it to false)",
     "export_hub_model_id": "raylm does not push to the hub: upload the export dir yourself",
-    "export_quantization_bit": "quantized export is not built yet: export the merged model, "
-    "then quantize it with llmcompressor or llama.cpp",
-    "export_quantization_dataset": "only acts with export_quantization_bit",
-    "export_quantization_nsamples": "only acts with export_quantization_bit",
-    "export_quantization_maxlen": "only acts with export_quantization_bit",
     "quantization_bit": "an adapter trained with QLoRA merges into the unquantized base: "
     "drop quantization_bit (LLaMA-Factory refuses merging into a quantized model too)",
 }
@@ -67,7 +71,13 @@ def translate(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     for key, target in MAPPED.items():
         if data.get(key) is not None:
             value = data[key]
-            out[target] = train_lf._csv(value) if key == "adapter_name_or_path" else value
+            value = train_lf._csv(value) if key == "adapter_name_or_path" else value
+            if target.startswith("quantize."):
+                out.setdefault("quantize", {})[target.split(".", 1)[1]] = value
+            else:
+                out[target] = value
+    if data.get("export_quantization_bit") is not None:
+        out["quantize"]["method"] = "gptq"
     for key in sorted(data.keys() & NOOP.keys()):
         log.warning("%s: ignoring LLaMA-Factory key %r: %s", source, key, NOOP[key])
     return out

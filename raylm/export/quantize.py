@@ -19,6 +19,9 @@ from raylm.export.config import ExportJobConfig
 QUANTIZERS: dict[str, str] = {
     "gguf": "raylm.export.gguf:quantize",
     "int8_dynamic": "raylm.export.int8:quantize",
+    "gptq": "raylm.export.llmc:quantize",
+    "awq": "raylm.export.llmc:quantize",
+    "w8a8": "raylm.export.llmc:quantize",
 }
 """method -> "module:function"; a method listed in ``QUANT_METHODS`` but not here is
 refused when the job starts, naming what is missing."""

@@ -40,9 +40,7 @@ def test_lora_merge_yaml_exports_a_checked_model(tiny_model: Path, tmp_path: Pat
     assert "<|im_start|>" in AutoTokenizer.from_pretrained(out).chat_template
 
 
-def test_full_model_yaml_loads_and_quantized_export_is_refused(
-    tiny_model: Path, tmp_path: Path
-) -> None:
+def test_full_model_and_gptq_yamls_load(tiny_model: Path, tmp_path: Path) -> None:
     full = config.load("export", [_yaml("merge_lora/qwen3_full_sft.yaml", tmp_path,
                                         model_name_or_path=str(tiny_model))])  # fmt: skip
     assert (full.model, full.adapters, full.output_dir) == (
@@ -50,10 +48,26 @@ def test_full_model_yaml_loads_and_quantized_export_is_refused(
         [],
         "saves/qwen3_sft_merged",
     )
-    with pytest.raises(ConfigError) as err:
-        config.load("export", [_yaml("merge_lora/qwen3_gptq.yaml", tmp_path)])
-    assert "export_quantization_bit=4" in str(err.value)
-    assert "export_quantization_dataset" in str(err.value)
+    assert full.quantize.method == "none"
+    # LLaMA-Factory's GPTQ export (optimum / auto-gptq) runs as llmcompressor's GPTQModifier
+    gptq = config.load("export", [_yaml("merge_lora/qwen3_gptq.yaml", tmp_path,
+                                        export_quantization_nsamples=64,
+                                        export_quantization_maxlen=256)])  # fmt: skip
+    q = gptq.quantize
+    assert (q.method, q.bits, q.dataset, q.nsamples, q.max_length) == (
+        "gptq",
+        4,
+        "data/c4_demo.jsonl",
+        64,
+        256,
+    )
+    assert (gptq.output_dir, gptq.template) == ("saves/qwen3_gptq", "qwen3_nothink")
+    with pytest.raises(ConfigError, match=r"quantize.bits=5: gptq takes \[2, 3, 4, 8\]"):
+        config.load("export", [_yaml("merge_lora/qwen3_gptq.yaml", tmp_path,
+                                     export_quantization_bit=5)])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"needs quantize\.dataset"):
+        config.load("export", [_yaml("merge_lora/qwen3_gptq.yaml", tmp_path,
+                                     export_quantization_dataset=None)])  # fmt: skip
 
 
 def test_training_keys_and_typos_are_named(tmp_path: Path) -> None:

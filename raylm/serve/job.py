@@ -10,12 +10,33 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 from raylm import storage
 from raylm.config import ConfigError, resolve_path
 from raylm.job import Job, Result
 from raylm.outputs import ServiceOutput
 from raylm.serve.config import GenerateJobConfig, ServeJobConfig
+
+log = logging.getLogger(__name__)
+
+
+def with_adapters_template(cfg: ServeJobConfig) -> ServeJobConfig:
+    """Serve named adapters with the chat template they were trained with (``lora``'s
+    ``adapters_chat_template``) unless ``engine.extra.chat_template`` says otherwise."""
+    from raylm.serve.lora import adapters_chat_template
+
+    if not cfg.lora.adapters or "chat_template" in cfg.engine.extra:
+        return cfg
+    template = adapters_chat_template(cfg.model.path, cfg.lora.adapters)
+    if template is None:
+        return cfg
+    log.info(
+        "serving with the chat template lora.adapters %s were trained with",
+        sorted(cfg.lora.adapters),
+    )
+    extra = {**cfg.engine.extra, "chat_template": template}
+    return dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, extra=extra))
 
 
 class ServeJob(Job[ServeJobConfig]):
@@ -36,7 +57,7 @@ class ServeJob(Job[ServeJobConfig]):
         cfg = dataclasses.replace(cfg, model=model, lora=lora)
         check_model_dir(cfg.model.path)
         lora_locations(cfg)
-        return cfg
+        return with_adapters_template(cfg)
 
     def inputs(self, cfg: ServeJobConfig) -> list[str]:
         return [cfg.model.path, *cfg.lora.adapters.values()]

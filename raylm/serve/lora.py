@@ -78,3 +78,37 @@ def local_adapter(name: str, adapters_dir: str | None, adapters: dict[str, str])
     node's cache once per version), or None if there is no such adapter."""
     path = resolve_adapter(name, adapters_dir, adapters)
     return storage.local_dir(path, key=f"LoRA adapter {name!r}") if path else None
+
+
+def saved_chat_template(path: str) -> str | None:
+    """The chat template saved with a tokenizer in ``path`` (a directory or bucket prefix):
+    ``chat_template.jinja``, else ``tokenizer_config.json``'s; None when it has none."""
+    import json
+
+    jinja = storage.join(path, "chat_template.jinja")
+    if storage.exists(jinja):
+        return storage.read_text(jinja)
+    config = storage.join(path, "tokenizer_config.json")
+    if storage.exists(config):
+        template = json.loads(storage.read_text(config)).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
+def adapters_chat_template(base: str, adapters: dict[str, str]) -> str | None:
+    """The template the named adapters were trained with, when the base renders chats
+    otherwise: vLLM renders every request with one template (the base tokenizer's), so
+    an adapter trained with a named template (``model.template``) would be served with
+    the base's, or none. Adapters that disagree among themselves cannot share a server."""
+    found = {name: saved_chat_template(path) for name, path in adapters.items()}
+    distinct = {t for t in found.values() if t}
+    if len(distinct) > 1:
+        from raylm.config import ConfigError
+
+        raise ConfigError(
+            f"lora.adapters {sorted(found)} were trained with different chat templates, and "
+            "one server renders every request with one: serve them from separate apps, or "
+            "set engine.extra.chat_template to the one to use"
+        )
+    template = next(iter(distinct), None)
+    return template if template and template != saved_chat_template(base) else None

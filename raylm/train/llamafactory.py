@@ -121,8 +121,7 @@ def _special(data: dict[str, Any], out: dict[str, Any], source: str, refused: bo
     """Keys whose fate depends on their value; returns the refusals (``refused``: some
     key was refused already, so a missing dataset needs no mention)."""
     refusals: list[str] = []
-    checks = (_stage, _values, _precision, _quantization, _attention, _knobs, _ray, _resume)
-    checks += (_loss,)
+    checks = (_stage, _values, _precision, _quantization, _attention, _knobs, _ray, _resume, _loss)
     for check in checks:
         refusals += check(data, out)
     _data(data, out, refusals, refused)
@@ -298,14 +297,12 @@ def _knobs(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
 
 
 def _loss(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
-    """``use_dft_loss`` / ``use_eaft_loss`` / ``use_asft_loss``: ``loss.type`` (LLaMA-
-    Factory's SFT trainer reads them; its other stages ignore them)."""
+    """``use_{dft,eaft,asft}_loss``: ``loss.type`` (LLaMA-Factory's SFT trainer reads them)."""
     on = [k for k in ("dft", "eaft", "asft") if _bool(data.get(f"use_{k}_loss"))]
-    if not on:
-        return []
-    if len(on) > 1 or str(data.get("stage", "sft")) != "sft":
+    if len(on) > 1 or (on and str(data.get("stage", "sft")) != "sft"):
         return [f"use_{'_loss, use_'.join(on)}_loss: one SFT loss variant, with stage sft"]
-    _set(out, "loss.type", on[0])
+    if on:
+        _set(out, "loss.type", on[0])
     return []
 
 

@@ -73,9 +73,9 @@ def stop_at_template(template: str | None, tok: Any, generation_config: Any) -> 
 
 
 def require_chat_template(tok: Any, stage: str, key: str) -> None:
-    """sft / dpo render conversations: a base tokenizer without a template cannot, so
+    """sft / dpo / kto render conversations: a base tokenizer without a template cannot, so
     fail before any record is read, naming the config key that fixes it."""
-    if stage in ("sft", "dpo") and not getattr(tok, "chat_template", None):
+    if stage in ("sft", "dpo", "kto") and not getattr(tok, "chat_template", None):
         raise ConfigError(
             f"stage {stage} renders conversations with a chat template, but the tokenizer "
             f"{getattr(tok, 'name_or_path', '')!r} has none (a base model?): set {key} to a "

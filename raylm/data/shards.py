@@ -44,7 +44,7 @@ def check_tokenizer(cfg: DataJobConfig, kind: str) -> None:
     ``tokenize.template`` fails naming the key (call it as soon as the kind is known)."""
     if cfg.tokenize.enabled and cfg.tokenize.tokenizer:
         tok = _tokenizer(resolve_model(cfg.tokenize.tokenizer), cfg.tokenize.template)
-        require_chat_template(tok, "sft" if kind == "kto" else kind, "tokenize.template")
+        require_chat_template(tok, kind, "tokenize.template")
 
 
 def tokenize_batch(cfg: DataJobConfig):

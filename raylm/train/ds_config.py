@@ -30,6 +30,8 @@ def deepspeed_config(cfg: TrainJobConfig, world_size: int) -> dict[str, Any]:
     if ds.stage == 3:
         # Full weights can be gathered for final/ without a separate conversion script.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if t.optimizer == "muon":  # DeepSpeed's ZeRO-3 refuses Muon with reduce-scatter
+        zero["reduce_scatter"] = False
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
     if ds.offload_params:

@@ -103,8 +103,16 @@ class _Loop:
         else:
             model = load_model(cfg, partitioned)
         # simpo/orpo score the policy alone: no reference model, no precomputed columns.
-        needs_ref = (cfg.stage == "dpo" and cfg.dpo.needs_reference) or cfg.stage == "kto"
-        self.precomputed_ref = needs_ref and self.stream.plan.has_columns(REF_COLUMNS)
+        needs_ref = (
+            (cfg.stage == "dpo" and cfg.dpo.needs_reference)
+            or cfg.stage == "kto"
+            or cfg.loss.type == "asft"  # ASFT's KL to the reference (raylm.train.objectives)
+        )
+        # Precomputed sequence log-probs serve DPO/KTO only, not ASFT's per-token KL.
+        precomputable = cfg.stage in ("dpo", "kto")
+        self.precomputed_ref = (
+            needs_ref and precomputable and self.stream.plan.has_columns(REF_COLUMNS)
+        )
         self.ref = None
         if needs_ref and not self.precomputed_ref and cfg.finetuning_type in ("full", "freeze"):
             self.ref = load_reference(cfg)
@@ -223,7 +231,7 @@ class _Loop:
             return loss, n_tok
         if self.cfg.stage != "dpo":
             batch = obj.collate(rows, "", pad)
-            loss, _ = obj.lm_loss(self.engine, batch)
+            loss, _ = obj.lm_loss(self.engine, batch, self.cfg.loss, self.ref)
             return loss, int(batch["attention_mask"].sum())
         batch = obj.pair_batch(rows, pad)
         policy = pref.pair_logps(self.engine, batch)

@@ -15,8 +15,8 @@ import logging
 from typing import Any
 
 from raylm.config import ConfigError
-from raylm.train import llamafactory as train_lf
 from raylm.train import llamafactory_keys as train_keys
+from raylm.train.llamafactory_values import csv_list, hint
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def is_llamafactory(data: dict[str, Any]) -> bool:
 def translate(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """The export job's keys; unknown and refused keys are named together."""
     every = [*MAPPED, *NOOP, *REFUSED, *train_keys.known()]
-    unknown = [train_lf._hint(k, every) for k in sorted(data) if k not in set(every)]
+    unknown = [hint(k, every) for k in sorted(data) if k not in set(every)]
     foreign = sorted(k for k in data if k not in set(MAPPED) | set(NOOP) | set(REFUSED))
     problems = [f"{k}={v!r}: {REFUSED[k]}" for k, v in data.items()
                 if k in REFUSED and DEFAULTS.get(k) != v and v is not None]  # fmt: skip
@@ -71,7 +71,7 @@ def translate(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     for key, target in MAPPED.items():
         if data.get(key) is not None:
             value = data[key]
-            value = train_lf._csv(value) if key == "adapter_name_or_path" else value
+            value = csv_list(value) if key == "adapter_name_or_path" else value
             if target.startswith("quantize."):
                 out.setdefault("quantize", {})[target.split(".", 1)[1]] = value
             else:

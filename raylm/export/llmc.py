@@ -240,6 +240,7 @@ def quantize(cfg: ExportJobConfig, merged: Path, out: Path) -> dict[str, Any]:
         "method": q.method,
         "scheme": SCHEMES[q.method].format(bits=q.bits),
         "format": "compressed-tensors",
+        "hf_model_dir": True,  # transformers and vLLM load it (CPU vLLM: bfloat16 only)
         "files": files,
         "bytes": size,
         "merged_bytes": sum(merged_files.values()),

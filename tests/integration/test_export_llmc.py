@@ -37,6 +37,7 @@ def llmc_env() -> Path:
 
 def _check_figures(fig: dict, method: str, out: Path) -> None:
     assert fig["method"] == method and fig["format"] == "compressed-tensors"
+    assert fig["hf_model_dir"] is True
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == FORMATS[method]
     assert "model.safetensors" in fig["files"] and "tokenizer.json" in fig["files"]

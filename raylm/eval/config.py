@@ -8,7 +8,12 @@ from omegaconf import MISSING
 
 from raylm.config import ConfigError, RayConfig, choice, positive
 from raylm.engine import EngineConfig
-from raylm.eval.config_scoring import BenchmarkConfig, JudgeConfig, LmEvalConfig
+from raylm.eval.config_scoring import (
+    BenchmarkConfig,
+    ContaminationConfig,
+    JudgeConfig,
+    LmEvalConfig,
+)
 
 METRICS = ("perplexity", "exact_match", "contains", "rouge_l", "bleu", "length_compliance")
 """Every metric the eval job knows; perplexity needs ``data.perplexity_path``, the rest
@@ -191,9 +196,19 @@ class GateConfig:
     half; the CI's lower bound with ``use_ci_bound``); needs ``judge.base_url``. None: not
     checked."""
 
+    max_contamination_rate: float | None = None
+    """Highest accepted share (0-1) of contaminated examples in any eval set (per set, by
+    ``contamination``'s n-gram overlap; 0: none may overlap); needs
+    ``contamination.enabled``. A failure names the set and its first overlapping examples
+    with the training record they match. None: not checked."""
+
     def __post_init__(self) -> None:
         if self.max_perplexity is not None:
             positive("gate.max_perplexity", self.max_perplexity)
+        if self.max_contamination_rate is not None and not 0 <= self.max_contamination_rate <= 1:
+            raise ConfigError(
+                f"gate.max_contamination_rate={self.max_contamination_rate} must be in [0, 1]"
+            )
         if self.min_judge_win_rate is not None and not 0.0 <= self.min_judge_win_rate <= 1.0:
             raise ConfigError(
                 f"gate.min_judge_win_rate={self.min_judge_win_rate} must be in [0, 1]"
@@ -289,6 +304,9 @@ class EvalJobConfig:
     lm_eval: LmEvalConfig | None = None
     """If set, also run lm-evaluation-harness on the multiple-choice benchmarks."""
 
+    contamination: ContaminationConfig = field(default_factory=ContaminationConfig)
+    """n-gram overlap of the eval sets with the training data (off unless enabled)."""
+
     def __post_init__(self) -> None:
         if not self.metrics and not self.benchmarks:
             raise ConfigError(f"metrics must name at least one of {list(METRICS)}")
@@ -316,6 +334,8 @@ class EvalJobConfig:
                 raise ConfigError(f"gate.{rule} needs base_model to be set")
         if self.gate.min_judge_win_rate is not None and not self.judge.base_url:
             raise ConfigError("gate.min_judge_win_rate needs judge.base_url (the judge's endpoint)")
+        if self.gate.max_contamination_rate is not None and not self.contamination.enabled:
+            raise ConfigError("gate.max_contamination_rate needs contamination.enabled=true")
         if self.judge.base_url and not self.base_model:
             raise ConfigError("judge.base_url judges against base_model, which is not set")
         if self.judge.base_url and not any(m in GENERATION_METRICS for m in self.metrics):

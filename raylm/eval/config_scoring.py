@@ -161,3 +161,43 @@ class LmEvalConfig:
 
     def __post_init__(self) -> None:
         positive("lm_eval.batch_size", self.batch_size)
+
+
+@dataclass
+class ContaminationConfig:
+    """n-gram overlap between every eval set and the training data (``raylm.eval.
+    contamination``); per-set rates go into eval.json's ``contamination`` and
+    ``gate.max_contamination_rate`` can hold a model back on them."""
+
+    enabled: bool = False
+    """Scan the eval sets (records, benchmarks, perplexity documents) against the
+    training data before the gate."""
+
+    train_data: list[str] = field(default_factory=list)
+    """Training data to scan: files, dirs, ``dataset_info.json[#a,b]`` registries, a data
+    job's output dir or a train run dir (local or bucket URIs). Empty: the evaluated
+    model's lineage, i.e. the train run whose manifest records ``model`` as its output
+    (in ``model`` or a dir above it), its data input, and through a data job's manifest
+    the raw files it read (its shards when they are untokenized)."""
+
+    ngram: int = 13
+    """n-gram length in tokens: words, and one token per CJK character (the metrics'
+    tokenisation, ``raylm.eval.text``). 13 as in GPT-3's and LLaMA's decontamination."""
+
+    min_overlap: float = 0.5
+    """Share of an example's n-grams found in the training data at or above which it is
+    contaminated; 0: any shared n-gram (GPT-3's rule), 1: only whole copies."""
+
+    min_tokens: int = 8
+    """Examples shorter than ``ngram`` are matched whole (one n-gram of their own length);
+    those shorter than this are not checked (``unchecked``; 8 is GPT-3's smallest n)."""
+
+    def __post_init__(self) -> None:
+        positive("contamination.ngram", self.ngram)
+        positive("contamination.min_tokens", self.min_tokens)
+        if not 0.0 <= self.min_overlap <= 1.0:
+            raise ConfigError(f"contamination.min_overlap={self.min_overlap} must be in [0, 1]")
+        if self.min_tokens > self.ngram:
+            raise ConfigError(
+                f"contamination.min_tokens={self.min_tokens} must be <= ngram={self.ngram}"
+            )

@@ -18,7 +18,7 @@ class Check:
 
     name: str
     """min_metric, max_metric, max_perplexity, require_improvement_over_base,
-    non_inferior_to_base or min_judge_win_rate."""
+    non_inferior_to_base, min_judge_win_rate or max_contamination_rate."""
     metric: str
     value: float | None
     threshold: float
@@ -55,6 +55,8 @@ def gate(results: dict[str, Any], cfg: GateConfig) -> Verdict:
         checks.append(_non_inferior(results, cfg))
     if cfg.min_judge_win_rate is not None:
         checks.append(_judge(results, cfg.min_judge_win_rate, cfg.use_ci_bound))
+    if cfg.max_contamination_rate is not None:
+        checks += _contamination(results, cfg.max_contamination_rate)
     if not checks:
         return Verdict(True, ["no gate thresholds configured: passed by default"], [])
     ordered = sorted(checks, key=lambda c: c.passed)
@@ -152,3 +154,37 @@ def _judge(results: dict, threshold: float, use_ci: bool) -> Check:
     )
     msg = f"{'ok' if ok else 'FAILED'} {name}: {label} = {_fmt(value)} {'>=' if ok else '<'} min {threshold:g} {detail}"
     return Check(name, metric, value, threshold, ok, msg)
+
+
+SHOWN_EXAMPLES = 3
+"""Overlapping examples a failed contamination check names."""
+
+
+def _contamination(results: dict, threshold: float) -> list[Check]:
+    """One check per eval set: its share of examples overlapping the training data
+    (``results["contamination"]``, raylm.eval.contamination) at most ``threshold``."""
+    name = "max_contamination_rate"
+    sets = (results.get("contamination") or {}).get("sets")
+    if sets is None:
+        msg = (
+            f"FAILED {name}: no contamination scan in the results (contamination.enabled), "
+            f"so it cannot be checked against {threshold:g}"
+        )
+        return [Check(name, "contamination", None, threshold, False, msg)]
+    checks = []
+    for set_name, s in sets.items():
+        rate = s["rate"]
+        ok = rate <= threshold
+        head = (
+            f"{'ok' if ok else 'FAILED'} {name}: eval set {set_name!r} has "
+            f"{s['n_contaminated']}/{s['n']} examples overlapping the training data "
+            f"(rate {rate:.4g} {'<=' if ok else '>'} max {threshold:g})"
+        )
+        shown = [
+            f"{b['id']} ({b['overlap']:.0%} of its n-grams, from {b['source']}): {b['snippet']!r}"
+            for b in s["contaminated"][:SHOWN_EXAMPLES]
+        ]
+        more = s["n_contaminated"] - len(shown)
+        tail = f"; {'; '.join(shown)}" + (f"; and {more} more" if more > 0 else "") if shown else ""
+        checks.append(Check(name, f"contamination/{set_name}", rate, threshold, ok, head + tail))
+    return checks

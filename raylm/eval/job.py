@@ -32,9 +32,12 @@ class EvalJob(Job[EvalJobConfig]):
         return cfg
 
     def inputs(self, cfg: EvalJobConfig) -> list[str]:
-        """The models and every data file scored, benchmarks included (lineage hashes them)."""
+        """The models and every data file scored, benchmarks included, and the training
+        files the contamination scan read (lineage hashes them)."""
         paths = [cfg.model, cfg.base_model, cfg.data.eval_path, cfg.data.perplexity_path]
-        return [p for p in [*paths, *(b.path for b in cfg.benchmarks)] if p]
+        train = getattr(getattr(self, "prepared", None), "train_sources", None) or []
+        paths += [*(b.path for b in cfg.benchmarks), *(s.path for s in train)]
+        return [p for p in dict.fromkeys(paths) if p]
 
     def run(self, cfg: EvalJobConfig, out_dir: str) -> Result:
         from raylm.eval.run import report_markdown, run_eval, write_outputs

@@ -21,7 +21,7 @@ from raylm.eval.config import GENERATION_METRICS, EvalJobConfig
 from raylm.eval.gate import gate
 from raylm.eval.metrics import example_scores, generation_stats
 from raylm.eval.model import ModelInfo, describe_model
-from raylm.eval.records import EvalRecord, load_eval_records, load_texts
+from raylm.eval.records import EvalDataError, EvalRecord, load_eval_records, load_texts
 
 
 def evaluate_model(
@@ -115,6 +115,8 @@ class EvalInputs:
     """"model" and, when comparing, "base_model"."""
     benchmarks: dict[str, Any] | None = None
     """Each configured benchmark's examples, by name (``raylm.eval.benchmarks``)."""
+    train_sources: list[Any] | None = None
+    """The training files ``contamination`` scans (``raylm.eval.contamination``)."""
 
 
 def prepare(cfg: EvalJobConfig) -> EvalInputs:
@@ -133,7 +135,19 @@ def prepare(cfg: EvalJobConfig) -> EvalInputs:
         models["base_model"] = describe_model(cfg.base_model, key="base_model")
     from raylm.eval.benchmarks import load_benchmarks
 
-    return EvalInputs(records, docs, models, load_benchmarks(cfg) if cfg.benchmarks else None)
+    train = None
+    if cfg.contamination.enabled:  # found now: no training data fails before Ray starts
+        from raylm.eval.contamination import find_sources
+
+        train = find_sources(cfg.model, cfg.contamination.train_data)
+        if not train:
+            raise EvalDataError(
+                f"contamination.enabled, but no training data is named: no succeeded train "
+                f"run's manifest records model={cfg.model} as its output; set "
+                "contamination.train_data"
+            )
+    benchmarks = load_benchmarks(cfg) if cfg.benchmarks else None
+    return EvalInputs(records, docs, models, benchmarks, train)
 
 
 def run_eval(cfg: EvalJobConfig, inputs: EvalInputs) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -160,13 +174,20 @@ def run_eval(cfg: EvalJobConfig, inputs: EvalInputs) -> tuple[dict[str, Any], li
         lm_eval_ref = lm_eval_task.options(name="raylm-eval:lm_eval").remote(
             inputs.models["model"], cfg, inputs.benchmarks
         )
+    contamination = None
+    if inputs.train_sources:  # in the driver, while the models are scored
+        from raylm.eval.contamination import eval_sets, scan
+
+        c = cfg.contamination
+        sets = eval_sets(inputs.records, inputs.docs, inputs.benchmarks)
+        contamination = scan(sets, inputs.train_sources, c.ngram, c.min_overlap, c.min_tokens)
     outs = dict(zip(refs, ray.get(list(refs.values())), strict=True))
     judged = None
     if cfg.judge.base_url:  # in the driver, once both models' answers exist
         from raylm.eval.judge import judge_answers
 
         judged = judge_answers(cfg, inputs.records, outs)
-    results = summarize(cfg, outs, inputs.records, inputs.docs, judged)
+    results = summarize(cfg, outs, inputs.records, inputs.docs, judged, contamination)
     if lm_eval_ref is not None:
         from raylm.eval.benchmarks.lm_eval_run import with_agreement
 
@@ -180,6 +201,7 @@ def summarize(
     records: list[EvalRecord],
     docs: list[Any],
     judge: dict[str, Any] | None = None,
+    contamination: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from raylm.eval.benchmarks import metric_of, summarize_benchmarks
 
@@ -216,6 +238,7 @@ def summarize(
         "seconds": {role: out["seconds"] for role, out in outs.items()},
         "benchmarks": summarize_benchmarks(cfg, outs) if cfg.benchmarks else None,
         "judge": judge,
+        "contamination": contamination,
     }
     results["gate"] = gate(results, cfg.gate).to_dict()
     return results

@@ -95,9 +95,18 @@ def stop_on_nonfinite(run_dir: str) -> Iterator[None]:
     except Exception as failed:
         err = failed
     if storage.exists(marker):
-        raise NonFiniteError(json.loads(storage.read_text(marker))["message"]) from err
+        record = json.loads(storage.read_text(marker))
+        kind = ConfigError if record.get("kind") == "config" else NonFiniteError
+        raise kind(record["message"]) from err
     if err is not None:
         raise err
+
+
+def record_config_error(run_dir: str, err: ConfigError) -> None:
+    """A worker found a bad setting (deterministic, like a non-finite step): record it so
+    Ray Train's retry ends at once and the driver raises it as the ConfigError it is."""
+    marker = {"kind": "config", "message": str(err), "time": time.time()}
+    storage.write_text(storage.join(run_dir, STOP_FILE), json.dumps(marker))
 
 
 def stopped(run_dir: str) -> bool:

@@ -41,7 +41,7 @@ def train_loop(config: dict[str, Any]) -> None:
     """Entry point Ray Train runs on every worker."""
     cfg: TrainJobConfig = config["cfg"]
     if sinks.stopped(config["run_dir"]):
-        return  # an earlier attempt stopped on a non-finite step: end, no retry (sinks.py)
+        return  # an earlier attempt stopped (a non-finite step, a bad setting): no retry
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
     import ray.train
     import torch
@@ -51,7 +51,12 @@ def train_loop(config: dict[str, Any]) -> None:
     state.fault = config.get("fault")
     state.sink_env = config.get("sinks", {})
     torch.manual_seed(cfg.train.seed)
-    state.setup(ray.train.get_dataset_shard("train"))
+    try:
+        state.setup(ray.train.get_dataset_shard("train"))
+    except ConfigError as err:  # the same on every retry: recorded, then no retries
+        if state.rank == 0:
+            sinks.record_config_error(config["run_dir"], err)
+        raise
     state.resume()
     state.run()
     state.export()

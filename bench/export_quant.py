@@ -80,7 +80,7 @@ def train(model_dir: Path, steps: int, seq: int = 128, batch: int = 8) -> float:
         opt.step()
         opt.zero_grad()
     model.save_pretrained(model_dir)
-    return float(loss)
+    return loss.detach().item()
 
 
 def main() -> None:

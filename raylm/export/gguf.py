@@ -437,6 +437,7 @@ def quantize(cfg: ExportJobConfig, merged: Path, out: Path) -> dict[str, Any]:
     (out / "Modelfile").write_text(modelfile(merged, served))
     return {
         "method": "gguf",
+        "hf_model_dir": False,  # llama.cpp / ollama run it; vLLM, eval and serve cannot
         "files": files,
         "modelfile": "Modelfile",
         "modelfile_from": served,

@@ -104,6 +104,7 @@ def quantize(cfg: ExportJobConfig, merged: Path, out: Path) -> dict[str, Any]:
     ppl = perplexity(loaded, tok, docs, cfg.quantize.max_length)
     return {
         "method": "int8_dynamic",
+        "hf_model_dir": False,  # load_int8 in a PyTorch process; vLLM, eval and serve cannot
         "files": [
             {
                 "type": "int8_dynamic",

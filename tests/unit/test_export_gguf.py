@@ -53,6 +53,7 @@ def test_export_job_writes_gguf_files_modelfile_and_figures(tiny_model: Path, tm
     cfg = config.load("export", [], over)
     figures = export_model(cfg, resolve_sources(cfg), str(out))["quantize"]
     assert figures == json.loads((out / CHECK_FILE).read_text())["quantize"]
+    assert figures["hf_model_dir"] is False  # not for vLLM / eval / serve
     files = {f["type"]: f for f in figures["files"]}
     assert list(files) == ["f16", "q4_0"]
     for t, f in files.items():

@@ -61,6 +61,7 @@ def test_int8_figures(exported) -> None:
     assert figures == json.loads((out / CHECK_FILE).read_text())["quantize"]
     (f,) = figures["files"]
     assert f["type"] == "int8_dynamic" and f["seconds"] > 0
+    assert figures["hf_model_dir"] is False
     assert f["bytes"] == (out / "quantized" / STATE_FILE).stat().st_size
     assert f["bytes"] < 0.45 * figures["merged_bytes"]  # int8 Linears; embeddings float32
     assert 1 < figures["merged_perplexity"] < 1e4

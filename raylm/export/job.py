@@ -133,20 +133,37 @@ class ExportJob(Job[ExportJobConfig]):
 
         task = ray.remote(num_cpus=cfg.num_cpus)(export_model)
         figures = ray.get(task.options(name="raylm-export").remote(cfg, self.sources, out))
-        worst = max((r["merged_vs_reference"] for r in figures.get("check", {}).get("prompts", [])),
-                    default=None)  # fmt: skip
-        print(f"export: {len(self.sources.adapters)} adapter(s) into {self.sources.base} -> {out}"
-              + (f"; check passed (worst relative logit diff {worst:.2g})" if worst is not None else ""))  # fmt: skip
-        trained = self.sources.trained
-        output = ModelOutput(
-            path=out,
-            adapter=False,
-            base_model=self.sources.base,
-            tokenizer=out,
-            cutoff_len=trained.cutoff_len if trained else 0,
-            stage=trained.stage if trained else "pretrained",
+        checked = figures.get("check", {}).get("prompts", [])
+        worst = max((r["merged_vs_reference"] for r in checked), default=None)
+        passed = f"; check passed (worst relative logit diff {worst:.2g})" if checked else ""
+        print(
+            f"export: {len(self.sources.adapters)} adapter(s) into {self.sources.base} -> {out}{passed}"
         )
         metrics = {"merged_weights": figures.get("merged_weights", 0)}
         if worst is not None:
             metrics["check_worst_relative_diff"] = worst
-        return Result({"model": out, "check": storage.join(out, CHECK_FILE)}, metrics, output)
+        outputs = {"model": out, "check": storage.join(out, CHECK_FILE)}
+        quantized = figures.get("quantize") or {}
+        if quantized:
+            outputs["quantized"] = storage.join(out, "quantized")
+            metrics |= {
+                f"quantized_{k}": v for k, v in quantized.items() if k.endswith("perplexity")
+            }
+        return Result(outputs, metrics, self._output(out, quantized))
+
+    def _output(self, out: str, quantized: dict[str, Any]) -> ModelOutput:
+        """What the next stage takes: the quantized copy when engines load it as a model
+        directory (``hf_model_dir``: llmcompressor's formats), compared by the pipeline's
+        export_eval with the merged model (``source``); else the merged model."""
+        trained = self.sources.trained
+        servable = bool(quantized.get("hf_model_dir"))
+        path = storage.join(out, "quantized") if servable else out
+        return ModelOutput(
+            path=path,
+            adapter=False,
+            base_model=self.sources.base,
+            tokenizer=path,
+            cutoff_len=trained.cutoff_len if trained else 0,
+            stage=trained.stage if trained else "pretrained",
+            source=out if servable else None,
+        )

@@ -119,3 +119,15 @@ def test_bad_inputs_fail_at_setup(tiny_model: Path, tmp_path: Path) -> None:
         resolve_sources(_cfg(tiny_model, [tmp_path], tmp_path / "out"))
     with pytest.raises(ConfigError, match="template"):
         _cfg(tiny_model, [], tmp_path / "out", "template=chatmll")
+
+
+def test_a_servable_quantized_copy_is_what_the_next_stage_takes(tmp_path: Path) -> None:
+    from raylm.export.job import ExportJob, Sources
+
+    job = ExportJob()
+    job.sources = Sources(base="/base", adapters=[], tokenizer="/base", trained=None)
+    out = str(tmp_path / "export")
+    llmc = job._output(out, {"method": "gptq", "hf_model_dir": True})
+    assert (llmc.path, llmc.source) == (f"{out}/quantized", out)  # export_eval compares them
+    gguf = job._output(out, {"method": "gguf", "hf_model_dir": False})
+    assert (gguf.path, gguf.source) == (out, None)  # engines serve the merged model

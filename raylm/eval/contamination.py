@@ -36,6 +36,7 @@ training record); one shorter than ``min_tokens`` is not checked and counted as
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import time
@@ -230,10 +231,10 @@ def _files(path: str) -> list[str]:
 # ---- reading training text, streamed --------------------------------------------------
 
 
-def _open(path: str) -> Any:
+def _open(path: str, random_access: bool = False) -> Any:
     if storage.is_remote(path):
         fs, inner = storage.filesystem(path)
-        return fs.open_input_stream(inner)
+        return fs.open_input_file(inner) if random_access else fs.open_input_stream(inner)
     return open(path.removeprefix("file://"), "rb")
 
 
@@ -245,8 +246,8 @@ def iter_documents(src: TrainSource) -> Iterator[tuple[str, str]]:
     if kind == "parquet":
         import pyarrow.parquet as pq
 
-        with _open(src.path) as f:
-            pf = pq.ParquetFile(f if not storage.is_remote(src.path) else io.BytesIO(f.read()))
+        with _open(src.path, random_access=True) as f:  # footer, then one batch at a time
+            pf = pq.ParquetFile(f)
             row = 0
             for batch in pf.iter_batches(batch_size=1024):
                 for rec in batch.to_pylist():
@@ -385,9 +386,10 @@ class NgramIndex:
         for k, table in self.grams.items():
             self._sorted[k] = np.array(sorted(table), dtype=np.uint64)
         n_docs, buf, starts, locs, size = 0, [], [], [], 0
+        get, zeros = self.vocab.get, itertools.repeat(0)
         for loc, text in docs:
             n_docs += 1
-            ids = [self.vocab.get(t, 0) for t in tokenize(text)]
+            ids = list(map(get, tokenize(text), zeros))
             if not any(ids):
                 continue
             starts.append(size)

@@ -271,3 +271,22 @@ def test_prepare_finds_the_training_data_or_fails_before_ray(tmp_path: Path, tra
     assert str(train) in job.inputs(cfg(final))  # the manifest hashes what was scanned
     with pytest.raises(EvalDataError, match=r"no succeeded train run's manifest .*train_data"):
         prepare(cfg(_base(tmp_path / "other")))
+
+
+def test_training_data_in_a_bucket_is_streamed(s3_bucket: str, tmp_path: Path) -> None:
+    from raylm import storage
+
+    base = storage.join(s3_bucket, "contamination")
+    storage.write_text(
+        f"{base}/train.jsonl", json.dumps({"instruction": EN_Q, "output": EN_A}) + "\n"
+    )
+    local = tmp_path / "zh.parquet"
+    pq.write_table(pa.table({"text": ["无关的句子", f"{ZH_Q}{ZH_A}"]}), local)
+    fs, inner = storage.filesystem(f"{base}/zh.parquet")
+    with fs.open_output_stream(inner) as out:
+        out.write(local.read_bytes())
+    sources = find_sources("unused", [base])
+    assert [s.path for s in sources] == [f"{base}/train.jsonl", f"{base}/zh.parquet"]
+    res = scan({"eval": [("en", f"{EN_Q} {EN_A}"), ("zh", f"{ZH_Q}{ZH_A}")]}, sources)
+    found = {b["id"]: b["source"] for b in res["sets"]["eval"]["contaminated"]}
+    assert found == {"en": f"{base}/train.jsonl:1", "zh": f"{base}/zh.parquet:#1"}

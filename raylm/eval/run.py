@@ -137,7 +137,7 @@ def prepare(cfg: EvalJobConfig) -> EvalInputs:
 
     train = None
     if cfg.contamination.enabled:  # found now: no training data fails before Ray starts
-        from raylm.eval.contamination import find_sources
+        from raylm.eval.train_text import find_sources
 
         train = find_sources(cfg.model, cfg.contamination.train_data)
         if not train:

@@ -17,9 +17,10 @@ from raylm.eval.benchmarks import BenchmarkData
 from raylm.eval.benchmarks.readers import ChoiceItem
 from raylm.eval.config import EvalDataConfig, EvalJobConfig, GateConfig
 from raylm.eval.config_scoring import BenchmarkConfig, ContaminationConfig
-from raylm.eval.contamination import TrainSource, eval_sets, find_sources, scan
+from raylm.eval.contamination import eval_sets, scan
 from raylm.eval.gate import gate
 from raylm.eval.records import EvalRecord
+from raylm.eval.train_text import TrainSource, find_sources
 from raylm.manifest import Manifest
 from raylm.outputs import DatasetOutput, ModelOutput
 

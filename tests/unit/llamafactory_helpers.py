@@ -12,11 +12,11 @@ import yaml
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 LF = ASSETS / "llamafactory"
 
-EXPORT = ("export_device", "export_dir", "export_legacy_format", "export_size")
 # Example YAML (under examples/) -> None if it loads, else the keys it is refused for.
 # (tests/unit/test_llamafactory.py loads each; tests/integration/test_llamafactory_train.py
-# trains each that loads.) "serve" / "generate": an inference or do_predict YAML, which
-# loads as that job (tests/unit/test_llamafactory_infer.py) and which train refuses.
+# trains each that loads.) "serve" / "generate" / "export": an inference, do_predict or
+# merge YAML, which loads as that job (tests/unit/test_llamafactory_infer.py,
+# test_llamafactory_export.py) and which train refuses naming the job.
 PARTITION: dict[str, tuple[str, ...] | str | None] = {
     "extras/adam_mini/qwen2_full_sft.yaml": ("use_adam_mini",),
     "extras/apollo/llama3_full_sft.yaml": ("use_apollo",),
@@ -42,13 +42,9 @@ PARTITION: dict[str, tuple[str, ...] | str | None] = {
     "inference/qwen3.yaml": "serve",  # raylm serve FILE
     "inference/qwen3_full_sft.yaml": "serve",
     "inference/qwen3_lora_sft.yaml": "serve",
-    "merge_lora/qwen3_full_sft.yaml": EXPORT,
-    "merge_lora/qwen3_gptq.yaml": (
-        *EXPORT,
-        "export_quantization_bit",
-        "export_quantization_dataset",
-    ),
-    "merge_lora/qwen3_lora_sft.yaml": EXPORT,
+    "merge_lora/qwen3_full_sft.yaml": "export",  # raylm export FILE
+    "merge_lora/qwen3_gptq.yaml": "export",  # quantize.method=gptq (llmcompressor)
+    "merge_lora/qwen3_lora_sft.yaml": "export",
     "train_full/qwen3_full_sft.yaml": None,
     "train_lora/qwen3_lora_dpo.yaml": None,
     "train_lora/qwen3_lora_kto.yaml": None,

@@ -61,9 +61,12 @@ class EvalDataConfig:
 class GenerationConfig:
     """How answers are generated: greedy, so a rerun gives the same text."""
 
-    engine: str = "hf"
-    """hf (transformers ``generate``, batched) or vllm (vLLM offline ``LLM`` in a subprocess,
-    set up by the job's ``engine`` group)."""
+    engine: str = "vllm"
+    """vllm (vLLM's offline ``LLM`` in a subprocess, batched, its arguments from the job's
+    ``engine`` group through the one builder, ``raylm.engine``) or hf (transformers
+    ``generate``, batched). Log-likelihoods (perplexity, multiple choice) always use
+    transformers. hf is worth choosing only where vLLM's start-up dominates: a tiny model
+    on a CPU, as in the demo and the tests (about a minute to start on 2 cores)."""
 
     max_new_tokens: int = 32
     """Longest answer, in tokens."""

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from raylm.eval.config import BenchmarkConfig, EvalJobConfig, GateConfig, ImprovementConfig
+from raylm.eval.config import (
+    BenchmarkConfig,
+    EvalJobConfig,
+    GateConfig,
+    GenerationConfig,
+    ImprovementConfig,
+)
 from raylm.eval.run import evaluate_model, prepare, summarize
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "benchmarks"
@@ -25,6 +31,7 @@ def test_benchmarks_are_paired_and_gated(tiny_model: Path, tmp_path: Path) -> No
         model=str(tiny_model),
         base_model=str(other),
         metrics=[],
+        generation=GenerationConfig(engine="hf"),
         benchmarks=[
             BenchmarkConfig(name="cmmlu", format="cmmlu", path=str(ASSETS / "cmmlu"), shots=1),
             BenchmarkConfig(

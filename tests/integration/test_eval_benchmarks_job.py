@@ -27,6 +27,7 @@ def test_eval_job_runs_benchmarks(
     conf = {
         "model": str(tiny_model),
         "metrics": [],
+        "generation": {"engine": "hf"},  # the tiny model on CPU: vLLM's start-up would dominate
         "benchmarks": [
             {"name": "mmlu", "format": "mmlu", "path": str(ASSETS / "mmlu"), "shots": 1},
             {"name": "ceval", "format": "ceval", "path": str(ASSETS / "ceval"), "split": "val"},

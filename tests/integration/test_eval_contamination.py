@@ -75,7 +75,7 @@ def _conf(tmp: Path, name: str, model: Path, base: Path, eval_path: Path, url: s
     conf.write_text(
         f"model: {model}\nbase_model: {base}\nmetrics: [exact_match]\n"
         f"data: {{eval_path: {eval_path}}}\n"
-        "generation: {max_new_tokens: 4}\nbootstrap: {resamples: 100}\n"
+        "generation: {engine: hf, max_new_tokens: 4}\nbootstrap: {resamples: 100}\n"
         f"judge: {{base_url: '{url}', model: keyword, max_concurrency: 4}}\n"
         "contamination: {enabled: true}\n"
         "gate: {min_judge_win_rate: 0.5, max_contamination_rate: 0}\n"

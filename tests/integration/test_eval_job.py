@@ -128,7 +128,7 @@ def test_eval_job_on_a_bucket_fails_its_gate_with_exit_code_3(
     conf.write_text(
         f"model: {model}\nmetrics: [perplexity, exact_match]\n"
         f"data: {{perplexity_path: {data['heldout.jsonl']}, eval_path: {data['eval.jsonl']}, "
-        f"max_samples: 3}}\ngeneration: {{max_new_tokens: 4}}\nbootstrap: {{resamples: 100}}\n"
+        f"max_samples: 3}}\ngeneration: {{engine: hf, max_new_tokens: 4}}\nbootstrap: {{resamples: 100}}\n"
         f"gate: {{max_perplexity: 2}}\nfail_on_gate: true\noutput_dir: {out}\n"
     )
     proc = _run_job([], ray_cluster, conf)

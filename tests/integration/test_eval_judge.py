@@ -325,7 +325,7 @@ def _conf(tmp_path: Path, model: Path, base: Path, url: str, out: Path) -> Path:
     conf.write_text(
         f"model: {model}\nbase_model: {base}\nmetrics: [exact_match]\n"
         f"data: {{eval_path: {ROOT / 'raylm/eval/sample/eval.jsonl'}, max_samples: 6}}\n"
-        "generation: {max_new_tokens: 6}\nbootstrap: {resamples: 200}\n"
+        "generation: {engine: hf, max_new_tokens: 6}\nbootstrap: {resamples: 200}\n"
         f"judge: {{base_url: '{url}', model: keyword, max_concurrency: 4}}\n"
         f"gate: {{min_judge_win_rate: 0.6}}\nfail_on_gate: true\noutput_dir: {out}\n"
     )

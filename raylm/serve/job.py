@@ -57,6 +57,12 @@ class ServeJob(Job[ServeJobConfig]):
         cfg = dataclasses.replace(cfg, model=model, lora=lora)
         check_model_dir(cfg.model.path)
         lora_locations(cfg)
+        if not cfg.resources.use_gpu:  # CPU vLLM runs some quantized formats in bf16 only
+            from raylm.export.llmc import cpu_serving_refusal
+
+            refusal = cpu_serving_refusal(cfg.model.path, cfg.engine.dtype)
+            if refusal:
+                raise ConfigError(refusal)
         return with_adapters_template(cfg)
 
     def inputs(self, cfg: ServeJobConfig) -> list[str]:

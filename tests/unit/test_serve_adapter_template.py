@@ -49,3 +49,18 @@ def test_adapters_with_different_templates_are_refused(tiny_model: Path, tmp_pat
     b = _adapter(tiny_model, tmp_path / "b", "default")
     with pytest.raises(ConfigError, match="different chat templates"):
         _setup(tiny_model, f"lora.adapters.a={a}", f"lora.adapters.b={b}")
+
+
+def test_a_quantized_export_cpu_vllm_cannot_run_in_float32_is_refused(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    model = tmp_path / "w8a8"
+    shutil.copytree(tiny_model, model)
+    conf = json.loads((model / "config.json").read_text())
+    conf["quantization_config"] = {"quant_method": "compressed-tensors", "format": "int-quantized"}
+    (model / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ConfigError, match=r"engine\.dtype=bfloat16"):
+        _setup(model, "engine.dtype=float32")
+    assert _setup(model, "engine.dtype=bfloat16").engine.dtype == "bfloat16"

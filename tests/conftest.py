@@ -79,6 +79,10 @@ def ray_connected(ray_cluster: ClusterInfo) -> Iterator[ClusterInfo]:
     """This process joined to the session cluster for one test."""
     import ray
 
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/raylm/torch_extensions")
+    )
+
     ray.init(address=ray_cluster.gcs_address, namespace="raylm-tests", ignore_reinit_error=True)
     try:
         yield ray_cluster

@@ -366,20 +366,11 @@ DEFAULT_EVAL_TEXT = Path(__file__).resolve().parent.parent / "eval" / "sample" /
 
 
 def held_out_docs(path: str | None) -> list[str]:
-    """``quantize.eval_text``: a jsonl with ``text`` per line, or plain text (one document
-    per blank-line-separated paragraph); unset: raylm's sample held-out text."""
-    from raylm import storage
-    from raylm.config import resolve_path
+    """``quantize.eval_text`` (``raylm.export.quantize.read_docs``); unset: raylm's sample
+    held-out text."""
+    from raylm.export.quantize import read_docs
 
-    where = resolve_path(path) if path else str(DEFAULT_EVAL_TEXT)
-    text = storage.read_text(where)
-    if where.endswith((".jsonl", ".json")):
-        docs = [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
-    else:
-        docs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-    if not docs:
-        raise ConfigError(f"quantize.eval_text {where}: no text")
-    return docs
+    return read_docs(path or str(DEFAULT_EVAL_TEXT), "quantize.eval_text")
 
 
 def perplexity(model: Any, tokenizer: Any, docs: list[str], max_length: int = 512) -> float:

@@ -47,6 +47,7 @@ from typing import Any
 
 from raylm.config import ConfigError
 from raylm.export.config import ExportJobConfig
+from raylm.export.quantize import read_docs
 
 REQUIREMENTS = (
     "llmcompressor==0.14.0.1",
@@ -169,26 +170,6 @@ def _run(cmd: list[str], what: str, **kw: Any) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"llmcompressor env: could not {what}:\n{proc.stderr[-3000:]}")
     return proc.stdout
-
-
-def read_docs(path: str, key: str) -> list[str]:
-    """A jsonl with ``text`` per line, or plain text (a document per blank-line paragraph)."""
-    import re
-
-    from raylm import storage
-    from raylm.config import resolve_path
-
-    where = resolve_path(path)
-    if not storage.exists(where):
-        raise ConfigError(f"{key}={path}: no such file")
-    text = storage.read_text(where)
-    if where.endswith((".jsonl", ".json")):
-        docs = [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
-    else:
-        docs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-    if not docs:
-        raise ConfigError(f"{key}={path}: no text")
-    return docs
 
 
 def split_docs(cfg: ExportJobConfig) -> tuple[list[str], list[str]]:

@@ -30,3 +30,25 @@ refused when the job starts, naming what is missing."""
 def quantize(cfg: ExportJobConfig, merged: Path, out: Path) -> dict[str, Any]:
     module, _, name = QUANTIZERS[cfg.quantize.method].partition(":")
     return getattr(importlib.import_module(module), name)(cfg, merged, out)
+
+
+def read_docs(path: str, key: str) -> list[str]:
+    """Text documents for calibration or perplexity (``key`` names the setting in errors):
+    a jsonl with ``text`` per line, or plain text, a document per blank-line paragraph."""
+    import json
+    import re
+
+    from raylm import storage
+    from raylm.config import ConfigError, resolve_path
+
+    where = resolve_path(path)
+    if not storage.exists(where):
+        raise ConfigError(f"{key}={path}: no such file")
+    text = storage.read_text(where)
+    if where.endswith((".jsonl", ".json")):
+        docs = [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+    else:
+        docs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if not docs:
+        raise ConfigError(f"{key}={path}: no text")
+    return docs

@@ -5,7 +5,6 @@ accounted for, and the shards' KL pairs let KTO train at micro batch size 1."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,25 +20,13 @@ ROOT = Path(__file__).resolve().parents[2]
 CUTOFF = 1024  # the tiny BPE tokenizer needs ~4 tokens a word: longer prompts are cut
 
 
-@pytest.fixture(scope="module")
-def connected(ray_cluster):
-    import ray
-
-    os.environ.setdefault(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/raylm/torch_extensions")
-    )
-    ray.init(address=ray_cluster.gcs_address, namespace="raylm-tests", ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
 def _answer(ids: list[int], mask: list[int]) -> list[int]:
     start = next((t for t, m in enumerate(mask) if m), len(mask))
     return ids[start:]
 
 
 @pytest.mark.timeout(300)
-def test_kto_demo_shards_then_kto_training(connected, ray_cluster, tiny_model: Path, tmp_path):
+def test_kto_demo_shards_then_kto_training(ray_connected, ray_cluster, tiny_model: Path, tmp_path):
     out = tmp_path / "kto_data"
     argv = [str(ROOT / "conf/data/sample_kto.yaml"), f"output_dir={out}",
             "tokenize.enabled=true", f"tokenize.tokenizer={tiny_model}",

@@ -95,3 +95,18 @@ def lf(tmp_path: Path, **extra: object) -> Path:
     path = tmp_path / "lf.yaml"
     path.write_text(yaml.safe_dump(base | extra))
     return path
+
+
+TOOLS_TEMPLATE = (  # a Qwen2.5-style template that renders tools, tool calls and results
+    "{%- if tools %}<|im_start|>system\n<tools>{% for t in tools %}\n{{ t | tojson }}"
+    "{% endfor %}\n</tools><|im_end|>\n{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls is defined and m.tool_calls %}"
+    "<|im_start|>assistant\n{{ m.content }}{% for c in m.tool_calls %}<tool_call>\n"
+    "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}\n"
+    "</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)

@@ -9,26 +9,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from llamafactory_helpers import LF
+from llamafactory_helpers import LF, TOOLS_TEMPLATE
 
 from raylm.data import pipeline, shards, steps
 from raylm.data.config import DataJobConfig, FilterConfig, PiiConfig, TokenizeConfig
 from raylm.data.sources import registry_sources
 
 REGISTRY = str(LF / "data" / "dataset_info.json")
-TOOLS_TEMPLATE = (  # Qwen2.5-style: renders tool schemas, tool calls and tool results
-    "{%- if tools %}<|im_start|>system\n<tools>{% for t in tools %}\n{{ t | tojson }}"
-    "{% endfor %}\n</tools><|im_end|>\n{% endif %}"
-    "{%- for m in messages %}"
-    "{%- if m.role == 'assistant' and m.tool_calls is defined and m.tool_calls %}"
-    "<|im_start|>assistant\n{{ m.content }}{% for c in m.tool_calls %}<tool_call>\n"
-    "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}\n"
-    "</tool_call>{% endfor %}<|im_end|>\n"
-    "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n"
-    "</tool_response><|im_end|>\n"
-    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}"
-    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
-)
 CUTOFF = 2048
 # Nothing that rewrites text: then the data job must hand the tokenizer what the train job does.
 NO_FILTERS = DataJobConfig(inputs=["x"], filters=FilterConfig(enabled=False))

@@ -9,26 +9,12 @@ import logging
 from pathlib import Path
 
 import pytest
-from llamafactory_helpers import LF, example, lf
+from llamafactory_helpers import LF, TOOLS_TEMPLATE, example, lf
 
 from raylm import config
 from raylm.config import ConfigError
 
 # ---- the demo data, through the train job's one data path ---------------------------------
-
-TOOLS_TEMPLATE = (  # a Qwen2.5-style template that renders tools, tool calls and results
-    "{%- if tools %}<|im_start|>system\n<tools>{% for t in tools %}\n{{ t | tojson }}"
-    "{% endfor %}\n</tools><|im_end|>\n{% endif %}"
-    "{%- for m in messages %}"
-    "{%- if m.role == 'assistant' and m.tool_calls is defined and m.tool_calls %}"
-    "<|im_start|>assistant\n{{ m.content }}{% for c in m.tool_calls %}<tool_call>\n"
-    "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}\n"
-    "</tool_call>{% endfor %}<|im_end|>\n"
-    "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n"
-    "</tool_response><|im_end|>\n"
-    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}"
-    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
-)
 
 
 def demo(name: str):

@@ -1,0 +1,208 @@
+"""Typed settings of online RL (GRPO and PPO), named and defaulted as TRL 1.16 names them.
+
+Each field's docstring gives its TRL ``GRPOConfig`` name where it has one, so a TRL recipe
+translates key by key. Validation follows ``raylm.train.config_methods``: a wrong choice
+fails at load time naming the key and the closest valid value, before any worker starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from raylm.config import ConfigError, choice, positive
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+"""TRL 1.16's ``loss_type`` values; see ``raylm.rl.loss`` for how each normalises."""
+
+CLIPPED_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+"""The loss types that clip the ratio to [1 - epsilon_low, 1 + epsilon_high] (PPO-style)."""
+
+SCALE_REWARDS = ("group", "batch", "none")
+"""TRL 1.16's ``scale_rewards`` (its ``True`` / ``False`` are ``group`` / ``none``)."""
+
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+"""TRL 1.16's ``multi_objective_aggregation`` (normalize_then_sum is GDPO's)."""
+
+IS_LEVELS = ("token", "sequence")
+"""TRL's ``importance_sampling_level``: per-token ratios, or one per sequence (GSPO)."""
+
+BUILTIN_REWARDS = ("math", "format", "code")
+"""Verifiers in ``raylm.rl.verifiers``; anything else must be ``module:function``."""
+
+
+@dataclass
+class RewardConfig:
+    """One reward function and its weight (TRL: an entry of ``reward_funcs`` and the
+    matching entry of ``reward_weights``)."""
+
+    function: str = "math"
+    """``math`` (answer match), ``format`` (regex), ``code`` (tests in the sandbox), or a
+    user function as ``module:function`` taking (completions, **columns) and returning
+    one float (or None: not applicable) per completion."""
+
+    weight: float = 1.0
+    """Multiplies this function's reward before the functions are summed (TRL's
+    ``reward_weights``); 1.0 for all reproduces TRL's default."""
+
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the function, e.g. ``pattern`` for ``format``,
+    ``timeout_s`` for ``code``."""
+
+    def __post_init__(self) -> None:
+        if ":" not in self.function:
+            choice("reward.function", self.function, BUILTIN_REWARDS)
+
+
+@dataclass
+class GRPOConfig:
+    """Group Relative Policy Optimization: sample ``num_generations`` completions per
+    prompt, score them with the rewards, and push the policy toward the completions that
+    beat their group's mean."""
+
+    num_generations: int = 8
+    """Completions sampled per prompt, the group the advantage is relative to (TRL:
+    ``num_generations``); at least 2, or every advantage is zero."""
+
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (TRL: ``temperature``); the policy's
+    log-probabilities are computed at the same temperature."""
+
+    top_p: float = 1.0
+    """Nucleus sampling of the rollouts (TRL: ``top_p``); 1.0 keeps every token."""
+
+    max_completion_length: int = 512
+    """Most tokens generated per completion (TRL: ``max_completion_length``); also
+    dr_grpo's loss normaliser."""
+
+    beta: float = 0.0
+    """KL coefficient to the reference policy (TRL: ``beta``); 0.0 loads no reference
+    model. DeepSeek-R1 used 0.001."""
+
+    epsilon_low: float = 0.2
+    """Lower clip: ratios below 1 - epsilon_low stop pushing down (TRL: ``epsilon``)."""
+
+    epsilon_high: float | None = None
+    """Upper clip, 1 + epsilon_high (TRL: ``epsilon_high``); None: epsilon_low. DAPO
+    recommends 0.28; for cispo it is the absolute cap on the ratio (ScaleRL: 5.0)."""
+
+    delta: float | None = None
+    """Two-sided GRPO (INTELLECT-2): also cap the unclipped ratio at delta (TRL:
+    ``delta``); None: off. Should exceed 1 + epsilon_high."""
+
+    loss_type: str = "dapo"
+    """How token losses are aggregated (TRL: ``loss_type``, default dapo): grpo (per
+    sequence mean), bnpo (local token mean), dr_grpo (sum / (batch x
+    max_completion_length)), dapo (global token mean), cispo, sapo, luspo, vespo."""
+
+    scale_rewards: str = "group"
+    """Divide advantages by the group's std, the batch's std, or not at all (TRL:
+    ``scale_rewards``: group / batch / none). Dr. GRPO recommends none."""
+
+    multi_objective_aggregation: str = "sum_then_normalize"
+    """Several rewards: weighted sum, then normalise; or normalise each per group, then
+    sum (GDPO) (TRL: ``multi_objective_aggregation``)."""
+
+    importance_sampling_level: str = "token"
+    """Policy ratio per token, or the mean log-ratio per sequence (GSPO) (TRL:
+    ``importance_sampling_level``)."""
+
+    use_bias_correction_kl: bool = True
+    """Multiply the KL term by the policy ratio, the unbiased reverse-KL gradient of
+    DeepSeek-V3.2 (TRL: ``use_bias_correction_kl``, default True in 1.16)."""
+
+    num_iterations: int = 1
+    """Optimisation passes over each generated batch (TRL: ``num_iterations``, mu)."""
+
+    mask_truncated_completions: bool = False
+    """Leave completions cut at max_completion_length out of the loss (TRL:
+    ``mask_truncated_completions``); DAPO recommends it."""
+
+    sapo_temperature_pos: float = 1.0
+    """sapo: gate temperature for positive advantages (TRL: ``sapo_temperature_pos``)."""
+
+    sapo_temperature_neg: float = 1.05
+    """sapo: gate temperature for other advantages (TRL: ``sapo_temperature_neg``)."""
+
+    vespo_k_pos: float = 2.0
+    """vespo: power of the gamma weight for non-negative advantages (TRL: ``vespo_k_pos``)."""
+
+    vespo_lambda_pos: float = 3.0
+    """vespo: decay of the gamma weight for non-negative advantages (TRL: ``vespo_lambda_pos``)."""
+
+    vespo_k_neg: float = 3.0
+    """vespo: power of the gamma weight for negative advantages (TRL: ``vespo_k_neg``)."""
+
+    vespo_lambda_neg: float = 2.0
+    """vespo: decay of the gamma weight for negative advantages (TRL: ``vespo_lambda_neg``)."""
+
+    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
+    """The reward functions and weights (TRL: ``reward_funcs`` and ``reward_weights``)."""
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ConfigError(
+                f"grpo.num_generations={self.num_generations}: GRPO needs at least 2 "
+                "completions per prompt, or every advantage is zero"
+            )
+        positive("grpo.temperature", self.temperature)
+        positive("grpo.max_completion_length", self.max_completion_length)
+        positive("grpo.beta", self.beta, allow_zero=True)
+        positive("grpo.epsilon_low", self.epsilon_low, allow_zero=True)
+        positive("grpo.num_iterations", self.num_iterations)
+        choice("grpo.loss_type", self.loss_type, LOSS_TYPES)
+        choice("grpo.scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        choice("grpo.multi_objective_aggregation", self.multi_objective_aggregation, AGGREGATIONS)
+        choice("grpo.importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
+        if not self.rewards:
+            raise ConfigError("grpo.rewards must name at least one reward function")
+        self.rewards = [
+            r if isinstance(r, RewardConfig) else RewardConfig(**r) for r in self.rewards
+        ]
+
+    @property
+    def epsilon_upper(self) -> float:
+        """The upper clip in use: epsilon_high, or epsilon_low when unset (as TRL does)."""
+        return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def reward_weights(self) -> list[float]:
+        return [r.weight for r in self.rewards]
+
+
+@dataclass
+class PPOConfig:
+    """PPO's advantage estimation and value loss (GAE, Schulman et al. 2016). TRL 1.16
+    ships no PPO trainer; the names are those of TRL's earlier ``PPOConfig``."""
+
+    gamma: float = 1.0
+    """Discount per token; 1.0 for a sequence-level reward at the last token."""
+
+    lam: float = 0.95
+    """GAE lambda: 0 is one-step TD (low variance, biased), 1 is Monte Carlo returns."""
+
+    cliprange: float = 0.2
+    """Policy ratio clip, as GRPO's epsilon_low / epsilon_high with both equal."""
+
+    cliprange_value: float = 0.2
+    """Value clip: new values may move at most this far from the rollout's values."""
+
+    vf_coef: float = 0.1
+    """Weight of the value loss next to the policy loss."""
+
+    kl_coef: float = 0.05
+    """Per-token KL penalty folded into the rewards before GAE."""
+
+    whiten_advantages: bool = True
+    """Normalise advantages to zero mean, unit variance over the masked tokens (earlier
+    TRL always did); the value targets are taken before whitening."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError(f"ppo.gamma={self.gamma} must be in [0, 1]")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ConfigError(f"ppo.lam={self.lam} must be in [0, 1]")
+        positive("ppo.cliprange", self.cliprange)
+        positive("ppo.cliprange_value", self.cliprange_value)
+        positive("ppo.vf_coef", self.vf_coef, allow_zero=True)
+        positive("ppo.kl_coef", self.kl_coef, allow_zero=True)

@@ -1,0 +1,387 @@
+"""raylm.rl's GRPO advantages and loss against TRL 1.16's own code on the same random inputs.
+
+The reference is TRL's implementation, run on a ``GRPOTrainer`` made with
+``object.__new__`` and given only the attributes the two methods read:
+
+- advantages: ``GRPOTrainer._generate_and_score_completions`` with ``_generate`` stubbed
+  to return fixed token ids (no model, no vLLM) and TRL's own ``_calculate_rewards``
+  calling reward functions that return fixed values (None included); what comes back is
+  TRL's ``advantages`` and the reward metrics it logged;
+- loss: ``GRPOTrainer._compute_loss`` with ``_get_per_token_logps_and_entropies`` stubbed
+  to return fixed log-probabilities (a leaf tensor, so gradients compare too).
+
+PPO's GAE has no TRL counterpart in 1.16 (no PPOTrainer, not even in trl.experimental),
+so it is checked against the GAE paper's recursion written out below.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import types
+from typing import Any
+
+import pytest
+import torch
+
+from raylm.rl.advantages import gae, group_advantages, kl_shaped_rewards, whiten
+from raylm.rl.config import LOSS_TYPES, SCALE_REWARDS, GRPOConfig
+from raylm.rl.loss import LossScale, grpo_loss, kl_k3, value_loss
+
+pytestmark = pytest.mark.unit
+TOL = 1e-6
+G = 4  # completions per prompt
+B, T = 8, 7  # completions, completion tokens
+
+
+def _accelerator() -> Any:
+    """A single-process accelerate stand-in: gather and reduce are the identity."""
+    return types.SimpleNamespace(
+        device=torch.device("cpu"),
+        num_processes=1,
+        process_index=0,
+        is_main_process=True,
+        sync_gradients=True,
+        gather=lambda x: x,
+        gather_for_metrics=lambda x: x,
+        reduce=lambda x, reduction="sum": x,
+    )
+
+
+def _trainer(**fields: Any) -> Any:
+    """A bare GRPOTrainer: TRL's methods, only the attributes they read."""
+    from accelerate import PartialState
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    PartialState()  # TRL's logger (accelerate's) refuses to log before this exists
+    self = object.__new__(GRPOTrainer)
+    base = {
+        "accelerator": _accelerator(),
+        "model": types.SimpleNamespace(training=True, is_gradient_checkpointing=False),
+        "_metrics": {m: collections.defaultdict(list) for m in ("train", "eval")},
+        "use_vllm": False,
+        "vllm_importance_sampling_correction": False,
+    }
+    for key, value in {**base, **fields}.items():
+        object.__setattr__(self, key, value)
+    return self
+
+
+def trl_advantages(
+    table: list[list[float | None]], weights: list[float], scale: str, aggregation: str
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """TRL's advantages and logged reward metrics for reward ``table[function][completion]``."""
+    n, k = len(table[0]), len(table)
+
+    def reward_func(i: int) -> Any:
+        def f(prompts: list, completions: list, idx: list[int], **_: Any) -> list:
+            return [table[i][j] for j in idx]
+
+        f.__name__ = f"reward_{i}"
+        return f
+
+    stub = _trainer(
+        environment_factories=None,
+        environments=None,
+        tools=None,
+        _generate=lambda prompts: (
+            [[1, 2]] * n,
+            [[3, 4, 5]] * n,
+            None,
+            ["c"] * n,
+            None,
+            {},
+            None,
+            None,
+        ),
+        _tokenizer=types.SimpleNamespace(pad_token_id=0),
+        pad_to_multiple_of=None,
+        mask_truncated_completions=False,
+        args=types.SimpleNamespace(
+            per_device_train_batch_size=n,
+            steps_per_generation=1,
+            gradient_accumulation_steps=1,
+            gradient_checkpointing_kwargs=None,
+            report_to=[],
+        ),
+        num_iterations=1,
+        beta=0.0,
+        state=types.SimpleNamespace(global_step=0),
+        reward_funcs=[reward_func(i) for i in range(k)],
+        reward_processing_classes=[None] * k,
+        reward_func_names=[f"reward_{i}" for i in range(k)],
+        reward_weights=torch.tensor(weights, dtype=torch.float32),
+        num_generations=G,
+        scale_rewards=scale,
+        multi_objective_aggregation=aggregation,
+        _logs=collections.defaultdict(list),
+        _pending_extra_logs={},
+        _pending_metrics={},
+        log_multimodal=False,
+    )
+    stub._logs.update(rewards=collections.defaultdict(list), extra=collections.defaultdict(list))
+    inputs = [{"prompt": "p", "idx": j} for j in range(n)]
+    with contextlib.redirect_stdout(None):
+        out = stub._generate_and_score_completions(inputs)
+    return out["advantages"], {k: v[-1] for k, v in stub._metrics["train"].items()}
+
+
+def _reward_table(k: int, seed: int, with_none: bool) -> list[list[float | None]]:
+    """Random rewards on a 0-1 grid (ties, like verifiers), some None, one group uniform."""
+    gen = torch.Generator().manual_seed(seed)
+    table: list[list[float | None]] = []
+    for _ in range(k):
+        row: list[float | None] = [round(v, 2) for v in torch.rand(3 * G, generator=gen).tolist()]
+        row[:G] = [1.0] * G  # a group whose rewards are all equal: std 0
+        table.append(row)
+    if with_none:
+        table[0][G + 1] = None
+        for row in table:  # completion 2G+2: every function skipped it
+            row[2 * G + 2] = None
+    return table
+
+
+@pytest.mark.parametrize("scale", SCALE_REWARDS)
+@pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
+@pytest.mark.parametrize("k, with_none", [(1, False), (2, True), (3, False)])
+def test_advantages_equal_trl(scale: str, aggregation: str, k: int, with_none: bool) -> None:
+    table = _reward_table(k, seed=k, with_none=with_none)
+    weights = [1.0, 0.5, 2.0][:k]
+    theirs, their_metrics = trl_advantages(table, weights, scale, aggregation)
+    per_func = torch.tensor(
+        [[float("nan") if v is None else v for v in col] for col in zip(*table, strict=True)]
+    )
+    ours = group_advantages(per_func, G, weights, scale, aggregation)
+    torch.testing.assert_close(ours.advantages, theirs, atol=TOL, rtol=0)
+    assert set(ours.metrics) == set(their_metrics)
+    for key, value in their_metrics.items():
+        assert ours.metrics[key] == pytest.approx(value, abs=TOL, nan_ok=True), key
+
+
+def _loss_inputs(seed: int) -> dict[str, torch.Tensor]:
+    """Random log-probs with the policy moved off the sampler (so ratios clip), a
+    reference, mixed-sign advantages and right-padded masks, one row empty."""
+    gen = torch.Generator().manual_seed(seed)
+    logps = -3 * torch.rand(B, T, generator=gen)
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    lengths[3] = 0
+    mask = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    return {
+        "logps": logps,
+        "old": logps + 0.3 * torch.randn(B, T, generator=gen),
+        "ref": logps + 0.2 * torch.randn(B, T, generator=gen),
+        "adv": torch.randn(B, generator=gen).masked_fill(torch.arange(B) == 5, 0.0),
+        "mask": mask,
+        "entropies": torch.rand(B, T, generator=gen),
+        "is_ratio": torch.exp(0.1 * torch.randn(B, T, generator=gen)),
+    }
+
+
+def trl_loss(
+    cfg: GRPOConfig, x: dict[str, torch.Tensor], scale: LossScale, with_is: bool
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """TRL's loss, its gradient w.r.t. the policy log-probs, and the metrics it logged."""
+    logps = x["logps"].clone().requires_grad_(True)
+    stub = _trainer(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, x["entropies"], None),
+        aux_loss_enabled=False,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        _entropy_bonus_enabled=False,
+        importance_sampling_level=cfg.importance_sampling_level,
+        beta=cfg.beta,
+        loss_type=cfg.loss_type,
+        epsilon_low=cfg.epsilon_low,
+        epsilon_high=cfg.epsilon_upper,
+        max_completion_length=cfg.max_completion_length,
+        current_gradient_accumulation_steps=scale.accumulation_steps,
+        use_vllm=with_is,
+        vllm_importance_sampling_correction=with_is,
+        args=types.SimpleNamespace(
+            use_bias_correction_kl=cfg.use_bias_correction_kl,
+            delta=cfg.delta,
+            steps_per_generation=scale.steps_per_generation or scale.accumulation_steps,
+            **{k: getattr(cfg, k) for k in vars(cfg) if k.startswith(("sapo_", "vespo_"))},
+        ),
+    )
+    inputs = {
+        "prompt_ids": torch.ones(B, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+        "completion_ids": torch.ones(B, T, dtype=torch.long),
+        "completion_mask": x["mask"],
+        "advantages": x["adv"],
+        "ref_per_token_logps": x["ref"],
+        "num_items_in_batch": torch.tensor(float(scale.num_items_in_batch or x["mask"].sum())),
+    }
+    if x["old"] is not None:  # absent: TRL takes the detached policy log-probs
+        inputs["old_per_token_logps"] = x["old"]
+    if with_is:
+        inputs["importance_sampling_ratio"] = x["is_ratio"]
+    loss = stub._compute_loss(None, inputs)
+    loss.backward()
+    return loss.detach(), logps.grad, {k: v[-1] for k, v in stub._metrics["train"].items()}
+
+
+def ours_loss(
+    cfg: GRPOConfig, x: dict[str, torch.Tensor], scale: LossScale, with_is: bool
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    logps = x["logps"].clone().requires_grad_(True)
+    out = grpo_loss(
+        logps,
+        x["old"],
+        x["adv"],
+        x["mask"],
+        cfg,
+        ref_logps=x["ref"],
+        is_ratio=x["is_ratio"] if with_is else None,
+        entropies=x["entropies"],
+        scale=scale,
+    )
+    out.loss.backward()
+    return out.loss.detach(), logps.grad, out.metrics
+
+
+def _assert_same(
+    cfg: GRPOConfig, scale: LossScale, with_is: bool, x: dict[str, Any] | None = None
+) -> None:
+    x = x or _loss_inputs(0)
+    (l1, g1, m1), (l2, g2, m2) = ours_loss(cfg, x, scale, with_is), trl_loss(cfg, x, scale, with_is)
+    torch.testing.assert_close(l1, l2, atol=TOL, rtol=0)
+    torch.testing.assert_close(g1, g2, atol=TOL, rtol=0)
+    assert set(m1) == set(m2)
+    for key, value in m2.items():
+        assert m1[key] == pytest.approx(value, abs=TOL, nan_ok=True), key
+
+
+def _cfg(loss_type: str, **kw: Any) -> GRPOConfig:
+    """DAPO's asymmetric clip by default; cispo's epsilon_high is a cap on the ratio."""
+    high = 1.2 if loss_type == "cispo" else 0.28
+    return GRPOConfig(
+        loss_type=loss_type, **{"epsilon_high": high, "max_completion_length": T, **kw}
+    )
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_loss_equals_trl(loss_type: str, level: str, beta: float) -> None:
+    cfg = _cfg(loss_type, importance_sampling_level=level, beta=beta)
+    _assert_same(cfg, LossScale(), with_is=False)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loss_with_rollout_is_ratio_and_accumulation_equals_trl(loss_type: str) -> None:
+    """vLLM's importance-sampling correction, 2 micro-batches per step, 4 per generation
+    batch and a global token count other than this micro-batch's."""
+    cfg = _cfg(loss_type, beta=0.04, delta=1.5, use_bias_correction_kl=False)
+    scale = LossScale(accumulation_steps=2, steps_per_generation=4, num_items_in_batch=97.0)
+    _assert_same(cfg, scale, with_is=True, x=_loss_inputs(1))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_loss_on_policy_equals_trl(loss_type: str) -> None:
+    """num_iterations=1: no old log-probs, the ratio is exactly 1 and only advantages push."""
+    x: dict[str, Any] = {**_loss_inputs(2), "old": None}
+    _assert_same(_cfg(loss_type, epsilon_high=None, beta=0.04), LossScale(), with_is=False, x=x)
+
+
+def test_config_defaults_are_trls() -> None:
+    """Every GRPOConfig field whose docstring names a TRL key has TRL 1.16's default, so a
+    TRL recipe means the same here (max_completion_length is the one TRL leaves optional)."""
+    import dataclasses
+    import re
+
+    from trl import GRPOConfig as TRLConfig
+
+    from raylm.config import field_doc
+
+    theirs = {f.name: f.default for f in dataclasses.fields(TRLConfig)}
+    checked = 0
+    for f in dataclasses.fields(GRPOConfig):
+        m = re.search(r"TRL: ``(\w+)``", field_doc(GRPOConfig, f.name))
+        if m and m.group(1) in theirs and not callable(f.default_factory):
+            assert f.default == theirs[m.group(1)], (f.name, m.group(1))
+            checked += 1
+    assert checked >= 15
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"loss_type": "dr-grpo"}, "did you mean 'dr_grpo'"),
+        ({"scale_rewards": "groups"}, "did you mean 'group'"),
+        ({"num_generations": 1}, "at least 2"),
+        ({"rewards": []}, "at least one"),
+        ({"rewards": [{"function": "maths"}]}, "did you mean 'math'"),
+    ],
+)
+def test_config_refuses_bad_values(kw: dict[str, Any], match: str) -> None:
+    from raylm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        GRPOConfig(**kw)
+
+
+def gae_reference(r: list[float], v: list[float], gamma: float, lam: float) -> list[float]:
+    """The GAE paper's definition (Schulman et al. 2016, eq. 16), as a sum, not a recursion:
+    A_t = sum_l (gamma lam)^l delta_{t+l}, delta_t = r_t + gamma V_{t+1} - V_t, V_T = 0."""
+    n = len(r)
+    nxt = [*v[1:], 0.0]
+    delta = [r[t] + gamma * nxt[t] - v[t] for t in range(n)]
+    return [sum((gamma * lam) ** i * delta[t + i] for i in range(n - t)) for t in range(n)]
+
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.9, 1.0), (0.99, 0.0), (1.0, 1.0)])
+def test_gae_equals_the_papers_sum(gamma: float, lam: float) -> None:
+    """Right padding and a hole in the middle (tool output): masked tokens are not steps."""
+    gen = torch.Generator().manual_seed(3)
+    rewards, values = torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)
+    mask = torch.tensor(
+        [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0]]
+    )
+    adv, returns = gae(rewards, values, mask, gamma, lam)
+    for row in range(4):
+        keep = mask[row].bool()
+        ref = gae_reference(rewards[row][keep].tolist(), values[row][keep].tolist(), gamma, lam)
+        torch.testing.assert_close(adv[row][keep], torch.tensor(ref), atol=TOL, rtol=0)
+        torch.testing.assert_close(returns[row][keep], adv[row][keep] + values[row][keep])
+        assert not adv[row][~keep].any() and not returns[row][~keep].any()
+    if (gamma, lam) == (1.0, 1.0):  # Monte Carlo: the return is the sum of rewards to go
+        mc = rewards[0].flip(0).cumsum(0).flip(0)
+        torch.testing.assert_close(returns[0], mc, atol=1e-5, rtol=0)
+
+
+def test_kl_shaped_rewards_and_whiten() -> None:
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    logps, ref = -torch.rand(3, 4), -torch.rand(3, 4)
+    out = kl_shaped_rewards(torch.tensor([1.0, -2.0, 5.0]), logps, ref, mask, kl_coef=0.1)
+    expected = -0.1 * (logps - ref) * mask
+    expected[0, 2] += 1.0
+    expected[1, 0] -= 2.0
+    torch.testing.assert_close(out, expected)
+    x = torch.randn(3, 4) * 5 + 3
+    w = whiten(x, mask)
+    kept = w[mask.bool()]
+    assert abs(kept.mean().item()) < 1e-5 and abs(kept.std().item() - 1) < 1e-3
+    assert not w[~mask.bool()].any()
+
+
+def test_value_loss_clips_toward_the_rollout_values() -> None:
+    old = torch.tensor([[0.0, 0.0, 0.0]])
+    new = torch.tensor([[0.5, 0.1, -0.5]], requires_grad=True)
+    returns = torch.tensor([[1.0, 1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    loss, metrics = value_loss(new, old, returns, mask, clip=0.2)
+    # token 0: unclipped (0.5-1)^2=0.25, clipped (0.2-1)^2=0.64, max 0.64 (clip binds)
+    # token 1: both (0.1-1)^2=0.81; token 2 masked
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2)
+    assert metrics["vf_clipfrac"] == pytest.approx(0.5)
+    loss.backward()
+    assert new.grad[0, 0] == 0  # the clipped branch carries no gradient to V
+    assert new.grad[0, 2] == 0
+
+
+def test_kl_k3_is_nonnegative_and_zero_at_equality() -> None:
+    a, b = -torch.rand(5, 5), -torch.rand(5, 5)
+    assert (kl_k3(a, b) >= 0).all()
+    assert not kl_k3(a, a).any()

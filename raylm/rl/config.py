@@ -27,6 +27,10 @@ AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 IS_LEVELS = ("token", "sequence")
 """TRL's ``importance_sampling_level``: per-token ratios, or one per sequence (GSPO)."""
 
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+"""TRL's ``vllm_importance_sampling_mode``: clip or zero ratios outside the bounds, per
+token or per sequence."""
+
 BUILTIN_REWARDS = ("math", "format", "code")
 """Verifiers in ``raylm.rl.verifiers``; anything else must be ``module:function``."""
 
@@ -114,6 +118,22 @@ class GRPOConfig:
     num_iterations: int = 1
     """Optimisation passes over each generated batch (TRL: ``num_iterations``, mu)."""
 
+    rollout_is_correction: bool = True
+    """Weight each token's loss by pi_trainer / pi_rollout, correcting for the rollout
+    engine (vLLM) sampling from slightly different probabilities than the trainer
+    computes (TRL: ``vllm_importance_sampling_correction``)."""
+
+    rollout_is_mode: str = "sequence_mask"
+    """How that ratio is bounded (TRL: ``vllm_importance_sampling_mode``): token_truncate,
+    token_mask, sequence_truncate or sequence_mask (truncate clips to the bounds, mask
+    zeroes what falls outside them)."""
+
+    rollout_is_clip_min: float | None = None
+    """Lower bound of the rollout ratio (TRL: ``vllm_importance_sampling_clip_min``)."""
+
+    rollout_is_clip_max: float | None = 3.0
+    """Upper bound of the rollout ratio (TRL: ``vllm_importance_sampling_clip_max``)."""
+
     mask_truncated_completions: bool = False
     """Leave completions cut at max_completion_length out of the loss (TRL:
     ``mask_truncated_completions``); DAPO recommends it."""
@@ -154,11 +174,30 @@ class GRPOConfig:
         choice("grpo.scale_rewards", self.scale_rewards, SCALE_REWARDS)
         choice("grpo.multi_objective_aggregation", self.multi_objective_aggregation, AGGREGATIONS)
         choice("grpo.importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
+        self._check_rollout_is()
         if not self.rewards:
             raise ConfigError("grpo.rewards must name at least one reward function")
         self.rewards = [
             r if isinstance(r, RewardConfig) else RewardConfig(**r) for r in self.rewards
         ]
+
+    def _check_rollout_is(self) -> None:
+        """The bounds TRL requires of the rollout ratio, refused here at load time."""
+        choice("grpo.rollout_is_mode", self.rollout_is_mode, IS_MODES)
+        lo, hi = self.rollout_is_clip_min, self.rollout_is_clip_max
+        if lo is not None and hi is not None and lo >= hi:
+            raise ConfigError(f"grpo.rollout_is_clip_min={lo} must be < rollout_is_clip_max={hi}")
+        if not self.rollout_is_correction:
+            return
+        if self.rollout_is_mode.endswith("_truncate") and lo is None and hi is None:
+            raise ConfigError(
+                f"grpo.rollout_is_mode={self.rollout_is_mode} needs rollout_is_clip_min or _max"
+            )
+        if self.loss_type == "vespo" and self.rollout_is_mode.startswith("sequence"):
+            raise ConfigError(
+                "grpo.loss_type=vespo folds per-token rollout ratios into its own sequence "
+                "weight: use rollout_is_mode token_truncate or token_mask"
+            )
 
     @property
     def epsilon_upper(self) -> float:

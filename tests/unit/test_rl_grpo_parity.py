@@ -6,7 +6,8 @@ The reference is TRL's implementation, run on a ``GRPOTrainer`` made with
 - advantages: ``GRPOTrainer._generate_and_score_completions`` with ``_generate`` stubbed
   to return fixed token ids (no model, no vLLM) and TRL's own ``_calculate_rewards``
   calling reward functions that return fixed values (None included); what comes back is
-  TRL's ``advantages`` and the reward metrics it logged;
+  TRL's ``advantages`` and the reward metrics it logged, and on its vLLM path the
+  importance-sampling ratio and ``sampling/*`` metrics, and the truncated-completion mask;
 - loss: ``GRPOTrainer._compute_loss`` with ``_get_per_token_logps_and_entropies`` stubbed
   to return fixed log-probabilities (a leaf tensor, so gradients compare too).
 
@@ -27,6 +28,7 @@ import torch
 from raylm.rl.advantages import gae, group_advantages, kl_shaped_rewards, whiten
 from raylm.rl.config import LOSS_TYPES, SCALE_REWARDS, GRPOConfig
 from raylm.rl.loss import LossScale, grpo_loss, kl_k3, value_loss
+from raylm.rl.rollout import rollout_is_ratio, truncated_mask
 
 pytestmark = pytest.mark.unit
 TOL = 1e-6
@@ -67,11 +69,19 @@ def _trainer(**fields: Any) -> Any:
     return self
 
 
-def trl_advantages(
-    table: list[list[float | None]], weights: list[float], scale: str, aggregation: str
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """TRL's advantages and logged reward metrics for reward ``table[function][completion]``."""
+def trl_score(
+    table: list[list[float | None]],
+    weights: list[float],
+    scale: str = "group",
+    aggregation: str = "sum_then_normalize",
+    completion_ids: list[list[int]] | None = None,
+    **rollout: Any,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """TRL's ``_generate_and_score_completions`` output and the metrics it logged, for
+    reward ``table[function][completion]``; ``rollout`` switches on its vLLM path
+    (``old``: the trainer's log-probs, ``sampling``: the engine's, as lists)."""
     n, k = len(table[0]), len(table)
+    ids = completion_ids or [[3, 4, 5]] * n
 
     def reward_func(i: int) -> Any:
         def f(prompts: list, completions: list, idx: list[int], **_: Any) -> list:
@@ -86,17 +96,24 @@ def trl_advantages(
         tools=None,
         _generate=lambda prompts: (
             [[1, 2]] * n,
-            [[3, 4, 5]] * n,
+            ids,
             None,
             ["c"] * n,
-            None,
+            rollout.get("sampling"),
             {},
             None,
             None,
         ),
+        _get_per_token_logps_and_entropies=lambda *a, **kw: (rollout.get("old"), None, None),
         _tokenizer=types.SimpleNamespace(pad_token_id=0),
+        eos_token_ids=[2],
         pad_to_multiple_of=None,
-        mask_truncated_completions=False,
+        mask_truncated_completions=rollout.get("mask_truncated", False),
+        use_vllm="old" in rollout,
+        vllm_importance_sampling_correction="old" in rollout,
+        vllm_importance_sampling_mode=rollout.get("mode"),
+        vllm_importance_sampling_clip_min=rollout.get("clip_min"),
+        vllm_importance_sampling_clip_max=rollout.get("clip_max"),
         args=types.SimpleNamespace(
             per_device_train_batch_size=n,
             steps_per_generation=1,
@@ -123,7 +140,7 @@ def trl_advantages(
     inputs = [{"prompt": "p", "idx": j} for j in range(n)]
     with contextlib.redirect_stdout(None):
         out = stub._generate_and_score_completions(inputs)
-    return out["advantages"], {k: v[-1] for k, v in stub._metrics["train"].items()}
+    return out, {k: v[-1] for k, v in stub._metrics["train"].items()}
 
 
 def _reward_table(k: int, seed: int, with_none: bool) -> list[list[float | None]]:
@@ -147,7 +164,8 @@ def _reward_table(k: int, seed: int, with_none: bool) -> list[list[float | None]
 def test_advantages_equal_trl(scale: str, aggregation: str, k: int, with_none: bool) -> None:
     table = _reward_table(k, seed=k, with_none=with_none)
     weights = [1.0, 0.5, 2.0][:k]
-    theirs, their_metrics = trl_advantages(table, weights, scale, aggregation)
+    out, their_metrics = trl_score(table, weights, scale, aggregation)
+    theirs = out["advantages"]
     per_func = torch.tensor(
         [[float("nan") if v is None else v for v in col] for col in zip(*table, strict=True)]
     )
@@ -156,6 +174,60 @@ def test_advantages_equal_trl(scale: str, aggregation: str, k: int, with_none: b
     assert set(ours.metrics) == set(their_metrics)
     for key, value in their_metrics.items():
         assert ours.metrics[key] == pytest.approx(value, abs=TOL, nan_ok=True), key
+
+
+def _rollout(seed: int) -> tuple[list[list[int]], torch.Tensor, list[list[float | None]]]:
+    """Completions of varied length (EOS is 2; two are cut off), the trainer's log-probs
+    (padded) and the engine's, a little off, as lists with a few None (vLLM's NaN)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (3 * G,), generator=gen).tolist()
+    ids = [[5] * (n - 1) + [2] for n in lengths]
+    ids[1], ids[6] = [5] * T, [5, 5, 5]  # cut off: no EOS
+    old = -3 * torch.rand(3 * G, T, generator=gen)
+    noise = 0.4 * torch.randn(3 * G, T, generator=gen)
+    sampling: list[list[float | None]] = [
+        (old[i, : len(c)] + noise[i, : len(c)]).tolist() for i, c in enumerate(ids)
+    ]
+    sampling[2][0] = None
+    sampling[7][-1] = None
+    return ids, old, sampling
+
+
+@pytest.mark.parametrize(
+    "mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
+)
+@pytest.mark.parametrize("clip_min, clip_max", [(None, 3.0), (0.5, 1.5), (0.8, None)])
+def test_rollout_is_ratio_equals_trl(
+    mode: str, clip_min: float | None, clip_max: float | None
+) -> None:
+    if mode.endswith("truncate") and clip_min is None and clip_max is None:
+        pytest.skip("TRL refuses truncation without bounds")
+    ids, old, sampling = _rollout(4)
+    table = _reward_table(1, seed=4, with_none=False)
+    rollout = {"old": old, "sampling": sampling, "mode": mode}
+    out, metrics = trl_score(
+        table, [1.0], completion_ids=ids, clip_min=clip_min, clip_max=clip_max, **rollout
+    )
+    sampled = torch.tensor(
+        [
+            [float("nan") if v is None else v for v in row] + [0.0] * (T - len(row))
+            for row in sampling
+        ]
+    )
+    ratio, ours = rollout_is_ratio(old, sampled, out["completion_mask"], mode, clip_min, clip_max)
+    torch.testing.assert_close(ratio, out["importance_sampling_ratio"], atol=TOL, rtol=0)
+    for key, value in ours.items():
+        assert value == pytest.approx(metrics[key], abs=TOL), key
+
+
+def test_truncated_mask_equals_trl() -> None:
+    ids, _, _ = _rollout(5)
+    table = _reward_table(1, seed=5, with_none=False)
+    out, _ = trl_score(table, [1.0], completion_ids=ids, mask_truncated=True)
+    full = (torch.arange(T).unsqueeze(0) < torch.tensor([len(c) for c in ids]).unsqueeze(1)).long()
+    ours = truncated_mask(ids, full, eos_ids=[2], pad_id=0)
+    assert torch.equal(ours, out["completion_mask"])
+    assert not ours[1].any() and not ours[6].any() and ours[0].any()
 
 
 def _loss_inputs(seed: int) -> dict[str, torch.Tensor]:
@@ -254,11 +326,11 @@ def _assert_same(
 
 
 def _cfg(loss_type: str, **kw: Any) -> GRPOConfig:
-    """DAPO's asymmetric clip by default; cispo's epsilon_high is a cap on the ratio."""
+    """DAPO's asymmetric clip by default; cispo's epsilon_high is a cap on the ratio;
+    token-level rollout ratios, the kind vespo takes."""
     high = 1.2 if loss_type == "cispo" else 0.28
-    return GRPOConfig(
-        loss_type=loss_type, **{"epsilon_high": high, "max_completion_length": T, **kw}
-    )
+    base = {"epsilon_high": high, "max_completion_length": T, "rollout_is_mode": "token_mask"}
+    return GRPOConfig(loss_type=loss_type, **{**base, **kw})
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -313,6 +385,10 @@ def test_config_defaults_are_trls() -> None:
         ({"num_generations": 1}, "at least 2"),
         ({"rewards": []}, "at least one"),
         ({"rewards": [{"function": "maths"}]}, "did you mean 'math'"),
+        ({"rollout_is_mode": "token"}, "did you mean 'token_mask'"),
+        ({"loss_type": "vespo"}, "use rollout_is_mode token_truncate or token_mask"),
+        ({"rollout_is_mode": "token_truncate", "rollout_is_clip_max": None}, "needs rollout_is"),
+        ({"rollout_is_clip_min": 2.0, "rollout_is_clip_max": 1.0}, "must be < rollout_is_clip_max"),
     ],
 )
 def test_config_refuses_bad_values(kw: dict[str, Any], match: str) -> None:

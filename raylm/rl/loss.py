@@ -97,6 +97,8 @@ def grpo_loss(
             per_token_kl = per_token_kl * coef_1
         per_token = per_token + cfg.beta * per_token_kl
     loss, policy_loss = _aggregate(cfg, per_token, mask, scale)
+    if cfg.delta is not None and cfg.loss_type in CLIPPED_LOSSES:
+        coef_1 = torch.clamp(coef_1, max=cfg.delta)  # TRL's clip metrics see the capped ratio
     metrics = _metrics(cfg, coef_1, adv, mask, per_token_kl, entropies, phi_seq)
     return LossOutput(loss, policy_loss, metrics)
 

@@ -343,9 +343,10 @@ def test_loss_equals_trl(loss_type: str, level: str, beta: float) -> None:
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_loss_with_rollout_is_ratio_and_accumulation_equals_trl(loss_type: str) -> None:
-    """vLLM's importance-sampling correction, 2 micro-batches per step, 4 per generation
-    batch and a global token count other than this micro-batch's."""
-    cfg = _cfg(loss_type, beta=0.04, delta=1.5, use_bias_correction_kl=False)
+    """vLLM's importance-sampling correction, two-sided clipping (delta below 1 +
+    epsilon_high, so the cap shows in the clip metrics), 2 micro-batches per step, 4 per
+    generation batch and a global token count other than this micro-batch's."""
+    cfg = _cfg(loss_type, beta=0.04, delta=1.2, use_bias_correction_kl=False)
     scale = LossScale(accumulation_steps=2, steps_per_generation=4, num_items_in_batch=97.0)
     _assert_same(cfg, scale, with_is=True, x=_loss_inputs(1))
 

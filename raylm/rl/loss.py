@@ -78,7 +78,8 @@ def grpo_loss(
     scale: LossScale | None = None,
 ) -> LossOutput:
     """TRL 1.16's GRPO loss. ``is_ratio`` is the rollout engine's importance-sampling
-    correction (TRL's ``importance_sampling_ratio``, vLLM vs the trainer), or None."""
+    correction (``raylm.rl.rollout.rollout_is_ratio``), or None. With (batch, tokens)
+    advantages from GAE and loss_type bnpo it is PPO's clipped policy loss."""
     scale = scale or LossScale()
     mask = mask.to(logps.dtype)
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
@@ -88,19 +89,27 @@ def grpo_loss(
     per_token, phi_seq = _per_token_loss(cfg, coef_1, adv, logps, log_ratio, mask, is_ratio)
     if is_ratio is not None and cfg.loss_type != "vespo":
         per_token = per_token * is_ratio
-    per_token_kl = None
-    if cfg.beta != 0.0:
-        if ref_logps is None:
-            raise ValueError("grpo.beta != 0 needs the reference model's ref_logps")
-        per_token_kl = kl_k3(logps, ref_logps)
-        if cfg.use_bias_correction_kl:
-            per_token_kl = per_token_kl * coef_1
+    per_token_kl = _kl_term(cfg, logps, ref_logps, coef_1)
+    if per_token_kl is not None:
         per_token = per_token + cfg.beta * per_token_kl
     loss, policy_loss = _aggregate(cfg, per_token, mask, scale)
     if cfg.delta is not None and cfg.loss_type in CLIPPED_LOSSES:
         coef_1 = torch.clamp(coef_1, max=cfg.delta)  # TRL's clip metrics see the capped ratio
     metrics = _metrics(cfg, coef_1, adv, mask, per_token_kl, entropies, phi_seq)
     return LossOutput(loss, policy_loss, metrics)
+
+
+def _kl_term(
+    cfg: GRPOConfig, logps: Tensor, ref_logps: Tensor | None, coef_1: Tensor
+) -> Tensor | None:
+    """k3 KL to the reference per token (None when beta is 0: no reference is needed),
+    times the policy ratio when ``use_bias_correction_kl`` makes its gradient unbiased."""
+    if cfg.beta == 0.0:
+        return None
+    if ref_logps is None:
+        raise ValueError("grpo.beta != 0 needs the reference model's ref_logps")
+    kl = kl_k3(logps, ref_logps)
+    return kl * coef_1 if cfg.use_bias_correction_kl else kl
 
 
 def _importance_log_weights(log_ratio: Tensor, mask: Tensor, level: str) -> Tensor:

@@ -106,9 +106,9 @@ def code_reward(
 
     0.0 covers a failing assert, an exception, a syntax error, a timeout (``timeout_s``
     wall clock; an infinite loop is killed), running out of ``memory_mb``, and anything the
-    sandbox refuses (network, subprocesses, writes outside its directory). The solution
-    runs through ``exec`` so that ``sys.exit(0)`` / ``exit()`` / ``os._exit`` before the
-    tests count as failures, not passes.
+    sandbox refuses (network, subprocesses, writes outside its directory), and any exit
+    (``sys.exit(0)``, ``exit()``, ``os._exit``) before the tests finish: the sandbox
+    counts a pass only for a program that ran to its end.
 
     Failure modes: tests that assert little are passed by code that special-cases them
     (hard-coded outputs); the sandbox is a tripwire for careless code, not a boundary
@@ -124,7 +124,7 @@ def code_reward(
     for i, (completion, t) in enumerate(zip(completions, test, strict=True)):
         body = _solution(fmt, text_of(completion), text_of(prompts[i]) if prompts else "")
         tests = t if isinstance(t, str) else "\n".join(t)
-        programs.append(_guarded(body, tests))
+        programs.append(f"{body}\n\n{tests}\n")
     results = run_programs(programs, timeout_s=timeout_s, memory_mb=memory_mb, workers=workers)
     return [1.0 if passed else 0.0 for passed, _ in results]
 
@@ -135,23 +135,6 @@ def _solution(fmt: str, completion: str, prompt: str) -> str:
         return program_of(fmt, prompt, truncate(fmt, completion), "").rstrip()
     blocks = _FENCE.findall(completion)
     return blocks[-1] if blocks else truncate(fmt, completion)
-
-
-def _guarded(solution: str, tests: str) -> str:
-    """The solution run by ``exec`` in the module's namespace, an early exit turned into a
-    failure, then the tests: a completion cannot pass by exiting 0 before they run."""
-    return (
-        "import os as _os\n"
-        "def _no_exit(*_a):\n"
-        "    raise SystemExit('os._exit')\n"
-        "_real_exit, _os._exit = _os._exit, _no_exit\n"
-        "try:\n"
-        f"    exec(compile({solution!r}, 'solution.py', 'exec'), globals())\n"
-        "except SystemExit as _e:\n"
-        "    raise SystemExit(f'solution exited before the tests ran: {_e}') from None\n"
-        "_os._exit = _real_exit\n"
-        f"{tests}\n"
-    )
 
 
 BUILTINS: dict[str, RewardFn] = {

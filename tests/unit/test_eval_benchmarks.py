@@ -142,6 +142,22 @@ def test_sandbox_limits() -> None:
     assert isinstance(network_namespace(), bool)
 
 
+@pytest.mark.parametrize(
+    "exit_call", ["import sys; sys.exit(0)", "exit()", "import os; os._exit(0)", "raise SystemExit"]
+)
+def test_exiting_before_the_tests_finish_fails(exit_call: str) -> None:
+    """Exit 0 before the asserts ran is not a pass, from the solution or from a function
+    the tests call."""
+    early = f"def add(a, b):\n    return 0\n{exit_call}\nassert add(1, 2) == 3\n"
+    ok, why = run_program(early)
+    assert not ok and "before its tests finished" in why, why
+    inside = f"def add(a, b):\n    {exit_call}\nassert add(1, 2) == 3\n"
+    ok, why = run_program(inside)
+    assert not ok and "before its tests finished" in why, why
+    ok, why = run_program("def add(a, b):\n    return a + b\nassert add(1, 2) == 3\n")
+    assert ok, why
+
+
 def test_truncation_at_lm_eval_stop_sequences() -> None:
     assert truncate("humaneval", "    return 1\n\ndef other():\n    pass") == "    return 1\n"
     assert truncate("mbpp", "def f():\n    return 1\n[DONE] trailing") == "def f():\n    return 1\n"

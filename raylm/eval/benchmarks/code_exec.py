@@ -11,7 +11,11 @@ What the sandbox does (and does not do) for each completion:
 - no network: when unprivileged user namespaces work (``unshare -rn``), the process runs in
   its own network namespace, which has no interfaces but a down loopback; in every case an
   audit hook (PEP 578) in the child refuses socket creation, subprocesses, ``fork``/``exec``,
-  ``os.kill``, ``ctypes`` and writes outside the working directory.
+  ``os.kill``, ``ctypes`` and writes outside the working directory;
+- a program passes only by running to its end: ``sys.exit(0)``, ``exit()`` or
+  ``os._exit(0)`` anywhere (in the solution or in a function the tests call) would
+  otherwise exit 0 before the asserts ran, a reward hack a model finds quickly, so any
+  exit fails.
 
 An audit hook is a tripwire for careless or confused code, not a security boundary
 against deliberately hostile code; run untrusted models' code in a container or VM
@@ -55,8 +59,14 @@ def _hook(event, args):
             raise PermissionError(f"sandbox: {event} outside the sandbox is not allowed")
 src = open("program.py", encoding="utf-8").read()
 code = compile(src, "program.py", "exec")
+def _no_exit(*_a):
+    raise SystemExit("os._exit")
+os._exit = _no_exit
 sys.addaudithook(_hook)
-exec(code, {"__name__": "__main__"})
+try:
+    exec(code, {"__name__": "__main__"})
+except SystemExit as e:
+    raise SystemExit(f"sandbox: the program exited ({e.code!r}) before its tests finished")
 """
 
 
@@ -83,7 +93,7 @@ def _limits(memory_mb: int, cpu_s: int) -> None:
 
 
 def run_program(program: str, timeout_s: float = 10.0, memory_mb: int = 1024) -> tuple[bool, str]:
-    """(passed, why) for one program: passed means it exited 0 within the limits."""
+    """(passed, why) for one program: passed means it ran to its end within the limits."""
     with tempfile.TemporaryDirectory(prefix="raylm-code-") as tmp:
         Path(tmp, "program.py").write_text(program, encoding="utf-8")
         Path(tmp, "guard.py").write_text(GUARD, encoding="utf-8")

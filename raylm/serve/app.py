@@ -168,9 +168,24 @@ def serving_args(cfg: ServeJobConfig, key_hashes: list[str]) -> dict[str, Any]:
     settings = {
         "checks": check_settings(cfg, model_dir, locations, key_hashes),
         "single_process": cfg.engine.single_process,
+        "sessions": sessions_settings(cfg),
         **locations,
     }
     return {"llm_config": llm, "raylm": settings}
+
+
+def sessions_settings(cfg: ServeJobConfig) -> dict[str, Any]:
+    """The replicas' store of conversations (``raylm.serve.store.open_store``'s arguments).
+
+    A relative SQLite path is made absolute here, against the deploying workspace: a
+    replica's working directory is Ray's, not the user's.
+    """
+    url = cfg.sessions.store
+    if url.startswith("sqlite://"):
+        path = url.removeprefix("sqlite://")
+        if path and not path.startswith(("/", "~")):
+            url = "sqlite://" + resolve_path(path)
+    return {"store": url, "retention_s": cfg.sessions.retention_s, "namespace": cfg.app_name}
 
 
 SECRET_ENV_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CONNECTION_STRING")

@@ -20,8 +20,9 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from raylm.serve import responses
 from raylm.serve.checks import RequestChecks
-from raylm.serve.validation import ApiError
+from raylm.serve.validation import ApiError, parse_body
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -30,7 +31,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 GENERATE = {"/v1/completions": False, "/v1/chat/completions": True}
-"""Routes that generate, and whether each is chat."""
+"""Routes that generate, and whether each is chat. ``/v1/responses`` goes through
+``raylm.serve.responses`` (conversations kept in the shared store) instead."""
 
 PROBES = {"/health", "/ping"}
 """vLLM's liveness routes, answered without a key (as are Serve's own, under ``/-/``)."""
@@ -46,8 +48,11 @@ class ChecksMiddleware:
         settings: dict[str, Any] | None,
         cards: dict[str, Any],
         load_adapter: Callable[[str], Awaitable[None]],
+        conversations: responses.Conversations | None = None,
     ) -> None:
         self.app = app
+        self.conversations = conversations
+        """The Responses API's store (None: /v1/responses is not served)."""
         self.checks = RequestChecks(settings)
         self.cards = cards
         """Base model id -> its /v1/models entry (a dict)."""
@@ -83,6 +88,40 @@ class ChecksMiddleware:
             await reply(
                 send, 200, await asyncio.to_thread(self.checks.model_card, model, self.cards)
             )
+        elif self.conversations is not None and path.split("/")[:3] == ["", "v1", "responses"]:
+            await self.responses(scope, receive, send, headers)
+        else:
+            raise ApiError(404, "This endpoint is not served by raylm", code="not_found")
+
+    async def responses(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
+    ) -> None:
+        """``/v1/responses``: a turn goes to vLLM's app with its stored history
+        (``raylm.serve.responses``); retrieval and deletion are answered from the store."""
+        assert self.conversations is not None
+        conv, path, method = self.conversations, route_path(scope), scope["method"]
+        owner = responses.owner_of(headers.get("authorization"))
+        if path == responses.PATH and method == "POST":
+            raw = await self.checks.read_body(headers.get("content-length"), body_chunks(receive))
+            body = parse_body(raw, self.checks.settings.max_request_bytes)
+            base = await self.checks.resolve_model(body, list(self.cards))
+            ms = self.checks.models.get(base)
+            responses.check_request(body, ms.max_model_len if ms else 1 << 30)
+            if ":" in body["model"]:
+                await self.adapter(body["model"])
+
+            async def forward(data: bytes, answer: Send) -> None:
+                await self.app(scope, replay(data, receive), answer)
+
+            await conv.create(body, owner, forward, send)
+            return
+        response_id, _, sub = path.removeprefix(responses.PATH + "/").partition("/")
+        if method == "GET" and response_id and not sub:
+            await reply(send, 200, await conv.retrieve(response_id, owner))
+        elif method == "GET" and response_id and sub == "input_items":
+            await reply(send, 200, await conv.list_input_items(response_id, owner))
+        elif method == "DELETE" and response_id and not sub:
+            await reply(send, 200, await conv.delete(response_id, owner))
         else:
             raise ApiError(404, "This endpoint is not served by raylm", code="not_found")
 

@@ -24,6 +24,9 @@ raylm wants of it. raylm's settings reach each replica as arguments of the deplo
    before the engine starts; vLLM loads local directories only, and ray.serve.llm's own
    downloader would keep a second cache with its own rules. The replica's request
    checks count prompt tokens with that copy's tokenizer.
+6. **Conversations of the Responses API live in a store all replicas share**
+   (``sessions``: SQLite on the node or Redis; ``raylm.serve.responses``), not in vLLM's
+   per-process dict, so any replica continues them, across restarts and redeploys.
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ class ServerSettings:
 
     adapters: dict[str, str] = field(default_factory=dict)
     """Adapters by explicit name -> directory."""
+
+    sessions: dict[str, Any] = field(default_factory=dict)
+    """The Responses API's store: ``raylm.serve.store.open_store``'s arguments (``store``
+    URL, ``retention_s``, ``namespace``); empty: the defaults (SQLite on the node)."""
 
 
 def single_process_executor(parallel_config: Any, enabled: bool = True) -> bool:
@@ -83,10 +90,22 @@ def on_local_model(llm_config: Any, settings: ServerSettings) -> Any:
     return type(llm_config).model_validate(data)
 
 
+def replica_id() -> str:
+    """This Serve replica's id (the ``x-raylm-replica`` header), "" outside Serve."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not in a replica (unit tests)
+        return ""
+
+
 def _server_cls() -> type:
     """Built lazily: importing ray.serve.llm pulls in vLLM-facing modules."""
     from raylm.serve import ray_llm
     from raylm.serve.direct import ChecksMiddleware
+    from raylm.serve.responses import Conversations
+    from raylm.serve.store import open_store
 
     class RaylmLLMServer(ray_llm.server_base()):
         async def __init__(self, llm_config: Any, *, raylm: dict[str, Any], **kwargs: Any) -> None:
@@ -106,12 +125,15 @@ def _server_cls() -> type:
         async def __serve_build_asgi_app__(self) -> Any:
             """vLLM's app, as ray.serve.llm builds it, behind raylm's request checks."""
             app = await super().__serve_build_asgi_app__()
+            sessions = {"store": "sqlite://", "retention_s": 7 * 24 * 3600.0}
+            sessions |= self.settings.sessions
             ray_llm.add_middleware(
                 app,
                 ChecksMiddleware,
                 settings=self.settings.checks,
                 cards=self.cards,
                 load_adapter=self.load_adapter,
+                conversations=Conversations(open_store(**sessions), replica=replica_id()),
             )
             return app
 

@@ -151,6 +151,20 @@ def config_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def llama_pro_command(args: argparse.Namespace) -> int:
+    """``raylm llama-pro MODEL OUT --num-expand N``: the expanded model, and how to train it."""
+    from raylm.config import local_model
+    from raylm.train.llama_pro import expand
+
+    out = expand(local_model(args.model_dir), args.out_dir, args.num_expand, args.shard_mb)
+    print(
+        f"{out}: {args.num_expand} blocks inserted. Train them with finetuning_type=freeze "
+        f"freeze.trainable_layers={args.num_expand} freeze.llama_pro=true (LLaMA-Factory: "
+        f"freeze_trainable_layers: {args.num_expand}, use_llama_pro: true)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a pipeline run directory (workspace/name)")
     p = sub.add_parser("tiny-model", help="build the tiny offline Llama model")
     p.add_argument("out_dir")
+    p = sub.add_parser(
+        "llama-pro",
+        help="insert identity blocks for LLaMA Pro (LLaMA-Factory's scripts/llama_pro.py); "
+        "train them with finetuning_type freeze, freeze.llama_pro=true",
+    )
+    p.add_argument("model_dir", help="a local Hugging Face model dir (safetensors)")
+    p.add_argument("out_dir")
+    p.add_argument("--num-expand", type=int, required=True, help="blocks to insert")
+    p.add_argument("--shard-mb", type=int, default=2000, help="largest output file, MiB")
     return parser
 
 
@@ -235,6 +258,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(build(args.out_dir))
         return 0
+    if args.command == "llama-pro":
+        return llama_pro_command(args)
     return run_local(args.command, args.rest, args.address)
 
 

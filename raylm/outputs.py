@@ -104,6 +104,11 @@ class ModelOutput(StageOutput):
     """For a quantized export: the unquantized (merged) model it was made from, which
     the pipeline's export_eval stage compares it with."""
 
+    trained_adapter: str | None = None
+    """An OFT run: the PEFT adapter it trained, kept beside the merged weights ``path``
+    holds (``final/oft_adapter``; PEFT applies it to ``base_model``). Not for serving:
+    vLLM has no OFT adapters, so ``path`` is already merged and ``adapter`` is false."""
+
 
 @dataclasses.dataclass
 class EvalOutput(StageOutput):

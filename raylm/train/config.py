@@ -17,6 +17,7 @@ from raylm.train.config_methods import (
     KTOConfig,
     LoraConfig,
     LossConfig,
+    OftConfig,
     RMConfig,
 )
 from raylm.train.config_run import (
@@ -36,7 +37,7 @@ unpaired answers each labelled desirable or not (LLaMA-Factory's ``kto_tag``), K
 loss against a reference model (``KTOConfig``)."""
 STAGE_DATA = {"rm": "dpo"}
 """The data kind a stage reads when it is another stage's: rm trains on preference pairs."""
-FINETUNING_TYPES = ("full", "lora", "freeze", "qlora")
+FINETUNING_TYPES = ("full", "lora", "freeze", "qlora", "oft")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 
@@ -232,7 +233,8 @@ class TrainJobConfig:
     ``STAGES``."""
 
     finetuning_type: str = "lora"
-    """full, lora, freeze (last N layers) or qlora (4-bit base; CUDA only)."""
+    """full, lora, freeze (last N layers, or LLaMA Pro's inserted blocks), qlora (4-bit
+    base; CUDA only) or oft (orthogonal fine-tuning; final/ is the merged model)."""
 
     run_name: str = "raylm-train"
     """Run name; submitting again with the same name and storage resumes the run."""
@@ -263,6 +265,9 @@ class TrainJobConfig:
 
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     """Freeze tuning."""
+
+    oft: OftConfig = field(default_factory=OftConfig)
+    """OFT adapters (finetuning_type oft)."""
 
     dpo: DPOConfig = field(default_factory=DPOConfig)
     """DPO loss."""
@@ -310,6 +315,11 @@ class TrainJobConfig:
             raise ConfigError(
                 "export.pissa_convert converts a new adapter of finetuning_type=lora with "
                 "lora.init pissa or olora"
+            )
+        if self.finetuning_type == "oft" and self.stage == "rm":
+            raise ConfigError(
+                "stage rm with finetuning_type=oft: raylm builds the reward model's score "
+                "head with lora, freeze or full; use one of those"
             )
         from raylm.train.sinks import SINKS, require
 

@@ -1,4 +1,4 @@
-"""What a run tunes and what it optimises: LoRA and freeze (which weights train), and the
+"""What a run tunes and what it optimises: LoRA, OFT and freeze (which weights train), and the
 preference objectives' settings (dpo, rm, kto). Split from ``raylm.train.config`` to keep
 each file readable; that module re-exports every class here."""
 
@@ -104,11 +104,92 @@ class FreezeConfig:
     """Modules outside the decoder layers that train too (embed_tokens, norm, lm_head):
     e.g. the embeddings after adding tokens. LLaMA-Factory's ``freeze_extra_modules``."""
 
+    llama_pro: bool = False
+    """LLaMA Pro (LLaMA-Factory's ``use_llama_pro``): the ``trainable_layers`` trained are
+    not the last N but N evenly spaced ones, the last of each group of L / N layers
+    (layer ids stride-1, 2*stride-1, ..., stride = L / N): the blocks ``raylm llama-pro``
+    (LLaMA-Factory's scripts/llama_pro.py) inserted, each a copy of the block before it
+    with o_proj and down_proj zeroed, so training new capacity leaves the original
+    blocks untouched. Needs trainable_layers > 0 dividing the layer count."""
+
     def __post_init__(self) -> None:
         if self.trainable_layers == 0:
             raise ConfigError("freeze.trainable_layers must not be 0 (last N > 0, first -N < 0)")
         if not self.trainable_modules:
             raise ConfigError("freeze.trainable_modules must name at least one module (or 'all')")
+        if self.llama_pro and self.trainable_layers < 0:
+            raise ConfigError(
+                f"freeze.llama_pro trains trainable_layers={self.trainable_layers} evenly "
+                "spaced layers: it must be positive (the number of inserted blocks)"
+            )
+
+
+@dataclass
+class OftConfig:
+    """Orthogonal fine-tuning (finetuning_type oft; PEFT's ``OFTConfig``, as LLaMA-Factory
+    builds it): each adapted linear layer's input is rotated by a trained block-diagonal
+    orthogonal matrix, which keeps the angles between a layer's weight vectors (the
+    pretrained knowledge, by OFT's argument) while learning. The weight update is
+    multiplicative, so final/ holds the adapter merged into the base: vLLM serves no
+    OFT adapters (``raylm.train.oft``)."""
+
+    block_size: int = 32
+    """Side of each orthogonal block (LLaMA-Factory's ``oft_block_size``): larger blocks
+    are denser rotations with more trainable parameters (block_size^2 / 2 per block).
+    It should divide every adapted layer's input size; PEFT picks the nearest divisor
+    otherwise (warned). 0: derive it from ``rank``."""
+
+    rank: int = 0
+    """Number of blocks per adapted layer (LLaMA-Factory's ``oft_rank``), the other way to
+    size them (block = in_features / rank); exactly one of rank and block_size is set,
+    the other 0."""
+
+    target: list[str] = field(default_factory=lambda: ["all"])
+    """Module names to adapt (q_proj, v_proj, ...); ``all``: every linear layer but the
+    head (LLaMA-Factory's ``oft_target``)."""
+
+    module_dropout: float = 0.0
+    """Multiplicative dropout: each block is replaced by the identity with this chance
+    per training forward (LLaMA-Factory's ``module_dropout``), OFT's counterpart of
+    LoRA's dropout."""
+
+    use_cayley_neumann: bool = True
+    """Orthogonalise through a truncated Neumann series of the Cayley transform (PEFT's
+    default) instead of its exact matrix inverse: cheaper per step, slightly off
+    orthogonal; LLaMA-Factory passes nothing, so it gets this default too."""
+
+    num_cayley_neumann_terms: int = 5
+    """Terms of that series (PEFT's default): more are closer to orthogonal, slower."""
+
+    coft: bool = False
+    """Constrained OFT: keep each rotation within ``eps`` of the identity, for stability
+    at high learning rates."""
+
+    eps: float = 6e-5
+    """COFT's freedom of rotation (only with ``coft``)."""
+
+    block_share: bool = False
+    """One rotation block shared by all blocks of a layer: far fewer parameters, less
+    expressive."""
+
+    additional_target: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapter and saved in it (PEFT's
+    ``modules_to_save``; LLaMA-Factory's ``additional_target`` with oft)."""
+
+    def __post_init__(self) -> None:
+        positive("oft.block_size", self.block_size, allow_zero=True)
+        positive("oft.rank", self.rank, allow_zero=True)
+        if (self.rank == 0) == (self.block_size == 0):
+            raise ConfigError(
+                f"oft.rank={self.rank}, oft.block_size={self.block_size}: set exactly one "
+                "(rank x block_size is each layer's input size), the other to 0"
+            )
+        if not self.target:
+            raise ConfigError("oft.target must name at least one module (or 'all')")
+        if not 0.0 <= self.module_dropout < 1.0:
+            raise ConfigError(f"oft.module_dropout={self.module_dropout} must be in [0, 1)")
+        positive("oft.num_cayley_neumann_terms", self.num_cayley_neumann_terms)
+        positive("oft.eps", self.eps)
 
 
 @dataclass

@@ -6,7 +6,8 @@ written after the upload returned, is what says it is complete.
 Full / freeze training writes a Hugging Face directory (safetensors, tokenizer,
 generation config); LoRA writes the PEFT adapter (plus the tokenizer, so the
 directory is self-describing) and, with ``export.merge_lora``, ``final/merged`` as
-a full model.
+a full model. OFT writes the merged full model, its adapter in ``final/oft_adapter``
+(no engine serves OFT adapters; ``raylm.train.oft``).
 
 A reward model (stage rm) is an ``AutoModelForSequenceClassification`` (one output):
 full / freeze write it as above, its ``score`` head among the shards; LoRA's adapter
@@ -64,9 +65,9 @@ def shard_bytes(cfg: Any) -> int:
 
 
 def _exported(cfg: Any) -> Callable[[str, Any], bool]:
-    """LoRA exports what it trained (the adapter), so only those parameters are gathered;
-    full and freeze export every parameter."""
-    if cfg.finetuning_type in ("lora", "qlora"):
+    """LoRA and OFT export what they trained (the adapter), so only those parameters are
+    gathered; full and freeze export every parameter."""
+    if cfg.finetuning_type in ("lora", "qlora", "oft"):
         return lambda name, param: param.requires_grad
     return lambda name, param: True
 
@@ -126,19 +127,24 @@ def write_final(
     cfg: Any, module: Any, weights: Path, files: list[str], tok: Any, out: Path
 ) -> None:
     """Assemble ``final/`` beside it and rename, so it is never half written. ``weights``
-    holds the shards :func:`write_shards` wrote; a LoRA run's become the adapter."""
+    holds the shards :func:`write_shards` wrote; a LoRA run's become the adapter, an
+    OFT run's the adapter merged into the base (``raylm.train.oft``)."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    lora = cfg.finetuning_type in ("lora", "qlora")
+    lora, oft = cfg.finetuning_type in ("lora", "qlora"), cfg.finetuning_type == "oft"
     if lora:
         module.save_pretrained(str(tmp), state_dict=_load_shards(weights, files))
+    elif oft:
+        from raylm.train.oft import write_oft_final
+
+        write_oft_final(cfg, module, _load_shards(weights, files), tok, tmp)
     else:
         weights.rename(tmp)
         _write_index(tmp, files)
         module.config.save_pretrained(str(tmp))
     shutil.rmtree(weights, ignore_errors=True)
     tok.save_pretrained(str(tmp))  # with model.template, its chat_template and EOS
-    if not lora and getattr(module, "generation_config", None) is not None:
+    if not (lora or oft) and getattr(module, "generation_config", None) is not None:
         stop_at_template(cfg.model.template, tok, module.generation_config)
         module.generation_config.save_pretrained(str(tmp))
     if lora and cfg.export.pissa_convert:  # before merging: the merge reads final/

@@ -1,4 +1,5 @@
-"""The train job: Ray Train workers running DeepSpeed (pt / sft / dpo; full, lora, freeze, qlora).
+"""The train job: Ray Train workers running DeepSpeed (pt / sft / dpo; full, lora, freeze,
+qlora, oft).
 
 Submitting it again with the same run_name and storage_path resumes the run from its
 newest complete checkpoint.
@@ -61,8 +62,13 @@ class TrainJob(Job[TrainJobConfig]):
 
 
 def model_output(cfg: TrainJobConfig, final: str) -> ModelOutput:
+    """LoRA's final/ is an adapter (maybe with final/merged); OFT's is the merged model,
+    its adapter kept in final/oft_adapter (``raylm.train.oft``); the rest full models."""
+    from raylm.train.oft import ADAPTER_DIR
+
     adapter = cfg.finetuning_type in ("lora", "qlora")
     merged = storage.join(final, "merged")
+    oft = cfg.finetuning_type == "oft"
     return ModelOutput(
         path=final,
         adapter=adapter,
@@ -71,6 +77,7 @@ def model_output(cfg: TrainJobConfig, final: str) -> ModelOutput:
         cutoff_len=cfg.data.cutoff_len,
         stage=cfg.stage,
         merged=merged if adapter and storage.is_dir(merged) else None,
+        trained_adapter=storage.join(final, ADAPTER_DIR) if oft else None,
     )
 
 

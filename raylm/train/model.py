@@ -167,9 +167,13 @@ def load_model(cfg: TrainJobConfig, ds_config: dict[str, Any] | None = None) -> 
             model.enable_input_require_grads()
     if cfg.finetuning_type in ("lora", "qlora"):
         return add_lora(model, cfg)
+    if cfg.finetuning_type == "oft":
+        from raylm.train.oft import add_oft
+
+        return add_oft(model, cfg)
     if cfg.finetuning_type == "freeze":
         f = cfg.freeze
-        freeze_all_but(model, f.trainable_layers, f.trainable_modules, f.extra_modules)
+        freeze_all_but(model, f.trainable_layers, f.trainable_modules, f.extra_modules, f.llama_pro)
     return model
 
 
@@ -250,24 +254,27 @@ def continue_adapter(model: Any, name_or_path: str) -> Any:
 
 
 def freeze_all_but(
-    model: Any, n: int, modules: Sequence[str] = ("all",), extra: Sequence[str] = ()
+    model: Any,
+    n: int,
+    modules: Sequence[str] = ("all",),
+    extra: Sequence[str] = (),
+    llama_pro: bool = False,
 ) -> None:
     """LLaMA-Factory's freeze tuning: the last ``n`` decoder layers train (the first -n
-    when negative), only their ``modules`` unless ``all``, plus the ``extra`` modules
-    outside the layers (embed_tokens, norm, lm_head); all else is frozen."""
+    when negative; with ``llama_pro``, n evenly spaced ones: ``llama_pro.layer_ids``),
+    only their ``modules`` unless ``all``, plus the ``extra`` modules outside the layers
+    (embed_tokens, norm, lm_head); all else is frozen."""
+    from raylm.train.llama_pro import layer_ids
+
     layers = _decoder_layers(model)
-    if not 0 < abs(n) <= len(layers):
-        raise ConfigError(
-            f"freeze.trainable_layers={n}: the model has {len(layers)} layers (last N > 0, "
-            "first -N < 0)"
-        )
+    chosen = layer_ids(len(layers), n, llama_pro)
     for p in model.parameters():
         p.requires_grad_(False)
     inner = sorted({name for layer in layers for name, _ in layer.named_modules() if name})
     for m in modules:
         if m != "all" and m not in inner:
             raise ConfigError(f"freeze.trainable_modules: no {m!r} in a decoder layer; {inner}")
-    for layer in layers[-n:] if n > 0 else layers[:-n]:
+    for layer in (layers[i] for i in chosen):
         for name, p in layer.named_parameters():
             if "all" in modules or any(name.startswith(m + ".") for m in modules):
                 p.requires_grad_(True)

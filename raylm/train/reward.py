@@ -77,7 +77,9 @@ def load_reward_model(
         return m.add_lora(model, cfg, task_type="SEQ_CLS")
     if cfg.finetuning_type == "freeze":
         f = cfg.freeze
-        m.freeze_all_but(model, f.trainable_layers, f.trainable_modules, f.extra_modules)
+        m.freeze_all_but(
+            model, f.trainable_layers, f.trainable_modules, f.extra_modules, f.llama_pro
+        )
         _head(model).requires_grad_(True)
     return model
 

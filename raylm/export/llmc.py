@@ -31,11 +31,8 @@ from the main venv. ``ensure_env`` checks the versions the child actually import
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -48,6 +45,7 @@ from typing import Any
 from raylm.config import ConfigError
 from raylm.export.config import ExportJobConfig
 from raylm.export.quantize import read_docs
+from raylm.export.toolcache import cache_root, locked, run
 
 REQUIREMENTS = (
     "llmcompressor==0.14.0.1",
@@ -64,7 +62,6 @@ IMPORTS = {"llmcompressor": "llmcompressor", "compressed_tensors": "compressed-t
            "transformers": "transformers", "huggingface_hub": "huggingface-hub"}  # fmt: skip
 """Modules whose imported version must equal the pin (checked after the build)."""
 
-ENVS_DIR_ENV = "RAYLM_ENVS_DIR"
 MARKER = "raylm-env.json"
 WORKER = Path(__file__).with_name("llmc_worker.py")
 EVAL_WINDOWS = 16
@@ -111,30 +108,18 @@ def env_key() -> str:
 
 
 def env_dir() -> Path:
-    base = os.environ.get(ENVS_DIR_ENV) or Path.home() / ".cache" / "raylm" / "envs"
-    return Path(base) / f"llmcompressor-{env_key()}"
+    return cache_root() / f"llmcompressor-{env_key()}"
 
 
 def env_python(env: Path) -> Path:
     return env / "bin" / "python"
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def ensure_env(env: Path | None = None) -> tuple[Path, float]:
     """The llmcompressor venv, built if missing; returns its python and the seconds the
     build took (0 when it was there)."""
     env = env or env_dir()
-    with _locked(env.with_name(env.name + ".lock")):
+    with locked(env.with_name(env.name + ".lock")):
         if (env / MARKER).is_file():
             return env_python(env), 0.0
         start = time.perf_counter()
@@ -166,10 +151,7 @@ def _child(env: Path, code: str) -> str:
 
 
 def _run(cmd: list[str], what: str, **kw: Any) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    if proc.returncode != 0:
-        raise RuntimeError(f"llmcompressor env: could not {what}:\n{proc.stderr[-3000:]}")
-    return proc.stdout
+    return run(cmd, "llmcompressor env", what, **kw)
 
 
 def split_docs(cfg: ExportJobConfig) -> tuple[list[str], list[str]]:

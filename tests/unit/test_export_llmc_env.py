@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from raylm.config import ConfigError
-from raylm.export import llmc
+from raylm.export import llmc, toolcache
 from raylm.export.config import ExportJobConfig, QuantizeConfig
 
 
@@ -30,7 +30,7 @@ def test_pins_are_exact_and_name_the_conflict() -> None:
 
 
 def test_env_dir_follows_the_pins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(llmc.ENVS_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(toolcache.ENVS_DIR_ENV, str(tmp_path))
     first = llmc.env_dir()
     assert first.parent == tmp_path and first.name == f"llmcompressor-{llmc.env_key()}"
     monkeypatch.setattr(llmc, "REQUIREMENTS", (*llmc.REQUIREMENTS[:-1], "nvidia-ml-py==1.0"))

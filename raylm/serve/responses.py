@@ -64,7 +64,9 @@ def owner_of(authorization: str | None) -> str:
     return hash_key(token.strip()) if scheme.lower() == "bearer" and token.strip() else ""
 
 
-def not_found(response_id: str, retention_s: float, now: float) -> ApiError:
+def not_found(
+    response_id: str, retention_s: float, now: float, param: str = "response_id"
+) -> ApiError:
     """404 for an absent, deleted, expired or another key's response (never 403, which
     would tell a caller that an id it does not own exists)."""
     created = created_from_id(response_id)
@@ -78,7 +80,7 @@ def not_found(response_id: str, retention_s: float, now: float) -> ApiError:
             f"Response with id '{response_id}' not found (stored responses are kept for "
             f"sessions.retention_s={retention_s:g} and only for the API key that created them)."
         )
-    return ApiError(404, message, param="response_id", code="not_found")
+    return ApiError(404, message, param=param, code="not_found")
 
 
 def input_items(value: Any) -> list[dict[str, Any]]:
@@ -156,7 +158,9 @@ class Conversations:
         if previous is not None:
             record = await self._get(previous, owner)
             if record is None:
-                raise not_found(previous, self.store.retention_s, time.time())
+                raise not_found(
+                    previous, self.store.retention_s, time.time(), "previous_response_id"
+                )
             items = list(record.items)
         new_items = input_items(body.get("input"))
         request_id = new_response_id()

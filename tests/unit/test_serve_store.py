@@ -130,3 +130,28 @@ def test_response_ids_carry_their_time() -> None:
     assert created_from_id("resp_" + "z" * 32) is None
     assert created_from_id("resp_abc") is None
     assert new_response_id() != new_response_id()
+
+
+def test_sessions_config_reaches_the_replicas(tmp_path: Path, monkeypatch) -> None:
+    from raylm.config import load
+    from raylm.serve import app
+
+    def cfg(*overrides: str):
+        return load("serve", [], ["model.path=m", "auth.api_keys=[sk-unit]", *overrides])
+
+    monkeypatch.chdir(tmp_path)
+    assert app.sessions_settings(cfg()) == {
+        "store": "sqlite://",
+        "retention_s": 7 * 24 * 3600.0,
+        "namespace": "raylm",
+    }
+    rel = app.sessions_settings(cfg("sessions.store=sqlite://state/s.db", "app_name=x"))
+    assert rel["store"] == f"sqlite://{tmp_path}/state/s.db" and rel["namespace"] == "x"
+    url = "redis://10.0.0.5:6379/2"
+    assert app.sessions_settings(cfg(f"sessions.store={url}"))["store"] == url
+    with pytest.raises(ConfigError, match=r"sessions\.store='mysql://h/db' is not a store URL"):
+        cfg("sessions.store=mysql://h/db")
+    with pytest.raises(ConfigError, match=r"sessions\.retention_s=0"):
+        cfg("sessions.retention_s=0")
+    with pytest.raises(ConfigError, match="did you mean 'retention_s'"):
+        cfg("sessions.retention=60")

@@ -198,14 +198,18 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
 # ---- LLaMA-Factory's dataset_info.json ---------------------------------------------------
 
 
-def registry_sources(path: str, names: list[str], fmt: str = "auto") -> list[Source]:
+def registry_sources(
+    path: str, names: list[str], fmt: str = "auto", registry: dict[str, Any] | None = None
+) -> list[Source]:
     """The files of datasets registered in a ``dataset_info.json`` (all when ``names`` is
     empty), each with its format and its columns and tags as one column mapping.
 
     ``fmt`` is the job's own format setting: it fills in for an entry that declares no
     ``formatting`` (LLaMA-Factory would assume alpaca), and must agree with one that does.
+    ``registry``: the file's entries as already read (a Hub repo's, its files fetched:
+    ``raylm.data.hub.resolve``).
     """
-    registry = _read_registry(path)
+    registry = _read_registry(path) if registry is None else registry
     wanted = names or list(registry)
     missing = [n for n in wanted if n not in registry]
     if missing:

@@ -125,6 +125,13 @@ class TrainDataConfig:
     shards' row groups, then shuffles rows within each run of this many (see
     ``raylm.train.stream``). A worker holds about this many row groups in memory."""
 
+    tokenized_path: str | None = None
+    """Where this run's tokenized set is kept (LLaMA-Factory's ``tokenized_path``): when
+    it holds a finished set, the run trains on it and never reads ``path``; else the run
+    tokenizes ``path``, saves the set there (a data job output), then trains. A set made
+    with another tokenizer, template, cutoff, stage or data settings is refused
+    (``raylm.train.tokenized``). Local or a URI."""
+
     def __post_init__(self) -> None:
         choice("data.format", self.format, INPUT_FORMATS)
         choice("data.mix_strategy", self.mix_strategy, MIX_STRATEGIES)

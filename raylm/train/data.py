@@ -28,6 +28,7 @@ from typing import Any
 
 from raylm import storage
 from raylm.config import ConfigError, resolve_model, resolve_path
+from raylm.data import hub
 from raylm.data.formats import kind_of
 from raylm.data.sources import DATASET_INFO, Source, common_root, registry_sources
 from raylm.manifest import MANIFEST
@@ -69,11 +70,16 @@ def deterministic_split() -> Any:
 
 def data_inputs(cfg: TrainJobConfig) -> dict[str, Any]:
     """Describe ``data.path`` (local or a URI): a data job's shards (checked against this
-    run) or raw files."""
+    run) or raw files; ``data.tokenized_path``'s saved set when it holds one."""
+    from raylm.train.tokenized import reuse
+
+    if cfg.data.tokenized_path and (saved := reuse(cfg)) is not None:
+        return saved
     path = resolve_path(cfg.data.path)
     try:
-        is_output = storage.is_dir(path) and any(
-            storage.exists(storage.join(path, name)) for name in (MANIFEST, META)
+        is_output = not hub.is_hub(path) and storage.is_dir(path)
+        is_output = is_output and any(
+            storage.exists(storage.join(path, n)) for n in (MANIFEST, META)
         )
     except OSError as err:  # a bucket without credentials, an unreachable endpoint
         raise ConfigError(f"data.path={cfg.data.path!r} cannot be read: {err}") from None
@@ -197,7 +203,10 @@ def raw_sources(path: str, cfg: TrainJobConfig, names: list[str]) -> list[Source
 
     Sources are named by their full path, so an error names the file and line.
     """
-    if names:
+    if hub.is_hub(path):  # a Hub dataset repo: its registry, the named datasets fetched
+        info, registry = hub.resolve(path, names)
+        found = registry_sources(info, names, cfg.data.format, registry)
+    elif names:
         is_file = path.endswith(".json") and not storage.is_dir(path)
         found = registry_sources(path if is_file else storage.join(path, DATASET_INFO), names,
                                  cfg.data.format)  # fmt: skip
@@ -294,9 +303,15 @@ def make_plan(cfg: TrainJobConfig, source: dict[str, Any]):
     from raylm.train.stream import plan_of_table
 
     window = cfg.data.shuffle_row_groups
-    if source["kind"] == "shards":
-        return plan_shards(source["path"], cfg.stage, cfg.data.max_samples, window)
-    return plan_of_table(pa.Table.from_pylist(_tokenize_raw(cfg, source)), window)
+    if source["kind"] == "shards":  # a saved tokenized set has max_samples applied
+        return plan_shards(source["path"], cfg.stage, source.get("limit", cfg.data.max_samples),
+                           window)  # fmt: skip
+    rows = _tokenize_raw(cfg, source)
+    if cfg.data.tokenized_path:  # the first run of a tokenized_path: save, then train
+        from raylm.train.tokenized import save
+
+        save(cfg, source, rows)
+    return plan_of_table(pa.Table.from_pylist(rows), window)
 
 
 def plan_shards(path: str, stage: str, limit: int | None, window: int):

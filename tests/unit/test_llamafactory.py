@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
-from llamafactory_helpers import ASSETS, LF, PARTITION, QLORA, example, lf
+from llamafactory_helpers import ASSETS, LF, PARTITION, QLORA, demo_hub, example, lf
 
 from raylm import config
 from raylm.config import ConfigError
@@ -34,7 +34,7 @@ def test_every_example_yaml_is_in_the_partition() -> None:
 
 @pytest.mark.parametrize("rel", sorted(PARTITION))
 def test_example_loads_or_is_refused_naming_its_keys(
-    rel: str, tmp_path: Path, tiny_model: Path, workspace: Path
+    rel: str, tmp_path: Path, tiny_model: Path, workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from raylm.train.data import data_inputs
     from raylm.train.ds_config import deepspeed_config
@@ -55,7 +55,8 @@ def test_example_loads_or_is_refused_naming_its_keys(
     cfg = config.load("train", [path])
     assert cfg.model.name_or_path == str(tiny_model)
     assert (cfg.storage_path, cfg.run_name) == (str(tmp_path / "saves"), "run")
-    sources = data_inputs(cfg)["sources"]  # the registry resolves every named dataset
+    with demo_hub(monkeypatch, tmp_path / "hub"):  # REMOTE:llamafactory/demo_data
+        sources = data_inputs(cfg)["sources"]  # the registry resolves every named dataset
     assert sorted({s.dataset for s in sources}) == sorted(cfg.data.datasets)
     deepspeed_config(cfg, world_size=2)  # the named DeepSpeed file merges
     if rel in QLORA:
@@ -131,8 +132,7 @@ def test_datasets_and_mixing_keys(tmp_path: Path) -> None:
         load_lf(tmp_path, dataset="a,b", mix_strategy="interleave_over", interleave_probs="1.0")
     with pytest.raises(ConfigError, match="both hold examples out"):
         load_lf(tmp_path, eval_dataset="a", val_size=0.1)
-    with pytest.raises(ConfigError, match=r"dataset_dir='REMOTE:x': remote dataset repos"):
-        load_lf(tmp_path, dataset_dir="REMOTE:x")
+    assert load_lf(tmp_path, dataset_dir="REMOTE:org/x").data.path == "hf://datasets/org/x"
 
 
 def test_ray_keys_map_onto_scaling_and_storage(tmp_path: Path) -> None:

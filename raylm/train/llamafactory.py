@@ -15,7 +15,6 @@ import os
 from typing import Any
 
 from raylm.config import ConfigError, resolve_path
-from raylm.data.hub import hub_path
 from raylm.train import llamafactory_keys as keys
 from raylm.train.config_methods import SCHEDULERS
 from raylm.train.llamafactory_values import CONVERT, as_bool, csv_list, hint, same, set_key
@@ -121,7 +120,8 @@ def _special(data: dict[str, Any], out: dict[str, Any], source: str, refused: bo
     """Keys whose fate depends on their value; returns the refusals (``refused``: some
     key was refused already, so a missing dataset needs no mention)."""
     refusals: list[str] = []
-    checks = (_stage, _values, _precision, _quantization, _attention, _knobs, _ray, _resume, _loss)
+    checks = (_stage, _values, _precision, _quantization, _attention, _knobs, _ray, _resume, _loss,
+              _oft, _llama_pro)  # fmt: skip
     for check in checks:
         refusals += check(data, out)
     _data(data, out, refusals, refused)
@@ -151,12 +151,6 @@ def _stage(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
         for key in ("beta", "sft_weight"):
             if key in dpo:
                 set_key(out, f"kto.{key}", dpo.pop(key))
-    ftype = str(data.get("finetuning_type", "lora"))
-    if ftype == "oft":
-        refusals.append(
-            "finetuning_type='oft': raylm's loader, export and serving build LoRA adapters "
-            "only (OFT would be PEFT's OFTConfig through all three); use lora"
-        )
     pref_loss = str(data.get("pref_loss", ""))
     if pref_loss in UNSUPPORTED_PREF_LOSS:
         refusals.append(
@@ -224,12 +218,20 @@ def _quantization(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
     if found in PREQUANTIZED:
         return [
             f"model_name_or_path: a {found}-quantized checkpoint; raylm cannot train on it "
-            "(start from the unquantized model, with quantization_bit: 4 for QLoRA)"
+            f"(its matmuls need {found}'s CUDA kernel packages, which raylm does not load: "
+            "start from the unquantized model, with quantization_bit: 4 for QLoRA)"
         ]
     if bits is None:
         return []
     if int(bits) != 4:
         return [f"quantization_bit={bits}: raylm's QLoRA (bitsandbytes) supports 4 only"]
+    if data.get("finetuning_type") == "oft":
+        return [
+            f"quantization_bit={bits} with finetuning_type oft (QOFT): a 4-bit bitsandbytes "
+            "base needs bitsandbytes' CUDA kernels (LLaMA-Factory's bnb_npu example runs "
+            "them on Ascend NPUs, which raylm does not target), and raylm quantizes the "
+            "base for LoRA only (QLoRA, on CUDA GPUs): train OFT on the unquantized model"
+        ]
     if data.get("finetuning_type", "lora") != "lora":
         return ["quantization_bit needs finetuning_type: lora (QLoRA)"]
     set_key(out, "finetuning_type", "qlora")
@@ -306,6 +308,54 @@ def _loss(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
     return []
 
 
+LORA_ONLY = ("use_dora", "use_rslora", "pissa_init", "loraplus_lr_ratio")
+"""LoRA variants LLaMA-Factory refuses with any other finetuning_type."""
+
+
+def _oft(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
+    """finetuning_type oft: LLaMA-Factory builds PEFT's OFTConfig on ``lora_target`` (its
+    ``oft_target`` is parsed, then unused) with ``additional_target``; raylm's oft.target
+    takes oft_target, else lora_target. ``oft_rank`` alone sizes the blocks by count."""
+    if str(data.get("finetuning_type")) != "oft":
+        return []
+    refusals = [f"{k}={data[k]!r}: a LoRA variant; LLaMA-Factory refuses it with "
+                "finetuning_type oft too" for k in LORA_ONLY if as_bool(data.get(k))]  # fmt: skip
+    oft_t, lora_t = data.get("oft_target"), data.get("lora_target")
+    if oft_t is not None and lora_t is not None and csv_list(oft_t) != csv_list(lora_t):
+        refusals.append(
+            f"oft_target={oft_t!r} with lora_target={lora_t!r}: LLaMA-Factory builds OFT on "
+            "lora_target (oft_target is read, unused), raylm on oft_target: set one"
+        )
+    if oft_t is not None or lora_t is not None:
+        set_key(out, "oft.target", csv_list(oft_t if oft_t is not None else lora_t))
+    if "additional_target" in out.get("lora", {}):
+        set_key(out, "oft.additional_target", out["lora"].pop("additional_target"))
+    if data.get("oft_rank") and data.get("oft_block_size") is None:
+        set_key(out, "oft.block_size", 0)  # PEFT takes one of the two
+    if data.get("adapter_name_or_path"):
+        refusals.append(
+            "adapter_name_or_path with finetuning_type oft: raylm continues LoRA adapters "
+            "only; merge the OFT adapter into its base (a raylm OFT run's final/ is that "
+            "merge) and train a new one from it"
+        )
+    return refusals
+
+
+def _llama_pro(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
+    """``use_llama_pro``: train the blocks LLaMA Pro inserted (``raylm.train.llama_pro``)."""
+    if not as_bool(data.get("use_llama_pro")):
+        return []
+    ftype = str(data.get("finetuning_type", "lora"))
+    if ftype == "freeze":
+        set_key(out, "freeze.llama_pro", True)
+        return []
+    return [
+        f"use_llama_pro with finetuning_type {ftype}: raylm trains LLaMA Pro's inserted "
+        "blocks with finetuning_type freeze (freeze_trainable_layers: the number inserted); "
+        "adapters on those blocks only (LLaMA-Factory's lora/oft variant) are not built"
+    ]
+
+
 def _ray(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
     """``resources_per_worker`` (earlier LLaMA-Factory releases): CPUs per worker, and one
     GPU per worker at most."""
@@ -338,23 +388,20 @@ def _resume(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
 
 
 def _data(data: dict[str, Any], out: dict[str, Any], refusals: list[str], refused: bool) -> None:
-    """``dataset`` names registered in ``dataset_dir``'s dataset_info.json; a ``REMOTE:``
-    dir is a Hub dataset repo (``raylm.data.hub``). ``tokenized_path`` without a dataset
-    is a saved set to train on (``raylm.train.tokenized``: it is a data job output)."""
+    """``dataset`` names registered in ``dataset_dir``'s dataset_info.json."""
     root = str(data.get("dataset_dir", "data")).rstrip("/")
     if root.upper().startswith("REMOTE:"):
-        root = hub_path(root)
-    saved = data.get("tokenized_path")
+        refusals.append(
+            f"dataset_dir={root!r}: remote dataset repos cannot be read offline; download "
+            "the files and point dataset_dir at the dir holding dataset_info.json (or s3://)"
+        )
+        return
     if "dataset" not in data:
-        if saved:
-            set_key(out, "data.path", str(saved))
-        elif not (refusals or refused):
+        if not (refusals or refused):
             refusals.append("no 'dataset': a training YAML names the datasets to train on")
         return
     set_key(out, "data.path", root)
     set_key(out, "data.datasets", csv_list(data["dataset"]))
-    if saved:
-        set_key(out, "data.tokenized_path", str(saved))
 
 
 def _output(data: dict[str, Any], out: dict[str, Any]) -> None:

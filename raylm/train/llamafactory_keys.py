@@ -30,6 +30,9 @@ MAPPED: dict[str, str] = {
     "lora_dropout": "lora.dropout",
     "lora_target": "lora.target",
     "freeze_trainable_layers": "freeze.trainable_layers",  # negative: the first -N
+    "oft_rank": "oft.rank",  # alone (no oft_block_size): oft.block_size=0 (llamafactory._oft)
+    "oft_block_size": "oft.block_size",
+    "module_dropout": "oft.module_dropout",
     # Unset, eval_strategy is transformers' no: held out and counted, not scored (warned).
     "eval_strategy": "eval.strategy",
     "evaluation_strategy": "eval.strategy",  # transformers' older name
@@ -83,10 +86,7 @@ MAPPED: dict[str, str] = {
 
 SPECIAL: dict[str, str] = {
     "dataset": "data.datasets (names in dataset_dir's dataset_info.json)",
-    "dataset_dir": "data.path (the registry's directory; REMOTE:org/name: the Hub dataset "
-    "repo hf://datasets/org/name, fetched through huggingface_hub)",
-    "tokenized_path": "data.tokenized_path (made on the first run, trained on later; "
-    "without dataset: data.path)",
+    "dataset_dir": "data.path (the registry's directory); REMOTE: refused",
     "output_dir": "storage_path + run_name (the run dir is output_dir)",
     "bf16": "train.precision=bf16",
     "fp16": "train.precision=fp16",
@@ -111,6 +111,12 @@ SPECIAL: dict[str, str] = {
     "use_asft_loss": "true (stage sft): loss.type=asft (the reference model loads too)",
     "resume_from_checkpoint": "null/true: raylm resumes by itself; a path refused",
     "packing": "pt: LLaMA-Factory packs by default, raylm's raw path does not (warned)",
+    "oft_target": "oft.target with finetuning_type oft (LLaMA-Factory builds OFT on "
+    "lora_target and reads oft_target unused: raylm takes oft_target, else lora_target; "
+    "the two differing is refused)",
+    "use_llama_pro": "true with finetuning_type freeze: freeze.llama_pro=true (train the "
+    "blocks `raylm llama-pro` inserted, evenly spaced); with lora/oft (adapters on those "
+    "blocks only) or full refused",
 }
 
 _EVAL = (
@@ -219,10 +225,6 @@ NOOP: dict[str, str] = {
         "generation_num_beams generation_config",
     ),
     **_same(
-        _only("finetuning_type=oft"),
-        "module_dropout oft_rank oft_block_size oft_target",
-    ),
-    **_same(
         _only("stage ppo"),
         "ppo_buffer_size ppo_epochs ppo_score_norm ppo_target ppo_whiten_rewards "
         "reward_model reward_model_adapters reward_model_quantization_bit "
@@ -328,9 +330,6 @@ REFUSED: dict[str, str] = {
     "auto_find_batch_size": "set per_device_train_batch_size yourself",
     "fp8": "FP8 training needs Hopper GPUs and an FP8 backend raylm does not integrate",
     # methods
-    "use_llama_pro": "raylm does not build LLaMA Pro's layer choice (train only the blocks "
-    "scripts/llama_pro.py inserted, evenly spaced); freeze_trainable_layers trains the last N "
-    "layers instead: use that without use_llama_pro",
     "pref_bco_weight": "the BCO term: not implemented",
     "ld_alpha": "LD-DPO: not implemented",
     "ref_model": "DPO's reference is the base model (or the adapter disabled) in raylm",
@@ -361,6 +360,8 @@ REFUSED: dict[str, str] = {
     "default_system": "put the system prompt in the data (a system column or turn)",
     "enable_thinking": "raylm renders training data with thinking on; use a *_nothink template",
     "preserve_thinking": "raylm renders every turn the same way",
+    "tokenized_path": "raylm's tokenized sets are data job outputs: run `raylm data` with "
+    "tokenize and point data.path at them",
     "disable_shuffling": "raylm's stream always shuffles, seeded by train.seed",
     "train_sampling_strategy": "raylm's stream shuffles per epoch (raylm.train.stream)",
     "group_by_length": "raylm's stream shuffles per epoch (raylm.train.stream)",

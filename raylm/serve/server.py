@@ -127,13 +127,16 @@ def _server_cls() -> type:
             app = await super().__serve_build_asgi_app__()
             sessions = {"store": "sqlite://", "retention_s": 7 * 24 * 3600.0}
             sessions |= self.settings.sessions
+            store = open_store(
+                sessions["store"], sessions["retention_s"], sessions.get("namespace", "raylm")
+            )
             ray_llm.add_middleware(
                 app,
                 ChecksMiddleware,
                 settings=self.settings.checks,
                 cards=self.cards,
                 load_adapter=self.load_adapter,
-                conversations=Conversations(open_store(**sessions), replica=replica_id()),
+                conversations=Conversations(store, replica=replica_id()),
             )
             return app
 

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from raylm.config import ConfigError, resolve_path
+from raylm.data.hub import hub_path
 from raylm.train import llamafactory_keys as keys
 from raylm.train.config_methods import SCHEDULERS
 from raylm.train.llamafactory_values import CONVERT, as_bool, csv_list, hint, same, set_key
@@ -388,20 +389,23 @@ def _resume(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
 
 
 def _data(data: dict[str, Any], out: dict[str, Any], refusals: list[str], refused: bool) -> None:
-    """``dataset`` names registered in ``dataset_dir``'s dataset_info.json."""
+    """``dataset`` names registered in ``dataset_dir``'s dataset_info.json; a ``REMOTE:``
+    dir is a Hub dataset repo (``raylm.data.hub``). ``tokenized_path`` without a dataset
+    is a saved set to train on (``raylm.train.tokenized``: it is a data job output)."""
     root = str(data.get("dataset_dir", "data")).rstrip("/")
     if root.upper().startswith("REMOTE:"):
-        refusals.append(
-            f"dataset_dir={root!r}: remote dataset repos cannot be read offline; download "
-            "the files and point dataset_dir at the dir holding dataset_info.json (or s3://)"
-        )
-        return
+        root = hub_path(root)
+    saved = data.get("tokenized_path")
     if "dataset" not in data:
-        if not (refusals or refused):
+        if saved:
+            set_key(out, "data.path", str(saved))
+        elif not (refusals or refused):
             refusals.append("no 'dataset': a training YAML names the datasets to train on")
         return
     set_key(out, "data.path", root)
     set_key(out, "data.datasets", csv_list(data["dataset"]))
+    if saved:
+        set_key(out, "data.tokenized_path", str(saved))
 
 
 def _output(data: dict[str, Any], out: dict[str, Any]) -> None:

@@ -86,7 +86,10 @@ MAPPED: dict[str, str] = {
 
 SPECIAL: dict[str, str] = {
     "dataset": "data.datasets (names in dataset_dir's dataset_info.json)",
-    "dataset_dir": "data.path (the registry's directory); REMOTE: refused",
+    "dataset_dir": "data.path (the registry's directory; REMOTE:org/name: the Hub dataset "
+    "repo hf://datasets/org/name, fetched through huggingface_hub)",
+    "tokenized_path": "data.tokenized_path (made on the first run, trained on later; "
+    "without dataset: data.path)",
     "output_dir": "storage_path + run_name (the run dir is output_dir)",
     "bf16": "train.precision=bf16",
     "fp16": "train.precision=fp16",
@@ -360,8 +363,6 @@ REFUSED: dict[str, str] = {
     "default_system": "put the system prompt in the data (a system column or turn)",
     "enable_thinking": "raylm renders training data with thinking on; use a *_nothink template",
     "preserve_thinking": "raylm renders every turn the same way",
-    "tokenized_path": "raylm's tokenized sets are data job outputs: run `raylm data` with "
-    "tokenize and point data.path at them",
     "disable_shuffling": "raylm's stream always shuffles, seeded by train.seed",
     "train_sampling_strategy": "raylm's stream shuffles per epoch (raylm.train.stream)",
     "group_by_length": "raylm's stream shuffles per epoch (raylm.train.stream)",

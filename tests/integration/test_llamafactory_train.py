@@ -178,11 +178,21 @@ def _train(group: tuple[str, ...], tmp_path: Path, model: Path) -> dict[str, Any
 
 
 @pytest.fixture(scope="module")
+def demo_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """``dataset_dir: REMOTE:llamafactory/demo_data`` (the Ray example) offline: the demo
+    data served as that Hub dataset repo by a local mirror, HF_ENDPOINT on it (as a
+    user's mirror), into an empty cache (llamafactory_helpers.demo_hub)."""
+    with pytest.MonkeyPatch.context() as mp, H.demo_hub(mp, tmp_path_factory.mktemp("hf")) as hub:
+        yield hub
+
+
+@pytest.fixture(scope="module")
 def runs(
     request: pytest.FixtureRequest,
     connected,
     workspace,
     models,
+    demo_hub,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[tuple[str, ...], Future]]:
     """The selected groups' runs, queued at once and AT_ONCE at a time, in test order."""
@@ -218,6 +228,9 @@ def test_example_trains_on_its_demo_data(group: tuple[str, ...], runs) -> None:
     assert sorted(counted) == sorted(cfg.data.datasets) == sorted(named)
     assert all(c["in"] > 0 and c["train_rows"] > 0 for c in counted.values()), counted
     assert stats["accounting_ok"], stats
+    saved = done["written"].get("tokenized_path")
+    if saved:  # made by this first run, then trained on (as LLaMA-Factory does now)
+        assert json.loads((Path(saved) / "manifest.json").read_text())["status"] == "succeeded"
 
 
 @pytest.mark.timeout(180)  # run alone, the session cluster starts in it

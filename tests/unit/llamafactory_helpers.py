@@ -5,8 +5,16 @@ integration tier loads it by path. The ``workspace`` fixture is in tests/unit/co
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
+import pytest
 import yaml
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -54,8 +62,8 @@ PARTITION: dict[str, tuple[str, ...] | str | None] = {
     "train_lora/qwen3_lora_reward.yaml": None,
     "train_lora/qwen3_lora_sft.yaml": None,
     "train_lora/qwen3_lora_sft_ds3.yaml": None,
-    "train_lora/qwen3_lora_sft_ray.yaml": ("dataset_dir",),
-    "train_lora/qwen3_preprocess.yaml": ("tokenized_path",),
+    "train_lora/qwen3_lora_sft_ray.yaml": None,  # REMOTE: through helpers.demo_hub
+    "train_lora/qwen3_preprocess.yaml": None,
     # Pre-quantized hub checkpoints: the YAML is plain LoRA; a local checkpoint whose
     # config.json declares gptq/awq/aqlm is refused (test_prequantized_checkpoint_...).
     "train_qlora/llama3_lora_sft_aqlm.yaml": None,
@@ -87,6 +95,8 @@ def example(rel: str, tmp_path: Path, model: Path | str, **extra: object) -> Pat
         data["dataset"] = USER_DATA[rel]
     if "output_dir" in data:
         data["output_dir"] = str(tmp_path / "saves" / "run")
+    if "tokenized_path" in data:  # relative: it would be made in the assets
+        data["tokenized_path"] = str(tmp_path / "saves" / "tokenized")
     path = tmp_path / Path(rel).name
     path.write_text(yaml.safe_dump(data | extra))
     return path
@@ -112,3 +122,119 @@ TOOLS_TEMPLATE = (  # a Qwen2.5-style template that renders tools, tool calls an
     "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}"
     "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
 )
+
+
+class HubMirror:
+    """A local stand-in for the Hugging Face Hub, for ``dataset_dir: REMOTE:...`` runs
+    with no network: dataset repos (repo id -> a local dir, at one commit each) served
+    over the part of the Hub's HTTP API that huggingface_hub's ``hf_hub_download`` and
+    ``list_repo_tree`` speak (``HEAD/GET /datasets/<repo>/resolve/<rev>/<file>``, ``GET
+    /api/datasets/<repo>/tree/<rev>``). Pointing HF_ENDPOINT at it is what a user with
+    a Hub mirror does, so the code under test is the real download path, cache and all.
+    ``requests`` records the paths asked for."""
+
+    def __init__(self, repos: dict[str, Path]) -> None:
+        self.repos = repos
+        self.requests: list[str] = []
+        self.commits = {repo: _commit_of(path) for repo, path in repos.items()}
+
+    def __enter__(self) -> str:
+        mirror = self
+
+        class Handler(_HubHandler):
+            hub = mirror
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _commit_of(root: Path) -> str:
+    digest = hashlib.sha1()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            digest.update(str(p.relative_to(root)).encode() + p.read_bytes())
+    return digest.hexdigest()
+
+
+class _HubHandler(BaseHTTPRequestHandler):
+    hub: HubMirror
+
+    def log_message(self, *args: object) -> None:  # quiet test output
+        pass
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _fail(self, code: str) -> None:
+        self.send_response(404)
+        self.send_header("X-Error-Code", code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _serve(self, body: bool) -> None:
+        path = unquote(urlsplit(self.path).path).strip("/")
+        self.hub.requests.append(path)
+        api = path.startswith("api/datasets/")
+        parts = path.removeprefix("api/").split("/")
+        if len(parts) < 5 or parts[0] != "datasets" or parts[3] not in ("resolve", "tree"):
+            return self._fail("RepoNotFound")
+        repo, rev, rel = f"{parts[1]}/{parts[2]}", parts[4], "/".join(parts[5:])
+        if repo not in self.hub.repos:
+            return self._fail("RepoNotFound")
+        root, commit = self.hub.repos[repo], self.hub.commits[repo]
+        if rev not in ("main", commit):
+            return self._fail("RevisionNotFound")
+        if api and parts[3] == "tree":
+            base = root / rel if rel else root
+            files = sorted(p for p in base.rglob("*") if p.is_file())
+            listing = [{"type": "file", "path": str(p.relative_to(root)), "size": p.stat().st_size,
+                        "oid": hashlib.sha1(p.read_bytes()).hexdigest()} for p in files]  # fmt: skip
+            return self._send(json.dumps(listing).encode(), commit, body, "application/json")
+        file = root / rel
+        if parts[3] != "resolve" or not file.is_file():
+            return self._fail("EntryNotFound")
+        return self._send(file.read_bytes(), commit, body, "application/octet-stream")
+
+    def _send(self, data: bytes, commit: str, body: bool, kind: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Repo-Commit", commit)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+
+DEMO_REPO = "llamafactory/demo_data"
+"""The Hub dataset repo of ``dataset_dir: REMOTE:llamafactory/demo_data``."""
+
+
+@contextlib.contextmanager
+def demo_hub(monkeypatch: pytest.MonkeyPatch, cache: Path) -> Iterator[HubMirror]:
+    """LLaMA-Factory's demo data (its data/ dir: dataset_info.json and the files it
+    names) served as the Hub dataset repo DEMO_REPO by a HubMirror, HF_ENDPOINT on it
+    and an empty cache at ``cache``."""
+    mirror = HubMirror({DEMO_REPO: LF / "data"})
+    with mirror as endpoint:
+        hub_env(monkeypatch, endpoint, cache)
+        yield mirror
+
+
+def hub_env(
+    monkeypatch: pytest.MonkeyPatch, endpoint: str | None, cache: Path, offline: bool = False
+) -> None:
+    """huggingface_hub's settings for one test: the mirror (None: an endpoint nothing
+    listens on), a private cache, and offline mode."""
+    monkeypatch.setenv("HF_ENDPOINT", endpoint or "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)

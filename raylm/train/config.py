@@ -20,6 +20,14 @@ from raylm.train.config_methods import (
     OftConfig,
     RMConfig,
 )
+from raylm.train.config_optim import (
+    OPTIMIZERS,
+    ApolloConfig,
+    BAdamConfig,
+    GaLoreConfig,
+    check_optimizer,
+    zero_stage,
+)
 from raylm.train.config_run import (
     CheckpointConfig,
     DeepSpeedConfig,
@@ -186,7 +194,12 @@ class OptimConfig:
     optimizer: str = "adamw"
     """adamw: torch AdamW. muon (LLaMA-Factory's ``use_muon``): Muon on every trainable 2-D
     weight but embeddings and lm_head, AdamW on the rest, as LLaMA-Factory splits them;
-    DeepSpeed's Muon, so every ZeRO stage orthogonalises whole matrices (raylm.train.muon)."""
+    DeepSpeed's Muon, so every ZeRO stage orthogonalises whole matrices (raylm.train.muon).
+    LLaMA-Factory's extras, each from its package, at ``deepspeed.stage=0`` (whole
+    tensors): galore (``use_galore``, the ``galore`` group; raylm.train.projected), apollo
+    (``use_apollo``, ``apollo``), adam_mini (``use_adam_mini``; raylm.train.adam_mini_optim),
+    badam (``use_badam``, ``badam``: one decoder layer trains at a time;
+    raylm.train.badam_optim). See raylm.train.config_optim for why stage 0."""
 
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables clipping)."""
@@ -215,7 +228,7 @@ class OptimConfig:
         positive("train.grad_accum", self.grad_accum)
         positive("train.logging_steps", self.logging_steps)
         choice("train.nonfinite", self.nonfinite, ("stop", "skip"))
-        choice("train.optimizer", self.optimizer, ("adamw", "muon"))
+        choice("train.optimizer", self.optimizer, OPTIMIZERS)
         positive("train.max_grad_norm", self.max_grad_norm, allow_zero=True)
         choice("train.lr_scheduler", self.lr_scheduler, SCHEDULERS)
         choice("train.precision", self.precision, PRECISIONS)
@@ -276,6 +289,15 @@ class TrainJobConfig:
     oft: OftConfig = field(default_factory=OftConfig)
     """OFT adapters (finetuning_type oft)."""
 
+    galore: GaLoreConfig = field(default_factory=GaLoreConfig)
+    """GaLore's projection (train.optimizer=galore)."""
+
+    apollo: ApolloConfig = field(default_factory=ApolloConfig)
+    """APOLLO's projection and scaling (train.optimizer=apollo)."""
+
+    badam: BAdamConfig = field(default_factory=BAdamConfig)
+    """BAdam's blocks and switching (train.optimizer=badam)."""
+
     dpo: DPOConfig = field(default_factory=DPOConfig)
     """DPO loss."""
 
@@ -328,6 +350,7 @@ class TrainJobConfig:
                 "stage rm with finetuning_type=oft: raylm builds the reward model's score "
                 "head with lora, freeze or full; use one of those"
             )
+        check_optimizer(self, zero_stage(self))
         from raylm.train.sinks import SINKS, require
 
         for sink in self.report_to:

@@ -15,6 +15,7 @@ from typing import Any
 
 from raylm.config import ConfigError, resolve_path
 from raylm.train.config import TrainJobConfig
+from raylm.train.config_optim import check_optimizer
 
 # Keys whose value must come from the typed config: a user JSON may only repeat them
 # (or say "auto"), so the batch size DeepSpeed sees is the one the data loader feeds.
@@ -42,7 +43,8 @@ def deepspeed_config(cfg: TrainJobConfig, world_size: int) -> dict[str, Any]:
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
         "gradient_clipping": t.max_grad_norm,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
+        # BAdam keeps fp32 copies of its active block itself (raylm.train.badam_optim)
+        "bf16": {"enabled": t.precision == "bf16" and t.optimizer != "badam"},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # raylm builds a torch AdamW (exactly resumable, no C++ build); DeepSpeed wraps it.
         "zero_allow_untested_optimizer": True,
@@ -51,7 +53,10 @@ def deepspeed_config(cfg: TrainJobConfig, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     if ds.config_file:
-        return merge_user_config(generated, load_user_config(ds.config_file))
+        merged = merge_user_config(generated, load_user_config(ds.config_file))
+        # a user JSON's own ZeRO stage must suit the optimizer too (GaLore needs stage 0)
+        check_optimizer(cfg, int(merged.get("zero_optimization", {}).get("stage", 0)))
+        return merged
     return generated
 
 

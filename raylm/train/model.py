@@ -346,9 +346,19 @@ def param_groups(model: Any, cfg: TrainJobConfig) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+EXTRA_OPTIMIZERS = {
+    "galore": "raylm.train.projected:build_galore",
+    "apollo": "raylm.train.projected:build_apollo",
+    "adam_mini": "raylm.train.adam_mini_optim:build_adam_mini",
+    "badam": "raylm.train.badam_optim:build_badam",
+}
+"""``train.optimizer`` -> its builder (stage-0 client optimizers; raylm.train.config_optim)."""
+
+
 def build_optimizer(model: Any, cfg: TrainJobConfig, total_steps: int) -> tuple[Any, Any]:
     """AdamW over :func:`param_groups` (or ``train.optimizer=muon``: Muon and AdamW,
-    ``raylm.train.muon``) and the lr schedule over ``total_steps``.
+    ``raylm.train.muon``; galore, apollo, adam_mini, badam: ``EXTRA_OPTIMIZERS``) and the
+    lr schedule over ``total_steps``.
 
     This torch optimizer is the client optimizer DeepSpeed wraps at every stage (the
     DeepSpeed JSON may hold no optimizer section, see ``ds_config``): ZeRO-1..3 flatten
@@ -363,6 +373,9 @@ def build_optimizer(model: Any, cfg: TrainJobConfig, total_steps: int) -> tuple[
         from raylm.train.muon import build_muon
 
         optim = build_muon(model, cfg)
+    elif t.optimizer in EXTRA_OPTIMIZERS:  # LLaMA-Factory's extras, each from its package
+        module, fn = EXTRA_OPTIMIZERS[t.optimizer].split(":")
+        optim = getattr(importlib.import_module(module), fn)(model, cfg)
     else:
         optim = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, weight_decay=t.weight_decay)
     sched = transformers.get_scheduler(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
 from raylm import templates
-from raylm.config import ConfigError, RayConfig, choice, positive
+from raylm.config import ConfigError, RayConfig, choice, positive, resolve_path
 from raylm.data.formats import INPUT_FORMATS
 
 SCRIPTS = ("latin", "cjk", "cyrillic", "arabic")
@@ -62,6 +63,32 @@ class FilterConfig:
     max_mean_word_length: float = 12.0
     """Gopher: largest mean word length (Gopher uses 10; catches minified code, hashes)."""
 
+    min_simplified_ratio: float | None = None
+    """Smallest share of Han characters that are Simplified (Simplified-only or shared),
+    i.e. not Traditional-only by OpenCC's tables (the guides keep > 0.95; None: off)."""
+
+    max_emoji: int | None = None
+    """Most emoji a document may hold (0: any emoji drops it; None: off). Emoji are
+    Unicode's emoji (pictographs with emoji presentation, VS16, skin tones, ZWJ
+    sequences, flags, keycaps), not symbols: ``$ € © + ™ ° ±`` do not count."""
+
+    max_emoji_ratio: float | None = None
+    """Largest share of emoji among non-space characters (None: off)."""
+
+    min_mean_line_chars: float | None = None
+    """Smallest mean length of a document's non-empty lines in characters (the guides'
+    "100 characters on average"; None: off)."""
+
+    max_mean_line_chars: float | None = None
+    """Largest mean length of non-empty lines (the guides' 800; None: off)."""
+
+    blocklist: list[str] = field(default_factory=list)
+    """Files of blocked words or phrases, one a line (``#`` starts a comment): CJK
+    phrases match as substrings, others as whole words, case-insensitively."""
+
+    max_blocklist_hits: int = 0
+    """Most blocklist matches a document may hold (0: any match drops it)."""
+
     examples: int = 3
     """Examples of removed documents per filter written to stats.json (truncated text)."""
 
@@ -83,8 +110,27 @@ class FilterConfig:
                 raise ConfigError(f"filters.{name}={value} must be a fraction in [0, 1]")
         if self.max_chars is not None and self.max_chars < self.min_chars:
             raise ConfigError(f"filters.max_chars={self.max_chars} < min_chars={self.min_chars}")
+        self._check_guides()
         if self.max_words is not None and self.max_words < self.min_words:
             raise ConfigError(f"filters.max_words={self.max_words} < min_words={self.min_words}")
+
+    def _check_guides(self) -> None:
+        for name in ("min_simplified_ratio", "max_emoji_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"filters.{name}={value} must be a fraction in [0, 1]")
+        for name in ("max_emoji", "min_mean_line_chars", "max_mean_line_chars"):
+            if getattr(self, name) is not None:
+                positive(f"filters.{name}", getattr(self, name), allow_zero=True)
+        positive("filters.max_blocklist_hits", self.max_blocklist_hits, allow_zero=True)
+        lo, hi = self.min_mean_line_chars, self.max_mean_line_chars
+        if lo is not None and hi is not None and hi < lo:
+            raise ConfigError(f"filters.max_mean_line_chars={hi} < min_mean_line_chars={lo}")
+        # Workers run elsewhere: resolve against the workspace now, and fail before the run.
+        self.blocklist = [resolve_path(str(p)) for p in self.blocklist]
+        for path in self.blocklist:
+            if "://" not in path and not os.path.isfile(path):
+                raise ConfigError(f"filters.blocklist: {path!r} is not a file")
 
 
 @dataclass

@@ -10,6 +10,7 @@ import re
 import unicodedata
 from collections import Counter
 
+from raylm.data import guide_filters
 from raylm.data.config import FilterConfig
 
 _WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]|\w+")
@@ -129,4 +130,4 @@ def first_failure(text: str, cfg: FilterConfig) -> str | None:
             return "min_mean_word_length"
         if mean > cfg.max_mean_word_length:
             return "max_mean_word_length"
-    return None
+    return guide_filters.failure(text, cfg)  # the guides' filters: each off by default

@@ -57,8 +57,8 @@ class ServerSettings:
     """Adapters by explicit name -> directory."""
 
     sessions: dict[str, Any] = field(default_factory=dict)
-    """The Responses API's store: ``raylm.serve.store.open_store``'s arguments (``store``
-    URL, ``retention_s``, ``namespace``); empty: the defaults (SQLite on the node)."""
+    """The Responses API's store: ``store`` (URL), ``retention_s`` and ``namespace``, as
+    ``raylm.serve.app.sessions_settings`` writes them; empty: SQLite on the node."""
 
 
 def single_process_executor(parallel_config: Any, enabled: bool = True) -> bool:
@@ -90,6 +90,18 @@ def on_local_model(llm_config: Any, settings: ServerSettings) -> Any:
     return type(llm_config).model_validate(data)
 
 
+def conversations(settings: ServerSettings) -> Any:
+    """The replica's ``/v1/responses`` over the shared store that ``settings.sessions``
+    names (SQLite on the node, 7 days, when a config written before sessions has none)."""
+    from raylm.serve.responses import Conversations
+    from raylm.serve.store import open_store
+
+    s = {"store": "sqlite://", "retention_s": 7 * 24 * 3600.0, "namespace": "raylm"}
+    s |= settings.sessions
+    store = open_store(s["store"], s["retention_s"], s["namespace"])
+    return Conversations(store, replica=replica_id())
+
+
 def replica_id() -> str:
     """This Serve replica's id (the ``x-raylm-replica`` header), "" outside Serve."""
     try:
@@ -104,8 +116,6 @@ def _server_cls() -> type:
     """Built lazily: importing ray.serve.llm pulls in vLLM-facing modules."""
     from raylm.serve import ray_llm
     from raylm.serve.direct import ChecksMiddleware
-    from raylm.serve.responses import Conversations
-    from raylm.serve.store import open_store
 
     class RaylmLLMServer(ray_llm.server_base()):
         async def __init__(self, llm_config: Any, *, raylm: dict[str, Any], **kwargs: Any) -> None:
@@ -125,18 +135,13 @@ def _server_cls() -> type:
         async def __serve_build_asgi_app__(self) -> Any:
             """vLLM's app, as ray.serve.llm builds it, behind raylm's request checks."""
             app = await super().__serve_build_asgi_app__()
-            sessions = {"store": "sqlite://", "retention_s": 7 * 24 * 3600.0}
-            sessions |= self.settings.sessions
-            store = open_store(
-                sessions["store"], sessions["retention_s"], sessions.get("namespace", "raylm")
-            )
             ray_llm.add_middleware(
                 app,
                 ChecksMiddleware,
                 settings=self.settings.checks,
                 cards=self.cards,
                 load_adapter=self.load_adapter,
-                conversations=Conversations(store, replica=replica_id()),
+                conversations=conversations(self.settings),
             )
             return app
 

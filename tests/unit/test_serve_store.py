@@ -155,3 +155,22 @@ def test_sessions_config_reaches_the_replicas(tmp_path: Path, monkeypatch) -> No
         cfg("sessions.retention_s=0")
     with pytest.raises(ConfigError, match="did you mean 'retention_s'"):
         cfg("sessions.retention=60")
+
+
+def test_a_replica_opens_the_store_its_settings_name(tmp_path: Path) -> None:
+    """What each replica does with the ``raylm.sessions`` args the deploy wrote."""
+    from raylm.serve import app, server
+    from raylm.serve.store import RedisStore, SqliteStore
+
+    url = f"sqlite://{tmp_path}/s.db"
+    conv = server.conversations(
+        server.ServerSettings(sessions={"store": url, "retention_s": 5.0, "namespace": "n"})
+    )
+    assert isinstance(conv.store, SqliteStore) and conv.store.path == f"{tmp_path}/s.db"
+    assert (conv.store.retention_s, conv.store.namespace) == (5.0, "n")
+    assert isinstance(server.conversations(server.ServerSettings()).store, SqliteStore)
+    from raylm.config import load
+
+    cfg = load("serve", [], ["model.path=m", "auth.api_keys=[k]", "sessions.store=redis://h/1"])
+    settings = server.ServerSettings(sessions=app.sessions_settings(cfg))
+    assert isinstance(server.conversations(settings).store, RedisStore)

@@ -135,6 +135,18 @@ def check_request(body: dict[str, Any], max_model_len: int) -> None:
         )
 
 
+def listed(item: dict[str, Any], default_id: str) -> dict[str, Any]:
+    """An input item as OpenAI lists it: a message's text as ``input_text`` parts, with an
+    id (clients may send ``{"role", "content": "text"}`` shorthand)."""
+    if item.get("type", "message") != "message" or "role" not in item:
+        return item
+    content = item.get("content")
+    if isinstance(content, str):
+        kind = "output_text" if item["role"] == "assistant" else "input_text"
+        content = [{"type": kind, "text": content}]
+    return {"type": "message", "id": default_id, "status": "completed", **item, "content": content}
+
+
 def patched(response: dict[str, Any], *, store: bool, previous: str | None) -> dict[str, Any]:
     """vLLM's response object as the client asked for it (vLLM ran the turn statelessly)."""
     return {**response, "store": store, "previous_response_id": previous}
@@ -208,7 +220,8 @@ class Conversations:
         record = await self._get(response_id, owner)
         if record is None:
             raise not_found(response_id, self.store.retention_s, time.time())
-        data = list(reversed(record.items[: record.input_count]))
+        items = record.items[: record.input_count]
+        data = [listed(item, f"{response_id}_{i}") for i, item in enumerate(items)][::-1]
         return {
             "object": "list",
             "data": data,

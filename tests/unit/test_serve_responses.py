@@ -140,7 +140,11 @@ def test_a_conversation_continues_on_the_other_replica(replicas) -> None:
     # retrieval from either replica, deletion from the other
     assert client(two).responses.retrieve(first.id).output_text == "saw 1 items"
     items = client(one).responses.input_items.list(third.id)
-    assert [i.role for i in items.data][:2] == ["user", "assistant"]  # newest first
+    assert [i.role for i in items.data] == ["user", "assistant", "user", "assistant", "user"]
+    assert (
+        items.data[0].content[0].type == "input_text" and items.data[0].content[0].text == "again"
+    )
+    assert items.data[-1].content[0].text == "hello" and items.data[-1].id
     client(two).responses.delete(second.id)
     with pytest.raises(openai.NotFoundError):
         client(one).responses.retrieve(second.id)

@@ -44,6 +44,7 @@ def test_rayservice_serve_config_validates_with_serve_and_serve_llm() -> None:
     assert app.import_path == "raylm.serve.builder:build_app"
     assert LLMConfig.model_validate(app.args["llm_config"]).accelerator_type == "A10G"
     assert ServerSettings(**app.args["raylm"]).checks["models"]["sft"]["max_model_len"] == 4096
+    assert ServerSettings(**app.args["raylm"]).sessions["store"].startswith("redis://")
     module, _, name = app.import_path.partition(":")
     assert hasattr(__import__(module, fromlist=[name]), name)
 

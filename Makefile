@@ -31,6 +31,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[cpu,dev]"
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(PY) -c "import transformers, vllm, deepspeed, ray, peft, trl"
+	$(PY) -m raylm.export.llamacpp build  # llama-quantize and llama-bench for GGUF exports (~4 min, cached)
 	touch $(STAMP)
 
 demo: setup

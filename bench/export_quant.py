@@ -8,8 +8,9 @@ generation (batch 1, ``--new-tokens`` tokens forced, best of ``--repeats``) in
 transformers on CPU.
 
 Caveat in the numbers: transformers dequantizes a GGUF file to float32 when it loads it,
-so the GGUF rows' tokens/s are float32 speed; the GGUF speed that matters is llama.cpp's
-or ollama's, which are not installed here. The INT8 row's speed is real (int8 kernels).
+so the GGUF rows' transformers tokens/s are float32 speed; the GGUF speed that matters is
+llama.cpp's, in the last column (``llama-bench``, generation of 32 tokens, every core, as
+the export job records it). The INT8 row's speed is real (int8 kernels).
 
 Run: ``.venv/bin/python bench/export_quant.py`` (tiny model, about a minute);
 ``--size small`` for a ~30M-parameter model of the same shape family; ``--model DIR`` for
@@ -87,7 +88,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
     p.add_argument("--model", help="a Llama HF directory instead of the built tiny model")
-    p.add_argument("--gguf-types", default="f16,q8_0,q4_0")
+    p.add_argument("--gguf-types", default="f16,q8_0,q4_0,q4_k_m")
     p.add_argument("--eval-text", default=None)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -128,18 +129,23 @@ def main() -> None:
         figures = gguf.quantize(config.load("export", [], over), merged, Path(tmp) / "gguf")
         base_ppl, base_bytes = figures["merged_perplexity"], figures["merged_bytes"]
         speed = tokens_per_s(source, tok, args.new_tokens, args.repeats)
-        rows.append(("merged (safetensors f32)", base_bytes, None, base_ppl, speed))
+        rows.append(("merged (safetensors f32)", base_bytes, None, base_ppl, speed, None))
         del source
         for f in figures["files"]:
             model = gguf.load_gguf(Path(tmp) / "gguf", f["file"])
             speed = tokens_per_s(model, tok, args.new_tokens, args.repeats)
-            rows.append((f"gguf {f['type']}", f["bytes"], f["seconds"], f["perplexity"], speed))
+            lcpp = f["llama_cpp"]["generate_tokens_per_s"]
+            rows.append(
+                (f"gguf {f['type']}", f["bytes"], f["seconds"], f["perplexity"], speed, lcpp)
+            )
         cfg = config.load("export", [], [*over, "quantize.method=int8_dynamic"])
         figures = int8.quantize(cfg, merged, Path(tmp) / "int8")
         (f,) = figures["files"]
         model, _ = int8.load_int8(Path(tmp) / "int8")
         speed = tokens_per_s(model, tok, args.new_tokens, args.repeats)
-        rows.append(("int8_dynamic (torch)", f["bytes"], f["seconds"], f["perplexity"], speed))
+        rows.append(
+            ("int8_dynamic (torch)", f["bytes"], f["seconds"], f["perplexity"], speed, None)
+        )
 
     name = args.model or f"{args.size} Llama (raylm.models.tiny)"
     print(f"model: {name}, {params / 1e6:.2f}M parameters{trained}; torch {torch.__version__}, "
@@ -147,13 +153,15 @@ def main() -> None:
           f"{figures['eval_text']}; generation: {args.new_tokens} tokens greedy, batch 1, "
           f"best of {args.repeats}")  # fmt: skip
     print()
-    print("| format | size | vs f32 | export s | perplexity | ppl change | gen tok/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for fmt, size, secs, ppl, speed in rows:
+    print("| format | size | vs f32 | export s | perplexity | ppl change | gen tok/s "
+          "(transformers) | gen tok/s (llama.cpp) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for fmt, size, secs, ppl, speed, lcpp in rows:
         print(
             f"| {fmt} | {size / 2**20:.2f} MiB | {size / base_bytes:.2f} | "
             f"{'-' if secs is None else f'{secs:.2f}'} | {ppl:.2f} | "
-            f"{100 * (ppl / base_ppl - 1):+.2f}% | {speed:.0f} |"
+            f"{100 * (ppl / base_ppl - 1):+.2f}% | {speed:.0f} | "
+            f"{'-' if lcpp is None else f'{lcpp:.0f}'} |"
         )
 
 

@@ -53,6 +53,32 @@ QUANT_METHODS = (
 """Each method with its quantizer in ``raylm.export.quantize.QUANTIZERS``."""
 
 
+GGUF_WRITTEN = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+"""GGUF types raylm writes itself with the ``gguf`` package (``raylm.export.gguf``)."""
+
+GGUF_K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s",
+                 "q5_k_m", "q6_k")  # fmt: skip
+"""llama.cpp's k-quants, which ``llama-quantize`` writes from the f16 file
+(``raylm.export.llamacpp``): gguf can only dequantize them."""
+
+
+def check_gguf_types(types: list[str]) -> list[str]:
+    """The requested GGUF types, lower-cased and without repeats; an unknown one (an
+    i-quant needs an importance matrix raylm does not compute) is refused."""
+    known = GGUF_WRITTEN + GGUF_K_QUANTS
+    out = [str(t).lower() for t in types]
+    if not out:
+        raise ConfigError(f"quantize.gguf_types is empty; give some of {', '.join(known)}")
+    for t in out:
+        if t not in known:
+            hint = " (i-quants need llama.cpp's imatrix: run llama-quantize yourself)"
+            raise ConfigError(
+                f"quantize.gguf_types: unknown type {t}; one of {', '.join(known)}"
+                + (hint if t.startswith("iq") else "")
+            )
+    return list(dict.fromkeys(out))
+
+
 @dataclass
 class QuantizeConfig:
     """A quantized copy of the merged model (``raylm.export.quantize``), written to
@@ -75,7 +101,8 @@ class QuantizeConfig:
     """Tokens per calibration example (``export_quantization_maxlen``)."""
 
     gguf_types: list[str] = field(default_factory=lambda: ["f16", "q8_0"])
-    """GGUF files to write, one per type."""
+    """GGUF files to write, one per type: ``GGUF_WRITTEN`` and llama.cpp's k-quants
+    ``GGUF_K_QUANTS`` (``q4_k_m`` is ollama's usual pick)."""
 
     eval_text: str | None = None
     """Held-out text (jsonl with ``text`` or plain text) for the perplexity of the
@@ -83,6 +110,8 @@ class QuantizeConfig:
 
     def __post_init__(self) -> None:
         choice("quantize.method", self.method, QUANT_METHODS)
+        if self.method == "gguf":
+            check_gguf_types(list(self.gguf_types))
         positive("quantize.nsamples", self.nsamples)
         positive("quantize.max_length", self.max_length)
         if self.method in ("gptq", "awq", "w8a8") and not self.dataset:

@@ -11,12 +11,14 @@ needs), so raylm carries this one, for Llama only; other architectures are refus
 name (convert them with llama.cpp's script).
 
 Types: ``f32``, ``f16``, ``bf16`` and the block quants gguf can *quantize* in Python
-(``q8_0``, ``q5_1``, ``q5_0``, ``q4_1``, ``q4_0``). The k-quants (``q4_k_m`` ...) are
-dequantize-only in gguf: they need llama.cpp's ``llama-quantize`` run on the f16 file,
-so they are refused with that advice. As in ``convert_hf_to_gguf.py``, 1-D tensors and
-norms stay f32 and a tensor whose rows do not split into the type's blocks falls back
-to f16; as ``llama-quantize`` does for its 4/5-bit types, ``output.weight`` is kept at
-a higher precision (q8_0 here, llama.cpp's q6_k being out of reach).
+(``q8_0``, ``q5_1``, ``q5_0``, ``q4_1``, ``q4_0``) are written here. The k-quants
+(``q4_k_m`` ...) are dequantize-only in gguf: llama.cpp's ``llama-quantize`` writes them
+from the f16 file (``raylm.export.llamacpp``). As in ``convert_hf_to_gguf.py``, 1-D
+tensors and norms stay f32 and a tensor whose rows do not split into the type's blocks
+falls back to f16; as ``llama-quantize`` does for its 4/5-bit types, ``output.weight`` is
+kept at a higher precision (q8_0 here). Every file is then run by llama.cpp itself
+(``llama-bench``): its tokens/s are in the figures, and a file llama.cpp cannot load
+fails the job.
 
 Tensors are read one at a time from the safetensors shards and written one at a time
 (the tensor infos first, from the shapes alone), so memory stays about one tensor.
@@ -26,56 +28,24 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from raylm.config import ConfigError
-from raylm.export.config import ExportJobConfig
+from raylm.export import llamacpp
+from raylm.export.config import GGUF_WRITTEN, ExportJobConfig, check_gguf_types
+from raylm.export.ollama import modelfile
 
 ARCHITECTURES = ("LlamaForCausalLM",)
 """HF architectures this converter handles (llama.cpp's ``MODEL_ARCH.LLAMA``)."""
-
-FLOAT_TYPES = ("f32", "f16", "bf16")
-BLOCK_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
-GGUF_TYPES = FLOAT_TYPES + BLOCK_TYPES
-"""What ``quantize.gguf_types`` accepts: the types the ``gguf`` package can write."""
-
-K_QUANT = re.compile(r"^(q[2-6]_k(_[sml])?|iq\d.*|tq\d_\d)$")
 
 LLAMA3_SPLIT = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}|"
     " ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
 """Llama 3's pre-tokenizer regex (llama.cpp's ``llama-bpe``)."""
-
-CHATML_GO = (
-    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
-    "{{ end }}<|im_start|>assistant\n"
-)
-"""Ollama's Go-template form of a ChatML chat template."""
-
-
-def check_types(types: list[str]) -> list[str]:
-    """The requested GGUF types, lower-cased; an unknown or k-quant type is refused."""
-    out = [t.lower() for t in types]
-    if not out:
-        raise ConfigError(f"quantize.gguf_types is empty; give some of {', '.join(GGUF_TYPES)}")
-    for t in out:
-        if K_QUANT.match(t):
-            raise ConfigError(
-                f"quantize.gguf_types: {t} is a llama.cpp quant the gguf package cannot "
-                "write (it only dequantizes it); export f16 and run llama.cpp's "
-                f"`llama-quantize model-f16.gguf model-{t}.gguf {t.upper()}`, or pick one "
-                f"of {', '.join(GGUF_TYPES)}"
-            )
-        if t not in GGUF_TYPES:
-            raise ConfigError(
-                f"quantize.gguf_types: unknown type {t}; one of {', '.join(GGUF_TYPES)}"
-            )
-    return list(dict.fromkeys(out))
 
 
 # --- the model's tensors --------------------------------------------------------------
@@ -260,7 +230,10 @@ def convert(model_dir: str | Path, out_file: str | Path, gtype: str) -> Path:
     import gguf
 
     model_dir, out_file = Path(model_dir), Path(out_file)
-    (gtype,) = check_types([gtype])
+    (gtype,) = check_gguf_types([gtype])
+    if gtype not in GGUF_WRITTEN:
+        raise ConfigError(f"{gtype}: llama.cpp's llama-quantize writes it from the f16 file "
+                          "(raylm.export.llamacpp.quantize); convert writes " + ", ".join(GGUF_WRITTEN))  # fmt: skip
     hp = _hparams(model_dir)
     tensors = _Tensors(model_dir, hp, gtype)
     writer = gguf.GGUFWriter(out_file, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
@@ -308,58 +281,6 @@ _FILE_TYPES = {
 }
 
 
-# --- ollama ---------------------------------------------------------------------------
-
-_PROBE = [
-    {"role": "system", "content": "SYSTEM-TEXT"},
-    {"role": "user", "content": "USER-TEXT"},
-    {"role": "assistant", "content": "ASSISTANT-TEXT"},
-    {"role": "user", "content": "USER-TEXT-2"},
-]
-
-
-def _is_chatml(tok: Any) -> bool:
-    """The template renders a conversation exactly as ChatML does (no default system
-    prompt, no BOS), so ollama's ChatML Go template is the same prompt."""
-    if not getattr(tok, "chat_template", None):
-        return False
-    want = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in _PROBE)
-    try:
-        got = tok.apply_chat_template(_PROBE, tokenize=False, add_generation_prompt=True)
-    except Exception:  # a template that refuses system turns, say: not ChatML
-        return False
-    return got == want + "<|im_start|>assistant\n"
-
-
-def modelfile(model_dir: Path, gguf_name: str) -> str:
-    """An ollama Modelfile: FROM the GGUF file, TEMPLATE for a ChatML template, and the
-    stop tokens of ``generation_config.json`` (and ``<|im_end|>`` for ChatML)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    lines = [f"FROM ./{gguf_name}", ""]
-    chatml = _is_chatml(tok)
-    if chatml:
-        lines += [f'TEMPLATE """{CHATML_GO}"""', ""]
-    elif getattr(tok, "chat_template", None):
-        lines += [
-            "# TEMPLATE left out: the chat template is not ChatML, and raylm does not",
-            "# translate other Jinja templates into ollama's Go templates. The GGUF file",
-            "# carries the Jinja template (tokenizer.chat_template) for llama.cpp; write",
-            "# a TEMPLATE here by hand for ollama.",
-            "",
-        ]
-    else:
-        lines += ["# No chat template: a base model, prompted with raw text.", ""]
-    stops: list[str] = ["<|im_end|>"] if chatml else []
-    gen = model_dir / "generation_config.json"
-    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else tok.eos_token_id
-    for i in eos if isinstance(eos, list) else [eos] if eos is not None else []:
-        stops.append(tok.convert_ids_to_tokens(int(i)))
-    lines += [f'PARAMETER stop "{s}"' for s in dict.fromkeys(stops)]
-    return "\n".join(lines) + "\n"
-
-
 # --- figures --------------------------------------------------------------------------
 
 DEFAULT_EVAL_TEXT = Path(__file__).resolve().parent.parent / "eval" / "sample" / "heldout.jsonl"
@@ -402,7 +323,7 @@ def quantize(cfg: ExportJobConfig, merged: Path, out: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    types = check_types(list(cfg.quantize.gguf_types))
+    types = check_gguf_types(list(cfg.quantize.gguf_types))
     _hparams(merged)  # refuse before any work
     out.mkdir(parents=True, exist_ok=True)
     docs = held_out_docs(cfg.quantize.eval_text)
@@ -410,20 +331,11 @@ def quantize(cfg: ExportJobConfig, merged: Path, out: Path) -> dict[str, Any]:
     source = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     base_ppl = perplexity(source, tok, docs, cfg.quantize.max_length)
     del source
-    files = []
-    for t in types:
-        start = time.perf_counter()
-        path = convert(merged, out / f"model-{t}.gguf", t)
-        seconds = time.perf_counter() - start
-        ppl = perplexity(load_gguf(out, path.name), tok, docs, cfg.quantize.max_length)
-        files.append({
-            "type": t,
-            "file": path.name,
-            "bytes": path.stat().st_size,
-            "seconds": round(seconds, 3),
-            "perplexity": ppl,
-            "perplexity_ratio": ppl / base_ppl,
-        })  # fmt: skip
+    files = [_gguf_file(merged, out, t, tok, docs, cfg.quantize.max_length, base_ppl)
+             for t in types]  # fmt: skip
+    f16 = out / "model-f16.gguf"
+    if "f16" not in types and f16.exists():
+        f16.unlink()  # the k-quants' source, not asked for
     served = min(files, key=lambda f: f["bytes"])["file"]
     (out / "Modelfile").write_text(modelfile(merged, served))
     return {
@@ -437,4 +349,31 @@ def quantize(cfg: ExportJobConfig, merged: Path, out: Path) -> dict[str, Any]:
         "eval_docs": len(docs),
         "eval_text": cfg.quantize.eval_text or str(DEFAULT_EVAL_TEXT),
         "perplexity_by": "transformers, GGUF weights dequantized to float32",
+        "speed_by": f"llama-bench ({llamacpp.SOURCE}), prompt 64 and 32 generated tokens",
+    }
+
+
+def _gguf_file(merged: Path, out: Path, t: str, tok: Any, docs: list[str], max_length: int,
+               base_ppl: float) -> dict[str, Any]:  # fmt: skip
+    """One file: written (k-quants by llama-quantize from the f16 file), then scored by
+    transformers and run by llama.cpp (which proves llama.cpp loads it)."""
+    start = time.perf_counter()
+    path = out / f"model-{t}.gguf"
+    if t in GGUF_WRITTEN:
+        convert(merged, path, t)
+    else:
+        f16 = out / "model-f16.gguf"
+        if not f16.exists():
+            convert(merged, f16, "f16")
+        llamacpp.quantize(f16, path, t)
+    seconds = time.perf_counter() - start
+    ppl = perplexity(load_gguf(out, path.name), tok, docs, max_length)
+    return {
+        "type": t,
+        "file": path.name,
+        "bytes": path.stat().st_size,
+        "seconds": round(seconds, 3),
+        "perplexity": ppl,
+        "perplexity_ratio": ppl / base_ppl,
+        "llama_cpp": llamacpp.bench(path),
     }

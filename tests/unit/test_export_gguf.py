@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf import LlamaFileType
 from lora_helpers import lora_adapter
 
 from raylm import config
 from raylm.config import ConfigError
-from raylm.export.gguf import convert, load_gguf, modelfile
+from raylm.export.gguf import convert, load_gguf
 from raylm.export.job import CHECK_FILE, export_model, resolve_sources
+from raylm.export.ollama import modelfile
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Licenses: MIT, Apache, GPL 3.0"]
 TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "bf16": 1.5e-2, "q8_0": 3e-2, "q5_0": 0.2, "q4_0": 0.3}
@@ -49,27 +51,59 @@ def test_export_job_writes_gguf_files_modelfile_and_figures(tiny_model: Path, tm
     adapter = lora_adapter(tiny_model, tmp_path / "a", seed=5)
     out = tmp_path / "export"
     over = [f"model={tiny_model}", f"adapters=[{adapter}]", f"output_dir={out}",
-            "quantize.method=gguf", "quantize.gguf_types=[f16,q4_0]"]  # fmt: skip
+            "quantize.method=gguf", "quantize.gguf_types=[q4_0,q4_k_m]"]  # fmt: skip
     cfg = config.load("export", [], over)
     figures = export_model(cfg, resolve_sources(cfg), str(out))["quantize"]
     assert figures == json.loads((out / CHECK_FILE).read_text())["quantize"]
     assert figures["hf_model_dir"] is False  # not for vLLM / eval / serve
     files = {f["type"]: f for f in figures["files"]}
-    assert list(files) == ["f16", "q4_0"]
+    assert list(files) == ["q4_0", "q4_k_m"]
     for t, f in files.items():
         assert (out / "quantized" / f["file"]).stat().st_size == f["bytes"] > 0, t
         assert f["seconds"] > 0
-    # sizes: f16 about half the float32 merge, q4_0 (output.weight kept q8_0) under 40% of f16
-    assert files["f16"]["bytes"] < 0.55 * figures["merged_bytes"]
-    assert files["q4_0"]["bytes"] < 0.4 * files["f16"]["bytes"]
+        # llama.cpp itself loaded and ran the file
+        assert f["llama_cpp"]["prompt_tokens_per_s"] > 0 < f["llama_cpp"]["generate_tokens_per_s"]
+        assert 0.8 < f["perplexity_ratio"] < 1.25, t
+    # the f16 file llama-quantize read is not left behind (it was not asked for)
+    assert sorted(p.name for p in (out / "quantized").glob("*.gguf")) == [
+        "model-q4_0.gguf",
+        "model-q4_k_m.gguf",
+    ]
+    # sizes against float32: q4_0 (output.weight kept q8_0) and q4_k_m under 22%
+    assert files["q4_0"]["bytes"] < 0.22 * figures["merged_bytes"]
+    assert files["q4_k_m"]["bytes"] < 0.22 * figures["merged_bytes"]
     base = figures["merged_perplexity"]
     assert 1 < base < 1e4 and figures["eval_docs"] > 5
-    assert abs(files["f16"]["perplexity_ratio"] - 1) < 1e-3
-    assert 0.8 < files["q4_0"]["perplexity_ratio"] < 1.25
+    # written by llama-quantize: its file type; the tiny model's rows (128 and 384 wide)
+    # do not split into k-quants' 256-value super-blocks, so llama.cpp falls back per tensor
+    kv, types = _gguf_summary(out / "quantized" / "model-q4_k_m.gguf")
+    assert kv["general.file_type"] == LlamaFileType.MOSTLY_Q4_K_M
+    assert types <= {"F32", "Q5_0", "Q8_0", "Q4_K", "Q6_K"} and "Q5_0" in types
     mf = (out / "quantized" / "Modelfile").read_text()
     assert (
         mf.startswith("FROM ./model-q4_0.gguf\n") and figures["modelfile_from"] == "model-q4_0.gguf"
     )
+
+
+def _gguf_summary(path: Path) -> tuple[dict, set[str]]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    kv = {name: field.contents() for name, field in reader.fields.items()}
+    return kv, {t.tensor_type.name for t in reader.tensors}
+
+
+def test_gguf_types_are_checked_when_the_config_loads() -> None:
+    with pytest.raises(ConfigError, match="unknown type q3"):
+        config.load("export", [], ["model=m", "quantize.method=gguf", "quantize.gguf_types=[q3]"])
+    with pytest.raises(ConfigError, match="imatrix"):
+        config.load(
+            "export", [], ["model=m", "quantize.method=gguf", "quantize.gguf_types=[iq2_xs]"]
+        )
+    cfg = config.load(
+        "export", [], ["model=m", "quantize.method=gguf", "quantize.gguf_types=[Q4_K_M,f16]"]
+    )
+    assert list(cfg.quantize.gguf_types) == ["Q4_K_M", "f16"]  # normalised when used
 
 
 def test_gguf_reader_lists_llama_tensors_and_tokenizer(gguf_dir: Path, tiny_model: Path) -> None:
@@ -149,7 +183,9 @@ def test_modelfile_chatml_template_and_stops(tiny_model: Path, tmp_path: Path) -
     assert 'PARAMETER stop "<|im_end|>"' in mf  # the eos of generation_config.json
 
 
-def test_k_quants_and_other_architectures_are_refused(tiny_model: Path, tmp_path: Path) -> None:
+def test_convert_leaves_k_quants_to_llama_cpp_and_refuses_other_architectures(
+    tiny_model: Path, tmp_path: Path
+) -> None:
     with pytest.raises(ConfigError, match="llama-quantize"):
         convert(tiny_model, tmp_path / "x.gguf", "q4_k_m")
     with pytest.raises(ConfigError, match="unknown type"):

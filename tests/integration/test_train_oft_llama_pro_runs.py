@@ -1,12 +1,12 @@
 """OFT and LLaMA Pro through the real train job (Ray Train + DeepSpeed ZeRO-3, one CPU
-worker): OFT's loss goes down, a resubmitted run resumes from its checkpoint to the
-same final/, and final/ is the merged model computing base + adapter; freeze tuning with
-``freeze.llama_pro`` changes exactly the inserted blocks of an expanded model."""
+worker): OFT's loss goes down and final/ is the merged model computing base + adapter;
+freeze tuning with ``freeze.llama_pro`` changes exactly the inserted blocks of an
+expanded model. (Resume restores DeepSpeed's own checkpoint whatever the method trains,
+and test_train_resume.py covers it; a second OFT run here only doubled the time.)"""
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,12 +49,8 @@ def connected(ray_cluster) -> Iterator[None]:
 def oft_run(connected, tiny_model: Path, tmp_path_factory) -> dict:
     storage = tmp_path_factory.mktemp("train_oft")
     cfg = _cfg(tiny_model, storage, "oft", "finetuning_type=oft", "oft.block_size=32",
-               "train.lr=2e-2", "train.max_steps=6", "checkpoint.save_steps=3")  # fmt: skip
-    out = run_training(cfg)
-    first = storage / "first_final"
-    shutil.copytree(out["outputs"]["final"], first)
-    again = run_training(cfg)  # the same run resubmitted: resumes from its last checkpoint
-    return {"cfg": cfg, "out": out, "again": again, "first": first}
+               "train.lr=2e-2", "train.max_steps=6")  # fmt: skip
+    return {"cfg": cfg, "out": run_training(cfg)}
 
 
 def test_oft_loss_goes_down_under_zero3(oft_run: dict) -> None:
@@ -64,30 +60,24 @@ def test_oft_loss_goes_down_under_zero3(oft_run: dict) -> None:
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.05, losses
 
 
-def test_oft_final_is_the_merged_model_and_resume_reproduces_it(
-    oft_run: dict, tiny_model: Path
-) -> None:
+def test_oft_final_is_the_merged_model(oft_run: dict, tiny_model: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from raylm.train.job import model_output
     from raylm.train.oft import ADAPTER_DIR
 
-    run, final = Path(oft_run["out"]["run_dir"]), Path(oft_run["again"]["outputs"]["final"])
-    events = (run / "events.jsonl").read_text()
-    assert '"event": "resume"' in events and '"from_step": 6' in events, events
+    final = Path(oft_run["out"]["outputs"]["final"])
     base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     with torch.no_grad():
         plain = base(input_ids=IDS).logits
         merged = AutoModelForCausalLM.from_pretrained(final).eval()(input_ids=IDS).logits
-        first = AutoModelForCausalLM.from_pretrained(oft_run["first"]).eval()(input_ids=IDS).logits
         adapter = PeftModel.from_pretrained(base, str(final / ADAPTER_DIR)).eval()
         on_base = adapter(input_ids=IDS).logits
     print(f"OFT: trained vs base {(merged - plain).abs().max():.4f}, merged vs base+adapter "
           f"{(merged - on_base).abs().max():.2e}")  # fmt: skip
     assert (merged - plain).abs().max() > 1e-2
     assert torch.allclose(merged, on_base, atol=1e-4), (merged - on_base).abs().max()
-    assert torch.equal(merged, first)  # resumed weights are the trained ones
     out = model_output(oft_run["cfg"], str(final))
     assert (out.adapter, out.trained_adapter) == (False, str(final / ADAPTER_DIR))
 

@@ -147,6 +147,17 @@ def listed(item: dict[str, Any], default_id: str) -> dict[str, Any]:
     return {"type": "message", "id": default_id, "status": "completed", **item, "content": content}
 
 
+def unavailable(err: Exception) -> ApiError:
+    """503 for a store that failed a read or a delete (logged here, not shown in full)."""
+    logger.warning("session store failed: %r", err)
+    return ApiError(
+        503,
+        f"The conversation store is unavailable ({type(err).__name__}); retry later.",
+        code="store_unavailable",
+        type="server_error",
+    )
+
+
 def patched(response: dict[str, Any], *, store: bool, previous: str | None) -> dict[str, Any]:
     """vLLM's response object as the client asked for it (vLLM ran the turn statelessly)."""
     return {**response, "store": store, "previous_response_id": previous}
@@ -166,6 +177,7 @@ class Conversations:
         history, then store it."""
         previous = body.get("previous_response_id")
         store = body.get("store") is not False
+        new_items = input_items(body.get("input"))
         items = []
         if previous is not None:
             record = await self._get(previous, owner)
@@ -174,7 +186,6 @@ class Conversations:
                     previous, self.store.retention_s, time.time(), "previous_response_id"
                 )
             items = list(record.items)
-        new_items = input_items(body.get("input"))
         request_id = new_response_id()
         forwarded = {
             **{k: v for k, v in body.items() if k != "previous_response_id"},
@@ -190,13 +201,7 @@ class Conversations:
         try:
             return await self.store.get(response_id, owner)
         except Exception as err:  # the store is down or unreachable
-            logger.warning("session store read failed: %s", err)
-            raise ApiError(
-                503,
-                f"The conversation store is unavailable ({type(err).__name__}); retry later.",
-                code="store_unavailable",
-                type="server_error",
-            ) from err
+            raise unavailable(err) from err
 
     async def save(self, record: StoredResponse) -> bool:
         """Store ``record``; False (and a log line) if the store failed: the client then
@@ -234,7 +239,7 @@ class Conversations:
         try:
             deleted = await self.store.delete(response_id, owner)
         except Exception as err:
-            raise ApiError(503, f"The conversation store is unavailable ({err})") from err
+            raise unavailable(err) from err
         if not deleted:
             raise not_found(response_id, self.store.retention_s, time.time())
         return {"id": response_id, "object": "response.deleted", "deleted": True}

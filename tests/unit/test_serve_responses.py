@@ -235,8 +235,13 @@ def test_a_store_that_is_down_gives_503_and_store_false(replicas) -> None:
         async def put(self, *a: object) -> None:
             raise ConnectionError("refused")
 
+        async def delete(self, *a: object) -> None:
+            raise ConnectionError("refused")
+
     http = replica(Engine(), Down(), "r")
     r = client(http).responses.create(model="tiny", input="x")
     assert r.store is False  # answered, but never an id that cannot be continued
     with pytest.raises(openai.InternalServerError, match="store is unavailable"):
         client(http).responses.create(model="tiny", input="x", previous_response_id=r.id)
+    with pytest.raises(openai.InternalServerError, match="store is unavailable"):
+        client(http).responses.delete(r.id)

@@ -216,6 +216,36 @@ class DedupConfig:
 
 
 @dataclass
+class LineDedupConfig:
+    """Boilerplate removal across documents (C4, RefinedWeb): a line (or paragraph) found
+    in more than ``max_docs`` documents is cut from all of them; pt jobs only."""
+
+    enabled: bool = False
+    """Run it (after the filters and PII, before exact and fuzzy dedup)."""
+
+    unit: str = "line"
+    """What is compared: ``line`` (split on newlines) or ``paragraph`` (blank lines)."""
+
+    max_docs: int = 3
+    """A unit in more documents than this is boilerplate (cookie notices, menus,
+    footers); each document counts a unit once however often it repeats it there."""
+
+    min_chars: int = 0
+    """Units shorter than this (stripped) are never cut: ``1.``, ``}`` or a date repeat
+    across documents without being boilerplate worth losing the context of."""
+
+    min_doc_chars: int = 1
+    """A document left with fewer characters (stripped) is removed, counted as
+    ``filter:line_dedup``."""
+
+    def __post_init__(self) -> None:
+        choice("line_dedup.unit", self.unit, ("line", "paragraph"))
+        positive("line_dedup.max_docs", self.max_docs)
+        positive("line_dedup.min_chars", self.min_chars, allow_zero=True)
+        positive("line_dedup.min_doc_chars", self.min_doc_chars, allow_zero=True)
+
+
+@dataclass
 class TokenizeConfig:
     """Tokenization and packing into training-ready shards (off: write cleaned records)."""
 
@@ -292,6 +322,9 @@ class DataJobConfig:
 
     pii: PiiConfig = field(default_factory=PiiConfig)
     """PII scrubbing."""
+
+    line_dedup: LineDedupConfig = field(default_factory=LineDedupConfig)
+    """Boilerplate lines or paragraphs cut across documents (off by default)."""
 
     dedup: DedupConfig = field(default_factory=DedupConfig)
     """Deduplication."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from raylm import storage
 from raylm.config import ConfigError, resolve_path
-from raylm.data import formats, readers, rows, shards, steps
+from raylm.data import formats, line_dedup, readers, rows, shards, steps
 from raylm.data.config import DataJobConfig
 from raylm.data.dedup_apply import apply_dedup
 from raylm.data.sources import Source, expand_inputs
@@ -39,11 +39,16 @@ def run(cfg: DataJobConfig) -> dict[str, Any]:
     sources = expand_inputs(cfg.inputs, cfg.format, cfg.columns)
     kind = decide_kind(cfg, sources)
     shards.check_tokenizer(cfg, kind)  # before hours of cleaning and dedup, not after
+    if cfg.line_dedup.enabled and kind != "pt":
+        raise ConfigError(f"line_dedup cuts lines of pt text; this job is {kind}")
     log.info("data job: %d file(s), kind=%s", len(sources), kind)
     raw = readers.read_dataset(sources, cfg.text_column, cfg.text_unit, cfg.read_block_mb)
     clock = Stopwatch()
     processed, counts = process(raw, cfg, kind)
     clock.lap("read_clean_sign")
+    if cfg.line_dedup.enabled:
+        processed = line_dedup.apply(processed, cfg, counts)
+        clock.lap("line_dedup")
     if counts["parse"]["quarantined"]:
         shards.write_quarantine(processed, out)
     clock.lap("quarantine_write")

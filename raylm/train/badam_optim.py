@@ -18,8 +18,9 @@ LLaMA-Factory leaves that at torch AdamW's 0.01 whatever ``weight_decay`` says; 
 sets it to ``train.weight_decay`` (the same steps as LLaMA-Factory's at 0.01).
 
 A checkpoint holds the block position (which block trains, the next one, the step
-count, random mode's order) beside the base optimizer's state, so a resumed run goes on
-with the same block and moments; badam's own ``state_dict`` holds only the latter.
+count, random mode's order) and the active block's fp32 copies beside the base
+optimizer's state, so a resumed run takes the same steps (checked in bf16); badam's own
+``state_dict`` holds only the latter.
 """
 
 from __future__ import annotations
@@ -54,12 +55,17 @@ def block_class() -> type:
                 "global_step": self.global_step,
                 "block_order": list(getattr(self, "block_order", [])),
             }
-            return {"base": self.base_optimizer.state_dict(), "badam": position}
+            # the fp32 copies of a bf16 block are its master weights: the bf16 ones are
+            # rounded, so they must come back as they were
+            hp = {i: p.detach().clone() for i, p in self.param_idx2hp.items()}
+            return {"base": self.base_optimizer.state_dict(), "badam": position, "hp": hp}
 
         def load_state_dict(self, state_dict: dict[str, Any]) -> None:
             position = state_dict["badam"]
             self.current_block_idx = position["active_block"]
-            self.switch_trainable_params(verbose=0)  # fp32 copies of the loaded weights
+            self.switch_trainable_params(verbose=0)  # the block's params trainable
+            for i, saved in state_dict["hp"].items():
+                self.param_idx2hp[i].data.copy_(saved)
             self.current_block_idx = position["next_block"]
             self.global_step = position["global_step"]
             if self.switch_mode == "random":

@@ -102,10 +102,11 @@ def apollo_class() -> type:
     wherever it sits when first stepped.
 
     The package seeds ``state[p]`` in its constructor, by position; DeepSpeed's stage-0
-    bf16 wrapper then swaps the params for fp32 copies whose state is empty, and the
-    first projection would fail. This subclass seeds by the same position at the first
-    step instead (``layerwise``: 1 for every weight, as each one-weight optimizer of
-    LLaMA-Factory's layerwise mode seeds)."""
+    bf16 wrapper then swaps the params for fp32 copies, whose state is empty (the first
+    projection would fail), and the seeds left on the bf16 params break ``state_dict``
+    (a checkpoint). :func:`build_apollo` clears them and this subclass seeds by the same
+    position at the first step instead (``layerwise``: 1 for every weight, as each
+    one-weight optimizer of LLaMA-Factory's layerwise mode seeds)."""
     pkg = require("apollo")
 
     class Apollo(pkg.APOLLOAdamW):
@@ -142,8 +143,5 @@ def build_apollo(model: Any, cfg: Any) -> Any:
     cls = apollo_class()
     optim = cls(groups, lr=cfg.train.lr, betas=BETAS, eps=EPS, scale_front=a.scale_front)
     optim.layerwise = a.layerwise
-    if a.layerwise:  # the constructor seeded by position already
-        for group in optim.param_groups:
-            for p in group["params"]:
-                optim.state[p]["seed"] = 1
+    optim.state.clear()  # its seeds: the first step sets them on the params it then has
     return optim

@@ -164,7 +164,20 @@ class DedupConfig:
     """Drop documents whose normalised text (lower case, collapsed spaces) is identical."""
 
     fuzzy: bool = True
-    """Drop near-duplicates found by MinHash-LSH."""
+    """Drop near-duplicates found by ``method``."""
+
+    method: str = "minhash"
+    """Fuzzy dedup's method: ``minhash`` (MinHash-LSH on ``threshold``, Jaccard) or
+    ``simhash`` (64-bit SimHash within ``hamming`` bits: 8 bytes a document, for
+    near-identical pages; ``threshold``, ``num_perm``, bands and ``verify`` unused)."""
+
+    hamming: int = 3
+    """simhash: largest Hamming distance between near-duplicates' fingerprints (Manku
+    et al. use 3 for web pages)."""
+
+    simhash_blocks: int = 6
+    """simhash: blocks the 64 bits are cut into; C(blocks, hamming) tables, each keyed
+    by blocks - hamming blocks (more: fewer chance candidates, more tables)."""
 
     threshold: float = 0.8
     """Jaccard similarity of word-shingle sets above which two documents are duplicates."""
@@ -202,6 +215,12 @@ class DedupConfig:
         positive("dedup.num_perm", self.num_perm)
         positive("dedup.ngram", self.ngram)
         positive("dedup.max_rounds", self.max_rounds)
+        choice("dedup.method", self.method, ("minhash", "simhash"))
+        positive("dedup.hamming", self.hamming, allow_zero=True)
+        if not self.hamming < self.simhash_blocks <= 64:
+            raise ConfigError(
+                f"dedup.simhash_blocks={self.simhash_blocks} must be in (hamming={self.hamming}, 64]"
+            )
         if (self.bands is None) != (self.rows is None):
             raise ConfigError("dedup.bands and dedup.rows must be set together (or both None)")
         if self.bands is not None and self.rows is not None:

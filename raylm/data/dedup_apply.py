@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute
 
-from raylm.data import dedup
+from raylm.data import dedup, simhash
 from raylm.data.blocks import map_blocks, shuffle_blocks
 from raylm.data.config import DataJobConfig
 
@@ -139,7 +139,13 @@ def _removals(refs: list, cfg: DataJobConfig) -> tuple[list, dict[str, Any]]:
     """Blocks of removal records (exact, then fuzzy) and what the fuzzy pass did."""
     info: dict[str, Any] = {}
     removals = dedup.exact_duplicates(refs) if cfg.dedup.exact else []
-    if cfg.dedup.fuzzy:
+    if cfg.dedup.fuzzy and cfg.dedup.method == "simhash":
+        d = cfg.dedup
+        info.update(method="simhash", hamming=d.hamming, simhash_blocks=d.simhash_blocks)
+        fuzzy, rounds = simhash.simhash_duplicates(refs, d.hamming, d.simhash_blocks, d.max_rounds)
+        info["cc_rounds"] = rounds
+        removals += fuzzy
+    elif cfg.dedup.fuzzy:
         bands, rows = cfg.dedup.bands, cfg.dedup.rows
         if bands is None or rows is None:
             bands, rows = dedup.optimal_bands_rows(

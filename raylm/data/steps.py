@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from raylm.data import dedup, filters, formats, pii
+from raylm.data import dedup, filters, formats, pii, simhash
 from raylm.data.config import DataJobConfig
 from raylm.data.rows import BadRow, parse_row
 
@@ -254,6 +254,10 @@ class Sign:
         salts = np.array([_label_salt(r) for r in kept], dtype=np.uint64)
         if salts.any():
             flat = flat ^ np.repeat(salts, lengths).astype(flat.dtype)
+        if self.cfg.method == "simhash":  # a 64-bit fingerprint in place of the signature
+            for r, fp in zip(kept, simhash.fingerprints(flat, lengths), strict=True):
+                r["sig"], r["shingles"] = fp.tobytes(), b""
+            return
         sigs = dedup.minhash_flat(flat, lengths, self.cfg.num_perm, self.cfg.seed)
         sets = np.split(flat, np.cumsum(lengths)[:-1])
         for r, sig, shingles in zip(kept, sigs, sets, strict=True):

@@ -17,6 +17,7 @@ from typing import Any
 from raylm.config import ConfigError, resolve_path
 from raylm.data.hub import hub_path
 from raylm.train import llamafactory_keys as keys
+from raylm.train import llamafactory_optim as optim_keys
 from raylm.train.config_methods import SCHEDULERS
 from raylm.train.llamafactory_values import CONVERT, as_bool, csv_list, hint, same, set_key
 
@@ -65,7 +66,8 @@ def translate(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key in keys.MAPPED and value is not None:
-            set_key(out, keys.MAPPED[key], CONVERT.get(key, same)(value))
+            convert = CONVERT.get(key, optim_keys.CONVERT.get(key, same))
+            set_key(out, keys.MAPPED[key], convert(value))
     _defaults(data, out)
     refusals += _special(data, out, source, bool(refusals or unknown))  # may override
     if unknown or refusals:
@@ -122,7 +124,7 @@ def _special(data: dict[str, Any], out: dict[str, Any], source: str, refused: bo
     key was refused already, so a missing dataset needs no mention)."""
     refusals: list[str] = []
     checks = (_stage, _values, _precision, _quantization, _attention, _knobs, _ray, _resume, _loss,
-              _oft, _llama_pro)  # fmt: skip
+              _oft, _llama_pro, optim_keys.optimizer_extras)  # fmt: skip
     for check in checks:
         refusals += check(data, out)
     _data(data, out, refusals, refused)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from raylm.train import llamafactory_optim as optim
+
 MAPPED: dict[str, str] = {
     "model_name_or_path": "model.name_or_path",
     "trust_remote_code": "model.trust_remote_code",
@@ -82,6 +84,7 @@ MAPPED: dict[str, str] = {
     "eaft_alpha": "loss.eaft_alpha",
     "use_muon": "train.optimizer",  # true: muon
     "pissa_convert": "export.pissa_convert",
+    **optim.MAPPED,  # galore_*, apollo_*, badam_*
 }
 
 SPECIAL: dict[str, str] = {
@@ -114,6 +117,7 @@ SPECIAL: dict[str, str] = {
     "use_asft_loss": "true (stage sft): loss.type=asft (the reference model loads too)",
     "resume_from_checkpoint": "null/true: raylm resumes by itself; a path refused",
     "packing": "pt: LLaMA-Factory packs by default, raylm's raw path does not (warned)",
+    **optim.SPECIAL,  # use_galore, use_apollo, use_adam_mini, use_badam
     "oft_target": "oft.target with finetuning_type oft (LLaMA-Factory builds OFT on "
     "lora_target and reads oft_target unused: raylm takes oft_target, else lora_target; "
     "the two differing is refused)",
@@ -234,21 +238,6 @@ NOOP: dict[str, str] = {
         "reward_model_type",
     ),
     **_same(
-        _only("use_galore"),
-        "galore_target galore_rank galore_update_interval galore_scale "
-        "galore_proj_type galore_layerwise",
-    ),
-    **_same(
-        _only("use_apollo"),
-        "apollo_target apollo_rank apollo_update_interval apollo_scale apollo_proj "
-        "apollo_proj_type apollo_scale_type apollo_layerwise apollo_scale_front",
-    ),
-    **_same(
-        _only("use_badam"),
-        "badam_mode badam_start_block badam_switch_mode badam_switch_interval "
-        "badam_update_ratio badam_mask_mode badam_verbose",
-    ),
-    **_same(
         _only("use_swanlab"),
         "swanlab_project swanlab_workspace swanlab_run_name swanlab_mode "
         "swanlab_api_key swanlab_logdir swanlab_lark_webhook_url swanlab_lark_secret",
@@ -296,8 +285,10 @@ _EXPORT = (
     "an export YAML (llamafactory-cli export): run it with `raylm export FILE` (adapters "
     "merged shard by shard and checked), not raylm train"
 )
-_OPTIM = "raylm builds torch AdamW or Muon (use_muon); needs another optimizer in raylm"
-_PKG = "is not in raylm's package set nor in raylm.train.model.build_optimizer"
+_OPTIM = (
+    "raylm builds torch AdamW, Muon (use_muon) or LLaMA-Factory's extras (use_galore, "
+    "use_apollo, use_adam_mini, use_badam); needs another optimizer in raylm"
+)
 _KERNEL = "needs a kernel integration raylm does not have; train without it"
 
 REFUSED: dict[str, str] = {
@@ -339,15 +330,6 @@ REFUSED: dict[str, str] = {
     "ref_model_adapters": "DPO's reference is the base model (or the adapter disabled) in raylm",
     "ref_model_quantization_bit": "the reference model is never quantized in raylm",
     **_same(_OPTIM, "optim_args optim_target_modules lr_scheduler_kwargs"),
-    "use_galore": f"GaLore needs the galore-torch package, which {_PKG}; a projected "
-    "per-matrix optimizer, it would also need ZeRO stage 0 (unpartitioned weights)",
-    "use_apollo": f"APOLLO needs the apollo-torch package, which {_PKG}; a projected "
-    "per-matrix optimizer, it would also need ZeRO stage 0 (unpartitioned weights)",
-    "use_adam_mini": f"Adam-mini needs the adam-mini package, which {_PKG}; use AdamW, or "
-    "Muon (use_muon)",
-    "use_badam": f"BAdam needs the badam package, which {_PKG}; it switches the trainable "
-    "block during the run, which raylm's fixed DeepSpeed param groups do not: use "
-    "finetuning_type freeze or lora",
     "label_smoothing_factor": "label smoothing of the SFT loss: not implemented",
     "adam_beta1": "raylm's AdamW uses torch's betas (0.9, 0.999)",
     "adam_beta2": "raylm's AdamW uses torch's betas (0.9, 0.999)",

@@ -87,11 +87,27 @@ class GaLoreConfig:
 
 
 @dataclass
-class ApolloConfig(GaLoreConfig):
+class ApolloConfig:
     """APOLLO (``train.optimizer=apollo``, apollo-torch's ``APOLLOAdamW``): AdamW moments
     in a rank-``rank`` projection of each targeted matrix's gradient, used only to scale
     the raw gradient per channel (or per tensor), with Fira's norm-growth limiter. The
-    shared keys mean what they mean for GaLore (``layerwise`` included)."""
+    keys it shares with GaLore mean what they mean there."""
+
+    target: list[str] = field(default_factory=lambda: ["all"])
+    """Linear modules whose weights are projected; ``all``: every linear layer but the head."""
+
+    rank: int = 16
+    """Rank of the projected gradient (``apollo_rank``)."""
+
+    update_interval: int = 200
+    """Steps between renewing each projection (``apollo_update_interval``)."""
+
+    proj_type: str = "std"
+    """std (project the smaller side), right or left."""
+
+    layerwise: bool = False
+    """``apollo_layerwise``: as ``galore.layerwise`` (max_grad_norm 0, grad_accum 1), and
+    every random projection seeded 1, as each one-weight optimizer seeds it."""
 
     scale: float = 32.0
     """Factor on the scaled gradient, as sqrt(scale) (``apollo_scale``)."""
@@ -109,7 +125,7 @@ class ApolloConfig(GaLoreConfig):
     to the constructor. At the default (false) the two agree."""
 
     def __post_init__(self) -> None:
-        self.check("apollo", APOLLO_PROJ_TYPES)
+        GaLoreConfig.check(self, "apollo", APOLLO_PROJ_TYPES)  # type: ignore[arg-type]
         choice("apollo.proj", self.proj, ("random", "svd"))
         choice("apollo.scale_type", self.scale_type, ("channel", "tensor"))
 

@@ -182,8 +182,8 @@ class _Loop:
         assert self.step == step, (self.step, step)
         self.samples_seen = rows_taken(self.step, self.stream.worlds, self.per_step)
         if self.rank == 0:
-            for path in (self.metrics_file, self.samples_file, self.held_out.file):
-                _truncate_metrics(path, self.step)
+            for log in (self.metrics_file, self.samples_file, self.held_out.file):
+                _truncate_metrics(log, self.step)
         name = path.rstrip("/").rpartition("/")[2]
         self._event({"event": "resume", "from_step": self.step, "checkpoint": name,
                      "world_size_from": self.saved_world, "world_size": self.world,

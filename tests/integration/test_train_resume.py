@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from raylm.train.checkpoint import list_checkpoints
+from raylm.train.checkpoint import checkpoint_name, list_checkpoints
 from raylm.train.report import read_metrics
 from raylm.train.sink_readers import logged
 from raylm.train.sinks import SINKS
@@ -152,6 +152,7 @@ def test_worker_kill_during_checkpoint_resumes_exactly(reference: Path, faulted:
     # The step-4 checkpoint was uploaded by both ranks but never marked COMPLETE:
     # the restarted workers must fall back to the previous complete one.
     assert resumes[0]["from_step"] == 2
+    assert resumes[0]["checkpoint"] == checkpoint_name(2)  # the one it loaded
     ref = read_metrics(reference / "metrics.jsonl")
     got = read_metrics(faulted / "metrics.jsonl")
     assert [m["step"] for m in got] == [m["step"] for m in ref]

@@ -59,14 +59,21 @@ def _kept(table: pa.Table) -> pa.Table:
     return table.filter(pa.compute.equal(table.column("status"), ""))
 
 
+def _block_units(docs: list[str | None], cfg: LineDedupConfig):
+    """Every given document's units and their hashes, hashed in one call for the block
+    (per-document numpy calls would cost more than the hashing); None docs are skipped."""
+    units = [split_units(_text(d), cfg.unit) if d is not None else [] for d in docs]
+    counts = np.array([len(u) for u in units], dtype=np.int64)
+    hashes = unit_hashes([u for us in units for u in us], cfg.min_chars)
+    return units, np.split(hashes, np.cumsum(counts)[:-1]) if len(counts) else []
+
+
 def _doc_keys(cfg: LineDedupConfig):
     """Each kept document's distinct unit hashes, one row each (a document counts once)."""
 
     def fn(table: pa.Table) -> pa.Table:
-        parts = [
-            np.unique(unit_hashes(split_units(_text(d), cfg.unit), cfg.min_chars))
-            for d in _kept(table).column("doc").to_pylist()
-        ]
+        _, per_doc = _block_units(_kept(table).column("doc").to_pylist(), cfg)
+        parts = [np.unique(h) for h in per_doc]
         flat = np.concatenate(parts) if parts else np.empty(0, np.uint64)
         return pa.table({"key": flat[flat != 0].view(np.int64)})
 
@@ -92,6 +99,10 @@ def frequent_units(refs: list, cfg: LineDedupConfig) -> np.ndarray:
     return np.sort(pa.concat_tables(tables).column("key").to_numpy().view(np.uint64))
 
 
+_CHANGED = ("status", "doc", "exact_hash", "sig", "shingles")
+"""The columns ``cut_block`` may change; the others (raw text above all) stay Arrow."""
+
+
 def cut_block(
     table: pa.Table, frequent: np.ndarray, cfg: DataJobConfig
 ) -> tuple[pa.Table, dict[str, int]]:
@@ -99,34 +110,38 @@ def cut_block(
     ones; documents left too short are marked ``filter:line_dedup``."""
     opts = cfg.line_dedup
     stats: Counter[str] = Counter()
-    if not len(frequent):
+    if not len(frequent) or not table.num_rows:
         return table, dict(stats)
-    rows = table.to_pylist()
-    changed = []
-    for row in rows:
-        if row["status"]:
-            continue
-        payload = json.loads(row["doc"])
-        units = split_units(payload["text"], opts.unit)
-        hashes = unit_hashes(units, opts.min_chars)
-        drop = np.isin(hashes, frequent, assume_unique=False) & (hashes != 0)
+    cols = {name: table.column(name).to_pylist() for name in _CHANGED}
+    changed: list[dict[str, Any]] = []
+    docs = [None if st else d for st, d in zip(cols["status"], cols["doc"], strict=True)]
+    all_units, all_hashes = _block_units(docs, opts)
+    flat = np.concatenate(all_hashes) if all_hashes else np.empty(0, np.uint64)
+    all_drops = np.split(
+        np.isin(flat, frequent) & (flat != 0), np.cumsum([len(h) for h in all_hashes])[:-1]
+    )
+    for i, (units, drop) in enumerate(zip(all_units, all_drops, strict=True)):
         if not drop.any():
             continue
+        payload = json.loads(cols["doc"][i])
         stats["units_removed"] += int(drop.sum())
         text = _join([u for u, d in zip(units, drop, strict=True) if not d], opts.unit)
         if len(text.strip()) < opts.min_doc_chars:
-            row["status"] = f"{steps.FILTER}:{REASON}"
+            cols["status"][i] = f"{steps.FILTER}:{REASON}"
             stats["documents_emptied"] += 1
             continue
         stats["documents_changed"] += 1
         payload = {**payload, "text": text}
-        row.update({steps._PAYLOAD: payload, "doc": json.dumps(payload, ensure_ascii=False)})
-        row[steps._TEXT] = steps.dedup_text(payload)
-        changed.append(row)
+        cols["doc"][i] = json.dumps(payload, ensure_ascii=False)
+        changed.append({"i": i, steps._PAYLOAD: payload, steps._TEXT: steps.dedup_text(payload)})
     steps.Sign(cfg).run(changed)
     for row in changed:
-        del row[steps._PAYLOAD], row[steps._TEXT]
-    return pa.Table.from_pylist(rows, schema=steps.PROCESSED_SCHEMA), dict(stats)
+        for name in ("exact_hash", "sig", "shingles"):
+            cols[name][row["i"]] = row.get(name, cols[name][row["i"]])
+    for name, values in cols.items():
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, name, pa.array(values, table.schema.field(name).type))
+    return table, dict(stats)
 
 
 def apply(processed: Any, cfg: DataJobConfig, counts: dict[str, Counter[str]]) -> Any:

@@ -286,3 +286,11 @@ def forwarded_env() -> dict[str, str]:
     """
     prefixes = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GCS_", "AZURE_STORAGE_")
     return {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
+
+
+def hf_shard_name(index: int, total: int) -> str:
+    """transformers' name for shard ``index`` (0-based) of ``total`` safetensors files, so
+    every writer of a model directory (final/, LLaMA Pro's expansion) names them alike."""
+    if total == 1:
+        return "model.safetensors"
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"

@@ -90,7 +90,7 @@ def write_shards(
         groups[-1].append((name, param))
         size += nbytes
     shards = [g for g in groups if g]
-    files = [_shard_name(i, len(shards)) for i in range(len(shards))]
+    files = [storage.hf_shard_name(i, len(shards)) for i in range(len(shards))]
     for group, file in zip(shards, files, strict=True):
         tensors = _gather(group, rank)
         if rank == 0:
@@ -115,12 +115,6 @@ def _gather(group: list[tuple[str, Any]], rank: int) -> dict[str, Any]:
         if rank != 0:
             return {}
         return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in group}
-
-
-def _shard_name(index: int, total: int) -> str:
-    if total == 1:
-        return "model.safetensors"
-    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
 def write_final(

@@ -130,7 +130,7 @@ def _write_weights(tensors: Iterator[tuple[str, Any]], out: Path, limit: int) ->
     transformers' names."""
     from safetensors.torch import save_file
 
-    from raylm.train.export import _shard_name
+    from raylm.storage import hf_shard_name
 
     shards: list[dict[str, Any]] = []
     current: dict[str, Any] = {}
@@ -154,7 +154,7 @@ def _write_weights(tensors: Iterator[tuple[str, Any]], out: Path, limit: int) ->
     total = len(shards)
     weight_map: dict[str, str] = {}
     for index, names in enumerate(shards):
-        final = _shard_name(index, total)
+        final = hf_shard_name(index, total)
         (out / f".shard-{index}.tmp").rename(out / final)
         weight_map.update(dict.fromkeys(names, final))
     if total > 1:

@@ -74,20 +74,30 @@ def ray_cluster(raylm_home: Path) -> Iterator[ClusterInfo]:
         cluster.down()
 
 
-@pytest.fixture
-def ray_connected(ray_cluster: ClusterInfo) -> Iterator[ClusterInfo]:
-    """This process joined to the session cluster for one test."""
+def _joined(cluster: ClusterInfo) -> Iterator[ClusterInfo]:
     import ray
 
     os.environ.setdefault(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/raylm/torch_extensions")
     )
-
-    ray.init(address=ray_cluster.gcs_address, namespace="raylm-tests", ignore_reinit_error=True)
+    ray.init(address=cluster.gcs_address, namespace="raylm-tests", ignore_reinit_error=True)
     try:
-        yield ray_cluster
+        yield cluster
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def ray_connected(ray_cluster: ClusterInfo) -> Iterator[ClusterInfo]:
+    """This process joined to the session cluster for one test."""
+    yield from _joined(ray_cluster)
+
+
+@pytest.fixture(scope="module")
+def ray_connected_module(ray_cluster: ClusterInfo) -> Iterator[ClusterInfo]:
+    """This process joined to the session cluster for a module whose module-scoped
+    fixtures run jobs (a trained run shared by its tests)."""
+    yield from _joined(ray_cluster)
 
 
 @pytest.fixture(scope="session")

@@ -129,9 +129,10 @@ def write_final(
     if lora:
         module.save_pretrained(str(tmp), state_dict=_load_shards(weights, files))
     elif oft:
-        from raylm.train.oft import write_oft_final
+        from raylm.train.oft import save_oft_adapter
 
-        write_oft_final(cfg, module, _load_shards(weights, files), tok, tmp)
+        adapter = save_oft_adapter(module, _load_shards(weights, files), tok, tmp)
+        merge_adapter(cfg, adapter, tmp, tok)  # no engine serves OFT adapters
     else:
         weights.rename(tmp)
         _write_index(tmp, files)
@@ -150,7 +151,7 @@ def write_final(
 
         merge_reward(cfg, tmp, tmp / "merged", tok)
     elif lora and cfg.export.merge_lora:
-        merge_lora(cfg, tmp, tmp / "merged", tok)
+        merge_adapter(cfg, tmp, tmp / "merged", tok)
     (tmp / "raylm_train.json").write_text(
         json.dumps(
             {
@@ -190,8 +191,9 @@ def _write_index(out: Path, files: list[str]) -> None:
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def merge_lora(cfg: Any, adapter_dir: Path, out: Path, tok: Any) -> None:
-    """Base + adapter folded into plain weights: servable by engines without LoRA support."""
+def merge_adapter(cfg: Any, adapter_dir: Path, out: Path, tok: Any) -> None:
+    """Base + PEFT adapter (LoRA, or OFT: each W becomes its rotated W R) folded into plain
+    weights at the base's dtype: servable by engines without adapter support."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

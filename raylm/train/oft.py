@@ -10,7 +10,7 @@ The trained adapter is kept beside it in ``final/oft_adapter`` (``ModelOutput.
 trained_adapter``): small, and what PEFT puts back on the base to continue or inspect.
 
 Under ZeRO-3 only the adapter is gathered (its parameters are all that trained); rank 0
-then loads the base whole on the host, as ``export.merge_lora`` does for LoRA, merges and
+then loads the base whole on the host, as ``export.merge_adapter`` does for LoRA, merges and
 writes it. Checkpoints need nothing special: DeepSpeed saves the adapter's parameters
 with the module, and a resumed run rebuilds the same adapter before loading them.
 """
@@ -20,8 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from raylm.config import ConfigError, local_model
-from raylm.tokenizer import stop_at_template
+from raylm.config import ConfigError
 
 ADAPTER_DIR = "oft_adapter"
 """final/'s sub-directory holding the trained OFT adapter (PEFT's layout)."""
@@ -66,28 +65,11 @@ def add_oft(model: Any, cfg: Any, task_type: str = "CAUSAL_LM") -> Any:
         ) from None
 
 
-def write_oft_final(cfg: Any, module: Any, state: dict[str, Any], tok: Any, out: Path) -> None:
-    """``final/`` of an OFT run at ``out``: the adapter (``state``, the gathered trained
-    parameters) in ``out/oft_adapter``, and the base with it merged as a full model in
-    ``out`` itself, with the run's tokenizer and generation config."""
+def save_oft_adapter(module: Any, state: dict[str, Any], tok: Any, out: Path) -> Path:
+    """The adapter of an OFT run's ``final/`` (``state``: the gathered trained parameters)
+    in ``out/oft_adapter``; ``raylm.train.export`` merges it into the base at ``out``,
+    as it merges a LoRA adapter (one PEFT ``merge_and_unload`` for both)."""
     adapter = out / ADAPTER_DIR
     module.save_pretrained(str(adapter), state_dict=state)
     tok.save_pretrained(str(adapter))
-    merge_oft(cfg, adapter, out, tok)
-
-
-def merge_oft(cfg: Any, adapter_dir: Path, out: Path, tok: Any) -> None:
-    """Base + OFT adapter folded into plain weights (each W becomes its rotated W R),
-    loaded at the base's own dtype: what vLLM, eval and export read as a full model."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(
-        local_model(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
-    )
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(str(out), safe_serialization=True)
-    tok.save_pretrained(str(out))
-    if merged.generation_config is not None:
-        stop_at_template(cfg.model.template, tok, merged.generation_config)
-        merged.generation_config.save_pretrained(str(out))
+    return adapter

@@ -103,18 +103,6 @@ NEEDS_CUDA = sorted(r for r, fate in H.PARTITION.items() if fate is None and r i
 
 
 @pytest.fixture(scope="module")
-def connected(ray_cluster) -> Iterator[None]:
-    import ray
-
-    os.environ.setdefault(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/raylm/torch_extensions")
-    )
-    ray.init(address=ray_cluster.gcs_address, namespace="raylm-tests", ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def workspace() -> Iterator[Path]:
     """As in tests/unit/conftest.py: the examples' relative paths resolve in the assets
     (module-wide: the runs load in worker threads)."""
@@ -189,7 +177,7 @@ def demo_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def runs(
     request: pytest.FixtureRequest,
-    connected,
+    ray_connected_module,
     workspace,
     models,
     demo_hub,
@@ -236,7 +224,7 @@ def test_example_trains_on_its_demo_data(group: tuple[str, ...], runs) -> None:
 @pytest.mark.timeout(180)  # run alone, the session cluster starts in it
 @pytest.mark.parametrize("rel", NEEDS_CUDA)
 def test_qlora_example_is_refused_at_start_naming_cuda(
-    rel: str, connected, workspace: Path, models: dict[str, Path], tmp_path: Path
+    rel: str, ray_connected_module, workspace: Path, models: dict[str, Path], tmp_path: Path
 ) -> None:
     path, _ = _written(rel, tmp_path, _model(rel, models))
     cfg = config.load("train", [path], SHORT)

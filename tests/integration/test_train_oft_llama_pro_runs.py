@@ -6,8 +6,6 @@ and test_train_resume.py covers it; a second OFT run here only doubled the time.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,19 +32,7 @@ def _cfg(model: Path, storage: Path, name: str, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def connected(ray_cluster) -> Iterator[None]:
-    import ray
-
-    os.environ.setdefault(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/raylm/torch_extensions")
-    )
-    ray.init(address=ray_cluster.gcs_address, namespace="raylm-tests", ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def oft_run(connected, tiny_model: Path, tmp_path_factory) -> dict:
+def oft_run(ray_connected_module, tiny_model: Path, tmp_path_factory) -> dict:
     storage = tmp_path_factory.mktemp("train_oft")
     cfg = _cfg(tiny_model, storage, "oft", "finetuning_type=oft", "oft.block_size=32",
                "train.lr=2e-2", "train.max_steps=6")  # fmt: skip
@@ -83,7 +69,7 @@ def test_oft_final_is_the_merged_model(oft_run: dict, tiny_model: Path) -> None:
 
 
 def test_llama_pro_changes_exactly_the_inserted_blocks(
-    connected, tiny_model: Path, tmp_path: Path
+    ray_connected_module, tiny_model: Path, tmp_path: Path
 ) -> None:
     from transformers import AutoModelForCausalLM
 

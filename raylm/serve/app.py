@@ -147,6 +147,7 @@ def check_settings(
         "key_hashes": key_hashes,
         "max_request_bytes": cfg.limits.max_request_bytes,
         "max_n": cfg.limits.max_n,
+        **guard_settings(cfg),
         "models": {
             cfg.model.name: {
                 "max_model_len": cfg.engine.max_model_len,
@@ -156,6 +157,27 @@ def check_settings(
                 "adapters": dict(locations.get("adapters", {})),
             }
         },
+    }
+
+
+def guard_settings(cfg: ServeJobConfig) -> dict[str, Any]:
+    """Budgets, filters and the access log of each replica (``raylm.serve.guards``).
+
+    Each replica keeps its own buckets (no round trip per request), so each gets
+    ``1 / autoscaling.max_replicas`` of a budget: the app never exceeds it, and gives a key
+    less while fewer replicas run.
+    """
+    lim, share = cfg.limits, 1.0 / cfg.autoscaling.max_replicas
+    f = cfg.filters
+    return {
+        "max_tokens": lim.max_tokens,
+        "requests_per_minute": lim.requests_per_minute and lim.requests_per_minute * share,
+        "tokens_per_minute": lim.tokens_per_minute and lim.tokens_per_minute * share,
+        "filters": {"blocklist": list(f.blocklist), "pii": f.pii, "output": f.output}
+        if f.blocklist or f.pii
+        else {},
+        "access_log": cfg.logging.access,
+        "log_prompts": cfg.logging.prompts,
     }
 
 

@@ -82,6 +82,24 @@ class IngressSettings:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Base model id -> ModelSettings fields."""
 
+    max_tokens: int | None = None
+    """``limits.max_tokens``: cap and default of a request's completion length."""
+
+    requests_per_minute: float | None = None
+    """This replica's share of ``limits.requests_per_minute`` (``raylm.serve.guards``)."""
+
+    tokens_per_minute: float | None = None
+    """This replica's share of ``limits.tokens_per_minute``."""
+
+    filters: dict[str, Any] = field(default_factory=dict)
+    """``filters`` (``raylm.serve.filters.ContentFilters`` arguments); empty: none."""
+
+    access_log: bool = True
+    """``logging.access``."""
+
+    log_prompts: bool = False
+    """``logging.prompts``."""
+
 
 class RequestChecks:
     """The checks for one app; holds the tokenizers it loaded for length checks."""
@@ -180,9 +198,30 @@ class RequestChecks:
         ms = self.models.get(base)
         max_len = ms.max_model_len if ms else 1 << 30
         check_sampling(body, max_model_len=max_len, max_n=self.settings.max_n)
+        keys = ("max_tokens", "max_completion_tokens")
+        self.cap_tokens(body, keys, "max_completion_tokens" if chat else "max_tokens")
         if ms is not None and ms.tokenizer_path:
             await self._check_length(body, ms, chat)
         return body
+
+    def cap_tokens(self, body: dict[str, Any], keys: tuple[str, ...], default: str) -> None:
+        """``limits.max_tokens``: 400 above it, and filled in (as ``default``) when the
+        request sets no length, so every response is bounded by it."""
+        cap = self.settings.max_tokens
+        if cap is None:
+            return
+        for key in keys:
+            value = body.get(key)
+            if isinstance(value, int) and value > cap:
+                raise ApiError(
+                    400,
+                    f"'{key}'={value} is above this server's limit of {cap} tokens "
+                    "(limits.max_tokens)",
+                    param=key,
+                    code="invalid_value",
+                )
+        if all(body.get(k) is None for k in keys):
+            body[default] = cap
 
     async def _check_length(self, body: dict[str, Any], ms: ModelSettings, chat: bool) -> None:
         tok = await self._tokenizer(ms)

@@ -15,6 +15,7 @@ from omegaconf import MISSING
 
 from raylm.config import ConfigError, RayConfig, positive
 from raylm.engine import EngineConfig
+from raylm.serve.config_guards import ServeFiltersConfig, ServeLoggingConfig
 
 
 @dataclass
@@ -164,9 +165,23 @@ class LimitsConfig:
     max_n: int = 8
     """Largest ``n`` (completions per prompt)."""
 
+    max_tokens: int | None = None
+    """Largest ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens`` (400
+    above it), and the value used when a request sets none; None: ``engine.max_model_len``."""
+
+    requests_per_minute: float | None = None
+    """Requests per API key per minute, across the app (429 with ``Retry-After`` past it;
+    None: unlimited). Each replica gets an equal share (see docs/operations.md)."""
+
+    tokens_per_minute: float | None = None
+    """Prompt + completion tokens per API key per minute, across the app (None: unlimited)."""
+
     def __post_init__(self) -> None:
         positive("limits.max_request_bytes", self.max_request_bytes)
         positive("limits.max_n", self.max_n)
+        for name in ("max_tokens", "requests_per_minute", "tokens_per_minute"):
+            if getattr(self, name) is not None:
+                positive(f"limits.{name}", getattr(self, name))
 
 
 @dataclass
@@ -237,6 +252,12 @@ class ServeJobConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     """HTTP proxy settings."""
 
+    filters: ServeFiltersConfig = field(default_factory=ServeFiltersConfig)
+    """Input and output filters (blocklist, PII scrubbing)."""
+
+    logging: ServeLoggingConfig = field(default_factory=ServeLoggingConfig)
+    """The per-request access log."""
+
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     """Stored conversations (``/v1/responses``)."""
 
@@ -275,6 +296,11 @@ class ServeJobConfig:
                 "prompts longer than it before they reach an engine"
             )
         positive("wait_ready_s", self.wait_ready_s, allow_zero=True)
+        cap = self.limits.max_tokens
+        if cap is not None and cap > self.engine.max_model_len:
+            raise ConfigError(
+                f"limits.max_tokens={cap} > engine.max_model_len={self.engine.max_model_len}"
+            )
 
 
 @dataclass

@@ -11,17 +11,24 @@ or an adapter, on disk or in a bucket), parameters and prompt length
 loads a requested adapter into this replica's engine if it is not loaded yet. Only the
 OpenAI routes raylm serves are let through; Serve's own probes (``/-/...``) and vLLM's
 liveness probe pass untouched.
+
+The guard rails sit here too: per-key request and token budgets (``raylm.serve.guards``,
+checked right after the key, before the body is read), the optional blocklist and PII
+filters (``raylm.serve.filters``), and one access-log line per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from raylm.serve import responses
 from raylm.serve.checks import RequestChecks
+from raylm.serve.filters import ContentFilters
+from raylm.serve.guards import AccessRecord, Exchange, RateLimiter, access_logger
 from raylm.serve.validation import ApiError, parse_body
 
 Scope = dict[str, Any]
@@ -49,6 +56,7 @@ class ChecksMiddleware:
         cards: dict[str, Any],
         load_adapter: Callable[[str], Awaitable[None]],
         conversations: responses.Conversations | None = None,
+        replica: str = "",
     ) -> None:
         self.app = app
         self.conversations = conversations
@@ -58,24 +66,79 @@ class ChecksMiddleware:
         """Base model id -> its /v1/models entry (a dict)."""
         self.load_adapter = load_adapter
         """Loads ``BASE:NAME`` into the engine (a no-op once it is loaded)."""
+        s = self.checks.settings
+        self.limiter = RateLimiter(s.requests_per_minute, s.tokens_per_minute)
+        self.filters = ContentFilters(**s.filters) if s.filters else None
+        self.log = access_logger() if s.access_log else None
+        self.replica = replica
+
+    def record(self, scope: Scope, path: str) -> AccessRecord | None:
+        if self.log is None:
+            return None
+        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        key = responses.owner_of(auth)[:12]
+        return AccessRecord(path, scope["method"], key, self.replica, time.time())
+
+    def prepare(
+        self, body: dict[str, Any], route: str, key: str, exchange: Exchange
+    ) -> bool:  # fmt: skip
+        """Apply the filters and set up the answer's watching; True if ``body`` changed."""
+        changed = self.checks.settings.max_tokens is not None
+        if self.filters is not None:
+            changed |= self.filters.check_input(body, route)
+            self.filters.refuse_stream(body)
+            if self.filters.output:
+                out = self.filters.check_output
+                exchange.filter = (
+                    self.filters.check_response_output if route == "responses" else out
+                )
+        exchange.stream = bool(body.get("stream"))
+        if self.limiter.counts_tokens:
+            exchange.watch_usage = True
+            exchange.charge = lambda n: self.limiter.charge(key, n)
+        if exchange.stream and self.limiter.counts_tokens and route != "responses":
+            options = body.get("stream_options")
+            options = options if isinstance(options, dict) else {}
+            if not options.get("include_usage"):
+                body["stream_options"] = {**options, "include_usage": True}
+                exchange.strip_usage = changed = True
+        if exchange.record is not None:
+            exchange.record.model, exchange.record.stream = body.get("model"), exchange.stream
+            if self.checks.settings.log_prompts:
+                field = {"chat": "messages", "completion": "prompt"}.get(route, "input")
+                exchange.record.prompt = body.get(field)
+        return changed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope) if scope["type"] == "http" else ""
         if scope["type"] != "http" or path in PROBES or path.startswith("/-/"):
             await self.app(scope, receive, send)
             return
+        record = self.record(scope, path)
+        exchange = Exchange(send, record)
         try:
-            await self.handle(scope, receive, send)
+            await self.handle(scope, receive, exchange)
         except ApiError as err:
-            await reply(send, err.status, err.body())
+            await reply(exchange.send, err.status, err.body(), err.headers)
+        finally:
+            if self.log is not None and record is not None:
+                record.status = record.status or 500  # the app raised before answering
+                self.log.info(record.line())
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path, method = route_path(scope), scope["method"]
+    async def handle(self, scope: Scope, receive: Receive, exchange: Exchange) -> None:
+        path, method, send = route_path(scope), scope["method"], exchange.send
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         self.checks.auth(headers.get("authorization"))
+        generates = method == "POST" and (path in GENERATE or path == responses.PATH)
+        key = responses.owner_of(headers.get("authorization"))
+        if generates and self.limiter.enabled:
+            self.limiter.admit(key)
         if path in GENERATE and method == "POST":
             raw = await self.checks.read_body(headers.get("content-length"), body_chunks(receive))
             parsed = await self.checks.check_generate(raw, GENERATE[path], list(self.cards))
+            route = "chat" if GENERATE[path] else "completion"
+            if self.prepare(parsed, route, key, exchange):
+                raw = json.dumps(parsed).encode()
             if ":" in parsed["model"]:
                 await self.adapter(parsed["model"])
             await self.app(scope, replay(raw, receive), send)
@@ -89,17 +152,18 @@ class ChecksMiddleware:
                 send, 200, await asyncio.to_thread(self.checks.model_card, model, self.cards)
             )
         elif self.conversations is not None and path.split("/")[:3] == ["", "v1", "responses"]:
-            await self.responses(scope, receive, send, headers)
+            await self.responses(scope, receive, exchange, headers)
         else:
             raise ApiError(404, "This endpoint is not served by raylm", code="not_found")
 
     async def responses(
-        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
+        self, scope: Scope, receive: Receive, exchange: Exchange, headers: dict[str, str]
     ) -> None:
         """``/v1/responses``: a turn goes to vLLM's app with its stored history
         (``raylm.serve.responses``); retrieval and deletion are answered from the store."""
         assert self.conversations is not None
         conv, path, method = self.conversations, route_path(scope), scope["method"]
+        send = exchange.send
         owner = responses.owner_of(headers.get("authorization"))
         if path == responses.PATH and method == "POST":
             raw = await self.checks.read_body(headers.get("content-length"), body_chunks(receive))
@@ -107,6 +171,8 @@ class ChecksMiddleware:
             base = await self.checks.resolve_model(body, list(self.cards))
             ms = self.checks.models.get(base)
             responses.check_request(body, ms.max_model_len if ms else 1 << 30)
+            self.checks.cap_tokens(body, ("max_output_tokens",), "max_output_tokens")
+            self.prepare(body, "responses", owner, exchange)
             if ":" in body["model"]:
                 await self.adapter(body["model"])
 
@@ -170,8 +236,11 @@ def replay(raw: bytes, receive: Receive) -> Receive:
     return again
 
 
-async def reply(send: Send, status: int, payload: dict[str, Any]) -> None:
+async def reply(
+    send: Send, status: int, payload: dict[str, Any], extra: dict[str, str] | None = None
+) -> None:
     data = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
+    headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (extra or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})

@@ -142,6 +142,7 @@ def _server_cls() -> type:
                 cards=self.cards,
                 load_adapter=self.load_adapter,
                 conversations=conversations(self.settings),
+                replica=replica_id(),
             )
             return app
 

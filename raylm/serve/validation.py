@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -25,6 +25,8 @@ class ApiError(Exception):
     param: str | None = None
     code: str | None = None
     type: str = "invalid_request_error"
+    headers: dict[str, str] = field(default_factory=dict)
+    """Extra response headers (``Retry-After`` of a 429)."""
 
     def body(self) -> dict[str, Any]:
         return {
@@ -156,13 +158,7 @@ def check_prompt(body: dict[str, Any], chat: bool) -> None:
                 code="invalid_value",
             )
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise ApiError(
-                    400,
-                    f"'messages[{i}]' must be an object with a string 'role'",
-                    param=f"messages[{i}]",
-                    code="invalid_value",
-                )
+            check_message(i, m)
         return
     prompt = body.get("prompt")
     if isinstance(prompt, str) and prompt:
@@ -175,6 +171,54 @@ def check_prompt(body: dict[str, Any], chat: bool) -> None:
         param="prompt",
         code="invalid_value",
     )
+
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+"""OpenAI's chat roles (``function`` is its deprecated ``tool``). An unknown one would
+render as nothing or fail inside the chat template, so it is refused here."""
+
+TEXT_PARTS = ("text",)
+"""Content part types a text model accepts; images and audio need a multimodal engine."""
+
+
+def check_message(i: int, m: Any) -> None:
+    """``messages[i]``: a known role, and content that is a string, a list of text parts,
+    or absent/null (an assistant turn of tool calls)."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise ApiError(
+            400,
+            f"'messages[{i}]' must be an object with a string 'role'",
+            param=f"messages[{i}]",
+            code="invalid_value",
+        )
+    if m["role"] not in ROLES:
+        raise ApiError(
+            400,
+            f"'messages[{i}].role'={m['role']!r} is not a chat role: expected one of "
+            f"{', '.join(ROLES)}",
+            param=f"messages[{i}].role",
+            code="invalid_value",
+        )
+    content = m.get("content")
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise ApiError(
+            400,
+            f"'messages[{i}].content' must be a string or a list of content parts",
+            param=f"messages[{i}].content",
+            code="invalid_type",
+        )
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            raise ApiError(
+                400,
+                f"'messages[{i}].content[{j}]' has type {kind!r}: this model takes text "
+                f"only, parts of type {', '.join(TEXT_PARTS)} with a string 'text'",
+                param=f"messages[{i}].content[{j}]",
+                code="invalid_value",
+            )
 
 
 def prompt_too_long(n_tokens: int, max_tokens: int, max_model_len: int, field: str) -> ApiError:

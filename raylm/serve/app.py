@@ -165,14 +165,17 @@ def guard_settings(cfg: ServeJobConfig) -> dict[str, Any]:
 
     Each replica keeps its own buckets (no round trip per request), so each gets
     ``1 / autoscaling.max_replicas`` of a budget: the app never exceeds it, and gives a key
-    less while fewer replicas run.
+    less while fewer replicas run. ``limits.shared`` keeps one budget in the sessions
+    store instead, whole.
     """
-    lim, share = cfg.limits, 1.0 / cfg.autoscaling.max_replicas
+    lim = cfg.limits
+    share = 1.0 if lim.shared else 1.0 / cfg.autoscaling.max_replicas
     f = cfg.filters
     return {
         "max_tokens": lim.max_tokens,
         "requests_per_minute": lim.requests_per_minute and lim.requests_per_minute * share,
         "tokens_per_minute": lim.tokens_per_minute and lim.tokens_per_minute * share,
+        "shared_limits": lim.shared,
         "filters": {"blocklist": list(f.blocklist), "pii": f.pii, "output": f.output}
         if f.blocklist or f.pii
         else {},

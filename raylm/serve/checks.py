@@ -91,6 +91,9 @@ class IngressSettings:
     tokens_per_minute: float | None = None
     """This replica's share of ``limits.tokens_per_minute``."""
 
+    shared_limits: bool = False
+    """``limits.shared``: the budgets are kept in the sessions store (``raylm.serve.budgets``)."""
+
     filters: dict[str, Any] = field(default_factory=dict)
     """``filters`` (``raylm.serve.filters.ContentFilters`` arguments); empty: none."""
 

@@ -176,6 +176,11 @@ class LimitsConfig:
     tokens_per_minute: float | None = None
     """Prompt + completion tokens per API key per minute, across the app (None: unlimited)."""
 
+    shared: bool = False
+    """Keep the budgets in ``sessions.store``, one budget for all replicas (Redis: the
+    cluster; SQLite: each node), at one store round trip per request. False: each replica
+    keeps its own, with ``1 / autoscaling.max_replicas`` of each budget."""
+
     def __post_init__(self) -> None:
         positive("limits.max_request_bytes", self.max_request_bytes)
         positive("limits.max_n", self.max_n)

@@ -28,7 +28,7 @@ from typing import Any
 from raylm.serve import responses
 from raylm.serve.checks import RequestChecks
 from raylm.serve.filters import ContentFilters
-from raylm.serve.guards import AccessRecord, Exchange, RateLimiter, access_logger
+from raylm.serve.guards import AccessRecord, Budgets, Exchange, RateLimiter, access_logger
 from raylm.serve.validation import ApiError, parse_body
 
 Scope = dict[str, Any]
@@ -57,6 +57,7 @@ class ChecksMiddleware:
         load_adapter: Callable[[str], Awaitable[None]],
         conversations: responses.Conversations | None = None,
         replica: str = "",
+        limiter: Budgets | None = None,
     ) -> None:
         self.app = app
         self.conversations = conversations
@@ -67,7 +68,8 @@ class ChecksMiddleware:
         self.load_adapter = load_adapter
         """Loads ``BASE:NAME`` into the engine (a no-op once it is loaded)."""
         s = self.checks.settings
-        self.limiter = RateLimiter(s.requests_per_minute, s.tokens_per_minute)
+        self.limiter: Budgets = limiter or RateLimiter(s.requests_per_minute, s.tokens_per_minute)
+        """Per-key budgets: this replica's buckets, or the shared store's (``limits.shared``)."""
         self.filters = ContentFilters(**s.filters) if s.filters else None
         self.log = access_logger() if s.access_log else None
         self.replica = replica
@@ -95,7 +97,6 @@ class ChecksMiddleware:
         exchange.stream = bool(body.get("stream"))
         if self.limiter.counts_tokens:
             exchange.watch_usage = True
-            exchange.charge = lambda n: self.limiter.charge(key, n)
         if exchange.stream and self.limiter.counts_tokens and route != "responses":
             options = body.get("stream_options")
             options = options if isinstance(options, dict) else {}
@@ -121,6 +122,8 @@ class ChecksMiddleware:
         except ApiError as err:
             await reply(exchange.send, err.status, err.body(), err.headers)
         finally:
+            if exchange.tokens and self.limiter.counts_tokens:
+                await self.limiter.charge(exchange.key, exchange.tokens)
             if self.log is not None and record is not None:
                 record.status = record.status or 500  # the app raised before answering
                 self.log.info(record.line())
@@ -131,8 +134,9 @@ class ChecksMiddleware:
         self.checks.auth(headers.get("authorization"))
         generates = method == "POST" and (path in GENERATE or path == responses.PATH)
         key = responses.owner_of(headers.get("authorization"))
+        exchange.key = key
         if generates and self.limiter.enabled:
-            self.limiter.admit(key)
+            await self.limiter.admit(key)
         if path in GENERATE and method == "POST":
             raw = await self.checks.read_body(headers.get("content-length"), body_chunks(receive))
             parsed = await self.checks.check_generate(raw, GENERATE[path], list(self.cards))

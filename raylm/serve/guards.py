@@ -10,10 +10,12 @@ Each bucket holds at most one minute's worth, refilled continuously. A refused r
 gets 429 with ``Retry-After`` (whole seconds until it would pass) and an OpenAI error
 body naming the limit.
 
-The buckets live in the replica: no network round trip per request. The deploy step
-divides each budget by ``autoscaling.max_replicas`` (``raylm.serve.app``), so the
-cluster-wide rate never exceeds the configured one whatever the proxy's spread; with fewer
-replicas running a key gets less than its budget (docs/operations.md says so).
+By default the buckets live in the replica (``RateLimiter``): no round trip per request,
+and the deploy step divides each budget by ``autoscaling.max_replicas``
+(``raylm.serve.app``), so the app never exceeds it whatever the proxy's spread, but a key
+gets less while fewer replicas run. ``limits.shared: true`` keeps them in the sessions
+store instead (``raylm.serve.budgets``): one budget for all replicas, at a store round trip
+per request.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from raylm.serve.validation import ApiError
 
@@ -54,17 +56,37 @@ class Bucket:
         return max(0.0, (amount - self.level) / self.rate)
 
 
-def rate_limited(limit: str, per_minute: float, wait_s: float) -> ApiError:
+def rate_limited(limit: str, per_minute: float, wait_s: float, scope: str = "replica") -> ApiError:
     """429 naming the limit, with ``Retry-After`` in whole seconds (at least 1)."""
     retry = max(1, math.ceil(wait_s))
+    share = "per replica" if scope == "replica" else "for the app"
     return ApiError(
         429,
-        f"Rate limit reached for this API key: {limit}={per_minute:g} per replica "
+        f"Rate limit reached for this API key: {limit}={per_minute:g} {share} "
         f"(limits.{limit}). Retry after {retry} s.",
         code="rate_limit_exceeded",
         type="rate_limit_error",
         headers={"retry-after": str(retry)},
     )
+
+
+class Budgets(Protocol):
+    """Per-key request and token budgets: this replica's (``RateLimiter``) or shared
+    (``raylm.serve.budgets``)."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any budget is set."""
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether a token budget is set (answers' ``usage`` must then be read)."""
+
+    async def admit(self, key: str) -> None:
+        """Take one request from ``key``'s budget, or raise the 429 of the limit it hit."""
+
+    async def charge(self, key: str, tokens: int) -> None:
+        """Take a finished request's tokens from ``key``'s budget."""
 
 
 class RateLimiter:
@@ -93,7 +115,13 @@ class RateLimiter:
         bucket.refill(now)
         return bucket
 
-    def admit(self, key: str, now: float | None = None) -> None:
+    async def admit(self, key: str) -> None:
+        self.check(key)
+
+    async def charge(self, key: str, tokens: int) -> None:
+        self.spend(key, tokens)
+
+    def check(self, key: str, now: float | None = None) -> None:
         """Take one request from ``key``'s budget, or raise the 429 of the limit it hit.
         The token budget is checked first and not taken from (the cost is not known yet)."""
         now = time.monotonic() if now is None else now
@@ -107,7 +135,7 @@ class RateLimiter:
                 raise rate_limited("requests_per_minute", self.rpm, requests.wait_for(1))
             requests.level -= 1
 
-    def charge(self, key: str, tokens: int, now: float | None = None) -> None:
+    def spend(self, key: str, tokens: int, now: float | None = None) -> None:
         """Take a finished request's tokens (prompt + completion) from ``key``'s budget."""
         if self.tpm and tokens > 0:
             now = time.monotonic() if now is None else now
@@ -184,7 +212,7 @@ SendFn = Callable[[dict[str, Any]], Awaitable[None]]
 
 class Exchange:
     """One request's answer on its way to the client: records its status and the tokens
-    its ``usage`` reports (charged to the key's budget), applies the output filter to a
+    its ``usage`` reports (for the key's token budget), applies the output filter to a
     whole JSON answer, and drops the usage-only stream chunk the checks asked vLLM for
     when the client did not (``stream_options.include_usage``).
 
@@ -198,7 +226,10 @@ class Exchange:
         self.stream = False
         self.watch_usage = record is not None
         self.strip_usage = False
-        self.charge: Callable[[int], None] | None = None
+        self.key = ""
+        """The sha256 of the request's key ("" without one)."""
+        self.tokens = 0
+        """Prompt + completion tokens its ``usage`` reported (charged once it is sent)."""
         self.filter: Callable[[dict[str, Any]], bool] | None = None
         self._start: dict[str, Any] | None = None
         self._parts: list[bytes] = []
@@ -233,10 +264,9 @@ class Exchange:
         if self._counted or not prompt + completion:
             return
         self._counted = True
+        self.tokens = prompt + completion
         if self.record is not None:
             self.record.prompt_tokens, self.record.completion_tokens = prompt, completion
-        if self.charge is not None:
-            self.charge(prompt + completion)
 
     async def _flush(self) -> None:
         assert self._start is not None

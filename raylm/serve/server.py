@@ -102,6 +102,19 @@ def conversations(settings: ServerSettings) -> Any:
     return Conversations(store, replica=replica_id())
 
 
+def budgets(settings: ServerSettings) -> Any:
+    """The per-key budgets in the sessions store (``limits.shared``), or None: the
+    middleware then keeps this replica's own."""
+    checks = settings.checks
+    if not checks.get("shared_limits"):
+        return None
+    from raylm.serve.budgets import SharedBudgets
+
+    s = {"store": "sqlite://", "namespace": "raylm"} | settings.sessions
+    rpm, tpm = checks.get("requests_per_minute"), checks.get("tokens_per_minute")
+    return SharedBudgets(s["store"], s["namespace"], rpm, tpm)
+
+
 def replica_id() -> str:
     """This Serve replica's id (the ``x-raylm-replica`` header), "" outside Serve."""
     try:
@@ -143,6 +156,7 @@ def _server_cls() -> type:
                 load_adapter=self.load_adapter,
                 conversations=conversations(self.settings),
                 replica=replica_id(),
+                limiter=budgets(self.settings),
             )
             return app
 

@@ -112,16 +112,16 @@ def test_tokens_per_minute_counts_usage_also_of_streams_the_client_did_not_ask_u
 def test_buckets_refill_continuously_up_to_a_minute() -> None:
     limiter = RateLimiter(requests_per_minute=60, tokens_per_minute=600)
     for _ in range(60):
-        limiter.admit("k", now=0.0)
+        limiter.check("k", now=0.0)
     with pytest.raises(ApiError) as err:
-        limiter.admit("k", now=0.5)
+        limiter.check("k", now=0.5)
     assert err.value.status == 429 and err.value.headers == {"retry-after": "1"}
-    limiter.admit("k", now=1.0)  # one refilled
-    limiter.charge("k", 700, now=1.0)  # 100 in debt
+    limiter.check("k", now=1.0)  # one refilled
+    limiter.spend("k", 700, now=1.0)  # 100 in debt
     with pytest.raises(ApiError) as err:
-        limiter.admit("k", now=2.0)  # 90 in debt
+        limiter.check("k", now=2.0)  # 90 in debt
     assert err.value.headers == {"retry-after": "9"} and "tokens_per_minute" in err.value.message
-    limiter.admit("k", now=1000.0)  # both full again, never above a minute's worth
+    limiter.check("k", now=1000.0)  # both full again, never above a minute's worth
     assert limiter._requests["k"].level == 59 and limiter._tokens["k"].level == 600
 
 

@@ -153,8 +153,9 @@ def usage_tokens(usage: Any) -> tuple[int, int]:
 
 
 def access_logger() -> logging.Logger:
-    """The access log: bare JSON lines on stderr (in a Serve replica, Ray writes a worker's
-    stderr to ``worker-*.err`` in the node's session log directory)."""
+    """The access log: bare JSON lines on stderr. In a Serve replica Ray writes them to
+    ``logs/worker-<worker>-<job>-<pid>.err`` of the node's session, not Serve's replica
+    log (Ray 2.60, ``RAY_SERVE_LOG_TO_STDERR=1``); docs/operations.md says how to find them."""
     log = logging.getLogger(ACCESS_LOGGER)
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)

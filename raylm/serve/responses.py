@@ -118,6 +118,9 @@ def check_request(body: dict[str, Any], max_model_len: int) -> None:
             param="previous_response_id",
             code="invalid_type",
         )
+    if isinstance(body.get("input"), list):
+        for i, item in enumerate(body["input"]):
+            check_input_item(i, item)
     check_sampling(
         {k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed")},
         max_model_len=max_model_len,
@@ -133,6 +136,41 @@ def check_request(body: dict[str, Any], max_model_len: int) -> None:
             param="max_output_tokens",
             code="invalid_value",
         )
+
+
+INPUT_ROLES = ("user", "assistant", "system", "developer")
+"""Roles of a Responses API message item."""
+
+TEXT_INPUT_PARTS = ("input_text", "output_text", "refusal")
+"""Content parts a text model takes in ``input`` (images, files and audio need a
+multimodal engine)."""
+
+
+def check_input_item(i: int, item: Any) -> None:
+    """A message item of ``input``: a known role, and text-only content. Other items
+    (function calls and their outputs, reasoning) are vLLM's to check."""
+    if not isinstance(item, dict) or item.get("type", "message") != "message":
+        return
+    role = item.get("role")
+    if role not in INPUT_ROLES:
+        raise ApiError(
+            400,
+            f"'input[{i}].role'={role!r} is not a message role: expected one of "
+            f"{', '.join(INPUT_ROLES)}",
+            param=f"input[{i}].role",
+            code="invalid_value",
+        )
+    content = item.get("content")
+    for j, part in enumerate(content if isinstance(content, list) else []):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_INPUT_PARTS:
+            raise ApiError(
+                400,
+                f"'input[{i}].content[{j}]' has type {kind!r}: this model takes text only, "
+                f"parts of type {', '.join(TEXT_INPUT_PARTS)}",
+                param=f"input[{i}].content[{j}]",
+                code="invalid_value",
+            )
 
 
 def listed(item: dict[str, Any], default_id: str) -> dict[str, Any]:

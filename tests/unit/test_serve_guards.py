@@ -240,3 +240,88 @@ def test_access_log_has_prompts_only_when_asked(access: Lines) -> None:
     http = served(Engine(), log_prompts=True)
     chat(http, "visible prompt")
     assert access.lines[-1]["prompt"] == [{"role": "user", "content": "visible prompt"}]
+
+
+class ResponsesEngine:
+    """Stands in for vLLM's stateless /v1/responses: answers with the last input text,
+    4 input + 2 output tokens."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+
+    async def create(self, request: Request) -> JSONResponse:
+        body = json.loads(await request.body())
+        self.bodies.append(body)
+        last = body["input"][-1]["content"]
+        text = last if isinstance(last, str) else last[0]["text"]
+        item = {"id": "m", "type": "message", "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}  # fmt: skip
+        usage = {"input_tokens": 4, "output_tokens": 2, "total_tokens": 6,
+                 "input_tokens_details": {"cached_tokens": 0},
+                 "output_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
+        return JSONResponse(
+            {
+                "id": body["request_id"],
+                "object": "response",
+                "created_at": 1,
+                "status": "completed",
+                "model": body["model"],
+                "output": [item],
+                "parallel_tool_calls": True,
+                "tool_choice": "auto",
+                "tools": [],
+                "usage": usage,
+            }
+        )
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/v1/responses", self.create, methods=["POST"])])
+
+
+def responses_app(engine: ResponsesEngine, tmp_path: Path, **settings: object) -> TestClient:
+    from raylm.serve.responses import Conversations
+    from raylm.serve.store import SqliteStore
+
+    checks = {"key_hashes": [hash_key(k) for k in KEYS],
+              "models": {"tiny": {"max_model_len": 64}}, **settings}  # fmt: skip
+    conv = Conversations(SqliteStore(str(tmp_path / "s.sqlite"), 60))
+    app = ChecksMiddleware(
+        engine.app(), settings=checks, cards={"tiny": CARD}, load_adapter=None, conversations=conv
+    )  # type: ignore[arg-type]
+    return TestClient(app)
+
+
+def test_responses_are_budgeted_capped_and_validated(tmp_path: Path) -> None:
+    engine = ResponsesEngine()
+    c = client(responses_app(engine, tmp_path, tokens_per_minute=10, max_tokens=16))
+    first = c.responses.create(model="tiny", input="hello")  # 6 tokens
+    assert engine.bodies[-1]["max_output_tokens"] == 16
+    c.responses.create(model="tiny", input="again", previous_response_id=first.id)  # 12
+    with pytest.raises(openai.RateLimitError) as err:
+        c.responses.create(model="tiny", input="more")
+    assert "tokens_per_minute" in err.value.message and err.value.response.headers["retry-after"]
+    other = client(responses_app(ResponsesEngine(), tmp_path), KEYS[1])
+    image = {"type": "input_image", "image_url": "http://x/y.png"}
+    with pytest.raises(openai.BadRequestError) as err:
+        other.responses.create(
+            model="tiny",
+            input=[{"role": "user", "content": [{"type": "input_text", "text": "a"}, image]}],
+        )
+    assert err.value.param == "input[0].content[1]" and "input_image" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        other.responses.create(model="tiny", input=[{"role": "wizard", "content": "hi"}])
+    assert err.value.param == "input[0].role"
+
+
+def test_responses_filters(tmp_path: Path, blocklist: str) -> None:
+    engine = ResponsesEngine()
+    http = responses_app(engine, tmp_path, filters={"blocklist": [blocklist], "pii": True})
+    c = client(http)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.responses.create(model="tiny", input="a forbidden word")
+    assert err.value.code == "content_filter" and err.value.param == "input"
+    out = c.responses.create(model="tiny", input="write to bob@example.com")
+    assert out.output_text == "write to <EMAIL>"
+    http.app.filters.check_input = lambda body, route: False  # isolate the output side
+    out = c.responses.create(model="tiny", input="a forbidden word")
+    assert out.output_text == "" and out.incomplete_details.reason == "content_filter"

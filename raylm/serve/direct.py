@@ -135,6 +135,7 @@ class ChecksMiddleware:
         generates = method == "POST" and (path in GENERATE or path == responses.PATH)
         key = responses.owner_of(headers.get("authorization"))
         exchange.key = key
+        exchange.watch_usage &= generates  # a retrieved response's usage costs nothing
         if generates and self.limiter.enabled:
             await self.limiter.admit(key)
         if path in GENERATE and method == "POST":

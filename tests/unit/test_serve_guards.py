@@ -296,6 +296,7 @@ def test_responses_are_budgeted_capped_and_validated(tmp_path: Path) -> None:
     c = client(responses_app(engine, tmp_path, tokens_per_minute=10, max_tokens=16))
     first = c.responses.create(model="tiny", input="hello")  # 6 tokens
     assert engine.bodies[-1]["max_output_tokens"] == 16
+    c.responses.retrieve(first.id), c.responses.retrieve(first.id)  # not charged again
     c.responses.create(model="tiny", input="again", previous_response_id=first.id)  # 12
     with pytest.raises(openai.RateLimitError) as err:
         c.responses.create(model="tiny", input="more")

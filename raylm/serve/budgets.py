@@ -21,11 +21,10 @@ import logging
 import sqlite3
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from raylm.serve.guards import rate_limited
-from raylm.serve.store import sqlite_path
+from raylm.serve.store import open_sqlite, sqlite_path
 
 logger = logging.getLogger(__name__)
 
@@ -147,18 +146,13 @@ class SqliteBuckets:
         self._purged = 0.0
 
     def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
-                self.path, timeout=30, check_same_thread=False, isolation_level=None
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(
+        if self._conn is None:  # autocommit: _run opens its own IMMEDIATE transaction
+            self._conn = open_sqlite(
+                self.path,
                 "CREATE TABLE IF NOT EXISTS budgets (key TEXT PRIMARY KEY, level REAL NOT "
-                "NULL, updated REAL NOT NULL)"
+                "NULL, updated REAL NOT NULL)",
+                autocommit=True,
             )
-            self._conn = conn
         return self._conn
 
     def _run(

@@ -134,6 +134,21 @@ def open_store(url: str, retention_s: float, namespace: str = "raylm") -> Sessio
     return RedisStore(url, retention_s, namespace)
 
 
+def open_sqlite(path: str, *schema: str, autocommit: bool = False) -> sqlite3.Connection:
+    """The node's sessions file in WAL mode (with NORMAL sync: durable across crashes), its
+    ``schema`` applied: one opener for the conversation store and the shared budgets."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(
+        path, timeout=30, check_same_thread=False, isolation_level=None if autocommit else ""
+    )
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    for statement in schema:
+        conn.execute(statement)
+    conn.commit()
+    return conn
+
+
 class SqliteStore:
     """A SQLite file on the node (WAL mode), read and written off the event loop."""
 
@@ -145,17 +160,12 @@ class SqliteStore:
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across crashes
-            conn.execute(
+            self._conn = open_sqlite(
+                self.path,
                 "CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, owner TEXT NOT "
-                "NULL, expires_at REAL NOT NULL, data TEXT NOT NULL)"
+                "NULL, expires_at REAL NOT NULL, data TEXT NOT NULL)",
+                "CREATE INDEX IF NOT EXISTS responses_expiry ON responses(expires_at)",
             )
-            conn.execute("CREATE INDEX IF NOT EXISTS responses_expiry ON responses(expires_at)")
-            conn.commit()
-            self._conn = conn
         return self._conn
 
     def _key(self, response_id: str) -> str:

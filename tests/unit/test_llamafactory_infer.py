@@ -205,11 +205,12 @@ def test_example_scores_and_means() -> None:
 
 
 def test_metrics_match_llamafactory_packages_when_installed() -> None:
-    """The exact computation of LLaMA-Factory's ComputeSimilarity, where its packages are
-    installed (they are not raylm dependencies; checked here when present)."""
-    jieba = pytest.importorskip("jieba")
-    rouge_chinese = pytest.importorskip("rouge_chinese")
-    bleu = pytest.importorskip("nltk.translate.bleu_score")
+    """The exact computation of LLaMA-Factory's ComputeSimilarity, with its own packages
+    (jieba, rouge-chinese, nltk: not raylm dependencies, in the dev extra for this test)."""
+    import jieba
+    import rouge_chinese
+    from nltk.translate import bleu_score as bleu
+
     pairs = [("我爱北京天安门。你好吗？", "我爱北京。你好"), ("the cat sat on the mat", "a cat sat"),
              ("3.14% of dogs ran!", "dogs ran fast.")]  # fmt: skip
     for pred, label in pairs:

@@ -204,7 +204,7 @@ def test_example_scores_and_means() -> None:
     assert mean == dict.fromkeys(lf_metrics.METRICS, 50.0)
 
 
-def test_metrics_match_llamafactory_packages_when_installed() -> None:
+def test_metrics_match_llamafactory_packages() -> None:
     """The exact computation of LLaMA-Factory's ComputeSimilarity, with its own packages
     (jieba, rouge-chinese, nltk: not raylm dependencies, in the dev extra for this test)."""
     import jieba

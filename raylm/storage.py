@@ -12,10 +12,14 @@ slash into ``s3:/b/x``. ``join`` is the one way to build a child path.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
@@ -190,6 +194,19 @@ def copy_dir(src: str, dst: str) -> None:
         chunk_size=COPY_CHUNK_BYTES,
         use_threads=True,
     )
+
+
+@contextlib.contextmanager
+def local_copy(uri: str) -> Iterator[Path]:
+    """A local directory with ``uri``'s files for the block's duration: the path itself if
+    local, else a temporary copy, deleted after. For what is read once (a checkpoint
+    DeepSpeed loads); what is read again goes through ``local_dir``'s cache."""
+    if not is_remote(uri):
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="raylm-copy-") as tmp:
+        copy_dir(str(uri), tmp)
+        yield Path(tmp)
 
 
 CACHE_ENV = "RAYLM_HOME"

@@ -131,6 +131,13 @@ class ExportJobConfig:
     given), a bucket URI, or a train job's output dir, whose manifest names its adapter
     (``final/``) and the base it was trained from."""
 
+    checkpoint: str | None = None
+    """Export a checkpoint of the train run ``model`` names instead of its ``final/``:
+    ``latest`` (the newest complete one) or a checkpoint directory's name. ``model`` may
+    also name the checkpoint directory itself. It is consolidated from its ZeRO
+    partitions into what ``final/`` would hold at that step
+    (``raylm.export.from_checkpoint``); only complete checkpoints are taken."""
+
     adapters: list[str] = field(default_factory=list)
     """PEFT LoRA adapters folded into ``model``, in this order (several merge in turn).
     A train job's output dir names its own adapter."""

@@ -20,6 +20,7 @@ from typing import Any
 from raylm import storage
 from raylm.config import ConfigError, local_model, resolve_model, resolve_path
 from raylm.export.config import ExportJobConfig
+from raylm.export.from_checkpoint import find_checkpoint, materialize, train_config
 from raylm.job import Job, Result
 from raylm.manifest import MANIFEST
 from raylm.outputs import ModelOutput, read_output
@@ -37,6 +38,9 @@ class Sources:
     adapters: list[str]
     tokenizer: str
     trained: ModelOutput | None
+    checkpoint: tuple[str, str] | None = None
+    """(run dir, checkpoint) to consolidate first, when the input is a checkpoint: then
+    ``base`` and ``adapters`` are completed in the task (``from_checkpoint``)."""
 
 
 def resolve_sources(cfg: ExportJobConfig) -> Sources:
@@ -46,18 +50,51 @@ def resolve_sources(cfg: ExportJobConfig) -> Sources:
         [resolve_path(a) for a in cfg.adapters],
         None,
     )
+    _check_adapters(adapters)
+    found = find_checkpoint(model, cfg.checkpoint)
+    if found is not None:
+        return _checkpoint_sources(cfg, found, adapters)
     if storage.exists(storage.join(model, MANIFEST)):
         trained = read_output(ModelOutput, model)
         if trained.adapter:
             model, adapters = resolve_model(trained.base_model), [trained.path, *adapters]
         else:
             model = trained.path
-    for path in adapters:
-        if not storage.exists(storage.join(path, "adapter_config.json")):
-            raise ConfigError(f"adapter {path}: no adapter_config.json (not a PEFT adapter)")
+    _check_adapters(adapters)
     with_tok = [a for a in adapters if storage.exists(storage.join(a, "tokenizer_config.json"))]
     tokenizer = cfg.tokenizer or (with_tok[0] if with_tok else model)
     return Sources(model, adapters, tokenizer, trained)
+
+
+def _check_adapters(adapters: list[str]) -> None:
+    for path in adapters:
+        if not storage.exists(storage.join(path, "adapter_config.json")):
+            raise ConfigError(f"adapter {path}: no adapter_config.json (not a PEFT adapter)")
+
+
+def _checkpoint_sources(cfg: ExportJobConfig, found: tuple[str, str], adapters: list[str]):
+    """A checkpoint's sources: what its run trained (read from the run's config); the
+    consolidated weights themselves are made in the task, beside the merge."""
+    tcfg = train_config(found[0])
+    lora = tcfg.finetuning_type in ("lora", "qlora")
+    trained = ModelOutput(
+        path=found[1], adapter=lora, base_model=tcfg.model.name_or_path, tokenizer=found[1],
+        cutoff_len=tcfg.data.cutoff_len, stage=tcfg.stage,
+    )  # fmt: skip
+    base = resolve_model(tcfg.model.name_or_path) if lora else found[1]
+    return Sources(base, adapters, cfg.tokenizer or "", trained, checkpoint=found)
+
+
+def _from_checkpoint(src: Sources, tmp: Path) -> Sources:
+    """``src`` with its checkpoint consolidated at ``tmp``: the adapter first in line, or
+    the full model as the base."""
+    if src.checkpoint is None:
+        return src
+    final = tmp / "checkpoint_final"
+    tcfg = materialize(*src.checkpoint, final)
+    lora = tcfg.finetuning_type in ("lora", "qlora")
+    base, adapters = (src.base, [str(final), *src.adapters]) if lora else (str(final), src.adapters)
+    return Sources(base, adapters, src.tokenizer or str(final), src.trained)
 
 
 def export_model(cfg: ExportJobConfig, src: Sources, out: str) -> dict[str, Any]:
@@ -65,6 +102,7 @@ def export_model(cfg: ExportJobConfig, src: Sources, out: str) -> dict[str, Any]
     from raylm.export.merge import is_dora, merge_in_memory, merge_shards
 
     with tempfile.TemporaryDirectory(prefix="raylm-export-") as tmp:
+        src = _from_checkpoint(src, Path(tmp))
         local = Path(tmp) / "model" if storage.is_remote(out) else Path(out)
         base = Path(local_model(src.base))
         adapters = [Path(local_model(a)) for a in src.adapters]
@@ -126,7 +164,8 @@ class ExportJob(Job[ExportJobConfig]):
 
     def inputs(self, cfg: ExportJobConfig) -> list[str]:
         src = self.sources
-        return [p for p in (src.base, *src.adapters) if storage.exists(p)]
+        ckpt = [src.checkpoint[1]] if src.checkpoint else []
+        return list(dict.fromkeys(p for p in (src.base, *ckpt, *src.adapters) if storage.exists(p)))
 
     def run(self, cfg: ExportJobConfig, out: str) -> Result:
         import ray

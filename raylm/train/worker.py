@@ -18,13 +18,11 @@ checkpoint), so it bends where the size changed; at one size it is the same as b
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +163,10 @@ class _Loop:
         resized = self.saved_world != self.world
         if resized:
             if self.rank == 0:
-                with _local_copy(path) as local:
+                with storage.local_copy(path) as local:
                     ckpt.ensure_universal(path, local)
             dist.barrier()
-        with _local_copy(path) as local:
+        with storage.local_copy(path) as local:
             self.engine.load_checkpoint(
                 str(local), tag=ckpt.UNIVERSAL_TAG if resized else ckpt.DS_TAG,
                 load_optimizer_states=True, load_lr_scheduler_states=True,
@@ -375,17 +373,6 @@ def _truncate_metrics(path: str, step: int) -> None:
     lines = storage.read_text(path).splitlines()
     keep = [ln for ln in lines if ln and json.loads(ln)["step"] <= step]
     storage.write_text(path, "".join(ln + "\n" for ln in keep))
-
-
-@contextlib.contextmanager
-def _local_copy(path: str) -> Iterator[Path]:
-    """DeepSpeed loads from a local directory: a checkpoint in a bucket is fetched first."""
-    if not storage.is_remote(path):
-        yield Path(path)
-        return
-    with tempfile.TemporaryDirectory(prefix="raylm-resume-") as tmp:
-        storage.copy_dir(path, tmp)
-        yield Path(tmp)
 
 
 def _in_ray() -> bool:

@@ -60,3 +60,30 @@ def test_lora_adapter_loads_with_peft_and_changes_outputs(lf_run: Path, tiny_mod
     merged = AutoModelForCausalLM.from_pretrained(lf_run / "final/merged")
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, after, atol=1e-4)
+
+
+@pytest.mark.timeout(300)
+def test_export_of_the_last_checkpoint_is_the_final_model(
+    ray_cluster, lf_run: Path, tmp_path: Path
+) -> None:
+    """The export job on the run's newest checkpoint (ZeRO-3 partitions of 2 workers)
+    makes the model the run's own final/merged is: the consolidation loses nothing."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "from_ckpt"
+    cmd = [sys.executable, str(ROOT / "jobs/export.py"), f"model={lf_run}",
+           "checkpoint=latest", f"output_dir={out}"]  # fmt: skip
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.gcs_address)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "check passed" in proc.stdout  # merged = base + the consolidated adapter
+    exported, final = (
+        load_file(out / "model.safetensors"),
+        load_file(lf_run / "final/merged/model.safetensors"),
+    )
+    assert exported.keys() == final.keys()
+    for name, value in final.items():
+        torch.testing.assert_close(exported[name], value, atol=1e-5, rtol=0, msg=name)
+    inputs = json.dumps(json.loads((out / "manifest.json").read_text())["inputs"])
+    assert "checkpoint_00000004_" in inputs  # lineage names the checkpoint

@@ -47,6 +47,9 @@ def describe_model(
             )
         return ModelInfo(p, "adapter", str(base))
     if storage.is_file(storage.join(p, "config.json")):
+        from raylm.train.mod import refuse_mod_model
+
+        refuse_mod_model(p, key, "eval")  # vLLM and a plain load drop the MoD routers
         return ModelInfo(p, "full", None)
     where = "" if storage.exists(p) else " (nothing exists at that path)"
     raise EvalDataError(

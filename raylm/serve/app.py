@@ -87,6 +87,9 @@ def check_model_dir(model_dir: str) -> None:
         raise ConfigError(
             f"model.path={model_dir!r} is not a Hugging Face model dir (no config.json)"
         )
+    from raylm.train.mod import refuse_mod_model
+
+    refuse_mod_model(model_dir, "model.path", "serve")  # vLLM has no MoD routers
 
 
 def uses_buckets(cfg: ServeJobConfig) -> bool:

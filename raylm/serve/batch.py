@@ -33,6 +33,9 @@ def check_inputs(cfg: GenerateJobConfig) -> None:
     for key, path, marker, what in checks:
         if path and not _readable(key, storage.join(path, marker)):
             raise ConfigError(f"{key}={path!r} is not {what} (no {marker})")
+    from raylm.train.mod import refuse_mod_model
+
+    refuse_mod_model(resolve_model(cfg.model), "model", "generate")  # vLLM: no MoD routers
     if not _readable("input.path", cfg.input.path, exists=True):
         raise ConfigError(f"input.path={cfg.input.path!r} does not exist")
 

@@ -80,9 +80,19 @@ class ModelConfig:
     activation memory; turn on when long sequences or large micro batches run out of
     memory. LLaMA-Factory checkpoints by default (``disable_gradient_checkpointing``)."""
 
+    mixture_of_depths: str | None = None
+    """Mixture-of-depths (LLaMA-Factory's ``mixture_of_depths``; ``raylm.train.mod``):
+    convert (wrap every odd decoder layer with a router that picks the top 12.5% of each
+    sequence's tokens, after a schedule from 100%; the rest skip the layer) or load
+    (continue a MoD model: a raylm ``final/`` or a LLaMA-Factory MoD checkpoint). Full
+    fine-tuning of stage pt or sft only; ``final/`` keeps the routers, and serve, eval and
+    export refuse it (vLLM has no MoD layers). None: a plain model."""
+
     def __post_init__(self) -> None:
         templates.check(self.template, "model.template")
         choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        if self.mixture_of_depths is not None:
+            choice("model.mixture_of_depths", self.mixture_of_depths, ("convert", "load"))
 
 
 @dataclass
@@ -350,6 +360,7 @@ class TrainJobConfig:
                 "stage rm with finetuning_type=oft: raylm builds the reward model's score "
                 "head with lora, freeze or full; use one of those"
             )
+        self._check_mod()
         check_optimizer(self, zero_stage(self))
         from raylm.train.sinks import SINKS, require
 
@@ -358,6 +369,26 @@ class TrainJobConfig:
         require(self.report_to)
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ConfigError("train.precision=fp16 needs scaling.use_gpu=true; use fp32 or bf16")
+
+    def _check_mod(self) -> None:
+        """model.mixture_of_depths trains every weight and the new routers: full only (a
+        LoRA/OFT adapter or frozen layers would leave the routers untrained and unsaved),
+        pt/sft only (the DPO/KTO reference and the reward head load plain models)."""
+        mod = self.model.mixture_of_depths
+        if mod is None:
+            return
+        if self.finetuning_type != "full":
+            raise ConfigError(
+                f"model.mixture_of_depths={mod} with finetuning_type={self.finetuning_type}: "
+                "the new routers must train and be saved with every weight they route; use "
+                "finetuning_type=full (as LLaMA-Factory's MoD example)"
+            )
+        if self.stage not in ("pt", "sft") or self.loss.type == "asft":
+            raise ConfigError(
+                f"model.mixture_of_depths={mod} with stage {self.stage}, loss.type "
+                f"{self.loss.type}: raylm routes the trained model of stage pt or sft only "
+                "(a reference or reward model would load without its routers)"
+            )
 
 
 def run_dir_of(cfg: TrainJobConfig) -> str:

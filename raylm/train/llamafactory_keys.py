@@ -32,6 +32,7 @@ MAPPED: dict[str, str] = {
     "lora_dropout": "lora.dropout",
     "lora_target": "lora.target",
     "freeze_trainable_layers": "freeze.trainable_layers",  # negative: the first -N
+    "mixture_of_depths": "model.mixture_of_depths",  # convert / load (raylm.train.mod)
     "oft_rank": "oft.rank",  # alone (no oft_block_size): oft.block_size=0 (llamafactory._oft)
     "oft_block_size": "oft.block_size",
     "module_dropout": "oft.module_dropout",
@@ -317,10 +318,6 @@ REFUSED: dict[str, str] = {
         "liger_kernel_config use_v1_kernels shift_attn upcast_layernorm "
         "upcast_lmhead_output torch_compile neftune_noise_alpha",
     ),
-    "mixture_of_depths": "LLaMA-Factory converts the model with the MoD package "
-    "(mixture-of-depth 1.2.0, its last release), which fails to import under transformers 5 "
-    "(it imports the removed TRANSFORMERS_CACHE), and a converted model has router weights "
-    "no engine raylm serves with (vLLM) can load; train without it",
     "moe_aux_loss_coef": "raylm adds no MoE router loss",
     "tf32": "raylm leaves torch's TF32 setting alone",
     "auto_find_batch_size": "set per_device_train_batch_size yourself",

@@ -156,8 +156,16 @@ def load_model(cfg: TrainJobConfig, ds_config: dict[str, Any] | None = None) -> 
             bnb_4bit_compute_dtype=torch_dtype(cfg.train.precision),
         )
     partition = None if cfg.finetuning_type == "qlora" else ds_config
+    path, mod = local_model(cfg.model.name_or_path), cfg.model.mixture_of_depths
+    if mod == "load":  # a routed layer's weights sit under .block (raylm.train.mod)
+        from raylm.train.mod import BLOCK_KEYS
+
+        kwargs["key_mapping"] = BLOCK_KEYS
     with zero3_partitioned_load(partition):
-        model = AutoModelForCausalLM.from_pretrained(local_model(cfg.model.name_or_path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    from raylm.train.mod import prepare
+
+    model = prepare(model, mod, path)  # mixture-of-depths: routers around odd layers
     # transformers hands the model back in eval mode, where dropout and gradient
     # checkpointing do nothing; the policy trains.
     model.train()

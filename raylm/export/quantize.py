@@ -44,9 +44,30 @@ def read_docs(path: str, key: str) -> list[str]:
     where = resolve_path(path)
     if not storage.exists(where):
         raise ConfigError(f"{key}={path}: no such file")
-    text = storage.read_text(where)
+    raw = storage.read_bytes(where)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{key}={path}: not UTF-8 text (byte {err.start}, line {line}); give a clean "
+            "jsonl with `text` or plain text (a raw corpus goes through `raylm data` first)"
+        ) from None
     if where.endswith((".jsonl", ".json")):
-        docs = [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+        docs = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                doc = record["text"] if isinstance(record, dict) else None
+            except (json.JSONDecodeError, KeyError):
+                doc = None
+            if not isinstance(doc, str):
+                raise ConfigError(
+                    f"{key}={path}: line {n} is not a JSON object with a `text` string"
+                )
+            docs.append(doc)
     else:
         docs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     if not docs:

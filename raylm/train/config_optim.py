@@ -1,7 +1,8 @@
 """The settings of LLaMA-Factory's optimizer extras (``train.optimizer`` galore, apollo,
-adam_mini, badam), and which runs each can serve. Split from ``raylm.train.config``,
-which re-exports the classes; the optimizers are built in ``raylm.train.projected``,
-``raylm.train.adam_mini_optim`` and ``raylm.train.badam_optim``.
+adam_mini, badam, and bitsandbytes' ``BNB``), and which runs each can serve. Split from
+``raylm.train.config``, which re-exports the classes; the optimizers are built in
+``raylm.train.projected``, ``raylm.train.adam_mini_optim``, ``raylm.train.badam_optim``
+and ``raylm.train.bnb_optim``.
 
 Which ZeRO stage each works at was measured on the tiny model, one rank
 (tests/unit/test_train_optimizers_lf.py): ZeRO-1/2/3 (and DeepSpeed's bf16 ZeRO-1
@@ -12,6 +13,13 @@ block's every few steps. Stage 0 (DeepSpeed's data parallelism: gradients all-re
 then every rank steps the client optimizer on whole tensors, in bf16 over per-tensor
 fp32 copies) keeps each tensor whole, so all four need ``deepspeed.stage=0``; LLaMA-Factory
 likewise runs GaLore and APOLLO without DeepSpeed only.
+
+bitsandbytes' optimizers (``BNB``, built in ``raylm.train.bnb_optim``) step any tensor,
+whole or a flat partition, so they run at every stage (measured at 0-3 on one CPU rank,
+tests/unit/test_bnb_optim.py, with ZeRO-Offload too: DeepSpeed then hands them the
+partition in CPU memory and bitsandbytes steps it there); at stages 1-3 their 8-bit state
+is quantized in blocks of the flat partition, as under transformers' Trainer with a
+DeepSpeed ZeRO file.
 """
 
 from __future__ import annotations
@@ -21,15 +29,32 @@ from typing import Any
 
 from raylm.config import ConfigError, choice, positive
 
-OPTIMIZERS = ("adamw", "muon", "galore", "apollo", "adam_mini", "badam")
-"""``train.optimizer``: adamw (torch AdamW), muon (``raylm.train.muon``) and LLaMA-Factory's
-extras, each from its own package (``PACKAGES``)."""
+BNB: dict[str, tuple[str, int, bool]] = {
+    "adamw_8bit": ("AdamW", 8, False),
+    "paged_adamw_8bit": ("AdamW", 8, True),
+    "paged_adamw_32bit": ("AdamW", 32, True),
+    "lion_8bit": ("Lion", 8, False),
+    "lion_32bit": ("Lion", 32, False),
+    "paged_lion_8bit": ("Lion", 8, True),
+    "paged_lion_32bit": ("Lion", 32, True),
+}
+"""bitsandbytes' optimizers, named as transformers' ``optim`` names them (LLaMA-Factory's
+``optim``; ``adamw_bnb_8bit`` is adamw_8bit): the ``bitsandbytes.optim`` class, the bits
+of its state (8: blockwise-quantized moments for tensors of 4096+ elements, 32: fp32)
+and whether the state is paged (CUDA unified memory, moved to the CPU under GPU memory
+pressure; on a CPU bitsandbytes 0.50 warns and keeps it unpaged). AdamW is HF-style
+(decoupled decay); Lion keeps one moment (sign updates, use a 3-10x smaller lr)."""
+
+OPTIMIZERS = ("adamw", "muon", "galore", "apollo", "adam_mini", "badam", *BNB)
+"""``train.optimizer``: adamw (torch AdamW), muon (``raylm.train.muon``), LLaMA-Factory's
+extras, each from its own package (``PACKAGES``), and bitsandbytes' (``BNB``)."""
 
 PACKAGES = {
     "galore": ("galore_torch", "galore-torch"),
     "apollo": ("apollo_torch", "apollo-torch"),
     "adam_mini": ("adam_mini", "adam-mini"),
     "badam": ("badam", "badam"),
+    **dict.fromkeys(BNB, ("bitsandbytes", "bitsandbytes")),
 }
 """The import name and the pip name of each extra optimizer's package."""
 
@@ -201,7 +226,7 @@ def check_optimizer(cfg: Any, zero_stage: int) -> None:
     """What ``train.optimizer`` needs of the rest of the run; ``zero_stage`` is the one
     DeepSpeed will run (``deepspeed.stage``, or a ``config_file``'s own)."""
     name = cfg.train.optimizer
-    if name not in STAGE0:
+    if name not in STAGE0:  # adamw, muon and bitsandbytes' (BNB) run at every stage
         return
     if zero_stage != 0:
         raise ConfigError(
@@ -264,6 +289,9 @@ def _check_layerwise(cfg: Any, name: str) -> None:
         )
 
 
+EXTRA_OF = {"bitsandbytes": "raylm's gpu and dev extras have it"}
+
+
 def require(name: str) -> Any:
     """The extra optimizer's package, imported; a ConfigError naming the pip package."""
     import importlib
@@ -272,7 +300,7 @@ def require(name: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as err:
+        extra = EXTRA_OF.get(pip, "raylm's dev extra has it")
         raise ConfigError(
-            f"train.optimizer={name} needs the {pip} package: pip install {pip} (raylm's dev "
-            f"extra has it) [{err}]"
+            f"train.optimizer={name} needs the {pip} package: pip install {pip} ({extra}) [{err}]"
         ) from None

@@ -173,10 +173,10 @@ def _values(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
     if odd:
         refusals.append(f"report_to={odd}: raylm reports to tensorboard, mlflow or wandb")
     optim = data.get("optim")
-    if optim is not None and optim not in OPTIMIZERS:
+    if optim is not None and optim not in OPTIMIZERS and optim not in optim_keys.BNB_OPTIM:
         refusals.append(
-            f"optim={optim!r}: raylm builds torch AdamW, or Muon with use_muon (paged and "
-            "8-bit bitsandbytes optimizers are not built)"
+            f"optim={optim!r}: raylm builds {', '.join(OPTIMIZERS)} (torch AdamW, or Muon "
+            f"with use_muon) and bitsandbytes' {', '.join(optim_keys.BNB_OPTIM)}"
         )
     return refusals + _warmup(data, out)
 

@@ -112,7 +112,10 @@ SPECIAL: dict[str, str] = {
     "several refused",
     "warmup_steps": "train.warmup_steps; a fraction in (0, 1) is transformers' ratio: "
     "train.warmup_ratio",
-    "optim": "adamw_torch(_fused)/adamw_hf: raylm's torch AdamW; others refused",
+    "optim": "adamw_torch(_fused)/adamw_hf: raylm's torch AdamW; adamw_8bit/adamw_bnb_8bit, "
+    "paged_adamw_8bit, paged_adamw_32bit, lion_8bit, lion_32bit, paged_lion_8bit, "
+    "paged_lion_32bit: train.optimizer of that name (bitsandbytes, any ZeRO stage; not "
+    "with use_galore/apollo/adam_mini/badam/muon); others refused",
     "use_dft_loss": "true (stage sft): loss.type=dft",
     "use_eaft_loss": "true (stage sft): loss.type=eaft",
     "use_asft_loss": "true (stage sft): loss.type=asft (the reference model loads too)",

@@ -1,5 +1,6 @@
 """LLaMA-Factory's optimizer extras in a training YAML: ``use_galore``, ``use_apollo``,
-``use_adam_mini``, ``use_badam`` and their ``galore_*`` / ``apollo_*`` / ``badam_*`` keys.
+``use_adam_mini``, ``use_badam`` and their ``galore_*`` / ``apollo_*`` / ``badam_*`` keys,
+and ``optim``'s bitsandbytes names (``BNB_OPTIM``).
 
 The tables here join ``raylm.train.llamafactory_keys``' (every key maps onto the typed
 ``galore`` / ``apollo`` / ``badam`` groups, ``raylm.train.config_optim``) and
@@ -13,6 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from raylm.train.config_optim import BNB
 from raylm.train.llamafactory_values import as_bool, csv_list, set_key
 
 log = logging.getLogger(__name__)
@@ -20,6 +22,11 @@ log = logging.getLogger(__name__)
 EXTRAS = {"use_galore": "galore", "use_apollo": "apollo", "use_adam_mini": "adam_mini",
           "use_badam": "badam"}  # fmt: skip
 """LLaMA-Factory's switch -> ``train.optimizer``."""
+
+BNB_OPTIM = {"adamw_bnb_8bit": "adamw_8bit", **{name: name for name in BNB}}
+"""``optim``'s bitsandbytes names (transformers' ``OptimizerNames``; ``adamw_8bit`` is its
+alias of ``adamw_bnb_8bit``) -> ``train.optimizer`` (``raylm.train.bnb_optim``). Not
+built: ademamix_8bit, paged_ademamix_* and rmsprop_bnb*, which read ``optim_args``."""
 
 _GALORE = "target rank update_interval scale proj_type layerwise"
 _APOLLO = f"{_GALORE} proj scale_type scale_front"
@@ -69,11 +76,20 @@ SPECIAL: dict[str, str] = {
 
 
 def optimizer_extras(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
-    """``train.optimizer`` from the ``use_*`` switches, ZeRO stage 0 where no DeepSpeed
-    file is named, and no clipping for the layerwise modes; returns the refusals."""
+    """``train.optimizer`` from the ``use_*`` switches (or ``optim``'s bitsandbytes name),
+    ZeRO stage 0 where no DeepSpeed file is named, and no clipping for the layerwise
+    modes; returns the refusals."""
     on = [key for key in EXTRAS if as_bool(data.get(key))]
     if as_bool(data.get("use_muon")):
         on.append("use_muon")
+    bnb = BNB_OPTIM.get(str(data.get("optim")))
+    if bnb and on:
+        # LLaMA-Factory then builds GaLore's 8-bit AdamW, BAdam over bitsandbytes' AdamW,
+        # or ignores optim (Muon, Adam-mini); raylm builds one of them and names the choice
+        return [f"optim={data['optim']} and {on[0]}: each picks the optimizer; set one"]
+    if bnb:  # any ZeRO stage (raylm.train.config_optim)
+        set_key(out, "train.optimizer", bnb)
+        return []
     if len(on) > 1:
         # LLaMA-Factory refuses galore/apollo/badam together and picks the first of the
         # rest by its own order; raylm names the choice instead

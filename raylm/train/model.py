@@ -12,6 +12,7 @@ from typing import Any
 from raylm import tokenizer
 from raylm.config import ConfigError, local_model, resolve_model
 from raylm.train.config import TrainJobConfig
+from raylm.train.config_optim import BNB
 
 NON_REENTRANT = {"use_reentrant": False}
 """Gradient checkpointing's kwargs: PyTorch's recommended variant, which (unlike the
@@ -359,6 +360,7 @@ EXTRA_OPTIMIZERS = {
     "apollo": "raylm.train.projected:build_apollo",
     "adam_mini": "raylm.train.adam_mini_optim:build_adam_mini",
     "badam": "raylm.train.badam_optim:build_badam",
+    **dict.fromkeys(BNB, "raylm.train.bnb_optim:build_bnb"),  # bitsandbytes' (any stage)
 }
 """``train.optimizer`` -> its builder (stage-0 client optimizers; raylm.train.config_optim)."""
 

@@ -39,7 +39,7 @@ PARTITION: dict[str, tuple[str, ...] | str | None] = {
     "extras/galore/llama3_full_sft.yaml": None,
     "extras/llama_pro/llama3_freeze_sft.yaml": None,
     "extras/loraplus/llama3_lora_sft.yaml": None,
-    "extras/mod/llama3_full_sft.yaml": ("mixture_of_depths", "optim"),
+    "extras/mod/llama3_full_sft.yaml": None,
     "extras/muon/qwen2_full_sft.yaml": None,
     "extras/nlg_eval/llama3_lora_predict.yaml": "generate",  # raylm generate FILE
     "extras/oft/llama3_oft_sft.yaml": None,

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from omegaconf import MISSING
-
 from raylm import templates
 from raylm.config import ConfigError, RayConfig, choice, positive, resolve_path
 from raylm.data.formats import INPUT_FORMATS
@@ -300,12 +298,82 @@ class TokenizeConfig:
 
 
 @dataclass
+class MixConfig:
+    """A pretraining mix: named sources, curated together, each then sampled to its
+    weight's share of a token (or byte) budget."""
+
+    sources: dict[str, list[str]] = field(default_factory=dict)
+    """Source name -> its inputs (files, globs, directories, URIs, registries, as
+    ``inputs``). Setting it turns mixing on; the top-level ``inputs`` must then be empty."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+    """Source name -> weight, one per source, >= 0; normalised by their sum (0.7/0.3 and
+    7/3 are the same recipe). A source's share of the budget is weight / sum."""
+
+    target_tokens: int | None = None
+    """Output budget in tokens of ``tokenize.tokenizer`` (after curation; needs
+    ``tokenize.enabled``). Exactly one of target_tokens and target_bytes is set."""
+
+    target_bytes: int | None = None
+    """Output budget in UTF-8 bytes of the documents' text (every message's content for
+    conversations): the unit when the job does not tokenize."""
+
+    max_repeats: float | None = 4.0
+    """Most passes over a source's curated documents (4: the epochs Muennighoff et al.
+    find nearly as good as fresh data). A source that would need more is capped here and
+    reported as ``capped`` (its realised share falls short). None: no cap."""
+
+    seed: int = 0
+    """Seed of the per-document hash that orders each source for sampling."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.sources)
+
+    @property
+    def unit(self) -> str:
+        return "tokens" if self.target_tokens is not None else "bytes"
+
+    @property
+    def target(self) -> int:
+        return int(self.target_tokens if self.target_tokens is not None else self.target_bytes)
+
+    def shares(self) -> dict[str, float]:
+        """Each source's share of the budget (weights normalised)."""
+        return {n: self.weights[n] / sum(self.weights.values()) for n in self.sources}
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            if self.weights or self.target_tokens or self.target_bytes:
+                raise ConfigError("mix.weights / mix.target_* are set but mix.sources is empty")
+            return
+        for name, inputs in self.sources.items():
+            if not name or not inputs:
+                raise ConfigError(f"mix.sources.{name}: give a name and at least one input")
+        for name in self.weights:  # a misspelt source name: did you mean ...
+            choice("mix.weights key", name, list(self.sources))
+        missing = [n for n in self.sources if n not in self.weights]
+        if missing:
+            raise ConfigError(f"mix.weights has no weight for source(s) {missing}")
+        for name, weight in self.weights.items():
+            positive(f"mix.weights.{name}", weight, allow_zero=True)
+        if not sum(self.weights.values()) > 0:
+            raise ConfigError("mix.weights are all 0: give at least one source a weight")
+        if (self.target_tokens is None) == (self.target_bytes is None):
+            raise ConfigError("mix needs exactly one budget: mix.target_tokens or mix.target_bytes")
+        positive(f"mix.target_{self.unit}", self.target)
+        if self.max_repeats is not None:
+            positive("mix.max_repeats", self.max_repeats)
+
+
+@dataclass
 class DataJobConfig:
     """The ``data`` job: raw corpora -> cleaned, deduplicated, tokenized Parquet shards."""
 
-    inputs: list[str] = MISSING
+    inputs: list[str] = field(default_factory=list)
     """Files, directories, globs or URIs (jsonl, json, parquet, txt), or a LLaMA-Factory
-    ``dataset_info.json`` (``path/dataset_info.json#name1,name2`` selects datasets)."""
+    ``dataset_info.json`` (``path/dataset_info.json#name1,name2`` selects datasets).
+    Required unless ``mix.sources`` names the inputs instead."""
 
     format: str = "auto"
     """Record format: auto (per record), text, alpaca, sharegpt, openai, preference.
@@ -351,6 +419,9 @@ class DataJobConfig:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     """Tokenization and packing."""
 
+    mix: MixConfig = field(default_factory=MixConfig)
+    """Mixing recipe: weighted sources sampled to a budget (off: ``inputs`` as one corpus)."""
+
     output_dir: str = "outputs/data"
     """Where shards/, stats.json, quarantine/, dedup/ and manifest.json go (replaced)."""
 
@@ -361,5 +432,18 @@ class DataJobConfig:
         choice("format", self.format, INPUT_FORMATS)
         choice("text_unit", self.text_unit, ("line", "file"))
         positive("read_block_mb", self.read_block_mb)
-        if not self.inputs:
-            raise ConfigError("inputs is empty: give at least one file, glob or directory")
+        if self.mix.enabled and self.inputs:
+            raise ConfigError("give inputs or mix.sources (whose inputs are read), not both")
+        if not self.inputs and not self.mix.enabled:
+            raise ConfigError(
+                "inputs is empty: give at least one file, glob or directory (or mix.sources)"
+            )
+        if self.mix.target_tokens is not None and not self.tokenize.enabled:
+            raise ConfigError(
+                "mix.target_tokens counts tokens of tokenize.tokenizer: set "
+                "tokenize.enabled=true, or give the budget in mix.target_bytes"
+            )
+
+    def all_inputs(self) -> list[str]:
+        """``inputs``, or every mix source's inputs in order."""
+        return self.inputs or [i for inputs in self.mix.sources.values() for i in inputs]

@@ -33,6 +33,10 @@ class DataJob(Job[DataJobConfig]):
     def inputs(self, cfg: DataJobConfig) -> list[str]:
         from raylm.data.sources import expand_inputs
 
+        if cfg.mix.enabled:
+            from raylm.data.mix import mix_sources
+
+            return [s.path for s in mix_sources(cfg.mix, cfg.format, cfg.columns)[0]]
         return [s.path for s in expand_inputs(cfg.inputs, cfg.format, cfg.columns)]
 
     def run(self, cfg: DataJobConfig, out_dir: str) -> Result:
@@ -46,6 +50,8 @@ class DataJob(Job[DataJobConfig]):
         }
         metrics = {k: stats[k] for k in HEADLINE}
         print(f"data job done: {metrics} -> {out_dir}")
+        if "mix" in stats:  # the recipe and its realised shares, in the manifest
+            metrics["mix"] = stats["mix"]["recipe"]
         return Result(outputs, metrics, dataset_output(out_dir))
 
 

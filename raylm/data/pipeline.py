@@ -1,5 +1,8 @@
 """The data job: read -> per-record steps -> quarantine -> dedup -> tokenize/pack -> write.
 
+With ``mix`` (a pretraining recipe), the deduplicated documents are then sampled per
+source to a budget and written by ``raylm.data.mix`` instead (``docs/data.md``).
+
 Each stage is its own module; this one only runs them in order. The per-record steps
 (``raylm.data.steps``) and dedup (``raylm.data.dedup``) run as plain Ray tasks over the
 read blocks, tokenization and writing as Ray Data operators (``raylm.data.shards``). The
@@ -19,11 +22,11 @@ from typing import Any
 
 from raylm import storage
 from raylm.config import ConfigError, resolve_path
-from raylm.data import formats, line_dedup, readers, rows, shards, steps
+from raylm.data import formats, line_dedup, mix, readers, rows, shards, steps
 from raylm.data.config import DataJobConfig
 from raylm.data.dedup_apply import apply_dedup
 from raylm.data.sources import Source, expand_inputs
-from raylm.data.stats import Stopwatch, examples, job_stats, removed_counts
+from raylm.data.stats import Stopwatch, examples, job_stats, mix_stats, mix_table, removed_counts
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,11 @@ def run(cfg: DataJobConfig) -> dict[str, Any]:
 
     ray.data.DataContext.get_current().enable_progress_bars = True
     out = _fresh_output_dir(cfg)
-    sources = expand_inputs(cfg.inputs, cfg.format, cfg.columns)
+    owner: dict[str, str] = {}
+    if cfg.mix.enabled:  # one list of files; owner: file -> its mix source
+        sources, owner = mix.mix_sources(cfg.mix, cfg.format, cfg.columns)
+    else:
+        sources = expand_inputs(cfg.inputs, cfg.format, cfg.columns)
     kind = decide_kind(cfg, sources)
     shards.check_tokenizer(cfg, kind)  # before hours of cleaning and dedup, not after
     if cfg.line_dedup.enabled and kind != "pt":
@@ -57,7 +64,10 @@ def run(cfg: DataJobConfig) -> dict[str, Any]:
     dup_counts = shards.write_removed(removed, out) if removed is not None else {}
     docs = docs.materialize()
     clock.lap("dedup_apply")
-    written = shards.write_shards(docs, cfg, kind, out)
+    if cfg.mix.enabled:
+        written, mixed = _mix(docs, processed, cfg, kind, out, owner, dup_counts)
+    else:
+        written, mixed = shards.write_shards(docs, cfg, kind, out), None
     clock.lap("tokenize_write")
 
     removed_all = removed_counts(counts, dup_counts, written.pop("dropped_no_loss", 0))
@@ -67,11 +77,39 @@ def run(cfg: DataJobConfig) -> dict[str, Any]:
     }
     extra = {"dedup": dedup_info, "filter_examples": filter_examples, "seconds": clock.laps}
     stats = job_stats(kind, counts, removed_all, written, extra)
+    if mixed is not None:
+        stats["mix"] = mixed
+        stats["accounting_ok"] = stats["accounting_ok"] and mixed["accounting_ok"]
     stats_file = storage.join(out, "stats.json")
     storage.write_text(stats_file, json.dumps(stats, indent=2, ensure_ascii=False))
     if not stats["accounting_ok"]:
         raise RuntimeError(f"accounting identity broken (see {stats_file})")
     return stats
+
+
+def _mix(
+    docs: Any,
+    processed: Any,
+    cfg: DataJobConfig,
+    kind: str,
+    out: str,
+    owner: dict[str, str],
+    dup_counts: dict[str, int],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sample the curated documents to the recipe and write them (``raylm.data.mix``):
+    the written counts (``documents_out``: curated documents, before sampling, so the
+    curation identity holds) and stats.json's ``mix``."""
+    sampled = mix.sample(docs, processed, cfg, owner)
+    mixed = mix_stats(cfg.mix, sampled, sum(dup_counts.values()))
+    written = mix.write_mixed(sampled.rows, cfg, kind, out, mixed["recipe"])
+    print(mix_table(mixed))
+    curated = sampled.curated.values()
+    return {
+        "dropped_no_loss": sum(c.get("no_trainable_tokens", 0) for c in curated),
+        "documents_out": sum(c.get("documents", 0) for c in curated),
+        "documents_mixed": sum(s["documents_out"] for s in mixed["sources"].values()),
+        **written,
+    }, mixed
 
 
 def _fresh_output_dir(cfg: DataJobConfig) -> str:

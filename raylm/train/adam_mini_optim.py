@@ -18,9 +18,6 @@ from typing import Any
 
 from raylm.train.config_optim import require
 
-BETAS = (0.9, 0.999)
-EPS = 1e-8
-
 
 def build_adam_mini(model: Any, cfg: Any) -> Any:
     """adam-mini's ``Adam_mini`` over the trainable named parameters."""
@@ -29,8 +26,8 @@ def build_adam_mini(model: Any, cfg: Any) -> Any:
     return pkg.Adam_mini(
         named_parameters=model.named_parameters(),
         lr=cfg.train.lr,
-        betas=BETAS,
-        eps=EPS,
+        betas=cfg.train.betas,
+        eps=cfg.train.adam_epsilon,
         weight_decay=cfg.train.weight_decay,
         dim=getattr(config, "hidden_size", None),
         n_heads=getattr(config, "num_attention_heads", None),

@@ -29,9 +29,6 @@ from typing import Any
 
 from raylm.train.config_optim import require
 
-BETAS = (0.9, 0.999)  # transformers' defaults, which LLaMA-Factory passes
-EPS = 1e-8
-
 
 def block_class() -> type:
     """badam's ``BlockOptimizer`` with the block position in its state dict."""
@@ -101,7 +98,7 @@ def build_badam(model: Any, cfg: Any) -> Any:
 
     b, t = cfg.badam, cfg.train
     base = torch.optim.AdamW(
-        base_groups(model, t.weight_decay), lr=t.lr, betas=BETAS, eps=EPS,
+        base_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.adam_epsilon,
         weight_decay=t.weight_decay,
     )  # fmt: skip
     named = list(model.named_parameters())

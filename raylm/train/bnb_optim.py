@@ -7,9 +7,9 @@ LLaMA-Factory leaves these to transformers (5.x: ``Trainer.create_optimizer`` an
 (``Trainer.get_decay_parameter_names``: all but biases and norm weights) at
 ``weight_decay`` and the rest at 0; ``bitsandbytes.optim.AdamW`` or ``Lion`` with
 ``optim_bits`` 8 or 32 and ``is_paged``; AdamW takes ``adam_beta1/2`` and ``adam_epsilon``
-(0.9, 0.999, 1e-8), Lion ``adam_beta1/2`` only (0.9, 0.999: not bitsandbytes' own 0.99).
-raylm refuses non-default ``adam_beta*``/``adam_epsilon`` and ``optim_args`` (which
-these classes do not read) in a LLaMA-Factory YAML, so these constants are what it runs.
+(``train.adam_beta1/2``, ``train.adam_epsilon``), Lion ``adam_beta1/2`` only (defaults
+0.9, 0.999: not bitsandbytes' own 0.99). ``optim_args`` (which these classes do not read)
+is refused in a LLaMA-Factory YAML.
 With 8-bit state the Trainer keeps every ``nn.Embedding`` weight's state in 32 bits
 (bitsandbytes' ``GlobalOptimManager`` override); raylm does the same.
 
@@ -28,9 +28,6 @@ from __future__ import annotations
 from typing import Any
 
 from raylm.train.config_optim import BNB, require, zero_stage
-
-BETAS = (0.9, 0.999)  # transformers' adam_beta1/2, which it passes to AdamW and Lion
-EPS = 1e-8  # transformers' adam_epsilon (AdamW only)
 
 
 def decay_groups(model: Any, cfg: Any) -> list[dict[str, Any]]:
@@ -59,9 +56,9 @@ def build_bnb(model: Any, cfg: Any) -> Any:
     name = cfg.train.optimizer
     bnb = require(name)
     cls_name, bits, paged = BNB[name]
-    kwargs: dict[str, Any] = {"lr": cfg.train.lr, "betas": BETAS}
+    kwargs: dict[str, Any] = {"lr": cfg.train.lr, "betas": cfg.train.betas}
     if cls_name == "AdamW":
-        kwargs["eps"] = EPS
+        kwargs["eps"] = cfg.train.adam_epsilon
     cls = getattr(bnb.optim, cls_name)
     optim = cls(decay_groups(model, cfg), optim_bits=bits, is_paged=paged, **kwargs)
     if bits == 8:

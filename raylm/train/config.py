@@ -201,6 +201,17 @@ class OptimConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
 
+    adam_beta1: float = 0.9
+    """Adam's first-moment decay (LLaMA-Factory's ``adam_beta1``), for every Adam-family
+    optimizer raylm builds (AdamW, Muon's AdamW half, GaLore, APOLLO, Adam-mini, BAdam's
+    base, bitsandbytes' AdamW) and bitsandbytes' Lion, as transformers' Trainer passes it."""
+
+    adam_beta2: float = 0.999
+    """Adam's second-moment decay (``adam_beta2``; pretraining recipes often use 0.95)."""
+
+    adam_epsilon: float = 1e-8
+    """Adam's denominator term (``adam_epsilon``; Lion has none)."""
+
     optimizer: str = "adamw"
     """adamw: torch AdamW. muon (LLaMA-Factory's ``use_muon``): Muon on every trainable 2-D
     weight but embeddings and lm_head, AdamW on the rest, as LLaMA-Factory splits them;
@@ -247,6 +258,15 @@ class OptimConfig:
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be in [0, 1)")
+        positive("train.adam_epsilon", self.adam_epsilon)
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        """``(adam_beta1, adam_beta2)``, as optimizers take them."""
+        return (self.adam_beta1, self.adam_beta2)
 
     def warmup(self, total_steps: int) -> int:
         """Warmup steps of a ``total_steps`` run: ``warmup_steps``, else the ratio's share."""

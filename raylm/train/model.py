@@ -387,7 +387,10 @@ def build_optimizer(model: Any, cfg: TrainJobConfig, total_steps: int) -> tuple[
         module, fn = EXTRA_OPTIMIZERS[t.optimizer].split(":")
         optim = getattr(importlib.import_module(module), fn)(model, cfg)
     else:
-        optim = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, weight_decay=t.weight_decay)
+        optim = torch.optim.AdamW(
+            param_groups(model, cfg), lr=t.lr, weight_decay=t.weight_decay,
+            betas=t.betas, eps=t.adam_epsilon,
+        )  # fmt: skip
     sched = transformers.get_scheduler(
         t.lr_scheduler,
         optim,

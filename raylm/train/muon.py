@@ -30,8 +30,6 @@ from typing import Any
 from raylm.config import ConfigError
 
 MOMENTUM = 0.95
-ADAM_BETAS = (0.9, 0.999)  # transformers' adam_beta1/2, which LLaMA-Factory passes
-ADAM_EPS = 1e-8
 
 
 def shape_of(p: Any) -> tuple[int, ...]:
@@ -50,7 +48,13 @@ def lr_factor(rows: int, cols: int) -> float:
     return 0.2 * math.sqrt(max(rows, cols)) / deepspeed_scale
 
 
-def muon_param_groups(model: Any, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+def muon_param_groups(
+    model: Any,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> list[dict[str, Any]]:
     """AdamW's group first (its lr is ``train.lr``, the logged one), then one Muon group
     per weight shape; every parameter tagged ``use_muon`` as DeepSpeed's ZeRO reads it."""
     adam, muon = [], {}
@@ -64,7 +68,7 @@ def muon_param_groups(model: Any, lr: float, weight_decay: float) -> list[dict[s
             adam.append(p)
     groups: list[dict[str, Any]] = []
     if adam:
-        adam_half = dict(betas=ADAM_BETAS, eps=ADAM_EPS, use_muon=False)
+        adam_half = dict(betas=betas, eps=eps, use_muon=False)
         groups.append(dict(params=adam, lr=lr, weight_decay=weight_decay, **adam_half))
     for (rows, cols), params in sorted(muon.items()):
         f = lr_factor(rows, cols)
@@ -85,5 +89,6 @@ def build_muon(model: Any, cfg: Any) -> Any:
         raise ConfigError(
             "train.optimizer=muon and lora.loraplus_lr_ratio both set the learning rates: pick one"
         )
-    groups = muon_param_groups(model, cfg.train.lr, cfg.train.weight_decay)
+    t = cfg.train
+    groups = muon_param_groups(model, t.lr, t.weight_decay, t.betas, t.adam_epsilon)
     return MuonWithAuxAdam(groups, adam_optimizer=torch.optim.AdamW, adam_w_mode=True)

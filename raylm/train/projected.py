@@ -26,9 +26,6 @@ from typing import Any
 
 from raylm.train.config_optim import require
 
-BETAS = (0.9, 0.999)  # transformers' adam_beta1/2 and adam_epsilon, which LLaMA-Factory passes
-EPS = 1e-8
-
 
 def linear_targets(model: Any) -> list[str]:
     """LLaMA-Factory's ``find_all_linear_modules``: the last name part of every Linear-like
@@ -93,7 +90,11 @@ def build_galore(model: Any, cfg: Any) -> Any:
     if not any("rank" in group for group in groups):
         raise ConfigError(f"galore.target={g.target}: no trainable linear weight matches")
     return pkg.GaLoreAdamW(
-        groups, lr=cfg.train.lr, betas=BETAS, eps=EPS, no_deprecation_warning=True
+        groups,
+        lr=cfg.train.lr,
+        betas=cfg.train.betas,
+        eps=cfg.train.adam_epsilon,
+        no_deprecation_warning=True,
     )
 
 
@@ -141,7 +142,8 @@ def build_apollo(model: Any, cfg: Any) -> Any:
     if not any("rank" in group for group in groups):
         raise ConfigError(f"apollo.target={a.target}: no trainable linear weight matches")
     cls = apollo_class()
-    optim = cls(groups, lr=cfg.train.lr, betas=BETAS, eps=EPS, scale_front=a.scale_front)
+    optim = cls(groups, lr=cfg.train.lr, betas=cfg.train.betas, eps=cfg.train.adam_epsilon,
+                scale_front=a.scale_front)  # fmt: skip
     optim.layerwise = a.layerwise
     optim.state.clear()  # its seeds: the first step sets them on the params it then has
     return optim

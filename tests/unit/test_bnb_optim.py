@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from llamafactory_helpers import lf
-from test_train_optimizers_lf import ROOT, batch, dist, max_diff  # noqa: F401 (dist: fixture)
+from test_train_optimizers_lf import ROOT, batch, max_diff
 
 from raylm.config import ConfigError, load
 

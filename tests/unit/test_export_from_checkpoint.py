@@ -47,7 +47,7 @@ def test_an_incomplete_or_unknown_checkpoint_is_refused_with_the_complete_ones(
     tmp_path: Path,
 ) -> None:
     run = _run(tmp_path, (2, True), (4, False))
-    with pytest.raises(ConfigError, match="no COMPLETE marker.*checkpoint_00000002_00000000"):
+    with pytest.raises(ConfigError, match=r"no COMPLETE marker.*checkpoint_00000002_00000000"):
         find_checkpoint(str(run), "checkpoint_00000004_00000001")
     with pytest.raises(ConfigError, match="does not exist"):
         find_checkpoint(str(run), "checkpoint_00000009_deadbeef")

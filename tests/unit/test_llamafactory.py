@@ -110,12 +110,27 @@ def test_unknown_and_refused_keys_are_named_together(tmp_path: Path) -> None:
 
 
 def test_refused_keys_at_their_default_are_accepted(tmp_path: Path) -> None:
-    cfg = load_lf(tmp_path, pissa_convert=False, adam_beta1=0.9, create_new_adapter=False,
-                  enable_thinking=True, logging_strategy="steps", resume_from_checkpoint=None,
-                  packing=False)  # fmt: skip
+    cfg = load_lf(tmp_path, pissa_convert=False, label_smoothing_factor=0.0,
+                  create_new_adapter=False, enable_thinking=True, logging_strategy="steps",
+                  resume_from_checkpoint=None, packing=False)  # fmt: skip
     assert cfg.stage == "sft"
-    with pytest.raises(ConfigError, match=r"adam_beta2=0\.95"):
-        load_lf(tmp_path, adam_beta2=0.95)
+    with pytest.raises(ConfigError, match=r"label_smoothing_factor=0\.1"):
+        load_lf(tmp_path, label_smoothing_factor=0.1)
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_8bit"])
+def test_adam_betas_and_epsilon_reach_the_optimizer(tmp_path: Path, optim: str) -> None:
+    import torch
+
+    from raylm.train.model import build_optimizer
+
+    cfg = load_lf(tmp_path, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, optim=optim,
+                  deepspeed=None)  # fmt: skip
+    assert (cfg.train.adam_beta1, cfg.train.adam_beta2, cfg.train.adam_epsilon) == (0.8, 0.95, 1e-6)
+    optim_, _ = build_optimizer(torch.nn.Linear(8, 8), cfg, total_steps=4)
+    assert {(g["betas"], g["eps"]) for g in optim_.param_groups} == {((0.8, 0.95), 1e-6)}
+    with pytest.raises(ConfigError, match=r"train.adam_beta2=1.0 must be in \[0, 1\)"):
+        load_lf(tmp_path, adam_beta2=1.0)
 
 
 def test_datasets_and_mixing_keys(tmp_path: Path) -> None:

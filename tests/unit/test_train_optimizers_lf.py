@@ -7,9 +7,6 @@ Llama; and the keys, their bad values and the runs they cannot serve are named."
 from __future__ import annotations
 
 import copy
-import os
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,39 +38,6 @@ def cfg_of(*overrides: str) -> Any:
     base = ["model.name_or_path=/m", "finetuning_type=full", "deepspeed.stage=0",
             f"train.lr={LR}", f"train.weight_decay={WD}", "train.lr_scheduler=constant"]  # fmt: skip
     return load("train", [ROOT / "conf/train/sft_lora.yaml"], [*base, *overrides])
-
-
-@pytest.fixture(scope="module")
-def dist() -> Iterator[None]:
-    """One gloo rank for DeepSpeed's engine, torn down after this module. Without
-    DeepSpeed's shared-memory all-reduce op: one rank never uses it, and its JIT build
-    (minutes on a loaded machine) would come first."""
-    import importlib
-
-    import deepspeed
-    import torch.distributed as d
-
-    ds_torch = importlib.import_module("deepspeed.comm.torch")  # deepspeed.comm's "torch" is torch
-
-    if d.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}  # fmt: skip
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    build, ds_torch.build_shm_op = ds_torch.build_shm_op, lambda: None
-    try:
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-        yield
-    finally:
-        ds_torch.build_shm_op = build
-        d.destroy_process_group()
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def engine_of(model: torch.nn.Module, cfg: Any) -> Any:

@@ -27,6 +27,7 @@ from typing import Any
 
 from raylm.serve import responses
 from raylm.serve.checks import RequestChecks
+from raylm.serve.engine_health import RETRY_SCOPE_KEY, EngineGuard
 from raylm.serve.filters import ContentFilters
 from raylm.serve.guards import AccessRecord, Budgets, Exchange, RateLimiter, access_logger
 from raylm.serve.validation import ApiError, parse_body
@@ -58,8 +59,12 @@ class ChecksMiddleware:
         conversations: responses.Conversations | None = None,
         replica: str = "",
         limiter: Budgets | None = None,
+        guard: EngineGuard | None = None,
     ) -> None:
         self.app = app
+        self.guard = guard
+        """Retries a request the engine died on before its first token, and ends a
+        stream it died on mid-way with an error event (``raylm.serve.engine_health``)."""
         self.conversations = conversations
         """The Responses API's store (None: /v1/responses is not served)."""
         self.checks = RequestChecks(settings)
@@ -115,6 +120,17 @@ class ChecksMiddleware:
         if scope["type"] != "http" or path in PROBES or path.startswith("/-/"):
             await self.app(scope, receive, send)
             return
+        if self.guard is None:
+            await self.serve(scope, receive, send, path)
+            return
+        with self.guard.state.request():  # a dead engine's replica leaves once none is left
+            if scope.get("extensions", {}).get(RETRY_SCOPE_KEY):
+                # Re-sent by another replica after its checks: run it as it was sent there.
+                await self.guard.call(self.app, scope, b"", receive, send)
+            else:
+                await self.serve(scope, receive, send, path)
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         record = self.record(scope, path)
         exchange = Exchange(send, record)
         try:
@@ -146,7 +162,7 @@ class ChecksMiddleware:
                 raw = json.dumps(parsed).encode()
             if ":" in parsed["model"]:
                 await self.adapter(parsed["model"])
-            await self.app(scope, replay(raw, receive), send)
+            await self.generate(scope, raw, receive, send)
         elif method == "GET" and path == "/v1/models":
             # Listing adapters may be a request to a bucket: off the event loop.
             cards = await asyncio.to_thread(self.checks.model_cards, self.cards)
@@ -182,7 +198,7 @@ class ChecksMiddleware:
                 await self.adapter(body["model"])
 
             async def forward(data: bytes, answer: Send) -> None:
-                await self.app(scope, replay(data, receive), answer)
+                await self.generate(scope, data, receive, answer)
 
             await conv.create(body, owner, forward, send)
             return
@@ -195,6 +211,13 @@ class ChecksMiddleware:
             await reply(send, 200, await conv.delete(response_id, owner))
         else:
             raise ApiError(404, "This endpoint is not served by raylm", code="not_found")
+
+    async def generate(self, scope: Scope, raw: bytes, receive: Receive, send: Send) -> None:
+        """vLLM's app on the checked body ``raw``, guarded against a dying engine."""
+        if self.guard is None:
+            await self.app(scope, replay(raw, receive), send)
+        else:
+            await self.guard.call(self.app, scope, raw, replay(raw, receive), send)
 
     async def adapter(self, model: str) -> None:
         try:

@@ -12,7 +12,14 @@ a model; raylm needs four things it does not offer, and takes them from Ray's in
   model's ``/v1/models`` card as ray.serve.llm writes it (``to_model_metadata``);
 - loading an adapter on request, once however many requests ask at the same time
   (``LLMServer._load_model``, ``_maybe_resolve_lora_from_multiplex``, the engine's
-  ``resolve_lora``).
+  ``resolve_lora``);
+- vLLM's own engine client behind the replica's engine (``VLLMEngine._engine_client``,
+  vLLM's ``AsyncLLM``), for the warm-up generation and the watch on its ``errored`` flag
+  (``raylm.serve.engine_health``);
+- from Serve's private router (``ray.serve._private``): keeping a handle's router from
+  picking this replica for a request it re-sends because its own engine died
+  (``RequestRouter.on_replica_actor_died``, reached through the handle's ``_router``
+  and its ``AsyncioRouter``), what Serve itself does once a replica actor is gone.
 
 Written for Ray 2.60. ``check()`` (run by tests/unit/test_serve_ray_llm.py) finds every
 one of these names and fails naming the missing one and this version, so an upgrade that
@@ -39,12 +46,17 @@ PRIVATE = {
     "get_lora_id": "ray.llm._internal.common.utils.lora_utils",
     "to_model_metadata": "ray.llm._internal.serve.core.configs.openai_api_models",
     "_add_middleware_to_built_app": "ray.llm._internal.serve.core.server.llm_server",
+    "RequestRouter": "ray.serve._private.request_router.request_router",
+    "AsyncioRouter": "ray.serve._private.router",
+    "SingletonThreadRouter": "ray.serve._private.router",
+    "CurrentLoopRouter": "ray.serve._private.router",
 }
 """Private name -> the module that defines it."""
 
 PRIVATE_METHODS = {
     "VLLMEngine": ("_start_async_llm_engine", "resolve_lora"),
     "LoraModelLoader": ("load_model_from_config",),
+    "RequestRouter": ("on_replica_actor_died",),
     "LLMServer": (
         "__serve_build_asgi_app__",
         "_init_multiplex_loader",
@@ -91,6 +103,36 @@ def check() -> None:
         raise _changed(f"VLLMEngine._start_async_llm_engine{start} as raylm calls it")
     if not hasattr(classes["LoraModelLoader"](), "disk_cache"):
         raise _changed("LoraModelLoader().disk_cache")
+    if "self._engine_client = " not in inspect.getsource(classes["VLLMEngine"]):
+        raise _changed("VLLMEngine._engine_client")
+    if not isinstance(getattr(classes["AsyncioRouter"], "request_router", None), property):
+        raise _changed("AsyncioRouter.request_router (a property)")
+    for wrapper in ("SingletonThreadRouter", "CurrentLoopRouter"):
+        if "self._asyncio_router = " not in inspect.getsource(classes[wrapper]):
+            raise _changed(f"{wrapper}._asyncio_router")
+    from ray.serve.handle import DeploymentHandle
+
+    if "self._router: " not in inspect.getsource(DeploymentHandle.__mro__[1]):
+        raise _changed("DeploymentHandle._router")
+
+
+def exclude_replica(handle: Any, replica_id: Any) -> bool:
+    """Keep ``handle``'s router from picking ``replica_id`` (this replica, whose engine
+    died) until the controller's next replica list; True if its router had one yet."""
+    router = getattr(getattr(handle, "_router", None), "_asyncio_router", None)
+    request_router = getattr(router, "request_router", None) if router else None
+    if request_router is None:
+        return False
+    request_router.on_replica_actor_died(replica_id)
+    return True
+
+
+def engine_client(server: Any) -> Any:
+    """vLLM's ``AsyncLLM`` behind an ``LLMServer``'s engine (set once the engine started)."""
+    client = getattr(getattr(server, "engine", None), "_engine_client", None)
+    if client is None:
+        raise _changed("a started VLLMEngine._engine_client")
+    return client
 
 
 def engine_cls(before_start: Callable[[Any], None]) -> type:

@@ -27,6 +27,13 @@ raylm wants of it. raylm's settings reach each replica as arguments of the deplo
 6. **Conversations of the Responses API live in a store all replicas share**
    (``sessions``: SQLite on the node or Redis; ``raylm.serve.responses``), not in vLLM's
    per-process dict, so any replica continues them, across restarts and redeploys.
+7. **A dying engine loses no request** (``raylm.serve.engine_health``,
+   ``raylm.serve.engine_watchdog``): the constructor runs a 1-token warm-up generation
+   and fails the replica if it fails; a watchdog makes a replica whose engine died leave
+   once its requests are answered, so Serve replaces it at once; a request the engine
+   died on before its first token is re-sent once to another replica (``raylm_retry``,
+   through a Serve handle of this deployment); a stream it died on mid-way ends with an
+   error event.
 """
 
 from __future__ import annotations
@@ -115,6 +122,21 @@ def budgets(settings: ServerSettings) -> Any:
     return SharedBudgets(s["store"], s["namespace"], rpm, tpm)
 
 
+WARM_UP_TIMEOUT_S = 600.0
+"""How long the replica's 1-token warm-up generation may take (a cold CPU engine's first
+step can be slow) before the replica fails."""
+
+
+def warm_up_generation(client: Any) -> Any:
+    """One greedy 1-token generation on vLLM's ``AsyncLLM`` (the replica's warm-up)."""
+    from uuid import uuid4
+
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    return client.generate("Hello", params, request_id=f"raylm-warmup-{uuid4().hex}")
+
+
 def replica_id() -> str:
     """This Serve replica's id (the ``x-raylm-replica`` header), "" outside Serve."""
     try:
@@ -144,6 +166,49 @@ def _server_cls() -> type:
             )
             kwargs.setdefault("model_downloader", ray_llm.lora_loader_cls(find))
             await super().__init__(llm_config, **kwargs)
+            await self._raylm_engine_checks(llm_config.model_id)
+
+        async def _raylm_engine_checks(self, model: str) -> None:
+            """Warm the engine up (or fail), then watch it (``raylm.serve.engine_health``)."""
+            from raylm.serve import engine_health as eh
+            from raylm.serve import engine_watchdog as ew
+
+            client = ray_llm.engine_client(self)
+            await ew.warm_up(partial(warm_up_generation, client), model, WARM_UP_TIMEOUT_S)
+            self.raylm_engine = eh.EngineState(lambda: ray_llm.engine_client(self).errored)
+            self.raylm_guard = eh.EngineGuard(
+                self.raylm_engine, retry=self._raylm_elsewhere, replica=replica_id()
+            )
+            watchdog = ew.EngineWatchdog(
+                self.raylm_engine, ew.exit_replica, cleanup=ew.shut_down(client.shutdown)
+            )
+            self._raylm_watchdog = asyncio.get_running_loop().create_task(watchdog.run())
+
+        async def check_health(self) -> None:
+            if self.raylm_engine.dead():
+                raise RuntimeError("raylm: this replica's vLLM engine is dead")
+            await super().check_health()
+
+        async def raylm_retry(self, fields: dict[str, Any], raw: bytes) -> Any:
+            """Run a request another replica's dead engine could not start (called through
+            a Serve handle by ``_raylm_elsewhere``); yields its ASGI messages."""
+            from raylm.serve import engine_health as eh
+
+            async for message in eh.run_collected(self._raylm_app, eh.retried_scope(fields), raw):
+                yield message
+
+        async def _raylm_elsewhere(self, fields: dict[str, Any], raw: bytes) -> Any:
+            """Re-send a request to a replica Serve's router picks (this one bounces it)."""
+            from ray import serve
+
+            ctx = serve.get_replica_context()
+            if getattr(self, "_raylm_handle", None) is None:
+                handle = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
+                self._raylm_handle = handle.options(stream=True, method_name="raylm_retry")
+            # Not this replica again (once the handle's router knows the replicas).
+            ray_llm.exclude_replica(self._raylm_handle, ctx.replica_id)
+            async for message in self._raylm_handle.remote(fields, raw):
+                yield message
 
         async def __serve_build_asgi_app__(self) -> Any:
             """vLLM's app, as ray.serve.llm builds it, behind raylm's request checks."""
@@ -157,7 +222,9 @@ def _server_cls() -> type:
                 conversations=conversations(self.settings),
                 replica=replica_id(),
                 limiter=budgets(self.settings),
+                guard=self.raylm_guard,
             )
+            self._raylm_app = app
             return app
 
     RaylmLLMServer.__module__ = __name__

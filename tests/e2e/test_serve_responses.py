@@ -10,19 +10,29 @@ Which replica answered each turn is read from the ``x-raylm-replica`` header; th
 model saw the history is read from ``usage.input_tokens``, which must grow by more than
 the previous turn's input plus output. One app per store, deployed twice (a replica of
 the tiny model starts in about a minute on 2 CPUs: five replica starts in all).
+
+The two-replica deployment also takes the engine-death chaos check before it is removed
+(``chaos``): one replica's vLLM engine-core process is killed by PID while streams are in
+flight; no request fails before its first token (those are re-sent to the other replica),
+a stream cut mid-way ends with the error event and ``[DONE]``, the dead replica is
+replaced, and the conversation goes on on the new replica (raylm.serve.engine_health).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
+import psutil
 import pytest
 
 from raylm.cluster import ClusterInfo
@@ -110,6 +120,8 @@ def test_conversation_across_replicas_and_a_redeploy(
         with pytest.raises(openai.NotFoundError):
             other.responses.create(input="x", previous_response_id=first.id, **TURN)
         measure_latency(c, first.id, backend)
+        if replicas == 2:
+            first = chaos(url, c, first, ray_cluster.temp_dir)
 
         assert deploy.down(APP)  # every replica gone; the store keeps the conversation
         url = serve(tiny_model, tmp_path / "second", store, replicas=1)
@@ -152,3 +164,176 @@ def measure_latency(c: openai.OpenAI, previous: str, backend: str, n: int = 5) -
         f"\n[{backend}] stored turn {statistics.median(stored) * 1000:.1f} ms, "
         f"stateless {statistics.median(stateless) * 1000:.1f} ms (median of {n})"
     )
+
+
+REPLACED_WITHIN_S = 180
+"""Bound on a dead replica's replacement serving again (kill to two RUNNING replicas):
+the watchdog's exit, Serve's next health check (10 s period) and a new replica's start
+(about a minute here, longer on a loaded machine)."""
+
+
+def replicas_now() -> dict[str, int]:
+    """RUNNING replicas of the app's deployment: replica id -> actor PID."""
+    app = deploy.details()["applications"][APP]
+    (deployment,) = app["deployments"].values()
+    return {r["replica_id"]: r["pid"] for r in deployment["replicas"] if r["state"] == "RUNNING"}
+
+
+def engine_core(replica_pid: int) -> psutil.Process:
+    """The vLLM engine-core process of the replica actor ``replica_pid`` (its child)."""
+    cores = [
+        p
+        for p in psutil.Process(replica_pid).children(recursive=True)
+        if "EngineCore" in p.name() + " ".join(p.cmdline())
+    ]
+    assert len(cores) == 1, [(p.pid, p.name()) for p in cores]
+    return cores[0]
+
+
+def stream_once(
+    url: str, results: list[dict], lock: threading.Lock, max_tokens: int = 64,
+    on_first: object = None,
+) -> dict:  # fmt: skip
+    """One streamed chat completion, read raw: its replica, whether it was retried,
+    tokens seen and how it ended ("done", "error_event", "status NNN" or "cut: ...")."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "count"}],
+            "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True}  # fmt: skip
+    out: dict = {"tokens": 0, "end": None, "retried": False, "start": time.monotonic(),
+                 "replica": None, "first": None}  # fmt: skip
+    try:
+        headers = {"Authorization": f"Bearer {KEYS[0]}"}
+        with httpx.stream("POST", f"{url}/chat/completions", json=body, headers=headers,
+                          timeout=120) as r:  # fmt: skip
+            out["retried"] = r.headers.get("x-raylm-retried") == "1"
+            out["replica"] = r.headers.get("x-raylm-replica")
+            if r.status_code != 200:
+                out["end"] = f"status {r.status_code}"
+            else:
+                for line in r.iter_lines():
+                    if line == "data: [DONE]":
+                        out["end"] = out["end"] or "done"
+                    elif line.startswith("data: "):
+                        chunk = json.loads(line[6:])
+                        if "error" in chunk:
+                            out["end"] = "error_event"
+                        elif any(c["delta"].get("content") for c in chunk.get("choices", [])):
+                            out["tokens"] += 1
+                            if out["first"] is None and callable(on_first):
+                                on_first(out)
+                            out["first"] = out["first"] or time.monotonic()
+                if out["end"] is None or (out["end"] == "done" and not out["tokens"]):
+                    out["end"] = f"cut: {out['end']}"
+    except httpx.HTTPError as err:
+        out["end"] = f"cut: {type(err).__name__}"
+    out["stop"] = time.monotonic()
+    with lock:
+        results.append(out)
+    return out
+
+
+def engine_log(temp_dir: str) -> list[str]:
+    """The replicas' lines about their engine's death (raylm.serve.engine_health)."""
+    marks = (
+        "engine is dead",
+        "replica exits",
+        "retried on another",
+        "retry pick",
+        "died unexpectedly",
+    )
+    lines = []
+    for log in Path(temp_dir).glob("session_*/logs/**/*"):
+        if not log.is_file() or log.suffix not in (".log", ".err", ".out"):
+            continue
+        lines += [ln for ln in log.read_text(errors="replace").splitlines()
+                  if any(m in ln for m in marks)]  # fmt: skip
+    return sorted(lines)
+
+
+def chaos(url: str, c: openai.OpenAI, last: object, temp_dir: str) -> object:
+    """Kill one replica's engine core while 8 clients stream; the checks in the module doc.
+    Returns the conversation's last response (continued on the replacement)."""
+    began = time.monotonic()
+    before = replicas_now()
+    assert len(before) == 2
+    victim = next(iter(before))
+    core = engine_core(before[victim])
+    results: list[dict] = []
+    lock, stop = threading.Lock(), threading.Event()
+
+    def client_loop() -> None:
+        while not stop.is_set():
+            stream_once(url, results, lock)
+
+    threads = [threading.Thread(target=client_loop) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    killed: list[float] = []
+
+    def kill(out: dict) -> None:  # at a victim stream's first token: it dies mid-way
+        if out["replica"] == victim and not killed:
+            killed.append(time.monotonic())
+            core.send_signal(signal.SIGKILL)
+
+    for _ in range(20):  # a long stream that reaches the victim
+        probe = stream_once(url, results, lock, max_tokens=256, on_first=kill)
+        if killed:
+            break
+    assert killed, "no probe stream reached the victim replica"
+    killed_at = killed[0]
+    left: list[float] = []
+
+    def watch_exit() -> None:  # when the victim's actor process is gone
+        while psutil.pid_exists(before[victim]) and time.monotonic() - killed_at < 120:
+            time.sleep(0.1)
+        left.append(time.monotonic())
+
+    threading.Thread(target=watch_exit, daemon=True).start()
+    time.sleep(8)
+    stop.set()
+    for t in threads:
+        t.join(timeout=150)
+    replaced_at = None
+    while time.monotonic() - killed_at < REPLACED_WITHIN_S:
+        now = replicas_now()
+        if len(now) == 2 and victim not in now:
+            replaced_at = time.monotonic()
+            break
+        time.sleep(1)
+    ends: dict[str, int] = {}
+    for r in results:
+        ends[r["end"]] = ends.get(r["end"], 0) + 1
+    retried = sum(r["retried"] for r in results)
+    left_at = left[0] if left else None
+    at_kill = sum(r["start"] < killed_at < r["stop"] for r in results)
+    print(
+        f"\n[chaos] {len(results)} streams ({at_kill} in flight at the kill): {ends}; "
+        f"{retried} retried on the other replica; the replica left "
+        + (f"{left_at - killed_at:.1f} s after the kill, " if left_at else "(not seen), ")
+        + (f"replaced in {replaced_at - killed_at:.1f} s" if replaced_at else "not replaced")
+    )
+    print("\n".join(engine_log(temp_dir)))
+    for r in results:  # what the requests in flight at the kill saw
+        if r["start"] < killed_at < r["stop"]:
+            t = {k: round(r[k] - killed_at, 2) for k in ("start", "stop")}
+            t["first"] = round(r["first"] - killed_at, 2) if r["first"] else None
+            print(f"[chaos] {r['replica']} {r['end']} tokens={r['tokens']} {t}")
+    assert replaced_at is not None, f"replica {victim} not replaced in {REPLACED_WITHIN_S} s"
+    # none failed before its first token; a stream cut mid-way ended with the error event
+    failed = [r for r in results if r["end"] not in ("done", "error_event")]
+    assert not failed, failed
+    assert all(r["tokens"] > 0 for r in results if r["end"] == "error_event")
+    assert probe["end"] == "error_event" and probe["tokens"] > 0, probe  # died mid-way
+    # the load reached the victim, and its death met requests in flight
+    assert any(r["replica"] == victim for r in results)
+    assert retried + ends.get("error_event", 0) > 0
+    # the conversation goes on, on the replacement too
+    new = (set(replicas_now()) - set(before)).pop()
+    for i in range(16):
+        r, replica = turn(c, f"after the crash {i}", last.id)
+        assert r.usage.input_tokens > last.usage.input_tokens + last.usage.output_tokens
+        last = r
+        if replica == new:
+            print(f"[chaos] the check took {time.monotonic() - began:.1f} s")
+            return last
+    raise AssertionError(f"the new replica {new} answered no turn")

@@ -1,7 +1,9 @@
-"""The whole pipeline on the tiny model: notebook run, re-run with a failing gate, resume.
+"""The whole pipeline on the tiny model: notebook run, re-run with a quantized export,
+re-run with a failing gate, resume.
 
 The tests share one pipeline run (the notebook's), in order: re-running it must skip
-the unchanged data and train stages, and a stricter gate must block deployment.
+the unchanged stages; added export stages serve the gated quantized model; a stricter
+gate must block deployment.
 """
 
 from __future__ import annotations
@@ -84,6 +86,51 @@ def cli_lineage() -> str:
     from raylm.pipeline.lineage import describe
 
     return describe(RUN_DIR)
+
+
+@pytest.mark.timeout(1200)
+def test_rerun_with_a_gated_gptq_export_serves_the_quantized_model(notebook_run: dict) -> None:
+    """The notebook's run again with export (merge, check, GPTQ 4-bit) and export_eval
+    (non-inferior to the merged model) added, as conf/pipeline/quantized.yaml has them:
+    data, train and eval are skipped, and serve deploys the quantized copy (bfloat16 on
+    this CPU), which the `openai` client talks to; the lineage shows each link."""
+    import openai
+
+    from raylm.serve import deploy
+
+    app = "quickstart-gptq"
+    try:
+        code = cli.main(
+            ["pipeline", "conf/pipeline/demo.yaml", f"name={RUN}",
+             "export.config=conf/export/gptq.yaml", "export_eval.config=conf/eval/quantized.yaml",
+             f"serve.overrides=[auth.required=false,app_name={app},route_prefix=/{app},http.port=0]"]
+        )  # fmt: skip
+        assert code == 0
+        summary = json.loads((RUN_DIR / "manifest.json").read_text())["metrics"]
+        assert summary["stages"] == {"data": "skipped", "train": "skipped", "eval": "skipped",
+                                     "export": "ran", "export_eval": "ran", "serve": "ran"}  # fmt: skip
+        quant = json.loads((RUN_DIR / "export" / "export_check.json").read_text())["quantize"]
+        assert quant["hf_model_dir"] and quant["perplexity"] <= quant["merged_perplexity"] * 1.05
+        quantized = str(RUN_DIR / "export" / "quantized")
+        config = json.loads((RUN_DIR / "export" / "quantized" / "config.json").read_text())
+        assert config["quantization_config"]["format"] == "pack-quantized"  # GPTQ int4
+
+        served = json.loads((RUN_DIR / "serve" / "manifest.json").read_text())
+        assert quantized in served["inputs"]
+        client = openai.OpenAI(base_url=served["outputs"]["url"], api_key="x", max_retries=0)
+        reply = client.completions.create(
+            model="tiny", prompt="The capital of France is", max_tokens=4, temperature=0
+        )
+        assert reply.usage.completion_tokens >= 1
+
+        lineage = json.loads((RUN_DIR / "lineage.json").read_text())
+        assert lineage["export_evaluation"]["gate"]["passed"] is True
+        assert quantized in lineage["export_evaluation"]["inputs"]
+        assert lineage["training"]["checkpoint"] in lineage["export"]["inputs"]
+        text = cli_lineage()
+        assert "exported:" in text and "export gate: passed" in text
+    finally:
+        deploy.down(app)
 
 
 @pytest.mark.timeout(900)

@@ -34,6 +34,12 @@ SIZES = {
     "small": dict(
         hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=4
     ),
+    # TinyLlama-1.1B's shape (hidden 2048, MLP 5632, 32 heads, 4 KV heads) at 16 layers and
+    # raylm's 2048-token vocabulary: 0.74B parameters, 2.9 GB in float32, the largest that
+    # stays comfortable next to its quantized copies on this 24 GB, 2-core machine.
+    "large": dict(
+        hidden_size=2048, intermediate_size=5632, num_layers=16, num_heads=32, num_kv_heads=4
+    ),
 }
 
 

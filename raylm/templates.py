@@ -314,7 +314,7 @@ def check(name: str | None, key: str) -> None:
         get(name, key)
 
 
-def _lit(text: str) -> str:
+def lit(text: str) -> str:
     """A Jinja string literal (Jinja decodes Python-style escapes in literals)."""
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
@@ -327,9 +327,9 @@ def _expr(slots: Slot, placeholder: str = "content") -> str:
             items.append(slot.name)
             continue
         before, found, after = slot.partition(CONTENT)
-        items += [_lit(before)] if before else []
+        items += [lit(before)] if before else []
         items += [placeholder] if found else []
-        items += [_lit(after)] if after else []
+        items += [lit(after)] if after else []
     return " + ".join(items) or "''"
 
 
@@ -342,7 +342,7 @@ def _raise(t: Template, what: str) -> str:
 def _jinja(t: Template) -> str:
     """LLaMA-Factory's ``Template._encode`` (and ``Llama2Template._encode``, and the empty
     thought of ``ReasoningTemplate.encode_multiturn``) as one Jinja template."""
-    thought = _lit("".join(THOUGHT))
+    thought = lit("".join(THOUGHT))
     lines = [
         "{#- raylm.templates '" + t.name + "': LLaMA-Factory's template of that name -#}",
         "{%- set bos = bos_token if bos_token is defined and bos_token else '' -%}",
@@ -355,7 +355,7 @@ def _jinja(t: Template) -> str:
         "{%- set loop_messages = messages[1:] if has_system else messages -%}",
     ]
     if t.default_system:
-        lines.append(f"{{%- set system_message = system_message or {_lit(t.default_system)} -%}}")
+        lines.append(f"{{%- set system_message = system_message or {lit(t.default_system)} -%}}")
     if t.think:
         lines.append(
             "{%- set thinking = not (enable_thinking is defined and enable_thinking is false) -%}"

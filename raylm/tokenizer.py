@@ -10,29 +10,41 @@ embeddings resized): a template whose EOS word the tokenizer lacks is refused.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from raylm import templates
 from raylm.config import ConfigError, local_model
 
 
-def load_tokenizer(name_or_path: str, template: str | None = None, **kw: Any) -> Any:
+def load_tokenizer(
+    name_or_path: str, template: str | None = None, default_system: str | None = None, **kw: Any
+) -> Any:
     """``AutoTokenizer`` for a model dir or hub id, with the named chat template applied
-    (None keeps the tokenizer's own) and a pad token (EOS when it has none); ``kw`` goes
-    to ``from_pretrained`` (``trust_remote_code``)."""
+    (None keeps the tokenizer's own), ``default_system`` as its system prompt for
+    conversations with none (``with_default_system``) and a pad token (EOS when it has
+    none); ``kw`` goes to ``from_pretrained`` (``trust_remote_code``)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(local_model(name_or_path), **kw)
     if template is not None:
-        apply_template(tok, template, where=name_or_path)
+        apply_template(tok, template, where=name_or_path, default_system=default_system)
+    elif default_system is not None and getattr(tok, "chat_template", None):
+        tok.chat_template = with_default_system(tok.chat_template, default_system)
     if tok.pad_token_id is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def apply_template(tok: Any, name: str, where: str = "the tokenizer") -> None:
-    """Give ``tok`` the named template (and its EOS word, if the template replaces EOS)."""
+def apply_template(
+    tok: Any, name: str, where: str = "the tokenizer", default_system: str | None = None
+) -> None:
+    """Give ``tok`` the named template (and its EOS word, if the template replaces EOS);
+    ``default_system`` replaces the template's default system prompt ('' clears it), as
+    LLaMA-Factory's ``default_system`` overrides its template's."""
     tpl = templates.get(name)
+    if default_system is not None:
+        tpl = dataclasses.replace(tpl, default_system=default_system)
     word = tpl.eos_word
     if word is not None and tok.eos_token != word:
         if word not in tok.get_vocab():
@@ -44,6 +56,19 @@ def apply_template(tok: Any, name: str, where: str = "the tokenizer") -> None:
             )
         tok.add_special_tokens({"eos_token": word})
     tok.chat_template = tpl.jinja()
+
+
+def with_default_system(chat_template: str, system: str) -> str:
+    """A Jinja chat template whose conversations lacking a system turn (or with an empty
+    one) start with ``system``: LLaMA-Factory's ``system or default_system`` ahead of a
+    model's own template, which then renders it as any system turn (its own default, if
+    any, is not used)."""
+    lead = (
+        "{%- if messages and not (messages[0]['role'] == 'system' and messages[0]['content']) -%}"
+        "{%- set messages = [{'role': 'system', 'content': " + templates.lit(system) + "}] + "
+        "(messages[1:] if messages[0]['role'] == 'system' else messages) -%}{%- endif -%}\n"
+    )
+    return lead + chat_template
 
 
 def stop_token_ids(tok: Any, template: str | None) -> list[int]:

@@ -13,6 +13,7 @@ tokenizing the whole rendered chat.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -107,7 +108,16 @@ def _chat_ids(
     full, spans = _assistant_spans(tokenizer, messages, only_last, tools)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-    mask = [0] * len(ids)
+    mask = _span_mask(full, offsets, spans)
+    if cutoff_len is not None:
+        ids, mask = ids[:cutoff_len], mask[:cutoff_len]
+    return ids, mask
+
+
+def _span_mask(full: str, offsets: list, spans: list) -> list[int]:
+    """1 on the tokens of each (reply start, content end, turn end) span's reply and on
+    the first token after its content (the end-of-turn token)."""
+    mask = [0] * len(offsets)
     for c_start, c_end, turn_end in spans:
         closed = False
         for t, (a, b) in enumerate(offsets):
@@ -116,16 +126,68 @@ def _chat_ids(
             elif not closed and a >= c_end and b <= turn_end and full[a:b].strip():
                 mask[t] = 1  # the end-of-turn token: the model must learn to stop
                 closed = True
-    if cutoff_len is not None:
-        ids, mask = ids[:cutoff_len], mask[:cutoff_len]
-    return ids, mask
+    return mask
+
+
+def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
+    """LLaMA-Factory's ``processor_utils.infer_seqlen``: how much of a (prompt, reply)
+    pair fits in ``cutoff_len``: a short reply is kept whole, else a short prompt, else
+    both are cut in proportion."""
+    if target_len * 2 < cutoff_len:
+        max_target_len = cutoff_len
+    elif source_len * 2 < cutoff_len:
+        max_target_len = cutoff_len - source_len
+    else:
+        max_target_len = int(cutoff_len * (target_len / (source_len + target_len)))
+    new_target_len = min(max_target_len, target_len)
+    new_source_len = min(max(cutoff_len - new_target_len, 0), source_len)
+    return new_source_len, new_target_len
+
+
+def _last_turns(ids: list, mask: list, pairs: list, cutoff_len: int) -> tuple[list, list]:
+    """LLaMA-Factory's ``mask_history`` cut: (prompt, reply) pairs of token ranges taken
+    last first, each cut by ``infer_seqlen`` to what is left of ``cutoff_len``, until it
+    is spent; earlier turns are lost from the front, the trained last reply kept."""
+    keep: list[int] = []
+    for s0, t0, t1 in reversed(pairs):
+        left = cutoff_len - len(keep)
+        if left <= 0:
+            break
+        n_src, n_tgt = infer_seqlen(t0 - s0, t1 - t0, left)
+        keep = [*range(s0, s0 + n_src), *range(t0, t0 + n_tgt), *keep]
+    return [ids[i] for i in keep], [mask[i] for i in keep]
 
 
 def tokenize_sft(
-    messages: list[dict], tokenizer: Any, cutoff_len: int | None, tools: list[dict] | None = None
+    messages: list[dict],
+    tokenizer: Any,
+    cutoff_len: int | None,
+    tools: list[dict] | None = None,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
 ) -> dict[str, list[int]]:
-    """Supervised fine-tuning: the loss sees only what the assistant says (and calls)."""
-    ids, mask = _chat_ids(tokenizer, messages, cutoff_len, tools=tools)
+    """Supervised fine-tuning: the loss sees only what the assistant says (and calls);
+    with ``train_on_prompt`` every token, with ``mask_history`` the last reply only
+    (LLaMA-Factory's settings: raylm's ``loss.*``, its ``SupervisedDatasetProcessor``)."""
+    if not (train_on_prompt or mask_history):
+        ids, mask = _chat_ids(tokenizer, messages, cutoff_len, tools=tools)
+        return {"input_ids": ids, "loss_mask": mask}
+    full, spans = _assistant_spans(tokenizer, messages, False, tools)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    if train_on_prompt:
+        mask = [1] * len(ids)
+        return {"input_ids": ids[:cutoff_len], "loss_mask": mask[:cutoff_len]}
+    mask = _span_mask(full, offsets, spans[-1:])
+    if cutoff_len is not None and len(ids) > cutoff_len and spans:
+        starts = [a for a, _ in offsets]
+
+        def tok(pos: int) -> int:  # the first token starting at or after char pos
+            return bisect.bisect_left(starts, pos)
+
+        bounds = [0, *(tok(end) for _, _, end in spans[:-1]), len(ids)]
+        pairs = [(bounds[k], max(bounds[k], tok(s[0])), bounds[k + 1]) for k, s in enumerate(spans)]
+        ids, mask = _last_turns(ids, mask, pairs, cutoff_len)
     return {"input_ids": ids, "loss_mask": mask}
 
 
@@ -188,16 +250,19 @@ def with_kl_rows(rows: list[dict[str, Any]], cutoff: int | None) -> list[dict[st
     return out
 
 
-def tokenize_payload(payload: dict, tokenizer: Any, cutoff_len: int | None) -> dict[str, Any]:
+def tokenize_payload(
+    payload: dict, tokenizer: Any, cutoff_len: int | None, **sft: bool
+) -> dict[str, Any]:
     """A canonical payload (``raylm.data.formats.to_payload``) -> the shard columns of its
     task: the one tokenization path of the data job and of the train job's raw files (a
-    KTO payload, with ``kto_label``, through ``tokenize_kto``)."""
+    KTO payload, with ``kto_label``, through ``tokenize_kto``). ``sft``: ``tokenize_sft``'s
+    ``train_on_prompt`` / ``mask_history`` for a conversation."""
     if "text" in payload:
         return tokenize_pt(payload["text"], tokenizer, cutoff_len)
     if "kto_label" in payload:
         return tokenize_kto(payload, tokenizer, cutoff_len)
     if "messages" in payload:
-        return tokenize_sft(payload["messages"], tokenizer, cutoff_len, payload.get("tools"))
+        return tokenize_sft(payload["messages"], tokenizer, cutoff_len, payload.get("tools"), **sft)
     return tokenize_preference(
         payload["prompt"], payload["chosen"], payload["rejected"], tokenizer, cutoff_len
     )

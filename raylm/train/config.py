@@ -67,6 +67,12 @@ class ModelConfig:
     word becomes EOS), for sft/dpo on a base model. Shards must be tokenized with the same
     one (the data job's ``tokenize.template``); ``final/``'s tokenizer carries it."""
 
+    default_system: str | None = None
+    """System prompt of conversations with none (or an empty one), LLaMA-Factory's
+    ``default_system``: it replaces a named template's default, or leads the model's own
+    template's messages; ``final/``'s tokenizer carries it. None: the template's own.
+    Raw data only (a data job's shards were rendered without it)."""
+
     attn_implementation: str = "auto"
     """Attention kernel, given to ``from_pretrained``: auto (transformers' choice, sdpa
     where the model supports it), sdpa, eager (plain matmuls: for models or debugging
@@ -93,6 +99,11 @@ class ModelConfig:
         choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         if self.mixture_of_depths is not None:
             choice("model.mixture_of_depths", self.mixture_of_depths, ("convert", "load"))
+        if self.default_system == "" and self.template is None:
+            raise ConfigError(
+                "model.default_system='' clears a named template's default system prompt; "
+                "the model's own template (model.template=null) keeps its own: leave it unset"
+            )
 
 
 @dataclass
@@ -222,6 +233,11 @@ class OptimConfig:
     badam (``use_badam``, ``badam``: one decoder layer trains at a time;
     raylm.train.badam_optim). See raylm.train.config_optim for why stage 0."""
 
+    neftune_noise_alpha: float | None = None
+    """NEFTune (LLaMA-Factory's and transformers' ``neftune_noise_alpha``): while training,
+    the input embeddings get uniform(-1, 1) x alpha / sqrt(seq_len x hidden) noise
+    (``raylm.train.neftune``); off in evaluation and never saved. None: off; 5 is usual."""
+
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables clipping)."""
 
@@ -262,6 +278,8 @@ class OptimConfig:
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be in [0, 1)")
         positive("train.adam_epsilon", self.adam_epsilon)
+        if self.neftune_noise_alpha is not None:
+            positive("train.neftune_noise_alpha", self.neftune_noise_alpha)
 
     @property
     def betas(self) -> tuple[float, float]:
@@ -368,7 +386,7 @@ class TrainJobConfig:
     def __post_init__(self) -> None:
         choice("stage", self.stage, STAGES)
         choice("finetuning_type", self.finetuning_type, FINETUNING_TYPES)
-        self.loss.check(self.stage, self.finetuning_type, self.lora.init)
+        self.loss.check(self.stage, self.finetuning_type, self.lora.init, self.model.template)
         pissa = self.finetuning_type == "lora" and self.lora.init in ("pissa", "olora")
         if self.export.pissa_convert and (not pissa or self.lora.adapter_name_or_path):
             raise ConfigError(

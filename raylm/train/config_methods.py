@@ -339,14 +339,44 @@ class LossConfig:
     """eaft: power of the entropy weight; 0 makes eaft plain cross-entropy
     (LLaMA-Factory's ``eaft_alpha``)."""
 
+    label_smoothing: float = 0.0
+    """ce of stage pt/sft: (1 - e) x the target's cross-entropy + e x the mean over the
+    vocabulary of -log p, averaged over the target tokens (transformers' ``LabelSmoother``,
+    LLaMA-Factory's ``label_smoothing_factor``). 0: plain cross-entropy; in [0, 1)."""
+
+    train_on_prompt: bool = False
+    """sft: every token of the rendered conversation is a target (system, user turns,
+    template tokens too), not only the assistant replies (LLaMA-Factory's
+    ``train_on_prompt``). Acts where raylm tokenizes raw data (``raylm.data.tokenize``)."""
+
+    mask_history: bool = False
+    """sft: only the last assistant reply is a target (LLaMA-Factory's ``mask_history``);
+    past ``data.cutoff_len`` the conversation loses whole earlier turns from the front
+    (LLaMA-Factory's per-turn cut, last turn first) so the trained reply is kept.
+    Acts where raylm tokenizes raw data; not with ``train_on_prompt``."""
+
     def __post_init__(self) -> None:
         choice("loss.type", self.type, LM_LOSSES)
         positive("loss.asft_alpha", self.asft_alpha, allow_zero=True)
         positive("loss.eaft_alpha", self.eaft_alpha, allow_zero=True)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"loss.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.train_on_prompt and self.mask_history:
+            raise ConfigError(
+                "loss.mask_history with loss.train_on_prompt: one trains the last reply only, "
+                "the other every prompt token (LLaMA-Factory refuses the pair too)"
+            )
 
-    def check(self, stage: str, finetuning_type: str, lora_init: str) -> None:
+    def check(self, stage: str, finetuning_type: str, lora_init: str, template: str | None) -> None:
         """The variants reweight the pt/sft token loss; asft's LoRA reference is the base
-        under the disabled adapter, which PiSSA/OLoRA have rewritten."""
+        under the disabled adapter, which PiSSA/OLoRA have rewritten. The sft masks and
+        label smoothing act on their stages only."""
+        self._check_masks(stage, template)
+        if self.label_smoothing and (stage not in ("pt", "sft") or self.type != "ce"):
+            raise ConfigError(
+                f"loss.label_smoothing with stage {stage}, loss.type {self.type}: it smooths "
+                "the cross-entropy (loss.type=ce) of stage pt or sft"
+            )
         if self.type == "ce":
             return
         if stage not in ("pt", "sft"):
@@ -356,4 +386,37 @@ class LossConfig:
             raise ConfigError(
                 f"loss.type=asft with lora.init={lora_init}: the base under the disabled "
                 "adapter is no longer the reference model asft needs; use lora.init=default"
+            )
+
+    @property
+    def masks(self) -> dict[str, bool]:
+        """``raylm.data.tokenize.tokenize_sft``'s mask settings."""
+        return {"train_on_prompt": self.train_on_prompt, "mask_history": self.mask_history}
+
+    def _check_masks(self, stage: str, template: str | None) -> None:
+        on = [k for k in ("train_on_prompt", "mask_history") if getattr(self, k)]
+        if on and stage != "sft":
+            raise ConfigError(f"loss.{on[0]} decides the sft loss masks; not for stage {stage}")
+        if self.mask_history and template is not None:
+            from raylm import templates
+
+            if templates.get(template).think:
+                raise ConfigError(
+                    f"loss.mask_history with template {template}: LLaMA-Factory then drops "
+                    "the reasoning of the earlier replies, which raylm's template renders; "
+                    "use a *_nothink template or the model's own (model.template=null)"
+                )
+
+    def raw_only(self, default_system: str | None, where: str) -> None:
+        """Settings that act where raylm tokenizes raw data (with ``model.default_system``):
+        a data job's shards were rendered and masked without them, so training on shards
+        with them set would silently ignore them."""
+        keys = [k for k, on in (("loss.train_on_prompt", self.train_on_prompt),
+                ("loss.mask_history", self.mask_history),
+                ("model.default_system", default_system is not None)) if on]  # fmt: skip
+        if keys:
+            raise ConfigError(
+                f"{where} holds a data job's tokenized shards, rendered and masked without "
+                f"{', '.join(keys)}, which act where raylm tokenizes raw data: point "
+                "data.path at the raw dataset (data.tokenized_path keeps its tokenization)"
             )

@@ -113,7 +113,7 @@ def dataset_output(path: str, cfg: TrainJobConfig) -> DatasetOutput:
 
 def check_dataset(output: DatasetOutput, cfg: TrainJobConfig, path: str) -> None:
     """Shards fit this run: its stage, tokenized with its model's tokenizer at its cutoff."""
-    where = f"data.path={cfg.data.path!r}"
+    cfg.loss.raw_only(cfg.model.default_system, where := f"data.path={cfg.data.path!r}")
     if output.task != STAGE_DATA.get(cfg.stage, cfg.stage):
         raise ConfigError(
             f"{where} holds {output.task!r} data but stage={cfg.stage!r}; "
@@ -243,12 +243,14 @@ def _check_kind(src: Source, stage: str) -> None:
 
 
 def tokenize_record(
-    record: Any, src: Source, stage: str, tok: Any, cutoff: int, template: str = "of the tokenizer"
-) -> dict:
+    record: Any, src: Source, stage: str, tok: Any, cutoff: int, template: str = "of the tokenizer",
+    **sft: bool,
+) -> dict:  # fmt: skip
     """One raw record -> the shard columns, through raylm.data (the one record and
     tokenizer path). As in LLaMA-Factory, the stage decides how a record reads: pt takes
     its text (or the ``prompt`` column a registry names), whatever its formatting. A KTO
-    example keeps its label (``kto_label``); ``template`` names the chat template in errors."""
+    example keeps its label (``kto_label``); ``template`` names the chat template in errors;
+    ``sft``: the sft masks' ``train_on_prompt`` / ``mask_history`` (``loss.*``)."""
     from raylm.data.formats import payload_kind, to_payload
     from raylm.data.tokenize import check_tools_rendered, tokenize_payload
     from raylm.train.kto import tokenize_kto
@@ -269,7 +271,7 @@ def tokenize_record(
             ) from None
     if found == "kto":  # the label judges the last answer: only it is a target
         return tokenize_kto(payload, tok, cutoff)
-    return tokenize_payload(payload, tok, cutoff)
+    return tokenize_payload(payload, tok, cutoff, **sft)
 
 
 def build_dataset(cfg: TrainJobConfig, source: dict[str, Any]):
@@ -372,10 +374,10 @@ def _tokenized(records: list[Any], cfg: TrainJobConfig, tok: Any, prefix: str) -
     """Rows numbered ``prefix`` + position; KTO rows also get another row's answer for
     each prompt (KTO's KL estimate, ``with_kl_rows``)."""
     template = repr(cfg.model.template) if cfg.model.template else f"of {cfg.model.name_or_path}"
-    rows = []
+    rows, sft = [], cfg.loss.masks
     for i, (ident, record, src) in enumerate(records):
         try:
-            row = tokenize_record(record, src, cfg.stage, tok, cfg.data.cutoff_len, template)
+            row = tokenize_record(record, src, cfg.stage, tok, cfg.data.cutoff_len, template, **sft)
         except ValueError as err:
             raise ConfigError(f"{ident}: {err}") from None
         rows.append({"id": f"{prefix}{i}", **row})

@@ -88,6 +88,11 @@ MAPPED: dict[str, str] = {
     "eaft_alpha": "loss.eaft_alpha",
     "use_muon": "train.optimizer",  # true: muon
     "pissa_convert": "export.pissa_convert",
+    "train_on_prompt": "loss.train_on_prompt",  # sft masks: raw data (raylm.data.tokenize)
+    "mask_history": "loss.mask_history",
+    "label_smoothing_factor": "loss.label_smoothing",  # stage pt/sft, loss.type ce
+    "neftune_noise_alpha": "train.neftune_noise_alpha",  # raylm.train.neftune
+    "default_system": "model.default_system",  # raw data; final/'s template carries it
     **optim.MAPPED,  # galore_*, apollo_*, badam_*
 }
 
@@ -322,7 +327,7 @@ REFUSED: dict[str, str] = {
         _KERNEL,
         "use_unsloth use_unsloth_gc enable_liger_kernel use_liger_kernel "
         "liger_kernel_config use_v1_kernels shift_attn upcast_layernorm "
-        "upcast_lmhead_output torch_compile neftune_noise_alpha",
+        "upcast_lmhead_output torch_compile",
     ),
     "moe_aux_loss_coef": "raylm adds no MoE router loss",
     "tf32": "raylm leaves torch's TF32 setting alone",
@@ -335,16 +340,12 @@ REFUSED: dict[str, str] = {
     "ref_model_adapters": "DPO's reference is the base model (or the adapter disabled) in raylm",
     "ref_model_quantization_bit": "the reference model is never quantized in raylm",
     **_same(_OPTIM, "optim_args optim_target_modules lr_scheduler_kwargs"),
-    "label_smoothing_factor": "label smoothing of the SFT loss: not implemented",
     "data_seed": "raylm seeds data order with train.seed",
     # data
-    "train_on_prompt": "raylm's sft loss covers the assistant replies only; stage pt trains all",
-    "mask_history": "raylm trains every assistant turn of a conversation",
     "streaming": "raw data is tokenized in memory: for large corpora run the data job and "
     "point data.path at its shards, which stream",
     "neat_packing": "raylm packs with position_ids through the data job (tokenize.pack)",
     "tool_format": "tool calls render through the chat template (model.template)",
-    "default_system": "put the system prompt in the data (a system column or turn)",
     "enable_thinking": "raylm renders training data with thinking on; use a *_nothink template",
     "preserve_thinking": "raylm renders every turn the same way",
     "disable_shuffling": "raylm's stream always shuffles, seeded by train.seed",
@@ -396,7 +397,6 @@ DEFAULTS: dict[str, Any] = {
     "quantization_type": "nf4",
     "init_special_tokens": "noise_init",
     "pref_bco_weight": 0.0,
-    "label_smoothing_factor": 0.0,
     "enable_thinking": True,
     "logging_strategy": "steps",
     "save_strategy": "steps",

@@ -97,4 +97,8 @@ CONVERT: dict[str, Callable[[Any], Any]] = {
     "eaft_alpha": float,
     "use_muon": lambda v: "muon" if as_bool(v) else "adamw",
     "pissa_convert": as_bool,
+    "train_on_prompt": as_bool,
+    "mask_history": as_bool,
+    "label_smoothing_factor": float,
+    "neftune_noise_alpha": float,
 }

@@ -29,8 +29,9 @@ def torch_dtype(precision: str):
 def load_tokenizer(cfg: TrainJobConfig) -> Any:
     """The run's tokenizer (with ``model.template`` applied): what the workers render and
     save into ``final/`` (``raylm.tokenizer.load_tokenizer``)."""
+    m = cfg.model
     return tokenizer.load_tokenizer(
-        cfg.model.name_or_path, cfg.model.template, trust_remote_code=cfg.model.trust_remote_code
+        m.name_or_path, m.template, m.default_system, trust_remote_code=m.trust_remote_code
     )
 
 
@@ -174,6 +175,13 @@ def load_model(cfg: TrainJobConfig, ds_config: dict[str, Any] | None = None) -> 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
         if cfg.finetuning_type != "full":  # frozen embeddings: as PEFT and LLaMA-Factory do
             model.enable_input_require_grads()
+    from raylm.train.neftune import add_neftune
+
+    return add_neftune(_trainable(model, cfg), cfg.train.neftune_noise_alpha)
+
+
+def _trainable(model: Any, cfg: TrainJobConfig) -> Any:
+    """The loaded model with only the parameters of ``finetuning_type`` trainable."""
     if cfg.finetuning_type in ("lora", "qlora"):
         return add_lora(model, cfg)
     if cfg.finetuning_type == "oft":

@@ -60,6 +60,8 @@ def lm_loss(
     reference is ``ref``, or the model under its disabled adapter when ``ref`` is None."""
     logits = forward_logits(model, batch)
     kind = "ce" if loss is None else loss.type
+    if kind == "ce" and loss is not None and loss.label_smoothing:
+        return smoothed_lm_loss(logits, batch, loss.label_smoothing)
     if kind == "ce":
         logps = token_logps(logits, batch["input_ids"])
         mask = batch["loss_mask"][:, 1:].to(logps.dtype)
@@ -67,6 +69,21 @@ def lm_loss(
         return -(logps * mask).sum() / max(n, 1), n
     ref_logits = reference_logits(model, ref, batch) if kind == "asft" else None
     return weighted_lm_loss(logits, batch, kind, loss, ref_logits)
+
+
+def smoothed_lm_loss(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor], epsilon: float
+) -> tuple[torch.Tensor, int]:
+    """Label-smoothed cross-entropy (``loss.label_smoothing``), transformers'
+    ``LabelSmoother`` with shifted labels as its Trainer applies it to a causal LM: over
+    the target tokens, (1 - epsilon) x the mean NLL + epsilon x the mean over targets and
+    vocabulary of -log p."""
+    mask = batch["loss_mask"][:, 1:].bool()
+    n = int(mask.sum().item())
+    logp = F.log_softmax(logits[:, :-1].float()[mask], dim=-1)  # [n, vocab]
+    nll = -logp.gather(-1, batch["input_ids"][:, 1:][mask].unsqueeze(-1)).sum()
+    smooth = -logp.sum() / logp.size(-1)
+    return ((1 - epsilon) * nll + epsilon * smooth) / max(n, 1), n
 
 
 def weighted_lm_loss(

@@ -74,14 +74,16 @@ def load_reward_model(
         if cfg.finetuning_type != "full":
             model.enable_input_require_grads()
     if lora:
-        return m.add_lora(model, cfg, task_type="SEQ_CLS")
-    if cfg.finetuning_type == "freeze":
+        model = m.add_lora(model, cfg, task_type="SEQ_CLS")
+    elif cfg.finetuning_type == "freeze":
         f = cfg.freeze
         m.freeze_all_but(
             model, f.trainable_layers, f.trainable_modules, f.extra_modules, f.llama_pro
         )
         _head(model).requires_grad_(True)
-    return model
+    from raylm.train.neftune import add_neftune
+
+    return add_neftune(model, cfg.train.neftune_noise_alpha)
 
 
 def _head(model: Any) -> Any:

@@ -48,9 +48,12 @@ SETTINGS = ("path", "datasets", "eval_datasets", "mix_strategy", "interleave_pro
 
 
 def settings(cfg: TrainJobConfig) -> dict[str, Any]:
-    """What made the rows: the data settings, the seed (mixing, held-out split) and stage."""
-    d = cfg.data
-    return {k: getattr(d, k) for k in SETTINGS} | {"seed": cfg.train.seed, "stage": cfg.stage}
+    """What made the rows: the data settings, the seed (mixing, held-out split), stage,
+    the sft masks and default system prompt."""
+    d, made = cfg.data, cfg.loss.masks | {"default_system": cfg.model.default_system}
+    return (
+        {k: getattr(d, k) for k in SETTINGS} | {"seed": cfg.train.seed, "stage": cfg.stage} | made
+    )
 
 
 def reuse(cfg: TrainJobConfig) -> dict[str, Any] | None:

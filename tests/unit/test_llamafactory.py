@@ -110,12 +110,12 @@ def test_unknown_and_refused_keys_are_named_together(tmp_path: Path) -> None:
 
 
 def test_refused_keys_at_their_default_are_accepted(tmp_path: Path) -> None:
-    cfg = load_lf(tmp_path, pissa_convert=False, label_smoothing_factor=0.0,
+    cfg = load_lf(tmp_path, pissa_convert=False, pref_bco_weight=0.0,
                   create_new_adapter=False, enable_thinking=True, logging_strategy="steps",
                   resume_from_checkpoint=None, packing=False)  # fmt: skip
     assert cfg.stage == "sft"
-    with pytest.raises(ConfigError, match=r"label_smoothing_factor=0\.1"):
-        load_lf(tmp_path, label_smoothing_factor=0.1)
+    with pytest.raises(ConfigError, match=r"pref_bco_weight=0\.1"):
+        load_lf(tmp_path, pref_bco_weight=0.1)
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch", "adamw_8bit"])

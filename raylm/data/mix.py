@@ -388,53 +388,23 @@ def _with_source(fn: Any) -> Any:
 
 
 def write_mixed(rows: Any, cfg: Any, kind: str, out: str, recipe: dict) -> dict[str, int]:
-    """shards/ and dataset_meta.json (``raylm.data.shards.write_shards``'s layout and
-    keys, plus ``mix``: the recipe) from the mixed rows, packed or given positions as
-    that writer does; returns rows and tokens written."""
-    from raylm import storage
+    """shards/ and dataset_meta.json through ``raylm.data.shards``' writers (its layout
+    and keys, plus ``mix``: the recipe) from the mixed rows; returns rows and tokens."""
     from raylm.data import shards
-    from raylm.data.tokenize import LF_BLOCK
 
-    tok = cfg.tokenize
-    packed = bool(tok.enabled and tok.pack and kind in ("pt", "sft"))
     num_rows = num_tokens = 0
     if rows is not None:
-        if not tok.enabled:
-            rows = rows.map_batches(
-                _with_source(shards.records_batch(kind)), batch_format="pyarrow"
-            )
-        elif packed:
-            pack = _with_source(shards.pack_batch(tok.cutoff_len))
-            rows = rows.map_batches(pack, batch_size=4096, batch_format="pyarrow")
-        elif kind == "kto":
-            kl = shards.kl_batch(tok.cutoff_len)
-            rows = rows.map_batches(kl, batch_size=LF_BLOCK, batch_format="pyarrow")
-        elif kind != "dpo":
-            rows = rows.map_batches(shards.with_positions, batch_format="pyarrow")
+        if cfg.tokenize.enabled:
+            rows = shards.shaped(rows, cfg, kind, wrap=_with_source)
+        else:
+            records = _with_source(shards.records_batch(kind))
+            rows = rows.map_batches(records, batch_format="pyarrow")
         rows = rows.materialize()
         num_rows = rows.count()
-        num_tokens = int(rows.sum("n_tokens") or 0) if tok.enabled and num_rows else 0
+        if cfg.tokenize.enabled and num_rows:
+            num_tokens = int(rows.sum("n_tokens") or 0)
         helpers = ("n_loss", "n_tokens", "units", "hash")
         rows = rows.drop_columns([c for c in helpers if c in rows.columns()])
-    if num_rows:
-        fs, path = storage.filesystem(storage.join(out, "shards"))
-        rows.write_parquet(
-            path,
-            filesystem=fs,
-            filename_provider=shards.PartNames("parquet"),
-            row_group_size=shards.ROW_GROUP_ROWS,
-        )
-    meta = {
-        "kind": kind if tok.enabled else "text",
-        "task": kind,
-        "tokenized": tok.enabled,
-        "packed": packed,
-        "tokenizer": tok.tokenizer if tok.enabled else None,
-        "template": tok.template if tok.enabled else None,
-        "cutoff_len": tok.cutoff_len,
-        "num_rows": num_rows,
-        "num_tokens": num_tokens,
-        "mix": recipe,
-    }
-    storage.write_text(storage.join(out, "dataset_meta.json"), json.dumps(meta, indent=2))
+    shards.write_rows(rows, num_rows, out)
+    shards.write_meta(cfg, kind, out, num_rows, num_tokens, mix=recipe)
     return {"rows_out": num_rows, "tokens_out": num_tokens}

@@ -205,31 +205,21 @@ def _quarantine_rows(batch: pa.Table) -> pa.Table:
     )
 
 
+def is_packed(cfg: DataJobConfig, kind: str) -> bool:
+    """Whether the shards are packed blocks (tokenized pt / sft with ``tokenize.pack``)."""
+    return bool(cfg.tokenize.enabled and cfg.tokenize.pack and kind in ("pt", "sft"))
+
+
 def write_shards(docs: Any, cfg: DataJobConfig, kind: str, out: str) -> dict[str, Any]:
     """Write shards/ and dataset_meta.json; returns counts for stats.json."""
     documents = docs.count()
-    meta = {
-        "kind": kind if cfg.tokenize.enabled else "text",
-        "task": kind,
-        "tokenized": cfg.tokenize.enabled,
-        "packed": bool(cfg.tokenize.enabled and cfg.tokenize.pack and kind in ("pt", "sft")),
-        "tokenizer": cfg.tokenize.tokenizer if cfg.tokenize.enabled else None,
-        "template": cfg.tokenize.template if cfg.tokenize.enabled else None,
-        "cutoff_len": cfg.tokenize.cutoff_len,
-    }
     if cfg.tokenize.enabled:
-        rows, kept, num_rows, num_tokens = _tokenized(docs, cfg, kind, meta["packed"])
+        rows, kept, num_rows, num_tokens = _tokenized(docs, cfg, kind)
     else:
         rows = docs.map_batches(records_batch(kind), batch_format="pyarrow")
         num_rows, num_tokens, kept = documents, 0, documents
-    if num_rows:
-        rows.write_parquet(
-            **_target(out, "shards"),
-            filename_provider=PartNames("parquet"),
-            row_group_size=ROW_GROUP_ROWS,
-        )
-    meta.update(num_rows=num_rows, num_tokens=num_tokens)
-    storage.write_text(storage.join(out, "dataset_meta.json"), json.dumps(meta, indent=2))
+    write_rows(rows, num_rows, out)
+    write_meta(cfg, kind, out, num_rows, num_tokens)
     return {
         "dropped_no_loss": documents - kept,
         "documents_out": kept,
@@ -238,7 +228,55 @@ def write_shards(docs: Any, cfg: DataJobConfig, kind: str, out: str) -> dict[str
     }
 
 
-def _tokenized(docs: Any, cfg: DataJobConfig, kind: str, packed: bool) -> tuple[Any, int, int, int]:
+def write_rows(rows: Any, num_rows: int, out: str) -> None:
+    """``out/shards``: the train job's layout (part names, row groups); nothing if empty."""
+    if num_rows:
+        rows.write_parquet(
+            **_target(out, "shards"),
+            filename_provider=PartNames("parquet"),
+            row_group_size=ROW_GROUP_ROWS,
+        )
+
+
+def write_meta(
+    cfg: DataJobConfig, kind: str, out: str, num_rows: int, num_tokens: int, **extra: Any
+) -> None:
+    """``out/dataset_meta.json``, which the train job reads to know what the shards hold."""
+    tok = cfg.tokenize
+    meta = {
+        "kind": kind if tok.enabled else "text",
+        "task": kind,
+        "tokenized": tok.enabled,
+        "packed": is_packed(cfg, kind),
+        "tokenizer": tok.tokenizer if tok.enabled else None,
+        "template": tok.template if tok.enabled else None,
+        "cutoff_len": tok.cutoff_len,
+        "num_rows": num_rows,
+        "num_tokens": num_tokens,
+        **extra,
+    }
+    storage.write_text(storage.join(out, "dataset_meta.json"), json.dumps(meta, indent=2))
+
+
+def shaped(good: Any, cfg: DataJobConfig, kind: str, wrap: Any = None) -> Any:
+    """Tokenized examples as the rows the train job reads: packed blocks, DPO pairs as
+    they are, KTO rows with their KL pairs, or each with its positions. ``wrap``
+    adapts the packing function (the mix keeps each block's sources)."""
+    if is_packed(cfg, kind):
+        pack = pack_batch(cfg.tokenize.cutoff_len)
+        fn = wrap(pack) if wrap else pack
+        return good.map_batches(fn, batch_size=4096, batch_format="pyarrow")
+    if kind == "dpo":
+        return good
+    if kind == "kto":  # no position_ids: the train job's raw kto rows have none either
+        from raylm.data.tokenize import LF_BLOCK
+
+        kl = kl_batch(cfg.tokenize.cutoff_len)
+        return good.map_batches(kl, batch_size=LF_BLOCK, batch_format="pyarrow")
+    return good.map_batches(with_positions, batch_format="pyarrow")
+
+
+def _tokenized(docs: Any, cfg: DataJobConfig, kind: str) -> tuple[Any, int, int, int]:
     """(rows to write, documents kept, rows, tokens): examples without enough trainable tokens
     are dropped (and counted by the caller), the rest packed or given positions."""
     from ray.data.expressions import col
@@ -246,20 +284,7 @@ def _tokenized(docs: Any, cfg: DataJobConfig, kind: str, packed: bool) -> tuple[
     check_tokenizer(cfg, kind)  # once here, not in every task
     tok = docs.map_batches(tokenize_batch(cfg), batch_format="pyarrow").materialize()
     good = tok.filter(expr=col("n_loss") >= cfg.tokenize.min_loss_tokens).materialize()
-    if packed:
-        rows = good.map_batches(
-            pack_batch(cfg.tokenize.cutoff_len), batch_size=4096, batch_format="pyarrow"
-        ).materialize()
-    elif kind == "dpo":
-        rows = good
-    elif kind == "kto":  # no position_ids: the train job's raw kto rows have none either
-        from raylm.data.tokenize import LF_BLOCK
-
-        kl = kl_batch(cfg.tokenize.cutoff_len)
-        rows = good.map_batches(kl, batch_size=LF_BLOCK, batch_format="pyarrow")
-    else:
-        rows = good.map_batches(with_positions, batch_format="pyarrow")
-    rows = rows.materialize()
+    rows = shaped(good, cfg, kind).materialize()
     num_rows, num_tokens = rows.count(), _sum(rows, "n_tokens")
     rows = rows.drop_columns([c for c in ("n_loss", "n_tokens") if c in rows.columns()])
     return rows, good.count(), num_rows, num_tokens

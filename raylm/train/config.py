@@ -10,6 +10,7 @@ from raylm import storage, templates
 from raylm.config import ConfigError, RayConfig, choice, positive, resolve_path
 from raylm.data.formats import INPUT_FORMATS
 from raylm.data.sources import MIX_STRATEGIES, check_mix
+from raylm.rl.stage import GRPOStageConfig
 from raylm.train.config_methods import (
     SCHEDULERS,
     DPOConfig,
@@ -36,13 +37,15 @@ from raylm.train.config_run import (
     ScalingConfig,
 )
 
-STAGES = ("pt", "sft", "dpo", "rm", "kto")
+STAGES = ("pt", "sft", "dpo", "rm", "kto", "grpo")
 """pt: continued pretraining (every token a target). sft: the assistant replies of
 conversations. dpo: preference pairs (``DPOConfig``'s losses). rm: a reward model, the
 LM with a one-output score head (``AutoModelForSequenceClassification``), trained on
 dpo's preference pairs so that the chosen answer scores higher (``RMConfig``). kto:
 unpaired answers each labelled desirable or not (LLaMA-Factory's ``kto_tag``), KTO's
-loss against a reference model (``KTOConfig``)."""
+loss against a reference model (``KTOConfig``). grpo: online RL, prompts whose
+completions a vLLM engine samples and rewards score (``raylm.train.grpo``, docs/rl.md;
+the ``grpo`` group). ppo is not built yet and is refused by name."""
 STAGE_DATA = {"rm": "dpo"}
 """The data kind a stage reads when it is another stage's: rm trains on preference pairs."""
 FINETUNING_TYPES = ("full", "lora", "freeze", "qlora", "oft")
@@ -293,12 +296,12 @@ class OptimConfig:
 
 @dataclass
 class TrainJobConfig:
-    """The train job: Ray Train workers running DeepSpeed for pt, sft, dpo, rm or kto."""
+    """The train job: Ray Train workers running DeepSpeed for pt, sft, dpo, rm, kto or grpo."""
 
     stage: str = "sft"
     """pt (continued pretraining), sft (responses-only loss), dpo (preference pairs), rm
-    (a reward model on preference pairs) or kto (answers labelled good or bad); see
-    ``STAGES``."""
+    (a reward model on preference pairs), kto (answers labelled good or bad) or grpo
+    (online RL from prompts and rewards); see ``STAGES``."""
 
     finetuning_type: str = "lora"
     """full, lora, freeze (last N layers, or LLaMA Pro's inserted blocks), qlora (4-bit
@@ -355,6 +358,9 @@ class TrainJobConfig:
     kto: KTOConfig = field(default_factory=KTOConfig)
     """KTO loss (stage kto)."""
 
+    grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig)
+    """GRPO (stage grpo): TRL 1.16's GRPO settings, the rewards and the rollout engine."""
+
     loss: LossConfig = field(default_factory=LossConfig)
     """The pt/sft token loss: cross-entropy or LLaMA-Factory's dft, eaft, asft."""
 
@@ -384,6 +390,9 @@ class TrainJobConfig:
         return translate(data, source=source) if is_llamafactory(data) else data
 
     def __post_init__(self) -> None:
+        from raylm.train.grpo import check_rl_stage
+
+        check_rl_stage(self)  # ppo refused by name; grpo's unsupported combinations
         choice("stage", self.stage, STAGES)
         choice("finetuning_type", self.finetuning_type, FINETUNING_TYPES)
         self.loss.check(self.stage, self.finetuning_type, self.lora.init, self.model.template)

@@ -35,6 +35,7 @@ from raylm.manifest import MANIFEST
 from raylm.outputs import DatasetOutput, read_output, tokenizer_hash
 from raylm.tokenizer import require_chat_template
 from raylm.train.config import STAGE_DATA, TrainJobConfig
+from raylm.train.grpo import prompt_row
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def _check_kind(src: Source, stage: str) -> None:
         )
     kind = STAGE_DATA.get(stage, stage)
     found = "kto" if "kto_tag" in src.columns else kind_of(src.fmt) if src.fmt != "auto" else kind
-    if stage != "pt" and found != kind:
+    if stage not in ("pt", "grpo") and found != kind:  # grpo reads prompts of any shape
         raise ConfigError(f"{what} is {found} data ({src.fmt}) but stage={stage!r}")
 
 
@@ -275,9 +276,8 @@ def tokenize_record(
 
 
 def build_dataset(cfg: TrainJobConfig, source: dict[str, Any]):
-    """The one-row Ray Dataset every worker gets whole: the pickled ``Plan`` and the
-    tokenized held-out rows; a raw-data run's counts go to ``data_stats.json`` in the
-    run dir."""
+    """The one-row Ray Dataset every worker gets whole: the pickled ``Plan`` and the tokenized
+    held-out rows; a raw-data run's counts go to ``data_stats.json`` in the run dir."""
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -375,9 +375,10 @@ def _tokenized(records: list[Any], cfg: TrainJobConfig, tok: Any, prefix: str) -
     each prompt (KTO's KL estimate, ``with_kl_rows``)."""
     template = repr(cfg.model.template) if cfg.model.template else f"of {cfg.model.name_or_path}"
     rows, sft = [], cfg.loss.masks
+    read = prompt_row if cfg.stage == "grpo" else tokenize_record  # grpo: prompts, columns
     for i, (ident, record, src) in enumerate(records):
         try:
-            row = tokenize_record(record, src, cfg.stage, tok, cfg.data.cutoff_len, template, **sft)
+            row = read(record, src, cfg.stage, tok, cfg.data.cutoff_len, template, **sft)
         except ValueError as err:
             raise ConfigError(f"{ident}: {err}") from None
         rows.append({"id": f"{prefix}{i}", **row})
@@ -441,7 +442,7 @@ def open_stream(shard: Any, cfg: TrainJobConfig, rank: int, world: int):
     else:
         table = pa.Table.from_pylist(list(shard.iter_rows()))
         plan, rank, world = plan_of_table(table, cfg.data.shuffle_row_groups), 0, 1
-    missing = [c for c in COLUMNS[cfg.stage] if plan.rows and not plan.has_columns([c])]
+    missing = [c for c in COLUMNS.get(cfg.stage, ()) if plan.rows and not plan.has_columns([c])]
     if missing:
         raise ConfigError(f"training data lacks columns {missing} needed by stage={cfg.stage}")
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum

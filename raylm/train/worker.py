@@ -110,6 +110,7 @@ class _Loop:
             (cfg.stage == "dpo" and cfg.dpo.needs_reference)
             or cfg.stage == "kto"
             or cfg.loss.type == "asft"  # ASFT's KL to the reference (raylm.train.objectives)
+            or (cfg.stage == "grpo" and cfg.grpo.beta > 0)  # GRPO's KL penalty
         )
         # Precomputed sequence log-probs serve DPO/KTO only, not ASFT's per-token KL.
         precomputable = cfg.stage in ("dpo", "kto")
@@ -128,6 +129,11 @@ class _Loop:
         )  # fmt: skip
         self.gauges = _gauges(cfg.run_name) if self.rank == 0 and _in_ray() else None
         self.report = sinks.Reporter(self)  # report_to sinks (rank 0), non-finite guard
+        self.grpo = None  # stage grpo: rollouts, rewards, loss (raylm.train.grpo)
+        if cfg.stage == "grpo":
+            from raylm.train.grpo import GRPOStep
+
+            self.grpo = GRPOStep(self)
 
     def _all_min(self, value: int) -> int:
         import torch
@@ -193,6 +199,8 @@ class _Loop:
         while self.step < self.total_steps:
             start = time.perf_counter()
             epoch, step_rows = self.stream.step(self.step)
+            if self.grpo:  # weight sync, then this step's rollouts, rewards and advantages
+                self.grpo.prepare(self.step, step_rows)
             losses, tokens, samples, ids = [], 0, 0, []
             self.step_metrics = []
             for micro in range(self.cfg.train.grad_accum):
@@ -213,6 +221,8 @@ class _Loop:
                     self.report.log(record, section="eval")
             if self.step % self.cfg.checkpoint.save_steps == 0 or self.step == self.total_steps:
                 self.save()
+        if self.grpo:
+            self.grpo.close()
         self.report.close()
 
     def _loss(self, rows: list[dict[str, Any]]):
@@ -222,6 +232,10 @@ class _Loop:
         from raylm.train import preference as pref
 
         pad = self.tok.pad_token_id
+        if self.grpo:
+            loss, metrics, n_tok = self.grpo.loss(rows)
+            self.step_metrics.append(metrics)
+            return loss, n_tok
         if self.cfg.stage in ("rm", "kto"):  # raylm.train.reward / raylm.train.kto
             from raylm.train.kto import kto_step
             from raylm.train.reward import rm_step

@@ -1,15 +1,17 @@
 """Conversations kept on the server, end to end: the real `openai` client holds a
 multi-turn conversation through ``previous_response_id`` across the two replicas of a
 deployment and across a redeploy (the app deleted, then deployed again with one replica:
-every replica new), with the session's real redis-server; with the embedded SQLite store
-across a redeploy from one replica to a new one (two replicas on one node share the
-file as two processes do, which tests/unit/test_serve_store.py shows without the
-minute each replica of the tiny model takes to start here).
+every replica new), with the session's real redis-server. The embedded SQLite store (the
+default) is shown across a redeploy on the README's own plain deployment in
+tests/e2e/test_serve_job.py (two replicas on one node share the file as two processes
+do, which tests/unit/test_serve_store.py shows without the minute each replica of the
+tiny model takes to start here).
 
 Which replica answered each turn is read from the ``x-raylm-replica`` header; that the
 model saw the history is read from ``usage.input_tokens``, which must grow by more than
-the previous turn's input plus output. One app per store, deployed twice (a replica of
-the tiny model starts in about a minute on 2 CPUs: five replica starts in all).
+the previous turn's input plus output. One app, deployed twice (a replica of the tiny
+model starts in about a minute on 2 CPUs: three replica starts, and the chaos check's
+replacement).
 
 The two-replica deployment also takes the engine-death chaos check before it is removed
 (``chaos``): one replica's vLLM engine-core process is killed by PID while streams are in
@@ -95,19 +97,10 @@ def converse(c: openai.OpenAI, previous: object | None, replicas: int, max_turns
 
 
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize(("backend", "replicas"), [("redis", 2), ("sqlite", 1)])
 def test_conversation_across_replicas_and_a_redeploy(
-    backend: str,
-    replicas: int,
-    request: pytest.FixtureRequest,
-    ray_cluster: ClusterInfo,
-    tiny_model: Path,
-    tmp_path: Path,
+    redis_url: str, ray_cluster: ClusterInfo, tiny_model: Path, tmp_path: Path
 ) -> None:
-    if backend == "redis":
-        store = request.getfixturevalue("redis_url")
-    else:
-        store = f"sqlite://{tmp_path / 'sessions.sqlite'}"
+    store, backend, replicas = redis_url, "redis", 2
     try:
         url = serve(tiny_model, tmp_path / "first", store, replicas=replicas)
         c, other = client(url), client(url, KEYS[1])
@@ -120,8 +113,7 @@ def test_conversation_across_replicas_and_a_redeploy(
         with pytest.raises(openai.NotFoundError):
             other.responses.create(input="x", previous_response_id=first.id, **TURN)
         measure_latency(c, first.id, backend)
-        if replicas == 2:
-            first = chaos(url, c, first, ray_cluster.temp_dir)
+        first = chaos(url, c, first, ray_cluster.temp_dir)
 
         assert deploy.down(APP)  # every replica gone; the store keeps the conversation
         url = serve(tiny_model, tmp_path / "second", store, replicas=1)

@@ -163,3 +163,16 @@ def test_loss_on_the_tiny_model_is_finite_and_pushes_the_rewarded_completion(tin
     with torch.no_grad():
         after = token_logps(model, assemble([[1, 5]] * 2, [good, bad], 0), 1.0)[0]
     assert after[0, :3].sum() > lp[0, :3].sum() and after[1].sum() < lp[1].sum()
+
+
+def test_lora_sync_sends_the_adapter_files_the_engine_loads(tiny_model) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from raylm.train.grpo import _adapter_files
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    files = _adapter_files(model)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert json.loads(files["adapter_config.json"])["r"] == 8

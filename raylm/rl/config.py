@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raylm.config import ConfigError, choice, positive
+from raylm.engine import EngineConfig
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 """TRL 1.16's ``loss_type`` values; see ``raylm.rl.loss`` for how each normalises."""
@@ -56,6 +57,12 @@ class RewardConfig:
     def __post_init__(self) -> None:
         if ":" not in self.function:
             choice("reward.function", self.function, BUILTIN_REWARDS)
+
+
+def _rollout_engine() -> EngineConfig:
+    """float32 so the engine samples from the numbers the trainer scores (the rollout
+    importance-sampling ratio stays at 1 on CPU); a batch that holds a step's requests."""
+    return EngineConfig(dtype="float32", max_model_len=1024, max_num_seqs=64, kv_cache_gib=1)
 
 
 @dataclass
@@ -159,6 +166,14 @@ class GRPOConfig:
     rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
     """The reward functions and weights (TRL: ``reward_funcs`` and ``reward_weights``)."""
 
+    engine: EngineConfig = field(default_factory=_rollout_engine)
+    """The train job's rollout engine (``raylm.engine``'s settings, as serve and eval take
+    them): one vLLM ``LLM`` in a Ray actor that rank 0 starts (``raylm.train.grpo``)."""
+
+    engine_cpus: float = 0.0
+    """CPUs the rollout engine's actor reserves from Ray. 0 on a small node, where the
+    training workers hold every CPU (the engine runs while they wait for its rollouts)."""
+
     def __post_init__(self) -> None:
         if self.num_generations < 2:
             raise ConfigError(
@@ -180,6 +195,9 @@ class GRPOConfig:
         self.rewards = [
             r if isinstance(r, RewardConfig) else RewardConfig(**r) for r in self.rewards
         ]
+        if isinstance(self.engine, dict):
+            self.engine = EngineConfig(**self.engine)
+        positive("grpo.engine_cpus", self.engine_cpus, allow_zero=True)
 
     def _check_rollout_is(self) -> None:
         """The bounds TRL requires of the rollout ratio, refused here at load time."""

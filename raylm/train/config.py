@@ -10,7 +10,7 @@ from raylm import storage, templates
 from raylm.config import ConfigError, RayConfig, choice, positive, resolve_path
 from raylm.data.formats import INPUT_FORMATS
 from raylm.data.sources import MIX_STRATEGIES, check_mix
-from raylm.rl.stage import GRPOStageConfig
+from raylm.rl.config import GRPOConfig
 from raylm.train.config_methods import (
     SCHEDULERS,
     DPOConfig,
@@ -358,8 +358,9 @@ class TrainJobConfig:
     kto: KTOConfig = field(default_factory=KTOConfig)
     """KTO loss (stage kto)."""
 
-    grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig)
-    """GRPO (stage grpo): TRL 1.16's GRPO settings, the rewards and the rollout engine."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """GRPO (stage grpo): TRL 1.16's GRPO settings, the rewards and the rollout engine;
+    ``train.micro_batch_size`` counts prompts, each sampled ``num_generations`` times."""
 
     loss: LossConfig = field(default_factory=LossConfig)
     """The pt/sft token loss: cross-entropy or LLaMA-Factory's dft, eaft, asft."""

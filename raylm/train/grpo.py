@@ -177,7 +177,8 @@ class RolloutEngine:
         result = []
         for o in outs:
             c = o.outputs[0]
-            lps = [next(iter(d.values())).logprob if d else float("nan") for d in c.logprobs or []]
+            pairs = zip(c.token_ids, c.logprobs or [], strict=False)
+            lps = [d[t].logprob if d and t in d else float("nan") for t, d in pairs]
             result.append((list(c.token_ids), lps, c.finish_reason == "stop"))
         return result
 

@@ -315,6 +315,9 @@ class _Loop:
             self.gauges["loss"].set(loss)
             self.gauges["tokens_per_s"].set(tps)
             self.gauges["step"].set(self.step)
+            for key in RL_GAUGES:  # stage grpo: its headline metrics, rank-averaged
+                if key in record:
+                    self.gauges[key].set(record[key])
         print(f"step {self.step}/{self.total_steps} loss {loss:.4f} tok/s {tps:.0f}", flush=True)
 
     def _audit(self, epoch: int, ids: list[Any]) -> None:
@@ -396,6 +399,15 @@ def _in_ray() -> bool:
     return ray.is_initialized()
 
 
+RL_GAUGES = {
+    "reward": "GRPO mean reward",
+    "kl": "GRPO KL to the reference",
+    "weight_sync_s": "GRPO seconds to sync weights to the rollout engine",
+    "rollout_tokens_per_s": "GRPO rollout tokens/s",
+}
+"""Stage grpo's metrics also shown as gauges (``raylm_train_<key>``)."""
+
+
 def _gauges(run_name: str) -> dict[str, Any]:
     """Ray metrics, visible in the dashboard's Metrics tab and Prometheus."""
     from ray.util.metrics import Gauge
@@ -408,6 +420,7 @@ def _gauges(run_name: str) -> dict[str, Any]:
         ),
         "step": Gauge("raylm_train_step", "optimizer step", tag_keys=("run",)),
     }
+    gauges |= {k: Gauge(f"raylm_train_{k}", d, tag_keys=("run",)) for k, d in RL_GAUGES.items()}
     for g in gauges.values():
         g.set_default_tags(tags)
     return gauges

@@ -35,6 +35,8 @@ def test_grpo_config_loads_with_trl_defaults_and_the_engine_group() -> None:
         (["finetuning_type=qlora"], "rollout engine takes full weights or a LoRA adapter"),
         (["grpo.num_iterations=2"], "reusing a batch is not built yet"),
         (["data.val_size=0.1"], "GRPO has none of"),
+        (["data.tokenized_path=/tmp/x"], "data.tokenized_path saves token shards"),
+        (["model.mixture_of_depths=convert"], "mixture_of_depths is for stage pt or sft"),
         (["finetuning_type=lora", "lora.init=pissa"], "base under the disabled adapter"),
         (["grpo.num_generations=1"], "at least 2"),
         (["grpo.engine.dtype=fp8"], "engine.dtype"),

@@ -29,6 +29,7 @@ from raylm.train.config_optim import (
     check_optimizer,
     zero_stage,
 )
+from raylm.train.config_rl import check_rl_stage
 from raylm.train.config_run import (
     CheckpointConfig,
     DeepSpeedConfig,
@@ -391,8 +392,6 @@ class TrainJobConfig:
         return translate(data, source=source) if is_llamafactory(data) else data
 
     def __post_init__(self) -> None:
-        from raylm.train.grpo import check_rl_stage
-
         check_rl_stage(self)  # ppo refused by name; grpo's unsupported combinations
         choice("stage", self.stage, STAGES)
         choice("finetuning_type", self.finetuning_type, FINETUNING_TYPES)

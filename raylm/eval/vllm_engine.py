@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,6 +37,14 @@ def generate_vllm(
     model_dir: str, prompts: Sequence[list[int]], max_new_tokens: int, engine: EngineConfig
 ) -> list[list[int]]:
     """Generated token ids per prompt (the caller decodes, as for the hf engine)."""
+    return generate_vllm_timed(model_dir, prompts, max_new_tokens, engine)[0]
+
+
+def generate_vllm_timed(
+    model_dir: str, prompts: Sequence[list[int]], max_new_tokens: int, engine: EngineConfig
+) -> tuple[list[list[int]], float]:
+    """``generate_vllm``'s token ids and the seconds ``LLM.generate`` took (the engine's
+    start-up excluded), for benchmarks of the engine that serves a model."""
     with tempfile.TemporaryDirectory(prefix="raylm-vllm-") as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request.write_text(
@@ -55,7 +64,8 @@ def generate_vllm(
             raise RuntimeError(
                 f"vLLM generation failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
             )
-        return json.loads(result.read_text())
+        out = json.loads(result.read_text())
+        return out["ids"], out["seconds"]
 
 
 def _main(request_path: str, result_path: str) -> None:
@@ -66,8 +76,11 @@ def _main(request_path: str, result_path: str) -> None:
     llm = LLM(model=req["model"], **req["engine_kwargs"])
     params = SamplingParams(temperature=0.0, max_tokens=req["max_new_tokens"])
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in req["prompts"]]
+    start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
-    Path(result_path).write_text(json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+    seconds = time.perf_counter() - start
+    ids = [list(o.outputs[0].token_ids) for o in outs]
+    Path(result_path).write_text(json.dumps({"ids": ids, "seconds": seconds}))
 
 
 if __name__ == "__main__":

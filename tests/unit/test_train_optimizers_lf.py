@@ -7,6 +7,7 @@ Llama; and the keys, their bad values and the runs they cannot serve are named."
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -374,3 +375,13 @@ def test_llamafactory_keys_and_conflicts(tmp_path: Path) -> None:
         load("train", [lf(tmp_path, finetuning_type="full", use_badam=True, badam_mode="bogus")])
     with pytest.raises(ConfigError, match=r"galore\.proj_type='diag'"):
         load("train", [lf(tmp_path, use_galore=True, galore_proj_type="diag")])
+
+
+def test_the_session_gloo_rank_leaves_no_distributed_environment(gloo_rank) -> None:
+    """Outside ``dist`` the process has no MASTER_PORT / WORLD_SIZE: a Ray cluster the
+    session starts later hands its environment to its workers, where accelerate (lm-eval's
+    hf model) would init a process group on the port this process listens on."""
+    import torch.distributed as d
+
+    assert d.is_initialized()
+    assert not {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"} & set(os.environ)

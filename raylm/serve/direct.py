@@ -27,7 +27,7 @@ from typing import Any
 
 from raylm.serve import responses
 from raylm.serve.checks import RequestChecks
-from raylm.serve.engine_health import RETRY_SCOPE_KEY, EngineGuard
+from raylm.serve.engine_health import RETRY_SCOPE_KEY, EngineGuard, replay
 from raylm.serve.filters import ContentFilters
 from raylm.serve.guards import AccessRecord, Budgets, Exchange, RateLimiter, access_logger
 from raylm.serve.validation import ApiError, parse_body
@@ -247,21 +247,6 @@ async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
         yield message.get("body", b"")
         if not message.get("more_body"):
             return
-
-
-def replay(raw: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that yields the already-read body once, then the client's messages
-    (so the app still learns of a disconnect while it streams)."""
-    sent = False
-
-    async def again() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        return await receive()
-
-    return again
 
 
 async def reply(

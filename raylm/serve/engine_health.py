@@ -35,6 +35,7 @@ logger = logging.getLogger("raylm.serve.engine")
 
 Message = dict[str, Any]
 Send = Callable[[Message], Awaitable[None]]
+Receive = Callable[[], Awaitable[Message]]
 
 RETRIED_HEADER = b"x-raylm-retried"
 REPLICA_HEADER = b"x-raylm-replica"
@@ -346,15 +347,12 @@ async def run_collected(
     """Run an ASGI ``app`` on one request and yield the messages it sends, as they come
     (the body of ``RaylmLLMServer.raylm_retry``)."""
     queue: asyncio.Queue[Message | None] = asyncio.Queue()
-    sent = False
 
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
+    async def never() -> Message:
         await asyncio.Event().wait()  # the caller's client cannot disconnect here
         return {"type": "http.disconnect"}
+
+    receive = replay(raw, never)
 
     async def run() -> None:
         try:
@@ -393,3 +391,18 @@ async def unavailable(send: Send) -> None:
     ]
     await send({"type": "http.response.start", "status": 503, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def replay(raw: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that yields the already-read body once, then the client's messages
+    (so the app still learns of a disconnect while it streams)."""
+    sent = False
+
+    async def again() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await receive()
+
+    return again

@@ -7,7 +7,9 @@ Each stage is its own module; this one only runs them in order. The per-record s
 (``raylm.data.steps``) and dedup (``raylm.data.dedup``) run as plain Ray tasks over the
 read blocks, tokenization and writing as Ray Data operators (``raylm.data.shards``). The
 driver only ever sees per-block counts and a few examples, and checks at the end that
-every input document is accounted for (``raylm.data.stats``).
+every input document is accounted for (``raylm.data.stats``). Each read block's
+per-record work is saved with a completion marker as it finishes, so a killed job rerun
+into the same output dir redoes only the blocks that had not (``raylm.data.resume``).
 
 Inputs and the output directory may be local or in a bucket (``s3://``, ``gs://``):
 everything written goes through ``raylm.storage`` and pyarrow filesystems, never
@@ -22,7 +24,7 @@ from typing import Any
 
 from raylm import storage
 from raylm.config import ConfigError, resolve_path
-from raylm.data import formats, line_dedup, mix, readers, rows, shards, steps
+from raylm.data import formats, line_dedup, mix, resume, rows, shards, steps
 from raylm.data.config import DataJobConfig
 from raylm.data.dedup_apply import apply_dedup
 from raylm.data.sources import Source, expand_inputs
@@ -49,9 +51,8 @@ def run(cfg: DataJobConfig) -> dict[str, Any]:
     if cfg.line_dedup.enabled and kind != "pt":
         raise ConfigError(f"line_dedup cuts lines of pt text; this job is {kind}")
     log.info("data job: %d file(s), kind=%s", len(sources), kind)
-    raw = readers.read_dataset(sources, cfg.text_column, cfg.text_unit, cfg.read_block_mb)
     clock = Stopwatch()
-    processed, counts = process(raw, cfg, kind)
+    processed, counts, resumed = resume.process(sources, cfg, kind, out)
     clock.lap("read_clean_sign")
     if cfg.line_dedup.enabled:
         processed = line_dedup.apply(processed, cfg, counts)
@@ -76,7 +77,7 @@ def run(cfg: DataJobConfig) -> dict[str, Any]:
         for name in counts["filter"]
     }
     extra = {"dedup": dedup_info, "filter_examples": filter_examples, "seconds": clock.laps}
-    stats = job_stats(kind, counts, removed_all, written, extra)
+    stats = job_stats(kind, counts, removed_all, written, extra) | {"resume": resumed}
     if mixed is not None:
         stats["mix"] = mixed
         stats["accounting_ok"] = stats["accounting_ok"] and mixed["accounting_ok"]
@@ -84,6 +85,7 @@ def run(cfg: DataJobConfig) -> dict[str, Any]:
     storage.write_text(stats_file, json.dumps(stats, indent=2, ensure_ascii=False))
     if not stats["accounting_ok"]:
         raise RuntimeError(f"accounting identity broken (see {stats_file})")
+    resume.Store(out).clear()  # done: a rerun starts afresh, as before resuming existed
     return stats
 
 
@@ -114,7 +116,8 @@ def _mix(
 
 def _fresh_output_dir(cfg: DataJobConfig) -> str:
     """The output dir (path or URI) without a previous run's shards, quarantine or
-    removal records; a bucket that cannot be reached fails here, naming it."""
+    removal records (its completed blocks, ``_resume/``, stay for ``raylm.data.resume``
+    to judge); a bucket that cannot be reached fails here, naming it."""
     out = resolve_path(cfg.output_dir)
     try:
         for sub in OUTPUT_DIRS:
@@ -123,23 +126,6 @@ def _fresh_output_dir(cfg: DataJobConfig) -> str:
     except OSError as err:
         raise ConfigError(f"output_dir={out!r} cannot be written: {err}") from None
     return out
-
-
-def process(raw: Any, cfg: DataJobConfig, kind: str) -> tuple[Any, dict[str, Any]]:
-    """Every read block through the per-record steps: the processed Dataset and the
-    steps' counts, summed over blocks.
-
-    One plain Ray task per read block: the blocks are already sized for one task each,
-    and a Ray Data map would re-block them and add executor start-up.
-    """
-    import ray
-
-    from raylm.data.blocks import map_blocks
-
-    pairs = map_blocks(raw.to_arrow_refs(), steps.process_block, cfg, kind, num_returns=2)
-    processed = ray.data.from_arrow_refs([block for block, _ in pairs])
-    counts = steps.sum_stats(ray.get([stats for _, stats in pairs]))
-    return processed, counts
 
 
 def decide_kind(cfg: DataJobConfig, sources: list[Source]) -> str:

@@ -214,6 +214,21 @@ def _number_ranges(plan: list[list[ReadSpec]]) -> list[ReadSpec]:
     return numbered
 
 
+def min_ranges() -> int:
+    """Ranges a small corpus is spread over: two per cluster CPU."""
+    return 2 * _cluster_cpus()
+
+
+def read_specs(
+    sources: list[Source], text_unit: str, read_block_mb: float, spread: int | None = None
+) -> list[ReadSpec]:
+    """Every read task in input order, numbered; ``spread``: ``min_ranges()`` unless
+    given (a resumed data job passes its first run's, so its blocks are the same)."""
+    block_bytes = max(1, int(read_block_mb * MIB))
+    spread = min_ranges() if spread is None else spread
+    return _number_ranges(plan_reads(sources, text_unit, block_bytes, spread))
+
+
 def read_dataset(
     sources: list[Source], text_column: str, text_unit: str, read_block_mb: float = 16.0
 ) -> Any:
@@ -225,8 +240,7 @@ def read_dataset(
     """
     import ray
 
-    block_bytes = max(1, int(read_block_mb * MIB))
-    specs = _number_ranges(plan_reads(sources, text_unit, block_bytes, 2 * _cluster_cpus()))
+    specs = read_specs(sources, text_unit, read_block_mb)
     if not specs:
         return ray.data.from_arrow(ROW_SCHEMA.empty_table())
     read = ray.remote(read_spec).options(scheduling_strategy="SPREAD")

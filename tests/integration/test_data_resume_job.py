@@ -1,0 +1,136 @@
+"""A data job SIGKILLed half way and rerun: only its unfinished blocks are redone, and
+its outputs and stats equal an uninterrupted run's.
+
+The job runs as ``jobs/data.py`` in its own session on the shared test cluster; the
+kill takes its whole process group once some blocks' completion markers exist but not
+all. ``resume.PAUSE_ENV`` makes each block's task hold its CPU a moment after writing
+its marker, so that point is reached deterministically on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raylm.data import resume
+
+ROOT = Path(__file__).resolve().parents[2]
+WORDS = ["river", "hill", "stone", "cloud", "engine", "garden", "window", "letter", "market"]
+
+
+def _corpus(root: Path) -> Path:
+    """Two JSONL files of varied documents, with exact and near duplicates and bad lines."""
+    rng = random.Random(0)
+    docs = [
+        " ".join(rng.choice(WORDS) + str(rng.randrange(999)) for _ in range(40)) for _ in range(360)
+    ]
+    lines = [json.dumps({"text": d}) for d in docs]
+    lines[50:60] = [json.dumps({"text": d.upper()}) for d in docs[:10]]  # exact dups
+    lines[60:70] = [json.dumps({"text": d + " appendix"}) for d in docs[10:20]]  # near
+    lines[70:73] = ["{not json", json.dumps({"txt": "no text"}), json.dumps({"text": 7})]
+    root.mkdir()
+    (root / "a.jsonl").write_text("\n".join(lines[:260]) + "\n")
+    (root / "b.jsonl").write_text("\n".join(lines[260:] + lines[:5]) + "\n")  # 5 cross-file dups
+    return root
+
+
+def _cmd(corpus: Path, out: Path) -> list[str]:
+    return [
+        sys.executable, "jobs/data.py", "conf/data/sample_pt.yaml", f"inputs=[{corpus}]",
+        "format=text", "read_block_mb=0.02", f"output_dir={out}",
+    ]  # fmt: skip
+
+
+def _env(ray_cluster, pause: float = 0) -> dict[str, str]:
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.gcs_address}
+    env.pop(resume.PAUSE_ENV, None)
+    return env | ({resume.PAUSE_ENV: str(pause)} if pause else {})
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> None:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
+def _markers(out: Path) -> int:
+    return len(list((out / resume.RESUME_DIR / "completions").glob("*.json")))
+
+
+def _kill_half_way(cmd: list[str], env: dict[str, str], out: Path) -> int:
+    """Start the job, SIGKILL its process group once a block is complete; the number of
+    complete blocks once the cluster has stopped the dead job's tasks."""
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while _markers(out) == 0 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    settled, last = time.monotonic(), _markers(out)
+    while time.monotonic() - settled < 3:  # no marker may appear after this
+        time.sleep(0.2)
+        if _markers(out) != last:
+            settled, last = time.monotonic(), _markers(out)
+    return last
+
+
+def _rows(path: Path, pattern: str) -> list[dict]:
+    files = sorted(path.glob(pattern))
+    if pattern.endswith(".jsonl"):
+        rows = [json.loads(x) for f in files for x in f.read_text().splitlines()]
+    else:
+        rows = pa.concat_tables(pq.read_table(f) for f in files).to_pylist() if files else []
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def _outputs(out: Path) -> dict:
+    stats = json.loads((out / "stats.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {
+        "stats": {k: v for k, v in stats.items() if k not in ("seconds", "resume")},
+        "metrics": manifest["metrics"],
+        "output": {k: v for k, v in manifest["output"].items() if k != "path"},
+        "inputs": manifest["inputs"],
+        "meta": json.loads((out / "dataset_meta.json").read_text()),
+        "shards": _rows(out / "shards", "*.parquet"),
+        "dedup": _rows(out / "dedup", "*.parquet"),
+        "quarantine": _rows(out / "quarantine", "*.jsonl"),
+    }
+
+
+@pytest.mark.timeout(420)
+def test_killed_data_job_reruns_only_unfinished_blocks(ray_cluster, tmp_path: Path) -> None:
+    corpus = _corpus(tmp_path / "in")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    _run(_cmd(corpus, whole), _env(ray_cluster))
+    expected = _outputs(whole)
+    blocks = json.loads((whole / "stats.json").read_text())["resume"]["blocks"]
+    assert blocks >= 6 and not (whole / resume.RESUME_DIR).exists()
+
+    done = _kill_half_way(_cmd(corpus, killed), _env(ray_cluster, pause=2), killed)
+    assert 0 < done < blocks
+    assert json.loads((killed / "manifest.json").read_text())["status"] == "running"
+    assert not (killed / "stats.json").exists()
+
+    _run(_cmd(corpus, killed), _env(ray_cluster))
+    stats = json.loads((killed / "stats.json").read_text())
+    assert stats["resume"] == {
+        "blocks": blocks, "skipped": done, "redone": blocks - done, "stale": 0
+    }  # fmt: skip
+    assert json.loads((killed / "manifest.json").read_text())["status"] == "succeeded"
+    got = _outputs(killed)
+    assert got == expected
+    assert got["stats"]["accounting_ok"] and got["stats"]["exact_dups"] >= 15
+    assert got["stats"]["quarantined"] == 3 and not (killed / resume.RESUME_DIR).exists()

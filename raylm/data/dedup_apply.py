@@ -88,20 +88,21 @@ def _final_rows(removed: bool):
     return fn
 
 
-def apply_dedup(processed: Any, cfg: DataJobConfig) -> tuple[Any, Any | None, dict[str, Any]]:
+def apply_dedup(
+    processed: Any, cfg: DataJobConfig, cache: Any = None
+) -> tuple[Any, Any | None, dict[str, Any]]:
     """(kept docs, removal records or None, dedup info) as materialised Datasets.
 
     The representative of a cluster is its smallest id in natural order (line 9 before
     line 10), so the first occurrence in the input is the one kept. Every step is a
     plain Ray task over block refs: a Ray Data execution costs ~0.5 s of start-up on a
-    small cluster, and dedup has a dozen steps.
+    small cluster, and dedup has a dozen steps. ``cache`` (``raylm.data.resume``) hands
+    back the removal records of a killed run of the same job, or saves them.
     """
     import ray
 
     refs = map_blocks(processed.to_arrow_refs(), _dedup_input)
-    if cfg.id_column:
-        _check_unique_ids(refs, cfg.id_column)
-    removals, info = _removals(refs, cfg)
+    removals, info = _cached_removals(refs, cfg, cache)
     if not removals:
         return ray.data.from_arrow_refs(map_blocks(refs, _final_rows(False))), None, info
     parts = map_blocks(refs, _as_final(("id", "doc")))
@@ -110,6 +111,19 @@ def apply_dedup(processed: Any, cfg: DataJobConfig) -> tuple[Any, Any | None, di
     docs = ray.data.from_arrow_refs(map_blocks(merged, _final_rows(False)))
     removed = ray.data.from_arrow_refs(map_blocks(merged, _final_rows(True)))
     return docs, removed, info
+
+
+def _cached_removals(refs: list, cfg: DataJobConfig, cache: Any) -> tuple[list, dict[str, Any]]:
+    """The removal records: from ``cache`` if it has them, else found (and saved there)."""
+    found = cache.load() if cache is not None else None
+    if found is not None:
+        return found
+    if cfg.id_column:
+        _check_unique_ids(refs, cfg.id_column)
+    removals, info = _removals(refs, cfg)
+    if cache is not None:
+        cache.save(removals, info)
+    return removals, info
 
 
 def _repeated(df: pd.DataFrame) -> pd.DataFrame:

@@ -60,7 +60,7 @@ def run(cfg: DataJobConfig) -> dict[str, Any]:
     if counts["parse"]["quarantined"]:
         shards.write_quarantine(processed, out)
     clock.lap("quarantine_write")
-    docs, removed, dedup_info = apply_dedup(processed, cfg)
+    docs, removed, dedup_info = apply_dedup(processed, cfg, resumed.dedup())
     clock.lap("dedup_plan")
     dup_counts = shards.write_removed(removed, out) if removed is not None else {}
     docs = docs.materialize()
@@ -77,7 +77,7 @@ def run(cfg: DataJobConfig) -> dict[str, Any]:
         for name in counts["filter"]
     }
     extra = {"dedup": dedup_info, "filter_examples": filter_examples, "seconds": clock.laps}
-    stats = job_stats(kind, counts, removed_all, written, extra) | {"resume": resumed}
+    stats = job_stats(kind, counts, removed_all, written, extra) | {"resume": resumed.stats}
     if mixed is not None:
         stats["mix"] = mixed
         stats["accounting_ok"] = stats["accounting_ok"] and mixed["accounting_ok"]

@@ -8,16 +8,20 @@ processed rows to ``_resume/blocks/<id>.parquet`` and then, once that file is wh
 marker ``_resume/completions/<id>.json`` (one atomic write: a local rename, or a single
 object PUT). A rerun of the job into the same ``output_dir`` loads the blocks whose
 marker exists and whose fingerprint matches, and reads and processes only the others.
-The stages after it (line and document dedup, tokenization, writing) see every block
-and rerun whole; they are cheap next to it. ``_resume/`` is deleted once the job has
-written ``stats.json``, so a finished job's directory holds only its outputs.
+Dedup then needs every block, so it is one block of its own: its removal records are
+saved to ``_resume/dedup/`` with the marker ``completions/dedup.json``, and a job killed
+later, while tokenizing or writing, skips dedup's shuffles on the rerun. Line dedup,
+tokenization and writing rerun whole. ``_resume/`` is deleted once the job has written
+``stats.json``, so a finished job's directory holds only its outputs; ``events.jsonl``
+(appended, like the train job's) says what each rerun reused.
 
 A marker is reused only for the same work: its fingerprint hashes the job's config
 (less ``output_dir`` and ``ray``), the job's kind, this module's format, the block's
 file and byte range, and the size and modification time of its file and of the filter
 blocklists (what a bucket's listing shows, and what ``raylm.manifest`` hashes there). A
 marker with another fingerprint is never mixed in: its block is redone, and the job logs
-and counts it (``stats.json``'s ``resume.stale``).
+and counts it (``stats.json``'s ``resume.stale``). The dedup marker's fingerprint is
+that of every block together.
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ class Store:
     """Where one job's markers and processed blocks live: ``<output_dir>/_resume``."""
 
     def __init__(self, out: str) -> None:
-        self.root = storage.join(out, RESUME_DIR)
+        self.out, self.root = out, storage.join(out, RESUME_DIR)
 
     def marker(self, block_id: str) -> str:
         return storage.join(self.root, "completions", f"{block_id}.json")
@@ -111,16 +115,13 @@ class Store:
 
     def save(self, block: Block, table: pa.Table, counts: dict[str, Any]) -> None:
         """The block's rows, then its marker: a marker always names a whole file."""
-        fs, path = storage.filesystem(self.data(block.id))
-        fs.create_dir(path.rpartition("/")[0], recursive=True)
-        pq.write_table(table, path, filesystem=fs)
+        _write_table(table, self.data(block.id))
         record = {"block": block.id, "fingerprint": block.fingerprint, "counts": counts}
         record["rows"] = table.num_rows
         storage.write_text(self.marker(block.id), json.dumps(record))
 
     def load(self, block_id: str) -> pa.Table:
-        fs, path = storage.filesystem(self.data(block_id))
-        return pq.read_table(path, filesystem=fs).cast(PROCESSED_SCHEMA)
+        return _read_table(self.data(block_id)).cast(PROCESSED_SCHEMA)
 
     def completed(self, blocks: list[Block]) -> tuple[dict[str, dict], list[str]]:
         """(block id -> marker of each reusable block, ids whose marker is stale)."""
@@ -173,12 +174,92 @@ def pause_seconds() -> float:
     return float(os.environ.get(PAUSE_ENV) or 0)
 
 
+@dataclasses.dataclass
+class Resumed:
+    """What the per-record stage reused, for the stages after it and ``stats.json``."""
+
+    store: Store
+    fingerprint: str
+    """Hash of every block's fingerprint: what the dedup stage's result depends on."""
+
+    stats: dict[str, Any]
+    """``stats.json``'s ``resume``: blocks, skipped, redone, stale, and dedup (ran or
+    reused)."""
+
+    def event(self, **record: Any) -> None:
+        """One line of ``events.jsonl`` (appended: it survives a kill, like the train
+        job's), so what each run of a killed job reused can be told afterwards."""
+        line = json.dumps({"event": "resume", **record, "time": time.time()})
+        storage.append_text(storage.join(self.store.out, EVENTS), line + "\n")
+
+    def dedup(self) -> DedupCache:
+        return DedupCache(self)
+
+
+EVENTS = "events.jsonl"
+
+
+class DedupCache:
+    """Dedup's removal records, saved with a marker once found: a job killed while
+    tokenizing or writing does not run dedup's shuffles again. They depend on every
+    block, so the marker's fingerprint is ``Resumed.fingerprint``."""
+
+    def __init__(self, resumed: Resumed) -> None:
+        self.resumed = resumed
+        self.root = storage.join(resumed.store.root, "dedup")
+        self.marker = resumed.store.marker("dedup")
+
+    def load(self) -> tuple[list, dict[str, Any]] | None:
+        """The saved removal blocks (refs) and dedup info, or None to run dedup."""
+        import ray
+
+        if not storage.exists(self.marker):
+            return None
+        record = json.loads(storage.read_text(self.marker))
+        if record["fingerprint"] != self.resumed.fingerprint:
+            log.warning("data job: %s is from other blocks; running dedup again", self.marker)
+            return None
+        read = ray.remote(_read_table)
+        parts = [read.remote(storage.join(self.root, name)) for name in record["parts"]]
+        self.resumed.stats["dedup"] = "reused"
+        self.resumed.event(stage="dedup")
+        return parts, record["info"]
+
+    def save(self, removals: list, info: dict[str, Any]) -> None:
+        """Every removal block, then the marker naming them."""
+        import ray
+
+        names = [f"part-{i:05d}.parquet" for i in range(len(removals))]
+        write = ray.remote(_write_table)
+        ray.get(
+            [
+                write.remote(r, storage.join(self.root, n))
+                for r, n in zip(removals, names, strict=True)
+            ]
+        )
+        record = {"fingerprint": self.resumed.fingerprint, "parts": names, "info": info}
+        storage.write_text(self.marker, json.dumps(record))
+        if pause_seconds():  # tests: a moment to kill the job with dedup complete
+            time.sleep(pause_seconds())
+
+
+def _write_table(table: pa.Table, uri: str) -> None:
+    fs, path = storage.filesystem(uri)
+    fs.create_dir(path.rpartition("/")[0], recursive=True)
+    pq.write_table(table, path, filesystem=fs)
+
+
+def _read_table(uri: str) -> pa.Table:
+    fs, path = storage.filesystem(uri)
+    return pq.read_table(path, filesystem=fs)
+
+
 def process(
     sources: list[Any], cfg: DataJobConfig, kind: str, out: str
-) -> tuple[Any, dict[str, Any], dict[str, int]]:
+) -> tuple[Any, dict[str, Any], Resumed]:
     """Every block through the per-record steps, reusing the completed ones: the
     processed Dataset (blocks in input order), the steps' counts summed over blocks,
-    and ``stats.json``'s ``resume`` (blocks, skipped, redone, stale).
+    and what was reused.
 
     One plain Ray task per block: the blocks are already sized for one task each, and a
     Ray Data map would re-block them and add executor start-up.
@@ -193,31 +274,31 @@ def process(
     specs = readers.read_specs(sources, cfg.text_unit, cfg.read_block_mb, spread)
     blocks = plan_blocks(specs, config_fingerprint(cfg, kind))
     done, stale = store.completed(blocks)
-    _log_resume(store, len(blocks), len(done), stale)
+    resumed = _resumed(store, blocks, len(done), stale)
     work = ray.remote(run_block).options(num_returns=2, scheduling_strategy="SPREAD")
     load = ray.remote(load_block)
-    pause = pause_seconds()
     refs, counts, pending = [], [], []
     for block in blocks:
         if block.id in done:
             refs.append(load.remote(store, block.id))
             counts.append(done[block.id]["counts"])
         else:
-            table, stats = work.remote(block, cfg, kind, store, pause)
+            table, stats = work.remote(block, cfg, kind, store, pause_seconds())
             refs.append(table)
             pending.append(stats)
     counts += ray.get(pending)
     if not refs:
         refs = [ray.put(PROCESSED_SCHEMA.empty_table())]
-    info = {"blocks": len(blocks), "skipped": len(done), "redone": len(blocks) - len(done)}
-    return ray.data.from_arrow_refs(refs), sum_stats(counts), info | {"stale": len(stale)}
+    return ray.data.from_arrow_refs(refs), sum_stats(counts), resumed
 
 
-def _log_resume(store: Store, total: int, done: int, stale: list[str]) -> None:
+def _resumed(store: Store, blocks: list[Block], done: int, stale: list[str]) -> Resumed:
+    """The record of what is reused, logged (and an event) when anything was found."""
+    stats = {"blocks": len(blocks), "skipped": done, "redone": len(blocks) - done}
+    stats |= {"stale": len(stale), "dedup": "ran"}
+    resumed = Resumed(store, _sha([b.fingerprint for b in blocks]), stats)
     if done:
-        log.info(
-            "data job: resuming: %d of %d block(s) already complete in %s", done, total, store.root
-        )
+        log.info("data job: resuming: %d of %d block(s) already complete", done, len(blocks))
     if stale:
         log.warning(
             "data job: %d completed block(s) in %s were made with another config or other "
@@ -226,3 +307,6 @@ def _log_resume(store: Store, total: int, done: int, stale: list[str]) -> None:
             store.root,
             stale[0],
         )
+    if done or stale:
+        resumed.event(stage="blocks", **{k: v for k, v in stats.items() if k != "dedup"})
+    return resumed

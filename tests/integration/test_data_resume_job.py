@@ -3,8 +3,9 @@ its outputs and stats equal an uninterrupted run's.
 
 The job runs as ``jobs/data.py`` in its own session on the shared test cluster; the
 kill takes its whole process group once some blocks' completion markers exist but not
-all. ``resume.PAUSE_ENV`` makes each block's task hold its CPU a moment after writing
-its marker, so that point is reached deterministically on any machine.
+all, and a second time once dedup's exists. ``resume.PAUSE_ENV`` makes each block's
+task (and the driver after dedup) wait a moment after writing its marker, so those
+points are reached deterministically on any machine.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -63,27 +65,34 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
 
 
 def _markers(out: Path) -> int:
-    return len(list((out / resume.RESUME_DIR / "completions").glob("*.json")))
+    """Completed read blocks (the dedup stage's marker not counted)."""
+    found = (out / resume.RESUME_DIR / "completions").glob("*.json")
+    return len([f for f in found if f.name != "dedup.json"])
 
 
-def _kill_half_way(cmd: list[str], env: dict[str, str], out: Path) -> int:
-    """Start the job, SIGKILL its process group once a block is complete; the number of
-    complete blocks once the cluster has stopped the dead job's tasks."""
+def _kill_when(cmd: list[str], env: dict[str, str], out: Path, ready: Callable) -> int:
+    """Start the job, SIGKILL its process group once ``ready()``; the number of complete
+    blocks once the cluster has stopped the dead job's tasks."""
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 120
-    while _markers(out) == 0 and proc.poll() is None and time.monotonic() < deadline:
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     settled, last = time.monotonic(), _markers(out)
-    while time.monotonic() - settled < 3:  # no marker may appear after this
+    while time.monotonic() - settled < 2:  # no marker may appear after this
         time.sleep(0.2)
         if _markers(out) != last:
             settled, last = time.monotonic(), _markers(out)
     return last
+
+
+def _events(out: Path) -> list[dict]:
+    lines = (out / resume.EVENTS).read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k != "time"} for x in lines]
 
 
 def _rows(path: Path, pattern: str) -> list[dict]:
@@ -112,25 +121,40 @@ def _outputs(out: Path) -> dict:
 
 @pytest.mark.timeout(420)
 def test_killed_data_job_reruns_only_unfinished_blocks(ray_cluster, tmp_path: Path) -> None:
+    """Killed during the per-record stage, then during tokenize/write: each rerun redoes
+    only what was unfinished, and the outputs equal an uninterrupted run's."""
     corpus = _corpus(tmp_path / "in")
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole, out = tmp_path / "whole", tmp_path / "killed"
     _run(_cmd(corpus, whole), _env(ray_cluster))
     expected = _outputs(whole)
     blocks = json.loads((whole / "stats.json").read_text())["resume"]["blocks"]
     assert blocks >= 6 and not (whole / resume.RESUME_DIR).exists()
 
-    done = _kill_half_way(_cmd(corpus, killed), _env(ray_cluster, pause=2), killed)
+    paused = _env(ray_cluster, pause=1)
+    done = _kill_when(_cmd(corpus, out), paused, out, lambda: _markers(out) > 0)
     assert 0 < done < blocks
-    assert json.loads((killed / "manifest.json").read_text())["status"] == "running"
-    assert not (killed / "stats.json").exists()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    # Rerun, killed once dedup is complete: it redid only the blocks the first run had not.
+    dedup_done = out / resume.RESUME_DIR / "completions" / "dedup.json"
+    assert _kill_when(_cmd(corpus, out), paused, out, dedup_done.exists) == blocks
+    assert _events(out) == [
+        {"event": "resume", "stage": "blocks", "blocks": blocks, "skipped": done,
+         "redone": blocks - done, "stale": 0},
+    ]  # fmt: skip
+    assert dedup_done.exists() and not (out / "stats.json").exists()
 
-    _run(_cmd(corpus, killed), _env(ray_cluster))
-    stats = json.loads((killed / "stats.json").read_text())
+    _run(_cmd(corpus, out), _env(ray_cluster))
+    stats = json.loads((out / "stats.json").read_text())
     assert stats["resume"] == {
-        "blocks": blocks, "skipped": done, "redone": blocks - done, "stale": 0
+        "blocks": blocks, "skipped": blocks, "redone": 0, "stale": 0, "dedup": "reused"
     }  # fmt: skip
-    assert json.loads((killed / "manifest.json").read_text())["status"] == "succeeded"
-    got = _outputs(killed)
+    assert _events(out)[1:] == [
+        {"event": "resume", "stage": "blocks", "blocks": blocks, "skipped": blocks,
+         "redone": 0, "stale": 0},
+        {"event": "resume", "stage": "dedup"},
+    ]  # fmt: skip
+    assert json.loads((out / "manifest.json").read_text())["status"] == "succeeded"
+    got = _outputs(out)
     assert got == expected
     assert got["stats"]["accounting_ok"] and got["stats"]["exact_dups"] >= 15
-    assert got["stats"]["quarantined"] == 3 and not (killed / resume.RESUME_DIR).exists()
+    assert got["stats"]["quarantined"] == 3 and not (out / resume.RESUME_DIR).exists()

@@ -16,12 +16,12 @@ tokenization and writing rerun whole. ``_resume/`` is deleted once the job has w
 (appended, like the train job's) says what each rerun reused.
 
 A marker is reused only for the same work: its fingerprint hashes the job's config
-(less ``output_dir`` and ``ray``), the job's kind, this module's format, the block's
-file and byte range, and the size and modification time of its file and of the filter
-blocklists (what a bucket's listing shows, and what ``raylm.manifest`` hashes there). A
-marker with another fingerprint is never mixed in: its block is redone, and the job logs
-and counts it (``stats.json``'s ``resume.stale``). The dedup marker's fingerprint is
-that of every block together.
+(less ``output_dir`` and ``ray``), the job's kind, raylm's version and this module's
+``FORMAT``, the block's file and byte range, and the size and modification time of its
+file and of the filter blocklists (what a bucket's listing shows, and what
+``raylm.manifest`` hashes there). A marker with another fingerprint is never mixed in:
+its block is redone, and the job logs and counts it (``stats.json``'s
+``resume.stale``). The dedup marker's fingerprint is that of every block together.
 """
 
 from __future__ import annotations
@@ -71,8 +71,11 @@ def file_identity(path: str) -> str:
     changes when its bytes are rewritten, without reading them."""
     import pyarrow.fs as pafs
 
-    fs, inner = storage.filesystem(path)
-    info = fs.get_file_info(inner)
+    try:
+        fs, inner = storage.filesystem(path)
+        info = fs.get_file_info(inner)
+    except OSError as err:  # its read task quarantines it as unreadable, as without resume
+        return f"unreadable: {err}"
     if info.type == pafs.FileType.NotFound:
         return "missing"
     return f"{info.size}:{info.mtime_ns}"
@@ -87,7 +90,17 @@ def config_fingerprint(cfg: DataJobConfig, kind: str) -> str:
     """What every block's work depends on besides its own bytes."""
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("output_dir", "ray")}
     blocklists = {p: file_identity(p) for p in cfg.filters.blocklist}
-    return _sha([FORMAT, kind, settings, blocklists, str(PROCESSED_SCHEMA)])
+    return _sha([FORMAT, _version(), kind, settings, blocklists, str(PROCESSED_SCHEMA)])
+
+
+def _version() -> str:
+    """raylm's version: a marker left by another release is not reused."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("raylm")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def plan_blocks(specs: list[ReadSpec], config_fp: str) -> list[Block]:

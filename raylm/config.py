@@ -297,13 +297,17 @@ def _field_type(cls: Any, full_key: str) -> str:
 
 @cache
 def _attribute_docs(cls: type) -> dict[str, str]:
-    """Field docstrings (the string literal under each field), as litgpt writes them."""
+    """Field docstrings (the string literal under each field), as litgpt writes them;
+    a subclass's own override its bases' (GRPO and PPO share ``RolloutConfig``'s)."""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if _is_dc(base):
+            docs |= _attribute_docs(base)
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
-        return {}
+        return docs
     body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
     for stmt, nxt in itertools.pairwise(body):
         if (
             isinstance(stmt, ast.AnnAssign)

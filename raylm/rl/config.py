@@ -66,10 +66,9 @@ def _rollout_engine() -> EngineConfig:
 
 
 @dataclass
-class GRPOConfig:
-    """Group Relative Policy Optimization: sample ``num_generations`` completions per
-    prompt, score them with the rewards, and push the policy toward the completions that
-    beat their group's mean."""
+class RolloutConfig:
+    """What the online RL stages share: how completions are sampled, which rewards score
+    them, and the vLLM engine that samples them (``raylm.train.grpo``)."""
 
     num_generations: int = 8
     """Completions sampled per prompt, the group the advantage is relative to (TRL:
@@ -85,6 +84,40 @@ class GRPOConfig:
     max_completion_length: int = 512
     """Most tokens generated per completion (TRL: ``max_completion_length``); also
     dr_grpo's loss normaliser."""
+
+    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
+    """The reward functions and weights (TRL: ``reward_funcs`` and ``reward_weights``)."""
+
+    engine: EngineConfig = field(default_factory=_rollout_engine)
+    """The train job's rollout engine (``raylm.engine``'s settings, as serve and eval take
+    them): one vLLM ``LLM`` in a Ray actor that rank 0 starts (``raylm.train.grpo``)."""
+
+    engine_cpus: float = 0.0
+    """CPUs the rollout engine's actor reserves from Ray. 0 on a small node, where the
+    training workers hold every CPU (the engine runs while they wait for its rollouts)."""
+
+    def _check_rollout(self, group: str) -> None:
+        """The shared fields' bounds, named under the stage's group (grpo. / ppo.)."""
+        positive(f"{group}.num_generations", self.num_generations)
+        positive(f"{group}.temperature", self.temperature)
+        positive(f"{group}.max_completion_length", self.max_completion_length)
+        self.rewards = [
+            r if isinstance(r, RewardConfig) else RewardConfig(**r) for r in self.rewards
+        ]
+        if isinstance(self.engine, dict):
+            self.engine = EngineConfig(**self.engine)
+        positive(f"{group}.engine_cpus", self.engine_cpus, allow_zero=True)
+
+    @property
+    def reward_weights(self) -> list[float]:
+        return [r.weight for r in self.rewards]
+
+
+@dataclass
+class GRPOConfig(RolloutConfig):
+    """Group Relative Policy Optimization: sample ``num_generations`` completions per
+    prompt, score them with the rewards, and push the policy toward the completions that
+    beat their group's mean."""
 
     beta: float = 0.0
     """KL coefficient to the reference policy (TRL: ``beta``); 0.0 loads no reference
@@ -163,25 +196,13 @@ class GRPOConfig:
     vespo_lambda_neg: float = 2.0
     """vespo: decay of the gamma weight for negative advantages (TRL: ``vespo_lambda_neg``)."""
 
-    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
-    """The reward functions and weights (TRL: ``reward_funcs`` and ``reward_weights``)."""
-
-    engine: EngineConfig = field(default_factory=_rollout_engine)
-    """The train job's rollout engine (``raylm.engine``'s settings, as serve and eval take
-    them): one vLLM ``LLM`` in a Ray actor that rank 0 starts (``raylm.train.grpo``)."""
-
-    engine_cpus: float = 0.0
-    """CPUs the rollout engine's actor reserves from Ray. 0 on a small node, where the
-    training workers hold every CPU (the engine runs while they wait for its rollouts)."""
-
     def __post_init__(self) -> None:
         if self.num_generations < 2:
             raise ConfigError(
                 f"grpo.num_generations={self.num_generations}: GRPO needs at least 2 "
                 "completions per prompt, or every advantage is zero"
             )
-        positive("grpo.temperature", self.temperature)
-        positive("grpo.max_completion_length", self.max_completion_length)
+        self._check_rollout("grpo")
         positive("grpo.beta", self.beta, allow_zero=True)
         positive("grpo.epsilon_low", self.epsilon_low, allow_zero=True)
         positive("grpo.num_iterations", self.num_iterations)
@@ -192,12 +213,6 @@ class GRPOConfig:
         self._check_rollout_is()
         if not self.rewards:
             raise ConfigError("grpo.rewards must name at least one reward function")
-        self.rewards = [
-            r if isinstance(r, RewardConfig) else RewardConfig(**r) for r in self.rewards
-        ]
-        if isinstance(self.engine, dict):
-            self.engine = EngineConfig(**self.engine)
-        positive("grpo.engine_cpus", self.engine_cpus, allow_zero=True)
 
     def _check_rollout_is(self) -> None:
         """The bounds TRL requires of the rollout ratio, refused here at load time."""
@@ -222,15 +237,30 @@ class GRPOConfig:
         """The upper clip in use: epsilon_high, or epsilon_low when unset (as TRL does)."""
         return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
 
-    @property
-    def reward_weights(self) -> list[float]:
-        return [r.weight for r in self.rewards]
-
 
 @dataclass
-class PPOConfig:
-    """PPO's advantage estimation and value loss (GAE, Schulman et al. 2016). TRL 1.16
-    ships no PPO trainer; the names are those of TRL's earlier ``PPOConfig``."""
+class PPOConfig(RolloutConfig):
+    """PPO with a value head and GAE (Schulman et al. 2016), rewards from a reward model
+    (the rm stage's output) and / or the verifiers, and a per-token KL penalty to the
+    reference folded into the rewards. TRL 1.16 ships no PPO trainer; the names are those
+    of TRL's earlier ``PPOConfig`` (and LLaMA-Factory's ``ppo_*`` keys)."""
+
+    num_generations: int = 1
+    """Completions sampled per prompt; PPO's advantage comes from the value head, not the
+    group, so 1 is the usual choice (several give more samples per prompt)."""
+
+    rewards: list[RewardConfig] = field(default_factory=list)
+    """Verifier / user reward functions added to the reward model's score (weighted, as
+    in grpo); empty: the reward model alone."""
+
+    reward_model: str | None = None
+    """The rm stage's output: its run directory (read through its manifest, which must
+    record stage rm) or a model directory with a sequence-classification head (LoRA: its
+    ``final/merged``). Loaded on every worker, scoring prompt + completion token ids, so
+    it must share the policy's tokenizer. None: the verifiers in ``rewards`` alone."""
+
+    reward_model_weight: float = 1.0
+    """Multiplies the reward model's score before the rewards are summed."""
 
     gamma: float = 1.0
     """Discount per token; 1.0 for a sequence-level reward at the last token."""
@@ -245,16 +275,22 @@ class PPOConfig:
     """Value clip: new values may move at most this far from the rollout's values."""
 
     vf_coef: float = 0.1
-    """Weight of the value loss next to the policy loss."""
+    """Weight of the value loss next to the policy loss (the value head shares the
+    policy's backbone, as TRL's value-head model and LLaMA-Factory's ppo do)."""
+
+    value_lr: float | None = None
+    """Learning rate of the value head (its own AdamW, outside DeepSpeed); None: train.lr."""
 
     kl_coef: float = 0.05
-    """Per-token KL penalty folded into the rewards before GAE."""
+    """Per-token KL penalty folded into the rewards before GAE; > 0 loads the reference
+    (the frozen base for full / freeze, the disabled adapter for LoRA)."""
 
     whiten_advantages: bool = True
-    """Normalise advantages to zero mean, unit variance over the masked tokens (earlier
-    TRL always did); the value targets are taken before whitening."""
+    """Normalise advantages to zero mean, unit variance over each worker's tokens of the
+    step (earlier TRL always did); the value targets are taken before whitening."""
 
     def __post_init__(self) -> None:
+        self._check_rollout("ppo")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"ppo.gamma={self.gamma} must be in [0, 1]")
         if not 0.0 <= self.lam <= 1.0:
@@ -263,3 +299,5 @@ class PPOConfig:
         positive("ppo.cliprange_value", self.cliprange_value)
         positive("ppo.vf_coef", self.vf_coef, allow_zero=True)
         positive("ppo.kl_coef", self.kl_coef, allow_zero=True)
+        if self.value_lr is not None:
+            positive("ppo.value_lr", self.value_lr)

@@ -258,3 +258,23 @@ def value_loss(
     loss = 0.5 * (torch.maximum(loss1, loss2) * mask).sum() / count
     clipfrac = ((loss2 > loss1).to(values.dtype) * mask).sum() / count
     return loss, {"vf_loss": loss.item(), "vf_clipfrac": clipfrac.item()}
+
+
+def ppo_policy_loss(
+    logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, clip: float
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO's clipped surrogate, mean(max(-A r, -A clip(r, 1 - clip, 1 + clip))) over the
+    masked tokens (earlier TRL's PPO ``masked_mean``), with per-token advantages (GAE);
+    ``clip_ratio``, the share of tokens where the clip was binding, and ``approx_kl``,
+    0.5 mean((logp - old)^2), the drift from the sampling policy."""
+    mask = mask.to(logps.dtype)
+    ratio = torch.exp(logps - old_logps)
+    loss1 = -advantages * ratio
+    loss2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    count = mask.sum().clamp(min=1.0)
+    loss = (torch.maximum(loss1, loss2) * mask).sum() / count
+    with torch.no_grad():
+        clipfrac = ((loss2 > loss1).to(logps.dtype) * mask).sum() / count
+        approx_kl = 0.5 * (((logps - old_logps) ** 2) * mask).sum() / count
+    return loss, {"policy_loss": loss.item(), "clip_ratio": clipfrac.item(),
+                  "approx_kl": approx_kl.item()}  # fmt: skip

@@ -10,7 +10,7 @@ from raylm import storage, templates
 from raylm.config import ConfigError, RayConfig, choice, positive, resolve_path
 from raylm.data.formats import INPUT_FORMATS
 from raylm.data.sources import MIX_STRATEGIES, check_mix
-from raylm.rl.config import GRPOConfig
+from raylm.rl.config import GRPOConfig, PPOConfig
 from raylm.train.config_methods import (
     SCHEDULERS,
     DPOConfig,
@@ -38,7 +38,7 @@ from raylm.train.config_run import (
     ScalingConfig,
 )
 
-STAGES = ("pt", "sft", "dpo", "rm", "kto", "grpo")
+STAGES = ("pt", "sft", "dpo", "rm", "kto", "grpo", "ppo")
 """pt: continued pretraining (every token a target). sft: the assistant replies of
 conversations. dpo: preference pairs (``DPOConfig``'s losses). rm: a reward model, the
 LM with a one-output score head (``AutoModelForSequenceClassification``), trained on
@@ -46,7 +46,8 @@ dpo's preference pairs so that the chosen answer scores higher (``RMConfig``). k
 unpaired answers each labelled desirable or not (LLaMA-Factory's ``kto_tag``), KTO's
 loss against a reference model (``KTOConfig``). grpo: online RL, prompts whose
 completions a vLLM engine samples and rewards score (``raylm.train.grpo``, docs/rl.md;
-the ``grpo`` group). ppo is not built yet and is refused by name."""
+the ``grpo`` group). ppo: the same rollouts, a value head and GAE, rewards from an rm
+run's model and / or verifiers (``raylm.train.ppo``, the ``ppo`` group)."""
 STAGE_DATA = {"rm": "dpo"}
 """The data kind a stage reads when it is another stage's: rm trains on preference pairs."""
 FINETUNING_TYPES = ("full", "lora", "freeze", "qlora", "oft")
@@ -297,11 +298,11 @@ class OptimConfig:
 
 @dataclass
 class TrainJobConfig:
-    """The train job: Ray Train workers running DeepSpeed for pt, sft, dpo, rm, kto or grpo."""
+    """The train job: Ray Train workers running DeepSpeed for every stage in ``STAGES``."""
 
     stage: str = "sft"
     """pt (continued pretraining), sft (responses-only loss), dpo (preference pairs), rm
-    (a reward model on preference pairs), kto (answers labelled good or bad) or grpo
+    (a reward model on preference pairs), kto (answers labelled good or bad), grpo or ppo
     (online RL from prompts and rewards); see ``STAGES``."""
 
     finetuning_type: str = "lora"
@@ -363,6 +364,9 @@ class TrainJobConfig:
     """GRPO (stage grpo): TRL 1.16's GRPO settings, the rewards and the rollout engine;
     ``train.micro_batch_size`` counts prompts, each sampled ``num_generations`` times."""
 
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO (stage ppo): the rollouts as grpo's, the reward model, GAE and the value head."""
+
     loss: LossConfig = field(default_factory=LossConfig)
     """The pt/sft token loss: cross-entropy or LLaMA-Factory's dft, eaft, asft."""
 
@@ -392,7 +396,7 @@ class TrainJobConfig:
         return translate(data, source=source) if is_llamafactory(data) else data
 
     def __post_init__(self) -> None:
-        check_rl_stage(self)  # ppo refused by name; grpo's unsupported combinations
+        check_rl_stage(self)  # the RL stages' unsupported combinations, by name
         choice("stage", self.stage, STAGES)
         choice("finetuning_type", self.finetuning_type, FINETUNING_TYPES)
         self.loss.check(self.stage, self.finetuning_type, self.lora.init, self.model.template)

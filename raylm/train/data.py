@@ -35,6 +35,7 @@ from raylm.manifest import MANIFEST
 from raylm.outputs import DatasetOutput, read_output, tokenizer_hash
 from raylm.tokenizer import require_chat_template
 from raylm.train.config import STAGE_DATA, TrainJobConfig
+from raylm.train.config_rl import RL_STAGES
 from raylm.train.grpo import prompt_row
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,7 @@ def _check_kind(src: Source, stage: str) -> None:
         )
     kind = STAGE_DATA.get(stage, stage)
     found = "kto" if "kto_tag" in src.columns else kind_of(src.fmt) if src.fmt != "auto" else kind
-    if stage not in ("pt", "grpo") and found != kind:  # grpo reads prompts of any shape
+    if stage not in ("pt", *RL_STAGES) and found != kind:  # RL reads prompts of any shape
         raise ConfigError(f"{what} is {found} data ({src.fmt}) but stage={stage!r}")
 
 
@@ -375,7 +376,7 @@ def _tokenized(records: list[Any], cfg: TrainJobConfig, tok: Any, prefix: str) -
     each prompt (KTO's KL estimate, ``with_kl_rows``)."""
     template = repr(cfg.model.template) if cfg.model.template else f"of {cfg.model.name_or_path}"
     rows, sft = [], cfg.loss.masks
-    read = prompt_row if cfg.stage == "grpo" else tokenize_record  # grpo: prompts, columns
+    read = prompt_row if cfg.stage in RL_STAGES else tokenize_record  # RL: prompts, columns
     for i, (ident, record, src) in enumerate(records):
         try:
             row = read(record, src, cfg.stage, tok, cfg.data.cutoff_len, template, **sft)

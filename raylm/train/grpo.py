@@ -97,12 +97,27 @@ def assemble(prompts: list[list[int]], completions: list[list[int]], pad_id: int
 def token_logps(model: Any, batch: dict[str, Any], temperature: float):
     """(log-probs, entropies) of the completion tokens under ``model`` at the sampling
     temperature, each (B, C)."""
+    return completion_logps(forward(model, batch).logits, batch, temperature)
+
+
+def forward(model: Any, batch: dict[str, Any], hidden: bool = False) -> Any:
+    """The model's output on an ``assemble`` batch (with the hidden states: PPO's values)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"], use_cache=False,
+                 output_hidden_states=hidden)  # fmt: skip
+
+
+def completion_positions(x: Any, batch: dict[str, Any]) -> Any:
+    """``x`` (B, T, ...) at the positions that predict each completion token (B, C, ...)."""
+    start, c = batch["start"], batch["completion_ids"].shape[1]
+    return x[:, start - 1 : start - 1 + c]
+
+
+def completion_logps(logits: Any, batch: dict[str, Any], temperature: float):
+    """(log-probs, entropies) of the completion tokens from the full logits."""
     import torch
 
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], use_cache=False)  # fmt: skip
-    start, c = batch["start"], batch["completion_ids"].shape[1]
-    logits = out.logits[:, start - 1 : start - 1 + c].float() / temperature
+    logits = completion_positions(logits, batch).float() / temperature
     logp = torch.log_softmax(logits, dim=-1)
     picked = logp.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
@@ -169,8 +184,9 @@ def start_engine(cfg: TrainJobConfig, name: str) -> Any:
     import ray
 
     from raylm.engine import LoraSlots, engine_env, engine_kwargs
+    from raylm.train.config_rl import rollout_config
 
-    g, model_dir = cfg.grpo, cfg.model.name_or_path
+    g, model_dir = rollout_config(cfg), cfg.model.name_or_path
     lora = None
     if cfg.finetuning_type == "lora":
         lora = LoraSlots(max(8, 1 << (cfg.lora.rank - 1).bit_length()), 1)
@@ -196,11 +212,12 @@ class GRPOStep:
         import torch.distributed as dist
 
         from raylm.rl.verifiers import build_rewards
+        from raylm.train.config_rl import rollout_config
 
-        self.loop, self.g = loop, loop.cfg.grpo
-        self.rewards = build_rewards(self.g)
+        self.loop, self.g = loop, rollout_config(loop.cfg)
+        self.rewards = build_rewards(self.g) if self.g.rewards else []
         self.lora = loop.cfg.finetuning_type == "lora"
-        box = [f"raylm-grpo-{uuid.uuid4().hex[:12]}"]
+        box = [f"raylm-{loop.cfg.stage}-{uuid.uuid4().hex[:12]}"]
         dist.broadcast_object_list(box, src=0)
         self.engine = start_engine(loop.cfg, box[0]) if loop.rank == 0 else None
         if self.engine is not None:
@@ -233,10 +250,26 @@ class GRPOStep:
     # -- rollouts ------------------------------------------------------------------------
     def prepare(self, step: int, rows: list[dict[str, Any]]) -> None:
         """Rollouts, rewards and advantages of this rank's ``rows`` (the step's prompts)."""
+        from raylm.rl.advantages import group_advantages
+
+        outs, texts = self.rollout(step, rows)
+        table = self._score(rows, texts)
+        names = [n for n, _ in self.rewards]
+        k = self.g.num_generations
+        adv = group_advantages(table, k, self.g.reward_weights, self.g.scale_rewards,
+                               self.g.multi_objective_aggregation, names)  # fmt: skip
+        self.rollouts = {}
+        for i, r in enumerate(rows):
+            self.rollouts[r.get("id", i)] = [
+                (*outs[i * k + j], float(adv.advantages[i * k + j])) for j in range(k)
+            ]
+        self.metrics |= adv.metrics
+
+    def rollout(self, step: int, rows: list[dict[str, Any]]) -> tuple[list[Any], list[str]]:
+        """Sync, then ``num_generations`` completions per row: (engine outputs, their
+        decoded texts); the rollout metrics go to ``self.metrics``."""
         import torch
         import torch.distributed as dist
-
-        from raylm.rl.advantages import group_advantages
 
         sync_s = self.sync(step)
         k, seed = self.g.num_generations, self.loop.cfg.train.seed
@@ -246,16 +279,6 @@ class GRPOStep:
         outs = self._generate(requests)
         gen_s = time.perf_counter() - start
         completions = [o[0] for o in outs]
-        texts = self.loop.tok.batch_decode(completions, skip_special_tokens=True)
-        table = self._score(rows, texts)
-        names = [n for n, _ in self.rewards]
-        adv = group_advantages(table, k, self.g.reward_weights, self.g.scale_rewards,
-                               self.g.multi_objective_aggregation, names)  # fmt: skip
-        self.rollouts = {}
-        for i, r in enumerate(rows):
-            self.rollouts[r.get("id", i)] = [
-                (*outs[i * k + j], float(adv.advantages[i * k + j])) for j in range(k)
-            ]
         n_tok = sum(map(len, completions))
         truncated = sum(1 for o in outs if not o[2])
         counts = torch.tensor([float(n_tok), float(truncated), float(len(outs))])
@@ -263,13 +286,13 @@ class GRPOStep:
         # dapo / cispo / vespo divide by the step's loss tokens on every rank (LossScale).
         self.items = max(float(counts[0]), 1.0) / self.loop.cfg.train.grad_accum
         self.metrics = {
-            **adv.metrics,
             "completion_length": n_tok / max(len(outs), 1),
             "completions/clipped_ratio": float(counts[1] / counts[2]),
             "rollout_tokens_per_s": float(counts[0]) / max(gen_s, 1e-9),  # one engine batch
             "rollout_s": gen_s,
             "weight_sync_s": sync_s,
         }
+        return outs, self.loop.tok.batch_decode(completions, skip_special_tokens=True)
 
     def _generate(self, requests: list[tuple[list[int], int]]) -> list[Any]:
         """Every rank's requests in one engine batch (rank 0 calls the engine)."""
@@ -362,6 +385,17 @@ class GRPOStep:
                 return token_logps(self.loop.ref, batch, self.g.temperature)[0]
             with self.loop.engine.module.disable_adapter():  # LoRA: the base is the reference
                 return token_logps(self.loop.engine.module, batch, self.g.temperature)[0]
+
+    def finish(self) -> dict[str, float]:
+        """After the step's optimizer step (PPO steps its value head); more metrics."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold beyond DeepSpeed's (rollouts are recomputed)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`state_dict` on resume."""
 
     def close(self) -> None:
         """End the engine actor (it would also end with rank 0's process)."""

@@ -44,7 +44,8 @@ class TrainJob(Job[TrainJobConfig]):
         if not storage.exists(data):
             raise ConfigError(f"data.path={cfg.data.path!r}: nothing at {data}")
         model = cfg.model.name_or_path
-        return [data, model] if storage.exists(model) else [data]
+        rm = [cfg.ppo.reward_model] if cfg.stage == "ppo" and cfg.ppo.reward_model else []
+        return ([data, model] if storage.exists(model) else [data]) + rm
 
     remote_outputs = True
 

@@ -34,7 +34,11 @@ STAGES: dict[str, str | None] = {
     "dpo": None,
     "kto": None,
     "rm": None,
-    "ppo": "stage ppo: not supported by raylm (needs a reward model and generation in the loop)",
+    "ppo": (
+        "stage ppo: LLaMA-Factory's ppo YAML is not translated (its reward_model is a "
+        "value-head model, an adapter or an API raylm's rm stage does not write); write "
+        "raylm's stage ppo with a ppo group, reward_model an rm run (docs/rl.md)"
+    ),
 }
 
 PREQUANTIZED = ("gptq", "awq", "aqlm", "hqq", "eetq", "fp8", "compressed-tensors", "bitnet")

@@ -29,7 +29,12 @@ def for_workers(cfg: TrainJobConfig) -> TrainJobConfig:
     ds = cfg.deepspeed
     if ds.config_file:
         ds = dataclasses.replace(ds, config_file=resolve_path(ds.config_file))
-    return dataclasses.replace(cfg, model=model, deepspeed=ds)
+    ppo = cfg.ppo
+    if cfg.stage == "ppo" and ppo.reward_model:  # an rm run -> its model, checked here
+        from raylm.train.reward_model import reward_model_path
+
+        ppo = dataclasses.replace(ppo, reward_model=reward_model_path(ppo.reward_model))
+    return dataclasses.replace(cfg, model=model, deepspeed=ds, ppo=ppo)
 
 
 def build_trainer(cfg: TrainJobConfig, fault: dict[str, Any] | None = None):

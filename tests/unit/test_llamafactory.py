@@ -190,7 +190,7 @@ def test_prequantized_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 def test_stages_and_values_raylm_has_no_counterpart_for(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="stage ppo: not supported"):
+    with pytest.raises(ConfigError, match="stage ppo: LLaMA-Factory's ppo YAML is not translated"):
         load_lf(tmp_path, stage="ppo")
     with pytest.raises(ConfigError, match="lr_scheduler_type='polynomial'"):
         load_lf(tmp_path, lr_scheduler_type="polynomial")

@@ -30,11 +30,16 @@ def test_grpo_config_loads_with_trl_defaults_and_the_engine_group() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["stage=ppo"], "stage ppo is not built yet"),
+        (["stage=ppo"], "stage ppo needs a reward: ppo.reward_model"),
+        (["stage=ppo", "ppo.rewards=[{function: math}]", "train.precision=fp16"],
+         "outside DeepSpeed's loss scaler"),
+        (["stage=ppo", "ppo.rewards=[{function: math}]", "finetuning_type=oft"],
+         "stage ppo with finetuning_type=oft"),
+        (["stage=ppo", "ppo.gamma=2"], "ppo.gamma=2"),
         (["finetuning_type=oft"], "use one of \\['full', 'lora', 'freeze'\\]"),
         (["finetuning_type=qlora"], "rollout engine takes full weights or a LoRA adapter"),
         (["grpo.num_iterations=2"], "reusing a batch is not built yet"),
-        (["data.val_size=0.1"], "GRPO has none of"),
+        (["data.val_size=0.1"], "which grpo has none of"),
         (["data.tokenized_path=/tmp/x"], "data.tokenized_path saves token shards"),
         (["model.mixture_of_depths=convert"], "mixture_of_depths is for stage pt or sft"),
         (["finetuning_type=lora", "lora.init=pissa"], "base under the disabled adapter"),

@@ -46,6 +46,7 @@ from raylm.data.steps import PROCESSED_SCHEMA, process_block
 log = logging.getLogger(__name__)
 
 RESUME_DIR = "_resume"
+EVENTS = "events.jsonl"
 FORMAT = 1
 """Bump when a processed block's meaning changes, so older markers are not reused."""
 
@@ -60,7 +61,8 @@ class Block:
 
     spec: ReadSpec
     id: str
-    """Names the block's files: a hash of its file and byte range."""
+    """Names the block's files: a hash of its read spec (file, format, columns, range;
+    one file registered twice with other columns is two blocks)."""
 
     fingerprint: str
     """Hash of config, kind, file identity and range (see the module docstring)."""
@@ -108,9 +110,9 @@ def plan_blocks(specs: list[ReadSpec], config_fp: str) -> list[Block]:
     identity = {p: file_identity(p) for p in {s.src["path"] for s in specs}}
     blocks = []
     for spec in specs:
-        where = [spec.src["path"], spec.start, spec.end]
-        fp = _sha([config_fp, dataclasses.asdict(spec), identity[spec.src["path"]]])
-        blocks.append(Block(spec, _sha(where)[:24], fp))
+        what = dataclasses.asdict(spec)  # the file as its source reads it, and the range
+        fp = _sha([config_fp, what, identity[spec.src["path"]]])
+        blocks.append(Block(spec, _sha(what)[:24], fp))
     return blocks
 
 
@@ -209,9 +211,6 @@ class Resumed:
         return DedupCache(self)
 
 
-EVENTS = "events.jsonl"
-
-
 class DedupCache:
     """Dedup's removal records, saved with a marker once found: a job killed while
     tokenizing or writing does not run dedup's shuffles again. They depend on every
@@ -257,9 +256,10 @@ class DedupCache:
 
 
 def _write_table(table: pa.Table, uri: str) -> None:
-    fs, path = storage.filesystem(uri)
-    fs.create_dir(path.rpartition("/")[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs)
+    """All or nothing (``storage.write_bytes``): a reader never sees half a block."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes(uri, sink.getvalue().to_pybytes())
 
 
 def _read_table(uri: str) -> pa.Table:

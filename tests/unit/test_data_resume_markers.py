@@ -51,6 +51,8 @@ def test_fingerprint_follows_config_bytes_and_range_but_not_output_dir(tmp_path:
     assert [b.id for b in _blocks(path, stricter)] == [b.id for b in first]
     assert not {b.fingerprint for b in _blocks(path, stricter)} & {b.fingerprint for b in first}
     assert resume.config_fingerprint(cfg, "sft") != resume.config_fingerprint(cfg, "pt")
+    other = dataclasses.replace(_specs(path)[0], src={**_specs(path)[0].src, "columns": "{}x"})
+    assert resume.plan_blocks([other], "c")[0].id != first[0].id  # same bytes, read otherwise
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten, same size
     assert not {b.fingerprint for b in _blocks(path, cfg)} & {b.fingerprint for b in first}

@@ -97,3 +97,25 @@ def test_an_empty_table_round_trips(tmp_path: Path) -> None:
     store.save(block, empty, {})
     assert store.load(block.id) == empty
     assert store.completed([block])[0][block.id]["rows"] == 0
+
+
+def test_markers_and_blocks_in_a_bucket(s3_bucket: str) -> None:
+    """An output dir on object storage keeps its markers there: written whole (one PUT),
+    found by listing, loaded, cleared; an input in the bucket is identified by its
+    listing's size and mtime."""
+    from raylm import storage
+
+    corpus = storage.join(s3_bucket, "resume/in/a.jsonl")
+    storage.write_text(corpus, '{"text": "one two three"}\n{"text": "four five six"}\n')
+    src = Source(corpus, "a.jsonl", "text").for_task()
+    out = storage.join(s3_bucket, "resume/out")
+    cfg = DataJobConfig(inputs=[corpus], format="text", output_dir=out)
+    block = resume.plan_blocks([ReadSpec(src)], resume.config_fingerprint(cfg, "pt"))[0]
+    assert resume.file_identity(corpus).startswith("52:")
+    store = resume.Store(out)
+    table, counts = resume.run_block(block, cfg, "pt", store, pause=0)
+    done, stale = store.completed([block])
+    assert list(done) == [block.id] and stale == [] and store.load(block.id) == table
+    assert done[block.id]["counts"] == counts and table.num_rows == 2
+    store.clear()
+    assert storage.listdir(out) == []

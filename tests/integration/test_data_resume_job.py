@@ -10,6 +10,7 @@ points are reached deterministically on any machine.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -104,18 +105,25 @@ def _rows(path: Path, pattern: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["id"])
 
 
-def _outputs(out: Path) -> dict:
+def _outputs_of_run(out: Path) -> dict:
+    """What a run wrote, less what may differ between equal runs (seconds, reuse)."""
     stats = json.loads((out / "stats.json").read_text())
-    manifest = json.loads((out / "manifest.json").read_text())
     return {
         "stats": {k: v for k, v in stats.items() if k not in ("seconds", "resume")},
-        "metrics": manifest["metrics"],
-        "output": {k: v for k, v in manifest["output"].items() if k != "path"},
-        "inputs": manifest["inputs"],
         "meta": json.loads((out / "dataset_meta.json").read_text()),
         "shards": _rows(out / "shards", "*.parquet"),
         "dedup": _rows(out / "dedup", "*.parquet"),
         "quarantine": _rows(out / "quarantine", "*.jsonl"),
+    }
+
+
+def _outputs(out: Path) -> dict:
+    """A job's outputs and its manifest's record of them (less its own path)."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    return _outputs_of_run(out) | {
+        "metrics": manifest["metrics"],
+        "output": {k: v for k, v in manifest["output"].items() if k != "path"},
+        "inputs": manifest["inputs"],
     }
 
 
@@ -158,3 +166,35 @@ def test_killed_data_job_reruns_only_unfinished_blocks(ray_cluster, tmp_path: Pa
     assert got == expected
     assert got["stats"]["accounting_ok"] and got["stats"]["exact_dups"] >= 15
     assert got["stats"]["quarantined"] == 3 and not (out / resume.RESUME_DIR).exists()
+
+
+@pytest.mark.timeout(300)
+def test_a_changed_config_or_input_redoes_the_stale_blocks(ray_connected, tmp_path: Path) -> None:
+    """Markers of another config, or of an input rewritten since, are not reused: those
+    blocks are redone and counted stale, and the outputs are those of a fresh run."""
+    from raylm.data.config import DataJobConfig, FilterConfig
+    from raylm.data.pipeline import run
+    from raylm.data.sources import expand_inputs
+
+    corpus, out = _corpus(tmp_path / "in"), tmp_path / "out"
+    cfg = DataJobConfig(
+        inputs=[str(corpus)], format="text", read_block_mb=0.02, output_dir=str(out)
+    )
+    found = expand_inputs(cfg.inputs, cfg.format, cfg.columns)
+    resume.process(found, cfg, "pt", str(out))  # a job killed after its per-record stage
+    blocks = _markers(out)
+    stricter = dataclasses.replace(cfg, filters=FilterConfig(min_words=30))
+    stats = run(stricter)
+    assert stats["resume"] == {
+        "blocks": blocks, "skipped": 0, "redone": blocks, "stale": blocks, "dedup": "ran"
+    }  # fmt: skip
+    fresh = run(dataclasses.replace(stricter, output_dir=str(tmp_path / "fresh")))
+    assert _outputs_of_run(out) == _outputs_of_run(tmp_path / "fresh")
+    assert fresh["removed_by_filter"] == stats["removed_by_filter"]
+
+    resume.process(found, cfg, "pt", str(out))
+    b = corpus / "b.jsonl"  # rewritten in place: same size, a newer mtime
+    os.utime(b, ns=(b.stat().st_atime_ns, b.stat().st_mtime_ns + 10**9))
+    stats = run(cfg)
+    assert stats["resume"]["stale"] == blocks - stats["resume"]["skipped"] > 0
+    assert stats["resume"]["skipped"] > 0 and stats["resume"]["redone"] == stats["resume"]["stale"]

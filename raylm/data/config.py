@@ -2,133 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from raylm import templates
-from raylm.config import ConfigError, RayConfig, choice, positive, resolve_path
+from raylm.config import ConfigError, RayConfig, choice, positive
+
+# FilterConfig and the rest live in config_filters; re-exported where callers import them.
+from raylm.data.config_filters import SCRIPTS, FilterConfig, PerplexityConfig  # noqa: F401
 from raylm.data.formats import INPUT_FORMATS
-
-SCRIPTS = ("latin", "cjk", "cyrillic", "arabic")
-
-
-@dataclass
-class FilterConfig:
-    """Quality filters. Each only reads; a removed document is counted under its filter."""
-
-    enabled: bool = True
-    """Run the filters at all (false: only normalisation, PII and dedup)."""
-
-    nfkc: bool = True
-    """Unicode NFKC-normalise all text first (full-width forms, ligatures, compat chars)."""
-
-    min_chars: int = 1
-    """Drop documents shorter than this many characters (after normalisation)."""
-
-    max_chars: int | None = None
-    """Drop documents longer than this many characters (None: no bound)."""
-
-    min_words: int = 0
-    """Drop documents with fewer words (a CJK character counts as one word)."""
-
-    max_words: int | None = None
-    """Drop documents with more words (None: no bound)."""
-
-    script: str | None = None
-    """Required script: latin, cjk, cyrillic or arabic (None: any script)."""
-
-    min_script_ratio: float = 0.95
-    """Share of letters that must be in ``script`` (e.g. 0.95 keeps >= 95% CJK)."""
-
-    max_symbol_ratio: float = 0.1
-    """Largest share of symbol/emoji characters (Unicode S* categories) among non-space ones."""
-
-    max_control_ratio: float = 0.0
-    """Largest share of control characters other than tab/newline (0: any one drops it)."""
-
-    max_dup_line_fraction: float = 0.3
-    """Gopher: largest share of lines that repeat an earlier line."""
-
-    max_top_ngram_fraction: float = 0.2
-    """Gopher: largest share of characters covered by the most frequent word 2-gram."""
-
-    max_dup_ngram_fraction: float = 0.15
-    """Gopher: largest share of characters inside repeated word 5-grams."""
-
-    min_mean_word_length: float = 0.0
-    """Gopher: smallest mean word length in characters (Gopher uses 3; 0 disables)."""
-
-    max_mean_word_length: float = 12.0
-    """Gopher: largest mean word length (Gopher uses 10; catches minified code, hashes)."""
-
-    min_simplified_ratio: float | None = None
-    """Smallest share of Han characters that are Simplified (Simplified-only or shared),
-    i.e. not Traditional-only by OpenCC's tables (the guides keep > 0.95; None: off)."""
-
-    max_emoji: int | None = None
-    """Most emoji a document may hold (0: any emoji drops it; None: off). Emoji are
-    Unicode's emoji (pictographs with emoji presentation, VS16, skin tones, ZWJ
-    sequences, flags, keycaps), not symbols: ``$ € © + ™ ° ±`` do not count."""
-
-    max_emoji_ratio: float | None = None
-    """Largest share of emoji among non-space characters (None: off)."""
-
-    min_mean_line_chars: float | None = None
-    """Smallest mean length of a document's non-empty lines in characters (the guides'
-    "100 characters on average"; None: off)."""
-
-    max_mean_line_chars: float | None = None
-    """Largest mean length of non-empty lines (the guides' 800; None: off)."""
-
-    blocklist: list[str] = field(default_factory=list)
-    """Files of blocked words or phrases, one a line (``#`` starts a comment): CJK
-    phrases match as substrings, others as whole words, case-insensitively."""
-
-    max_blocklist_hits: int = 0
-    """Most blocklist matches a document may hold (0: any match drops it)."""
-
-    examples: int = 3
-    """Examples of removed documents per filter written to stats.json (truncated text)."""
-
-    def __post_init__(self) -> None:
-        if self.script is not None:
-            choice("filters.script", self.script, SCRIPTS)
-        for name in ("min_chars", "min_words", "examples", "min_mean_word_length"):
-            positive(f"filters.{name}", getattr(self, name), allow_zero=True)
-        for name in (
-            "min_script_ratio",
-            "max_symbol_ratio",
-            "max_control_ratio",
-            "max_dup_line_fraction",
-            "max_top_ngram_fraction",
-            "max_dup_ngram_fraction",
-        ):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"filters.{name}={value} must be a fraction in [0, 1]")
-        if self.max_chars is not None and self.max_chars < self.min_chars:
-            raise ConfigError(f"filters.max_chars={self.max_chars} < min_chars={self.min_chars}")
-        self._check_guides()
-        if self.max_words is not None and self.max_words < self.min_words:
-            raise ConfigError(f"filters.max_words={self.max_words} < min_words={self.min_words}")
-
-    def _check_guides(self) -> None:
-        for name in ("min_simplified_ratio", "max_emoji_ratio"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ConfigError(f"filters.{name}={value} must be a fraction in [0, 1]")
-        for name in ("max_emoji", "min_mean_line_chars", "max_mean_line_chars"):
-            if getattr(self, name) is not None:
-                positive(f"filters.{name}", getattr(self, name), allow_zero=True)
-        positive("filters.max_blocklist_hits", self.max_blocklist_hits, allow_zero=True)
-        lo, hi = self.min_mean_line_chars, self.max_mean_line_chars
-        if lo is not None and hi is not None and hi < lo:
-            raise ConfigError(f"filters.max_mean_line_chars={hi} < min_mean_line_chars={lo}")
-        # Workers run elsewhere: resolve against the workspace now, and fail before the run.
-        self.blocklist = [resolve_path(str(p)) for p in self.blocklist]
-        for path in self.blocklist:
-            if "://" not in path and not os.path.isfile(path):
-                raise ConfigError(f"filters.blocklist: {path!r} is not a file")
 
 
 @dataclass

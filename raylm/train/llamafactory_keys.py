@@ -244,7 +244,8 @@ NOOP: dict[str, str] = {
         "generation_num_beams generation_config",
     ),
     **_same(
-        _only("stage ppo"),
+        "only acts with LLaMA-Factory's stage ppo, whose YAML raylm does not translate "
+        "(raylm's own stage ppo: docs/rl.md)",
         "ppo_buffer_size ppo_epochs ppo_score_norm ppo_target ppo_whiten_rewards "
         "reward_model reward_model_adapters reward_model_quantization_bit "
         "reward_model_type",

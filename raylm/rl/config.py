@@ -93,8 +93,13 @@ class RolloutConfig:
     them): one vLLM ``LLM`` in a Ray actor that rank 0 starts (``raylm.train.grpo``)."""
 
     engine_cpus: float = 0.0
-    """CPUs the rollout engine's actor reserves from Ray. 0 on a small node, where the
-    training workers hold every CPU (the engine runs while they wait for its rollouts)."""
+    """CPUs each rollout engine's actor reserves from Ray. 0 on a small node, where the
+    training workers hold every CPU (the engines run while they wait for the rollouts)."""
+
+    engines: int = 1
+    """Rollout engines (data parallel): each samples a contiguous slice of the step's
+    requests, all hold the same weights (every sync reaches each one); with
+    ``scaling.use_gpu`` each asks Ray for a GPU of its own."""
 
     def _check_rollout(self, group: str) -> None:
         """The shared fields' bounds, named under the stage's group (grpo. / ppo.)."""
@@ -107,6 +112,7 @@ class RolloutConfig:
         if isinstance(self.engine, dict):
             self.engine = EngineConfig(**self.engine)
         positive(f"{group}.engine_cpus", self.engine_cpus, allow_zero=True)
+        positive(f"{group}.engines", self.engines)
 
     @property
     def reward_weights(self) -> list[float]:

@@ -28,10 +28,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from raylm.train.config import TrainJobConfig
+from typing import Any
 
 PROMPT_KEYS = ("prompt", "messages", "question", "instruction")
 """Record fields read as the prompt, first found wins; the rest are reward columns."""
@@ -125,103 +122,24 @@ def completion_logps(logits: Any, batch: dict[str, Any], temperature: float):
     return picked, entropy
 
 
-# ---- the engine (a Ray actor) ----------------------------------------------------------
-class RolloutEngine:
-    """vLLM's offline ``LLM`` in its own process, in-process engine core (no extra
-    busy-polling process on a small node); weights and adapters arrive by method call."""
-
-    def __init__(self, model_dir: str, kwargs: dict[str, Any]) -> None:
-        from vllm import LLM
-
-        self.llm = LLM(model=model_dir, **kwargs)
-        self.lora: Any = None
-        self.adapters = Path(tempfile.mkdtemp(prefix="raylm-grpo-adapters-"))
-
-    def generate(self, prompts: list[list[int]], params: list[dict[str, Any]]) -> list[Any]:
-        """(token ids, sampled-token log-probs, finished by a stop token) per request."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        reqs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-        sps = [SamplingParams(**kw) for kw in params]
-        outs = self.llm.generate(reqs, sps, use_tqdm=False, lora_request=self.lora)
-        result = []
-        for o in outs:
-            c = o.outputs[0]
-            pairs = zip(c.token_ids, c.logprobs or [], strict=False)
-            lps = [d[t].logprob if d and t in d else float("nan") for t, d in pairs]
-            result.append((list(c.token_ids), lps, c.finish_reason == "stop"))
-        return result
-
-    def load_weights(self, items: list[tuple[str, Any]]) -> float:
-        """Replace the weights in place; returns the seconds it took here."""
-        start = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
-        return time.perf_counter() - start
-
-    def load_adapter(self, files: dict[str, bytes], step: int) -> float:
-        """The policy's adapter at ``step`` under a new LoRA id (vLLM caches by id)."""
-        import shutil
-
-        from vllm.lora.request import LoRARequest
-
-        start = time.perf_counter()
-        path = self.adapters / f"step-{step}"
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
-        for name, data in files.items():
-            (path / name).write_bytes(data)
-        old = self.lora
-        self.lora = LoRARequest(f"policy-{step}", step + 1, str(path))
-        if old is not None and old.lora_path != str(path):
-            self.llm.llm_engine.remove_lora(old.lora_int_id)
-            shutil.rmtree(old.lora_path, ignore_errors=True)
-        return time.perf_counter() - start
-
-
-def start_engine(cfg: TrainJobConfig, name: str) -> Any:
-    """The named engine actor, owned by the calling process (rank 0): it ends with it."""
-    import ray
-
-    from raylm.engine import LoraSlots, engine_env, engine_kwargs
-    from raylm.train.config_rl import rollout_config
-
-    g, model_dir = rollout_config(cfg), cfg.model.name_or_path
-    lora = None
-    if cfg.finetuning_type == "lora":
-        lora = LoraSlots(max(8, 1 << (cfg.lora.rank - 1).bit_length()), 1)
-    kwargs = engine_kwargs(g.engine, model_dir, use_gpu=cfg.scaling.use_gpu, lora=lora)
-    kwargs = {"seed": cfg.train.seed, "logprobs_mode": "processed_logprobs"} | kwargs
-    env = engine_env(g.engine, use_gpu=cfg.scaling.use_gpu) | {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0"
-    }
-    actor = ray.remote(RolloutEngine).options(
-        name=name, num_cpus=g.engine_cpus, num_gpus=1 if cfg.scaling.use_gpu else 0,
-        runtime_env={"env_vars": env}, max_concurrency=1,
-    )  # fmt: skip
-    return actor.remote(model_dir, kwargs)
-
-
 # ---- the step ------------------------------------------------------------------------
 class GRPOStep:
     """GRPO's part of one optimizer step, for the worker loop: ``prepare`` (sync, rollouts,
     rewards, advantages) once per step on every rank, then ``loss`` per micro batch."""
 
     def __init__(self, loop: Any) -> None:
-        import ray
         import torch.distributed as dist
 
         from raylm.rl.verifiers import build_rewards
         from raylm.train.config_rl import rollout_config
+        from raylm.train.rollout_engine import EngineGroup
 
         self.loop, self.g = loop, rollout_config(loop.cfg)
         self.rewards = build_rewards(self.g) if self.g.rewards else []
         self.lora = loop.cfg.finetuning_type == "lora"
         box = [f"raylm-{loop.cfg.stage}-{uuid.uuid4().hex[:12]}"]
         dist.broadcast_object_list(box, src=0)
-        self.engine = start_engine(loop.cfg, box[0]) if loop.rank == 0 else None
-        if self.engine is not None:
-            ray.get(self.engine.__ray_ready__.remote())  # vLLM's start-up, before step 1
+        self.engines = EngineGroup(loop.cfg, box[0]) if loop.rank == 0 else None
         self.rollouts: dict[Any, list[Any]] = {}
         self.metrics: dict[str, float] = {}
         self.items = 1.0
@@ -230,7 +148,6 @@ class GRPOStep:
     def sync(self, step: int) -> float:
         """Send the policy's weights to the engine; every rank joins the ZeRO-3 gather.
         Returns the wall seconds of the whole sync (gather, transfer, load)."""
-        import ray
         import torch.distributed as dist
 
         start = time.perf_counter()
@@ -240,10 +157,10 @@ class GRPOStep:
             if self.loop.rank == 0:
                 if self.lora:
                     files = _adapter_files(module)
-                    ray.get(self.engine.load_adapter.remote(files, step))
+                    self.engines.load_adapter(files, step)
                 else:
                     items = [(n, p.detach().cpu().clone()) for n, p in named]
-                    ray.get(self.engine.load_weights.remote(items))
+                    self.engines.load_weights(items)
         dist.barrier()
         return time.perf_counter() - start
 
@@ -295,8 +212,7 @@ class GRPOStep:
         return outs, self.loop.tok.batch_decode(completions, skip_special_tokens=True)
 
     def _generate(self, requests: list[tuple[list[int], int]]) -> list[Any]:
-        """Every rank's requests in one engine batch (rank 0 calls the engine)."""
-        import ray
+        """Every rank's requests in one batch (rank 0 calls the engines)."""
         import torch.distributed as dist
 
         gathered: list[Any] = [None] * self.loop.world
@@ -305,7 +221,7 @@ class GRPOStep:
         if self.loop.rank == 0:
             flat = [req for part in gathered for req in part]
             params = [self._params(s) for _, s in flat]
-            outs = ray.get(self.engine.generate.remote([p for p, _ in flat], params))
+            outs = self.engines.generate([p for p, _ in flat], params)
             split, at = [], 0
             for part in gathered:
                 split.append(outs[at : at + len(part)])
@@ -398,12 +314,10 @@ class GRPOStep:
         """Restore :meth:`state_dict` on resume."""
 
     def close(self) -> None:
-        """End the engine actor (it would also end with rank 0's process)."""
-        if self.engine is not None:
-            import ray
-
-            ray.kill(self.engine)
-            self.engine = None
+        """End the engine actors (they would also end with rank 0's process)."""
+        if self.engines is not None:
+            self.engines.close()
+            self.engines = None
 
 
 def _gathered(params: list[Any]):

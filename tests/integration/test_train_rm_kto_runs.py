@@ -153,10 +153,11 @@ def test_kto_loss_goes_down_from_one_half(connected, tiny_model: Path, tmp_path:
 def test_ppo_trains_against_the_rm_model_and_resumes_its_value_head(
     rm_run: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
-    """conf/train/ppo_tiny.yaml scored by the rm run above; 24 steps, then the same run
-    to 26, which resumes from the step-24 checkpoint with the value head it saved."""
+    """conf/train/ppo_tiny.yaml scored by the rm run above, rollouts on a group of two
+    engines; 24 steps, then the same run to 26, which resumes from the step-24
+    checkpoint with the value head it saved."""
     where = [f"model.name_or_path={tiny_model}", f"storage_path={tmp_path}", "run_name=ppo",
-             f"ppo.reward_model={rm_run / 'final/merged'}", "checkpoint.save_steps=12"]  # fmt: skip
+             f"ppo.reward_model={rm_run / 'final/merged'}", "checkpoint.save_steps=12", "ppo.engines=2"]  # fmt: skip
     ppo = ROOT / "conf/train/ppo_tiny.yaml"
     run = Path(run_training(load("train", [ppo], [*where, "train.max_steps=24"]))["run_dir"])
     rows = read_metrics(run / "metrics.jsonl")
@@ -169,7 +170,7 @@ def test_ppo_trains_against_the_rm_model_and_resumes_its_value_head(
             for k in ("loss", "policy_loss", "vf_loss", "kl", "returns_mean", "entropy", "rm_score")
         )
         assert r["reward"] == pytest.approx(r["rm_score"])  # the reward model alone
-        # Every step's sync reached the engine: it sampled from the weights being trained.
+        # Every step's sync reached both engines: they sampled from the weights trained.
         assert r["sampling/sampling_logp_difference/max"] < 1e-3, r
     assert rows[0]["value_mean"] == 0.0 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     # The value head learns: it leaves 0 after its first step, toward the returns' side.

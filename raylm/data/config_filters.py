@@ -143,6 +143,11 @@ class FilterConfig:
     examples: int = 3
     """Examples of removed documents per filter written to stats.json (truncated text)."""
 
+    @property
+    def perplexity_on(self) -> bool:
+        """The perplexity filter runs: filters on and a model named."""
+        return self.enabled and self.perplexity.enabled
+
     def __post_init__(self) -> None:
         if self.script is not None:
             choice("filters.script", self.script, SCRIPTS)

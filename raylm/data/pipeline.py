@@ -1,4 +1,5 @@
-"""The data job: read -> per-record steps -> quarantine -> dedup -> tokenize/pack -> write.
+"""The data job: read -> per-record steps -> [perplexity cut] -> quarantine -> dedup ->
+tokenize/pack -> write.
 
 With ``mix`` (a pretraining recipe), the deduplicated documents are then sampled per
 source to a budget and written by ``raylm.data.mix`` instead (``docs/data.md``).
@@ -23,8 +24,8 @@ import logging
 from typing import Any
 
 from raylm import storage
-from raylm.config import ConfigError, resolve_path
-from raylm.data import formats, line_dedup, mix, resume, rows, shards, steps
+from raylm.config import ConfigError, resolve_model, resolve_path
+from raylm.data import formats, line_dedup, mix, perplexity_cut, resume, rows, shards, steps
 from raylm.data.config import DataJobConfig
 from raylm.data.dedup_apply import apply_dedup
 from raylm.data.sources import Source, expand_inputs
@@ -32,7 +33,7 @@ from raylm.data.stats import Stopwatch, examples, job_stats, mix_stats, mix_tabl
 
 log = logging.getLogger(__name__)
 
-OUTPUT_DIRS = ("shards", steps.QUARANTINE, "dedup")
+OUTPUT_DIRS = ("shards", steps.QUARANTINE, "dedup", perplexity_cut.RECORDS)
 
 
 def run(cfg: DataJobConfig) -> dict[str, Any]:
@@ -50,6 +51,8 @@ def run(cfg: DataJobConfig) -> dict[str, Any]:
     shards.check_tokenizer(cfg, kind)  # before hours of cleaning and dedup, not after
     if cfg.line_dedup.enabled and kind != "pt":
         raise ConfigError(f"line_dedup cuts lines of pt text; this job is {kind}")
+    if cfg.filters.perplexity_on:  # a missing model fails now, not in every block's task
+        resolve_model(str(cfg.filters.perplexity.model))
     log.info("data job: %d file(s), kind=%s", len(sources), kind)
     clock = Stopwatch()
     processed, counts, resumed = resume.process(sources, cfg, kind, out)
@@ -57,6 +60,12 @@ def run(cfg: DataJobConfig) -> dict[str, Any]:
     if cfg.line_dedup.enabled:
         processed = line_dedup.apply(processed, cfg, counts)
         clock.lap("line_dedup")
+    ppl_info = None
+    if cfg.filters.perplexity_on:
+        processed, ppl_info = perplexity_cut.apply(processed, cfg, counts)
+        if ppl_info["removed"]:
+            perplexity_cut.write_records(processed, out)
+        clock.lap("perplexity_cut")
     if counts["parse"]["quarantined"]:
         shards.write_quarantine(processed, out)
     clock.lap("quarantine_write")
@@ -78,6 +87,8 @@ def run(cfg: DataJobConfig) -> dict[str, Any]:
     }
     extra = {"dedup": dedup_info, "filter_examples": filter_examples, "seconds": clock.laps}
     stats = job_stats(kind, counts, removed_all, written, extra) | {"resume": resumed.stats}
+    if ppl_info is not None:
+        stats["perplexity"] = ppl_info
     if mixed is not None:
         stats["mix"] = mixed
         stats["accounting_ok"] = stats["accounting_ok"] and mixed["accounting_ok"]

@@ -19,7 +19,8 @@ A marker is reused only for the same work: its fingerprint hashes the job's conf
 (less ``output_dir`` and ``ray``), the job's kind, raylm's version and this module's
 ``FORMAT``, the block's file and byte range, and the size and modification time of its
 file and of the filter blocklists (what a bucket's listing shows, and what
-``raylm.manifest`` hashes there). A marker with another fingerprint is never mixed in:
+``raylm.manifest`` hashes there), and those of the perplexity filter's model directory
+(its scores are saved with the block). A marker with another fingerprint is never mixed in:
 its block is redone, and the job logs and counts it (``stats.json``'s
 ``resume.stale``). The dedup marker's fingerprint is that of every block together.
 """
@@ -40,6 +41,7 @@ import pyarrow.parquet as pq
 from raylm import storage
 from raylm.config import to_dict
 from raylm.data.config import DataJobConfig
+from raylm.data.perplexity import gpus_per_block, model_identity
 from raylm.data.readers import ReadSpec, read_spec
 from raylm.data.steps import PROCESSED_SCHEMA, process_block
 
@@ -92,7 +94,8 @@ def config_fingerprint(cfg: DataJobConfig, kind: str) -> str:
     """What every block's work depends on besides its own bytes."""
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("output_dir", "ray")}
     blocklists = {p: file_identity(p) for p in cfg.filters.blocklist}
-    return _sha([FORMAT, _version(), kind, settings, blocklists, str(PROCESSED_SCHEMA)])
+    ppl = model_identity(cfg.filters.perplexity.model) if cfg.filters.perplexity_on else ""
+    return _sha([FORMAT, _version(), kind, settings, blocklists, ppl, str(PROCESSED_SCHEMA)])
 
 
 def _version() -> str:
@@ -288,7 +291,8 @@ def process(
     blocks = plan_blocks(specs, config_fingerprint(cfg, kind))
     done, stale = store.completed(blocks)
     resumed = _resumed(store, blocks, len(done), stale)
-    work = ray.remote(run_block).options(num_returns=2, scheduling_strategy="SPREAD")
+    gpus = gpus_per_block(cfg.filters.perplexity, cfg.filters.perplexity_on)
+    work = ray.remote(run_block).options(num_returns=2, scheduling_strategy="SPREAD", num_gpus=gpus)
     load = ray.remote(load_block)
     refs, counts, pending = [], [], []
     for block in blocks:

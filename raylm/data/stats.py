@@ -32,12 +32,20 @@ class Stopwatch:
         log.info("data job: %s took %.2f s", name, self.laps[name])
 
 
-def examples(processed: Any, status: str, k: int) -> list[dict[str, str]]:
+def examples(processed: Any, status: str, k: int) -> list[dict[str, Any]]:
     """A few rows with ``status``, truncated: what a filter removed, to judge it by."""
     from ray.data.expressions import col
 
-    rows = processed.filter(expr=col("status") == status).select_columns(["id", "raw"]).take(k)
-    return [{"id": r["id"], "text": r["raw"][:300]} for r in rows]
+    chosen = processed.filter(expr=col("status") == status)
+    rows = chosen.select_columns(["id", "raw", "perplexity"]).take(k)
+    return [_example(r) for r in rows]
+
+
+def _example(row: dict[str, Any]) -> dict[str, Any]:
+    """id and truncated text, and the perplexity where it was scored (what the
+    perplexity filter judged it by)."""
+    shown = {"id": row["id"], "text": row["raw"][:300]}
+    return shown if row["perplexity"] is None else shown | {"perplexity": row["perplexity"]}
 
 
 def removed_counts(

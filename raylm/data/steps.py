@@ -1,7 +1,7 @@
 """The per-record steps of the data job, each a small block with one ``run`` and its own counts.
 
 Shaped like datatrove's pipeline blocks: parse, normalise, filter, scrub PII, then sign
-(hashes for dedup) a whole block at once. A step never drops a row: it sets ``status``
+(hashes for dedup) and score (perplexity, when on) a whole block at once. A step never drops a row: it sets ``status``
 (``quarantine:<reason>`` or ``filter:<name>``) and the steps after it skip that row, so
 every input row leaves the stage exactly once and the job's accounting adds up. All the
 steps run fused in one plain Ray task per read block (``process_block``): the blocks are
@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from raylm.data import dedup, filters, formats, pii, simhash
+from raylm.data import dedup, filters, formats, perplexity, pii, simhash
 from raylm.data.config import DataJobConfig
 from raylm.data.rows import BadRow, parse_row
 
@@ -39,6 +39,7 @@ PROCESSED_SCHEMA = pa.schema(
         ("exact_hash", pa.string()),
         ("sig", pa.binary()),
         ("shingles", pa.binary()),
+        ("perplexity", pa.float64()),
         *[(f"pii_{k}", pa.int32()) for k in PII_KINDS],
     ]
 )
@@ -265,6 +266,29 @@ class Sign:
             r["shingles"] = shingles.tobytes() if self.cfg.verify else b""
 
 
+class Score:
+    """Each kept document's perplexity (``raylm.data.perplexity``), batched over the
+    block: the model-based filter's score, cut at a corpus percentile after all blocks
+    (``raylm.data.perplexity_cut``). The scored text is what the job keeps (after
+    normalisation and PII scrubbing)."""
+
+    name = "perplexity"
+
+    def __init__(self, cfg: DataJobConfig) -> None:
+        self.cfg = cfg.filters.perplexity
+        self.on = cfg.filters.perplexity_on
+        self.stats: Counter[str] = Counter()
+
+    def run(self, kept: list[dict[str, Any]]) -> None:
+        if not self.on or not kept:
+            return
+        scores = perplexity.score([strings_of(r[_PAYLOAD]) for r in kept], self.cfg)
+        for row, value in zip(kept, scores, strict=True):
+            row["perplexity"] = value
+        self.stats["scored"] += sum(v is not None for v in scores)
+        self.stats["unscored"] += sum(v is None for v in scores)
+
+
 STEPS: tuple[type[Step], ...] = (Parse, Normalise, Filter, ScrubPII)
 
 
@@ -277,6 +301,7 @@ def new_row(row: dict[str, Any]) -> dict[str, Any]:
         "exact_hash": "",
         "sig": b"",
         "shingles": b"",
+        "perplexity": None,
         **{f"pii_{k}": 0 for k in PII_KINDS},
     }
 
@@ -297,9 +322,10 @@ def process_rows(
     for row in kept:
         row["doc"] = json.dumps(row[_PAYLOAD], ensure_ascii=False)
         row[_TEXT] = dedup_text(row[_PAYLOAD])
-    sign = Sign(cfg)
+    sign, scored = Sign(cfg), Score(cfg)
     sign.run(kept)
-    return out, {s.name: dict(s.stats) for s in (*steps, sign)}
+    scored.run(kept)
+    return out, {s.name: dict(s.stats) for s in (*steps, sign, scored)}
 
 
 def process_block(
@@ -312,7 +338,7 @@ def process_block(
 
 def sum_stats(parts: list[dict[str, dict[str, int]]]) -> dict[str, Counter[str]]:
     """Per-step counts of all blocks added up (every step present, even with no block)."""
-    total: dict[str, Counter[str]] = {s.name: Counter() for s in (*STEPS, Sign)}
+    total: dict[str, Counter[str]] = {s.name: Counter() for s in (*STEPS, Sign, Score)}
     for part in parts:
         for step, counts in part.items():
             total[step].update(counts)

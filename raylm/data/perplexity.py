@@ -50,8 +50,8 @@ def token_ids(texts: list[str], tokenizer: Any, max_tokens: int) -> list[list[in
     """Each text's first ``max_tokens`` tokens, after the tokenizer's BOS token when it
     has one (then the first text token is predicted too; without one it is context)."""
     bos = getattr(tokenizer, "bos_token_id", None)
-    encoded = tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
-    return [([bos] if bos is not None else []) + ids[:max_tokens] for ids in encoded]
+    encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_tokens)
+    return [([bos] if bos is not None else []) + ids for ids in encoded["input_ids"]]
 
 
 def nll_sums(model: Any, batch: list[list[int]]) -> tuple[list[float], list[int]]:

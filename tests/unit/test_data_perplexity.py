@@ -136,3 +136,23 @@ def test_config_checks_and_did_you_mean() -> None:
         load("data", [], ["inputs=[x]", "filters.perplexity.max_token=3"])
     with pytest.raises(ConfigError, match="did you mean 'cpu'"):
         load("data", [], ["inputs=[x]", "filters.perplexity.device=gpu"])
+
+
+def test_a_retrained_model_at_the_same_path_makes_saved_blocks_stale(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Scores are saved with each block (``raylm.data.resume``): new weights at the same
+    path must change the fingerprint, or a rerun would reuse the old model's scores."""
+    import os
+    import shutil
+
+    from raylm.data.resume import config_fingerprint
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    on = FilterConfig(perplexity=PerplexityConfig(model=str(model)))
+    cfg = DataJobConfig(inputs=["x"], filters=on)
+    before = config_fingerprint(cfg, "pt")
+    assert config_fingerprint(DataJobConfig(inputs=["x"]), "pt") != before
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert config_fingerprint(cfg, "pt") != before

@@ -31,10 +31,14 @@ def test_grpo_config_loads_with_trl_defaults_and_the_engine_group() -> None:
     ("overrides", "message"),
     [
         (["stage=ppo"], "stage ppo needs a reward: ppo.reward_model"),
-        (["stage=ppo", "ppo.rewards=[{function: math}]", "train.precision=fp16"],
-         "outside DeepSpeed's loss scaler"),
-        (["stage=ppo", "ppo.rewards=[{function: math}]", "finetuning_type=oft"],
-         "stage ppo with finetuning_type=oft"),
+        (
+            ["stage=ppo", "ppo.rewards=[{function: math}]", "train.precision=fp16"],
+            "outside DeepSpeed's loss scaler",
+        ),
+        (
+            ["stage=ppo", "ppo.rewards=[{function: math}]", "finetuning_type=oft"],
+            "stage ppo with finetuning_type=oft",
+        ),
         (["stage=ppo", "ppo.gamma=2"], "ppo.gamma=2"),
         (["finetuning_type=oft"], "use one of \\['full', 'lora', 'freeze'\\]"),
         (["finetuning_type=qlora"], "rollout engine takes full weights or a LoRA adapter"),

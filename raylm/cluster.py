@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from raylm.process_groups import alive, kill_group
 from raylm.ray_auth import auth_headers, use_token_auth_if_configured
 
 NODE_LABEL = "raylm.io/node"
@@ -107,7 +108,7 @@ class LocalCluster:
         if not self.state_file.exists():
             return None
         info = ClusterInfo(**json.loads(self.state_file.read_text()))
-        return info if _alive(info.pid) else None
+        return info if alive(info.pid) else None
 
     def up(
         self,
@@ -158,15 +159,34 @@ class LocalCluster:
             raise
         return info
 
-    def add_node(self, num_cpus: int = 1, timeout: float = 120.0) -> NodeInfo:
+    def add_node(self, num_cpus: int = 1, timeout: float = 120.0, attempts: int = 2) -> NodeInfo:
         """Start a worker node on this machine and wait until Ray counts it alive.
 
         Each node gets its own ports and process group; several nodes on one machine
-        are how the multi-node paths (spreading, losing a node) are tested here.
+        are how the multi-node paths (spreading, losing a node) are tested here. A node
+        whose ``ray start`` exits during start-up is started again, with fresh ports, up
+        to ``attempts`` times: Ray gives a raylet a fixed 30 s to register with the GCS
+        (``ray._private.node``), which a busy 2-core machine can miss, and a port picked
+        free can be taken before the node binds it.
         """
-        info = self.info()
-        if info is None:
-            raise ClusterError("no local cluster to add a node to; `raylm cluster up` first")
+        for attempt in range(1, attempts + 1):
+            info = self.info()
+            if info is None:
+                raise ClusterError("no local cluster to add a node to; `raylm cluster up` first")
+            node, proc = self._start_node(info, num_cpus)
+            try:
+                _wait_node(info, node.name, proc, timeout)
+                return node
+            except ClusterError as err:
+                if proc.poll() is None or attempt == attempts:
+                    raise ClusterError(f"{err} (attempt {attempt} of {attempts}); "
+                                       f"log: {self.state_dir / node.name}.log") from err  # fmt: skip
+                self.remove_node(node)  # whatever it left running (a raylet) goes too
+                print(f"raylm cluster: {err}; starting it again", file=sys.stderr)
+        raise AssertionError("unreachable")
+
+    def _start_node(self, info: ClusterInfo, num_cpus: int) -> tuple[NodeInfo, Any]:
+        """One ``ray start`` of a worker node, recorded in the state file."""
         name = f"node{len(info.nodes) + 1}-{os.getpid()}-{int(time.time() * 1000) % 100000}"
         cmd = [_ray_cli(), "start", f"--address={info.gcs_address}", "--block"]
         cmd += [f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
@@ -180,14 +200,17 @@ class LocalCluster:
         node = NodeInfo(name=name, pid=proc.pid, num_cpus=num_cpus)
         info.nodes.append(node)
         self.state_file.write_text(json.dumps(dataclasses.asdict(info), indent=2))
-        _wait_node(info, name, proc, timeout)
-        return node
+        return node, proc
 
     def remove_node(self, node: NodeInfo) -> None:
         """Kill a worker node's whole process group with SIGKILL: a lost machine, not a
         drained one (nothing of it gets to say goodbye)."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(node.pid, signal.SIGKILL)
+        self._forget(node)
+
+    def _forget(self, node: NodeInfo) -> None:
+        """Reap a node's process and drop it from the state file."""
         with contextlib.suppress(ChildProcessError):
             os.waitpid(node.pid, 0)
         info = self.info()
@@ -201,8 +224,8 @@ class LocalCluster:
             return False
         info = ClusterInfo(**json.loads(self.state_file.read_text()))
         for node in info.nodes:
-            _kill_group(node.pid, timeout / 3)
-        stopped = _kill_group(info.pid, timeout)
+            kill_group(node.pid, timeout / 3)
+        stopped = kill_group(info.pid, timeout)
         self.state_file.unlink(missing_ok=True)
         shutil.rmtree(info.temp_dir, ignore_errors=True)
         return stopped
@@ -339,58 +362,6 @@ def _get(url: str, timeout: float) -> Any:
     """GET a dashboard endpoint, with Ray's auth header when token auth is on."""
     request = urllib.request.Request(url, headers=auth_headers())
     return urllib.request.urlopen(request, timeout=timeout)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited child we have not reaped) counts as dead.
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
-            return False
-    return True
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid and fields[0] != "Z":
-                    members.append(int(entry.name))
-    return members
-
-
-def _kill_group(pgid: int, timeout: float) -> bool:
-    """Stop the cluster's process group, escalating until nothing of it is left.
-
-    First SIGTERM to ``ray start --block`` alone (it stops its services in order); if it
-    died before installing its handler, its children are orphaned in the group, so the
-    group then gets SIGTERM and finally SIGKILL.
-    """
-    if not _group_members(pgid):
-        return False
-    steps = (
-        (lambda: os.kill(pgid, signal.SIGTERM), timeout * 0.6),
-        (lambda: os.killpg(pgid, signal.SIGTERM), timeout * 0.3),
-        (lambda: os.killpg(pgid, signal.SIGKILL), timeout * 0.1),
-    )
-    for send, wait in steps:
-        with contextlib.suppress(ProcessLookupError):
-            send()
-        deadline = time.monotonic() + wait
-        while _group_members(pgid) and time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(-pgid, os.WNOHANG)
-            time.sleep(0.2)
-        if not _group_members(pgid):
-            break
-    return True
 
 
 def resolve_address(explicit: str | None = None) -> str | None:

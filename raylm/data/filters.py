@@ -34,6 +34,11 @@ def nfkc(text: str) -> str:
     return unicodedata.normalize("NFKC", text)
 
 
+def nfkc_batch(texts: list[str]) -> list[str]:
+    """``nfkc`` of every text of a block."""
+    return [unicodedata.normalize("NFKC", t) for t in texts]
+
+
 def words(text: str) -> list[str]:
     """Whitespace-free word units; each CJK character is one word, as CJK has no spaces."""
     return _WORD.findall(text)
@@ -131,3 +136,11 @@ def first_failure(text: str, cfg: FilterConfig) -> str | None:
         if mean > cfg.max_mean_word_length:
             return "max_mean_word_length"
     return guide_filters.failure(text, cfg)  # the guides' filters: each off by default
+
+
+def first_failures(texts: list[str], cfg: FilterConfig) -> list[str | None]:
+    """``first_failure`` of every text of a block, computed over the block at once
+    (``raylm.data.filters_batch``): the same decisions at a fraction of the cost."""
+    from raylm.data.filters_batch import first_failures as batch
+
+    return batch(texts, cfg)

@@ -150,6 +150,18 @@ def load_blocklist(paths: tuple[str, ...]) -> Blocklist:
     return Blocklist([line for p in paths for line in storage.read_text(p).splitlines()])
 
 
+def any_enabled(cfg: FilterConfig) -> bool:
+    """Whether any guides' filter is on (a batch skips the per-document pass if none)."""
+    return (
+        cfg.min_mean_line_chars is not None
+        or cfg.max_mean_line_chars is not None
+        or cfg.min_simplified_ratio is not None
+        or cfg.max_emoji is not None
+        or cfg.max_emoji_ratio is not None
+        or bool(cfg.blocklist)
+    )
+
+
 def failure(text: str, cfg: FilterConfig) -> str | None:
     """Name of the first guides' filter ``text`` fails, or None; only enabled ones run."""
     lo, hi = cfg.min_mean_line_chars, cfg.max_mean_line_chars

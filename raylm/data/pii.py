@@ -87,13 +87,16 @@ _RULES: tuple[tuple[str, tuple[re.Pattern, ...], Callable[[re.Match], bool]], ..
 )
 
 
-def scrub(text: str, cfg: PiiConfig) -> tuple[str, dict[str, int]]:
-    """``text`` with PII replaced, and how many of each type were replaced."""
+def scrub(
+    text: str, cfg: PiiConfig, kinds: frozenset[str] | None = None
+) -> tuple[str, dict[str, int]]:
+    """``text`` with PII replaced, and how many of each type were replaced (only the
+    types in ``kinds`` are looked for, when given: those the others cannot match)."""
     counts = dict.fromkeys(PLACEHOLDERS, 0)
     if not cfg.enabled:
         return text, counts
     for kind, patterns, valid in _RULES:
-        if not getattr(cfg, kind):
+        if not getattr(cfg, kind) or (kinds is not None and kind not in kinds):
             continue
         for pattern in patterns:
             text = pattern.sub(_replacer(kind, valid, counts), text)
@@ -108,3 +111,65 @@ def _replacer(kind: str, valid: Callable[[re.Match], bool], counts: dict[str, in
         return PLACEHOLDERS[kind]
 
     return replace
+
+
+# A necessary condition of each type, for RE2 over a whole block (pyarrow's
+# match_substring_regex): every match of a rule contains a match of its condition (the
+# lookarounds dropped, \d widened to any decimal digit as Python's is). A placeholder
+# never joins with the text around it into a new match (its characters are none of
+# the digits, dots, dashes, colons and hex runs these need), so a type whose condition
+# the original text misses finds nothing after the earlier types' replacements either.
+_MAY_HOLD = {
+    "email": r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2}",
+    "cn_id": r"[1-9]\p{Nd}{16}[\p{Nd}Xx]",
+    "credit_card": r"(?:\p{Nd}[ -]?){12}\p{Nd}",
+    "ip": r"(?:\p{Nd}{1,3}\.){3}\p{Nd}|:[0-9A-Fa-f]{0,4}:",
+    "phone": (  # _PHONE without its lookarounds
+        r"\+\p{Nd}{1,3}[ .-]?(?:\(\p{Nd}{1,4}\)[ .-]?)?\p{Nd}{1,4}(?:[ .-]?\p{Nd}{2,4}){1,4}"
+        r"|1[3-9]\p{Nd}[ -]?\p{Nd}{4}[ -]?\p{Nd}{4}|0\p{Nd}{2,3}-\p{Nd}{7}"
+        r"|\p{Nd}{3}\)?[ .-]\p{Nd}{3}[ .-]\p{Nd}{4}"
+    ),
+}
+
+
+def scrub_batch(texts: list[str], cfg: PiiConfig) -> tuple[list[str], list[dict[str, int]]]:
+    """``scrub`` of every text of a block. No match, and no lookaround that decides one,
+    reaches across a newline, so each line can be scrubbed alone; RE2 (in C++, over
+    the block's lines) tells which lines may hold each type, and only those lines run
+    the Python rules, for those types only: the same text and counts as ``scrub``."""
+    fresh = [dict.fromkeys(PLACEHOLDERS, 0) for _ in texts]
+    if not cfg.enabled or not texts:
+        return list(texts), fresh
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        lines = pc.split_pattern(pa.array(texts, pa.large_string()), "\n")
+    except (UnicodeEncodeError, pa.ArrowException):  # a lone surrogate: no RE2 for this block
+        pairs = [scrub(t, cfg) for t in texts]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+    flat = lines.flatten()
+    kinds = [k for k in _MAY_HOLD if getattr(cfg, k)]
+    may = np.stack(
+        [pc.match_substring_regex(flat, _MAY_HOLD[k]).to_numpy(zero_copy_only=False) for k in kinds]
+    ) if kinds else np.zeros((0, len(flat)), dtype=bool)  # fmt: skip
+    hit_lines = np.flatnonzero(may.any(axis=0))
+    out, counts = list(texts), fresh
+    if not len(hit_lines):
+        return out, counts
+    owner = pc.list_parent_indices(lines).to_numpy()[hit_lines].tolist()
+    offsets = lines.offsets.to_numpy()
+    flags = may[:, hit_lines].T.tolist()
+    parts: list[str] = []
+    for n, (j, doc) in enumerate(zip(hit_lines.tolist(), owner, strict=True)):
+        if n == 0 or doc != owner[n - 1]:
+            parts = texts[doc].split("\n")
+        found = frozenset(k for k, hit in zip(kinds, flags[n], strict=True) if hit)
+        at = j - int(offsets[doc])
+        parts[at], c = scrub(parts[at], cfg, found)
+        for k, v in c.items():
+            counts[doc][k] += v
+        if n + 1 == len(owner) or owner[n + 1] != doc:
+            out[doc] = "\n".join(parts)
+    return out, counts

@@ -142,6 +142,12 @@ class Step(abc.ABC):
     def run(self, row: dict[str, Any]) -> None:
         """Apply this step to one row (each subclass does its one thing)."""
 
+    def run_batch(self, rows: list[dict[str, Any]]) -> None:
+        """Apply this step to a block's rows still in play; steps whose work vectorises
+        over a block (normalise, filter, PII) do it here at once, with the same result."""
+        for row in rows:
+            self.run(row)
+
 
 @cache
 def _columns(spec: str) -> dict[str, str]:
@@ -197,6 +203,13 @@ class Normalise(Step):
         row[_PAYLOAD] = map_strings(before, filters.nfkc)
         self.stats["changed"] += row[_PAYLOAD] != before
 
+    def run_batch(self, rows: list[dict[str, Any]]) -> None:
+        if not self.cfg.filters.nfkc or not rows:
+            return
+        before = [r[_PAYLOAD] for r in rows]
+        _map_batch(rows, filters.nfkc_batch)
+        self.stats["changed"] += sum(r[_PAYLOAD] != b for r, b in zip(rows, before, strict=True))
+
 
 class Filter(Step):
     """Quality filters: the first one a document fails is its one removal reason."""
@@ -204,7 +217,14 @@ class Filter(Step):
     name = "filter"
 
     def run(self, row: dict[str, Any]) -> None:
-        failed = filters.first_failure(strings_of(row[_PAYLOAD]), self.cfg.filters)
+        self._mark(row, filters.first_failure(strings_of(row[_PAYLOAD]), self.cfg.filters))
+
+    def run_batch(self, rows: list[dict[str, Any]]) -> None:
+        texts = [strings_of(r[_PAYLOAD]) for r in rows]
+        for row, failed in zip(rows, filters.first_failures(texts, self.cfg.filters), strict=True):
+            self._mark(row, failed)
+
+    def _mark(self, row: dict[str, Any], failed: str | None) -> None:
         if failed:
             row["status"] = f"{FILTER}:{failed}"
             self.stats[failed] += 1
@@ -230,6 +250,41 @@ class ScrubPII(Step):
         row[_PAYLOAD] = map_strings(row[_PAYLOAD], scrub)
         row.update({f"pii_{k}": found[k] for k in PII_KINDS})
         self.stats.update(found)
+
+    def run_batch(self, rows: list[dict[str, Any]]) -> None:
+        per_string: list[dict[str, int]] = []
+
+        def scrub_all(texts: list[str]) -> list[str]:
+            clean, counts = pii.scrub_batch(texts, self.cfg.pii)
+            per_string.extend(counts)
+            return clean
+
+        owners = _map_batch(rows, scrub_all)
+        totals = {k: [0] * len(rows) for k in PII_KINDS}
+        for owner, counts in zip(owners, per_string, strict=True):
+            for k, v in counts.items():
+                if v:
+                    totals[k][owner] += v
+        for k in PII_KINDS:
+            for row, v in zip(rows, totals[k], strict=True):
+                row[f"pii_{k}"] = v
+            self.stats[k] += sum(totals[k])
+
+
+def _map_batch(rows: list[dict[str, Any]], fn: Callable[[list[str]], list[str]]) -> list[int]:
+    """``map_strings`` over a block: every string of the rows' payloads goes through
+    ``fn`` as one list (in the order ``map_strings`` visits them), and comes back in
+    place. Returns the row each string belongs to."""
+    seen: list[str] = []
+    owners: list[int] = []
+    for i, row in enumerate(rows):
+        n = len(seen)
+        map_strings(row[_PAYLOAD], lambda s: seen.append(s) or s)
+        owners += [i] * (len(seen) - n)
+    mapped = iter(fn(seen))
+    for row in rows:
+        row[_PAYLOAD] = map_strings(row[_PAYLOAD], lambda s: next(mapped))
+    return owners
 
 
 class Sign:
@@ -313,12 +368,10 @@ def process_rows(
     kept ones; returns the rows and each step's counts."""
     steps = [step(cfg, kind) for step in STEPS]
     out = [new_row(r) for r in rows]
-    for row in out:
-        for step in steps:
-            step.run(row)
-            if row["status"]:
-                break
-    kept = [r for r in out if not r["status"]]
+    kept = out
+    for step in steps:  # each over the rows no earlier step set a status on
+        step.run_batch(kept)
+        kept = [r for r in kept if not r["status"]]
     for row in kept:
         row["doc"] = json.dumps(row[_PAYLOAD], ensure_ascii=False)
         row[_TEXT] = dedup_text(row[_PAYLOAD])

@@ -1,0 +1,141 @@
+"""``filters.first_failure`` for a whole block at once: the same decisions, in numpy.
+
+Each filter's measure is computed for every text of the block from one code-point
+array (``raylm.data.text_batch``) instead of one Python loop per character; the
+n-gram filters, the costliest, only look at texts that every earlier filter kept. The
+fractions are the same integer counts divided the same way, so a threshold compares
+exactly as it does per document (``tests/unit/test_data_filters_batch.py`` checks the
+two agree on tricky text, and ``bench/data_throughput.py`` on a whole corpus).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from raylm.data import guide_filters
+from raylm.data.config import FilterConfig
+from raylm.data.filters import _SCRIPT_RANGES
+from raylm.data.text_batch import ALPHA, BREAK, CONTROL, SPACE, SYMBOL, Batch, Words, ngram_counts
+
+ORDER = (
+    "min_chars",
+    "max_chars",
+    "min_words",
+    "max_words",
+    "script_ratio",
+    "symbol_ratio",
+    "control_ratio",
+    "dup_lines",
+    "top_ngram",
+    "dup_ngrams",
+    "min_mean_word_length",
+    "max_mean_word_length",
+)
+"""The filters in ``filters.first_failure``'s order: a text's reason is its first failure."""
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den per text, 0.0 where den is 0 (what the per-document code returns)."""
+    out = np.zeros(len(num), dtype=np.float64)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def dup_line_fractions(batch: Batch) -> np.ndarray:
+    """``filters.dup_line_fraction`` per text: lines split as ``str.splitlines`` does
+    (every break character is also a space, so ``\\r\\n``'s empty middle is dropped
+    like any blank line), stripped, compared exactly."""
+    c = batch.cls
+    brk = (c & BREAK) != 0
+    seg_start = np.flatnonzero(np.concatenate([[True], brk[:-1]]) & ~brk)
+    seg_end = np.flatnonzero(~brk & np.concatenate([brk[1:], [True]])) + 1
+    solid = np.flatnonzero((c & SPACE) == 0)
+    if not len(solid):
+        return np.zeros(len(batch.starts))
+    first = np.searchsorted(solid, seg_start)
+    last = np.searchsorted(solid, seg_end) - 1
+    ok = (first < len(solid)) & (last >= 0)
+    ok[ok] &= solid[first[ok]] < seg_end[ok]
+    lo, hi = solid[first[ok]], solid[last[ok]] + 1
+    owner = batch.owner(lo)
+    ids = batch.span_ids(lo, hi)
+    lines = np.bincount(owner, minlength=len(batch.starts))
+    distinct_keys = np.unique(owner.astype(np.int64) * (int(ids.max(initial=0)) + 1) + ids)
+    distinct = np.bincount(distinct_keys // (int(ids.max(initial=0)) + 1), minlength=len(lines))
+    return np.where(lines >= 2, _ratio(lines - distinct, lines), 0.0)
+
+
+def _top_ngram(words: Words, chars: np.ndarray, texts: np.ndarray) -> np.ndarray:
+    """``filters.top_ngram_fraction`` (word 2-grams): the most frequent 2-gram, the one
+    seen first among equally frequent ones (``Counter.most_common``), times its length."""
+    out = np.zeros(len(texts))
+    first, count = ngram_counts(words, 2, texts & (words.per_text >= 3))
+    if not len(first):
+        return out
+    owner = words.owner[first]
+    best = np.zeros(len(texts), dtype=np.int64)
+    np.maximum.at(best, owner, count)
+    at_best = np.flatnonzero(count == best[owner])
+    _, pick = np.unique(owner[at_best], return_index=True)
+    winners = first[at_best[pick]]
+    who = words.owner[winners]
+    gram_chars = words.lengths[winners] + words.lengths[winners + 1]
+    frac = _ratio(best[who] * gram_chars, chars[who])
+    out[who] = np.where(best[who] >= 2, frac, 0.0)
+    return out
+
+
+def _dup_ngrams(words: Words, chars: np.ndarray, texts: np.ndarray, n: int = 5) -> np.ndarray:
+    """``filters.dup_ngram_fraction``: characters of words inside a repeated n-gram."""
+    first, count = ngram_counts(words, n, texts & (words.per_text >= n + 1))
+    edge = np.zeros(len(words.ids) + 1, dtype=np.int64)
+    dup = first[count > 1]
+    np.add.at(edge, dup, 1)
+    np.add.at(edge, dup + n, -1)
+    covered = np.cumsum(edge[:-1]) > 0
+    dup_chars = np.bincount(
+        words.owner, weights=np.where(covered, words.lengths, 0), minlength=len(texts)
+    ).astype(np.int64)
+    return _ratio(dup_chars, chars)
+
+
+def first_failures(texts: list[str], cfg: FilterConfig) -> list[str | None]:
+    """``filters.first_failure`` of each text, computed over the batch."""
+    if not cfg.enabled or not texts:
+        return [None] * len(texts)
+    batch = Batch.of(texts)
+    n = batch.ends - batch.starts
+    failed = np.full(len(texts), -1, dtype=np.int64)
+
+    def fail(rule: str, mask: np.ndarray) -> None:
+        failed[(failed < 0) & mask] = ORDER.index(rule)
+
+    fail("min_chars", n < cfg.min_chars)
+    if cfg.max_chars is not None:
+        fail("max_chars", n > cfg.max_chars)
+    words = Words.of(batch)
+    nw = words.per_text
+    fail("min_words", nw < cfg.min_words)
+    if cfg.max_words is not None:
+        fail("max_words", nw > cfg.max_words)
+    if cfg.script is not None:
+        letters = batch.count(ALPHA)
+        hits = batch.count_ranges(_SCRIPT_RANGES[cfg.script], ALPHA)
+        fail("script_ratio", _ratio(hits, letters) < cfg.min_script_ratio)
+    solid = n - batch.count(SPACE)
+    fail("symbol_ratio", _ratio(batch.count(SYMBOL), solid) > cfg.max_symbol_ratio)
+    fail("control_ratio", _ratio(batch.count(CONTROL), n) > cfg.max_control_ratio)
+    fail("dup_lines", dup_line_fractions(batch) > cfg.max_dup_line_fraction)
+    chars = np.bincount(words.owner, weights=words.lengths, minlength=len(texts)).astype(np.int64)
+    top = _top_ngram(words, chars, failed < 0)
+    fail("top_ngram", top > cfg.max_top_ngram_fraction)
+    fail("dup_ngrams", _dup_ngrams(words, chars, failed < 0) > cfg.max_dup_ngram_fraction)
+    mean = _ratio(chars, nw)
+    fail("min_mean_word_length", (nw > 0) & (mean < cfg.min_mean_word_length))
+    fail("max_mean_word_length", (nw > 0) & (mean > cfg.max_mean_word_length))
+    out: list[str | None] = [ORDER[i] if i >= 0 else None for i in failed.tolist()]
+    if guide_filters.any_enabled(cfg):  # off by default; per document, on survivors only
+        for i, text in enumerate(texts):
+            if out[i] is None:
+                out[i] = guide_filters.failure(text, cfg)
+    return out

@@ -154,6 +154,8 @@ class Words:
         seen_rest = np.cumsum(rest)
         run_first = np.flatnonzero(run_start)
         before_run = np.concatenate([[0], seen_rest])[run_first]  # rest chars before each run
+        if not len(before_run):  # no word character at all (CJK punctuation alone, say)
+            before_run = np.zeros(1, dtype=np.int64)
         after_rest = word & (seen_rest - before_run[np.maximum(run_id, 0)] > 0)
         first_rest = rest & (seen_rest - before_run[np.maximum(run_id, 0)] == 1)
         single = cjk & ~after_rest

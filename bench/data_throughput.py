@@ -145,9 +145,9 @@ def _read(path: Path) -> list[Any]:
 def stage_rates(files: dict[str, Path], repeat: int) -> dict[str, dict[str, float]]:
     """MB/s per core of each stage over each slice (and ``all``)."""
     from raylm.data import dedup, filters, pii, steps
-    from raylm.data.config import DataJobConfig
+    from raylm.data.config import DataJobConfig, DedupConfig
 
-    cfg = DataJobConfig(inputs=["x"])
+    cfg = DataJobConfig(inputs=["x"], dedup=DedupConfig(exact=False, fuzzy=False))
     table: dict[str, dict[str, float]] = {}
     for name, path in files.items():
         mb = path.stat().st_size / 1e6

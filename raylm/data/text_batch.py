@@ -71,23 +71,27 @@ class Batch:
     cp: np.ndarray
     starts: np.ndarray
     ends: np.ndarray
-    joined: str
 
     @classmethod
     def of(cls, texts: list[str]) -> Batch:
         lengths = np.fromiter(map(len, texts), np.int64, len(texts))
         starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64)
-        joined = "\n".join(texts)
+        joined = "\n".join(texts) + "\n"  # each text's segment ends in a newline
         cp = np.frombuffer(joined.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
-        return cls(cp, starts, starts + lengths, joined)
+        return cls(cp, starts, starts + lengths)
 
     @cached_property
     def cls(self) -> np.ndarray:
         return classes()[self.cp]
 
     def count(self, bits: int) -> np.ndarray:
-        """Characters of each text having any of ``bits``."""
-        return _sums((self.cls & bits) != 0, self.starts, self.ends)
+        """Characters of each text having any of ``bits`` (one pass: every text's segment
+        is the text and its newline, never empty, so ``reduceat`` sums exactly it)."""
+        if not len(self.starts):
+            return np.zeros(0, dtype=np.int64)
+        flags = ((self.cls & bits) != 0).view(np.uint8)
+        sums = np.add.reduceat(flags, self.starts, dtype=np.int64)
+        return sums - bool(classes()[ord("\n")] & bits)
 
     def count_ranges(self, ranges: tuple[tuple[int, int], ...], among: int) -> np.ndarray:
         """Characters of each text with class ``among`` whose code point is in ``ranges``."""
@@ -100,25 +104,14 @@ class Batch:
         """The text each code-point position belongs to."""
         return np.searchsorted(self.starts, positions, side="right") - 1
 
-    @cached_property
-    def utf8_offsets(self) -> np.ndarray:
-        """Byte offset in ``utf8`` of every code point (and one past the end)."""
-        width = 1 + (self.cp >= 0x80) + (self.cp >= 0x800) + (self.cp >= 0x10000)
-        return np.concatenate([[0], np.cumsum(width, dtype=np.int64)])
-
-    @cached_property
-    def utf8(self) -> pa.Buffer:
-        return pa.py_buffer(self.joined.encode("utf-8", errors="surrogatepass"))
-
     def span_ids(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
         """An exact id per span of code points: equal ids iff equal text (int64)."""
         if not len(starts):
             return np.empty(0, dtype=np.int64)
-        off = self.utf8_offsets
         bounds = np.empty(2 * len(starts), dtype=np.int64)
-        bounds[0::2], bounds[1::2] = off[starts], off[ends]
+        bounds[0::2], bounds[1::2] = 4 * starts, 4 * ends  # bytes of the UTF-32 array
         spans = pa.LargeBinaryArray.from_buffers(
-            pa.large_binary(), len(bounds) - 1, [None, pa.py_buffer(bounds), self.utf8]
+            pa.large_binary(), len(bounds) - 1, [None, pa.py_buffer(bounds), pa.py_buffer(self.cp)]
         )
         picked = spans.take(pa.array(np.arange(0, len(bounds), 2)))
         return picked.dictionary_encode().indices.to_numpy().astype(np.int64)
@@ -196,10 +189,10 @@ def ngram_counts(words: Words, n: int, texts: np.ndarray) -> tuple[np.ndarray, n
     first = first[inside & texts[words.owner[first]]]
     ids = words.ids.astype(np.uint64)
     with np.errstate(over="ignore"):
-        key = _mix(words.owner[first].astype(np.uint64) + _MIX)
+        key = words.owner[first].astype(np.uint64) * _MIX
         for k in range(n):
-            key = _mix(key ^ ids[first + k]) + np.uint64(k)
-    codes, _ = pd.factorize(key)
+            key = (key + ids[first + k]) * _MIX
+    codes, _ = pd.factorize(_mix(key))
     return first, np.bincount(codes)[codes]
 
 

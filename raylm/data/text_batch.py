@@ -201,3 +201,30 @@ def nfkc_safe(batch: Batch) -> np.ndarray:
     another engine of a later Unicode version gives Python's result (Unicode's
     normalization stability policy)."""
     return batch.count(UNASSIGNED) == 0
+
+
+def nfkc(texts: list[str]) -> list[str]:
+    """``unicodedata.normalize("NFKC", t)`` of every text, by utf8proc over the block
+    (pyarrow's ``utf8_normalize``, 3-4x faster on CJK text, whose full-width
+    punctuation always needs work). A text holding a code point Python's Unicode leaves
+    unassigned, or a lone surrogate, goes through Python's own: utf8proc's newer Unicode
+    may map such a character, and for all others the stability policy makes both agree."""
+    import pyarrow.compute as pc
+
+    out = list(texts)
+    todo = [i for i, t in enumerate(texts) if not t.isascii()]  # ASCII is always NFKC
+    if not todo:
+        return out
+    sub = [texts[i] for i in todo]
+    try:
+        arr = pa.array(sub, pa.large_string())
+    except (UnicodeEncodeError, pa.ArrowException):
+        safe = np.zeros(len(sub), dtype=bool)
+        normal: list[str | None] = [None] * len(sub)
+    else:
+        safe = Batch.of(sub).count(UNASSIGNED) == 0
+        normal = pc.utf8_normalize(arr, form="NFKC").to_pylist()
+    for j, i in enumerate(todo):
+        value = normal[j]
+        out[i] = value if safe[j] and value is not None else unicodedata.normalize("NFKC", sub[j])
+    return out

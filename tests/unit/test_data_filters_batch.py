@@ -125,3 +125,13 @@ def test_batch_pii_without_a_lone_surrogate_path_and_switched_off() -> None:
     ]
     off = pii.scrub_batch(texts, PiiConfig(enabled=False))
     assert off[0] == texts and all(sum(c.values()) == 0 for c in off[1])
+
+
+def test_batch_nfkc_is_pythons_on_every_code_point_and_combining_sequences() -> None:
+    points = [c for c in range(0x110000) if not 0xD800 <= c < 0xE000]
+    texts = ["".join(map(chr, points[i : i + 64])) for i in range(0, len(points), 64)]
+    rng = random.Random(4)
+    marks = ["a", "e", "\u0301", "\u0308", "\u0323", "\u0345", "\u1100", "\u1161", "\u11a8"]
+    marks += ["가", "ﬁ", "ＡＢ", "①", "㎏", "，", "ｶﾞ", "\u0f73", "\u3099", "\ud800"]
+    texts += ["".join(rng.choice(marks) for _ in range(12)) for _ in range(2000)] + TRICKY
+    assert filters.nfkc_batch(texts) == [filters.nfkc(t) for t in texts]

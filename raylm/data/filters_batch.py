@@ -65,33 +65,39 @@ def dup_line_fractions(batch: Batch) -> np.ndarray:
     return np.where(lines >= 2, _ratio(lines - distinct, lines), 0.0)
 
 
-def _top_ngram(words: Words, chars: np.ndarray, texts: np.ndarray) -> np.ndarray:
+def _top_ngram(words: Words, chars: np.ndarray, texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``filters.top_ngram_fraction`` (word 2-grams): the most frequent 2-gram, the one
-    seen first among equally frequent ones (``Counter.most_common``), times its length."""
+    seen first among equally frequent ones (``Counter.most_common``), times its length.
+    Also returns which word positions start a repeated 2-gram (``_dup_ngrams`` uses it)."""
     out = np.zeros(len(texts))
+    repeated = np.zeros(len(words.ids) + 4, dtype=bool)
     first, count = ngram_counts(words, 2, texts & (words.per_text >= 3))
     if not len(first):
-        return out
-    owner = words.owner[first]
-    best = np.zeros(len(texts), dtype=np.int64)
-    np.maximum.at(best, owner, count)
-    at_best = np.flatnonzero(count == best[owner])
-    _, pick = np.unique(owner[at_best], return_index=True)
-    winners = first[at_best[pick]]
-    who = words.owner[winners]
+        return out, repeated
+    repeated[first[count > 1]] = True
+    owner = words.owner[first]  # non-decreasing: one group of positions per text
+    group = np.flatnonzero(np.concatenate([[True], owner[1:] != owner[:-1]]))
+    best = np.repeat(np.maximum.reduceat(count, group), np.diff(np.append(group, len(owner))))
+    at_best = np.flatnonzero(count == best)
+    lead = at_best[np.concatenate([[True], owner[at_best][1:] != owner[at_best][:-1]])]
+    winners, who = first[lead], owner[lead]
     gram_chars = words.lengths[winners] + words.lengths[winners + 1]
-    frac = _ratio(best[who] * gram_chars, chars[who])
-    out[who] = np.where(best[who] >= 2, frac, 0.0)
-    return out
+    out[who] = np.where(best[lead] >= 2, _ratio(best[lead] * gram_chars, chars[who]), 0.0)
+    return out, repeated
 
 
-def _dup_ngrams(words: Words, chars: np.ndarray, texts: np.ndarray, n: int = 5) -> np.ndarray:
-    """``filters.dup_ngram_fraction``: characters of words inside a repeated n-gram."""
-    first, count = ngram_counts(words, n, texts & (words.per_text >= n + 1))
-    edge = np.zeros(len(words.ids) + 1, dtype=np.int64)
+def _dup_ngrams(
+    words: Words, chars: np.ndarray, texts: np.ndarray, repeated2: np.ndarray, n: int = 5
+) -> np.ndarray:
+    """``filters.dup_ngram_fraction``: characters of words inside a repeated n-gram.
+    Only n-grams made of repeated 2-grams can repeat, so only those are counted."""
+    maybe = repeated2[: len(words.ids)].copy()
+    for k in range(1, n - 1):
+        maybe &= repeated2[k : k + len(words.ids)]
+    first, count = ngram_counts(words, n, texts & (words.per_text >= n + 1), maybe)
     dup = first[count > 1]
-    np.add.at(edge, dup, 1)
-    np.add.at(edge, dup + n, -1)
+    size = len(words.ids) + 1
+    edge = np.bincount(dup, minlength=size) - np.bincount(dup + n, minlength=size)
     covered = np.cumsum(edge[:-1]) > 0
     dup_chars = np.bincount(
         words.owner, weights=np.where(covered, words.lengths, 0), minlength=len(texts)
@@ -127,9 +133,10 @@ def first_failures(texts: list[str], cfg: FilterConfig) -> list[str | None]:
     fail("control_ratio", _ratio(batch.count(CONTROL), n) > cfg.max_control_ratio)
     fail("dup_lines", dup_line_fractions(batch) > cfg.max_dup_line_fraction)
     chars = np.bincount(words.owner, weights=words.lengths, minlength=len(texts)).astype(np.int64)
-    top = _top_ngram(words, chars, failed < 0)
+    top, repeated2 = _top_ngram(words, chars, failed < 0)
     fail("top_ngram", top > cfg.max_top_ngram_fraction)
-    fail("dup_ngrams", _dup_ngrams(words, chars, failed < 0) > cfg.max_dup_ngram_fraction)
+    dup = _dup_ngrams(words, chars, failed < 0, repeated2)
+    fail("dup_ngrams", dup > cfg.max_dup_ngram_fraction)
     mean = _ratio(chars, nw)
     fail("min_mean_word_length", (nw > 0) & (mean < cfg.min_mean_word_length))
     fail("max_mean_word_length", (nw > 0) & (mean > cfg.max_mean_word_length))

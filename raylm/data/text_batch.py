@@ -175,9 +175,14 @@ def _mix(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def ngram_counts(words: Words, n: int, texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def ngram_counts(
+    words: Words, n: int, texts: np.ndarray, maybe: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Every word n-gram inside one text (of those in ``texts``, a bool mask): the index
-    of its first word, and how often the same n-gram occurs in that text.
+    of its first word, and how often the same n-gram occurs in that text. With
+    ``maybe`` (a bool per word position), only n-grams starting where it is True are
+    counted: the caller knows the others occur once (a repeated 5-gram is four
+    repeated 2-grams in a row), and their partners are among those counted.
 
     An n-gram's key is a 64-bit hash of its text and its exact word ids: two different
     n-grams of one text share a key with probability about 2^-64 per pair."""
@@ -186,12 +191,17 @@ def ngram_counts(words: Words, n: int, texts: np.ndarray) -> tuple[np.ndarray, n
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
     first = np.arange(total - n + 1)
     inside = words.owner[first] == words.owner[first + n - 1]
-    first = first[inside & texts[words.owner[first]]]
+    keep = inside & texts[words.owner[first]]
+    if maybe is not None:
+        keep &= maybe[first]
+    first = first[keep]
     ids = words.ids.astype(np.uint64)
     with np.errstate(over="ignore"):
         key = words.owner[first].astype(np.uint64) * _MIX
         for k in range(n):
             key = (key + ids[first + k]) * _MIX
+    if not len(first):
+        return first, np.empty(0, dtype=np.int64)
     codes, _ = pd.factorize(_mix(key))
     return first, np.bincount(codes)[codes]
 

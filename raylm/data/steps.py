@@ -99,6 +99,8 @@ def _map_json(value: Any, fn: Callable[[str], str]) -> Any:
 
 def strings_of(payload: dict) -> str:
     """The payload's text, joined: what the quality filters judge."""
+    if len(payload) == 1 and "text" in payload:  # pt: the one string, no walk
+        return payload["text"]
     seen: list[str] = []
     map_strings(payload, lambda s: seen.append(s) or s)
     return "\n".join(seen)
@@ -127,6 +129,9 @@ def _label_salt(row: dict[str, Any]) -> int:
 
 
 _SALT = 0x9E3779B97F4A7C15
+
+_to_json = json.JSONEncoder(ensure_ascii=False).encode
+"""``json.dumps(value, ensure_ascii=False)`` without building an encoder per row."""
 
 
 class Step(abc.ABC):
@@ -373,7 +378,7 @@ def process_rows(
         step.run_batch(kept)
         kept = [r for r in kept if not r["status"]]
     for row in kept:
-        row["doc"] = json.dumps(row[_PAYLOAD], ensure_ascii=False)
+        row["doc"] = _to_json(row[_PAYLOAD])
         row[_TEXT] = dedup_text(row[_PAYLOAD])
     sign, scored = Sign(cfg), Score(cfg)
     sign.run(kept)

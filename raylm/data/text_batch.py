@@ -140,23 +140,26 @@ class Words:
     def of(cls, batch: Batch) -> Words:
         c = batch.cls
         word, cjk = (c & WORD) != 0, (c & CJK) != 0
-        prev_word = np.concatenate([[False], word[:-1]])
-        run_start = word & ~prev_word
-        run_id = np.cumsum(run_start) - 1  # valid where word
-        rest = word & ~cjk  # a non-CJK word character: it starts or continues a long word
-        seen_rest = np.cumsum(rest)
-        run_first = np.flatnonzero(run_start)
-        before_run = np.concatenate([[0], seen_rest])[run_first]  # rest chars before each run
-        if not len(before_run):  # no word character at all (CJK punctuation alone, say)
-            before_run = np.zeros(1, dtype=np.int64)
-        after_rest = word & (seen_rest - before_run[np.maximum(run_id, 0)] > 0)
-        first_rest = rest & (seen_rest - before_run[np.maximum(run_id, 0)] == 1)
-        single = cjk & ~after_rest
-        starts = np.flatnonzero(single | first_rest)
-        run_end = np.flatnonzero(word & ~np.concatenate([word[1:], [False]])) + 1
-        long_word = first_rest[starts]
+        edge = np.diff(word.view(np.int8), prepend=0, append=0)
+        run_start, run_end = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
+        rest = np.flatnonzero(word & ~cjk)  # non-CJK word characters: they start long words
+        at = np.searchsorted(rest, run_start)
+        long_start = np.append(rest, len(c))[at]  # the run's first one, if inside the run
+        has_long = long_start < run_end
+        singles = np.flatnonzero(cjk)
+        if len(run_start):  # a CJK character is a word unless its run's long word began
+            run = np.searchsorted(run_start, singles, side="right") - 1
+            r = np.maximum(run, 0)
+            singles = singles[(run < 0) | (singles < long_start[r]) | (singles >= run_end[r])]
+        is_start = np.zeros(len(c) + 1, dtype=bool)
+        is_start[singles] = True
+        is_start[long_start[has_long]] = True
+        starts = np.flatnonzero(is_start)
+        long_word = np.zeros(len(c) + 1, dtype=bool)
+        long_word[long_start[has_long]] = True
+        long_word = long_word[starts]
         ends = starts + 1
-        ends[long_word] = run_end[run_id[starts[long_word]]]
+        ends[long_word] = run_end[has_long]
         ids = batch.cp[starts].astype(np.int64)  # one character: its code point
         ids[long_word] = 0x110000 + batch.span_ids(starts[long_word], ends[long_word])
         owner = batch.owner(starts)

@@ -167,6 +167,15 @@ class Parse(Step):
 
     def run(self, row: dict[str, Any]) -> None:
         self.stats.update(documents=1, bytes=row["nbytes"])
+        self._parse(row)
+
+    def run_batch(self, rows: list[dict[str, Any]]) -> None:
+        if rows:  # no keys for no rows, as row by row
+            self.stats.update(documents=len(rows), bytes=sum(r["nbytes"] for r in rows))
+        for row in rows:
+            self._parse(row)
+
+    def _parse(self, row: dict[str, Any]) -> None:
         try:
             record = parse_row(row)
             row[_PAYLOAD] = self._payload(record, row)

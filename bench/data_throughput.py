@@ -142,7 +142,9 @@ def _read(path: Path) -> list[Any]:
     return blocks
 
 
-def stage_rates(files: dict[str, Path], repeat: int) -> dict[str, dict[str, float]]:
+def stage_rates(
+    files: dict[str, Path], repeat: int, probes: bool = True
+) -> dict[str, dict[str, float]]:
     """MB/s per core of each stage over each slice (and ``all``)."""
     from raylm.data import dedup, filters, pii, steps
     from raylm.data.config import DataJobConfig, DedupConfig
@@ -160,7 +162,7 @@ def stage_rates(files: dict[str, Path], repeat: int) -> dict[str, dict[str, floa
         texts = [json.loads(r)["text"] for b in blocks for r in b.column("raw").to_pylist()]
         row["parse (json)"], _ = _best(lambda t=blocks: _parse(t), repeat)
         row["normalise (NFKC)"], texts = _best(lambda t=texts: [filters.nfkc(x) for x in t], repeat)
-        for label, fn in _filter_probes(cfg).items():
+        for label, fn in _filter_probes(cfg).items() if probes else ():
             row[f"filter {label}"], _ = _best(lambda f=fn, t=texts: [f(x) for x in t], repeat)
         row["filters, per document"], doc_fail = _best(
             lambda t=texts: [filters.first_failure(x, cfg.filters) for x in t], repeat
@@ -307,11 +309,14 @@ def main() -> None:
     parser.add_argument("--out", default="")
     parser.add_argument("--skip-job", action="store_true")
     parser.add_argument("--skip-datatrove", action="store_true")
+    parser.add_argument(
+        "--no-probes", action="store_true", help="skip timing each per-document filter alone"
+    )
     parser.add_argument("--datatrove-python", default="/tmp/dtvenv/bin/python")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="raylm_throughput_"))
     files = build_corpus(out / "corpus", args.mb)
-    table = stage_rates(files, args.repeat)
+    table = stage_rates(files, args.repeat, probes=not args.no_probes)
     total_mb = sum(t["MB"] for t in table.values())
     stages = [k for k in table[SLICES[0]] if k not in ("MB", "docs")]
     table["all"] = {k: total_mb / sum(t["MB"] / t[k] for t in table.values()) for k in stages}

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -126,19 +127,43 @@ def cluster_command(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_ACTIONS = ("status", "down", "promote", "rollback")
+"""``raylm serve ACTION ...`` verbs that manage running apps rather than deploy one."""
+
+
 def serve_command(args: argparse.Namespace) -> int:
-    """``raylm serve status`` / ``raylm serve down NAME``: the apps, not a new deployment."""
+    """``raylm serve status|down|promote|rollback ...``: the apps, not a new deployment."""
     from raylm.serve import deploy
 
     action, names = args.rest[0], args.rest[1:]
     if action == "status":
         print(json.dumps(deploy.status(args.address), indent=2))
         return 0
+    if action in ("promote", "rollback"):
+        return traffic_command(action, names, args.address)
     if len(names) != 1:
         raise ConfigError("usage: raylm serve down APP_NAME")
     removed = deploy.down(names[0], args.address)
     print(f"app {names[0]} deleted" if removed else f"no app named {names[0]}")
     return 0 if removed else 1
+
+
+def traffic_command(action: str, names: list[str], address: str | None) -> int:
+    """``raylm serve promote APP VERSION [PERCENT]`` / ``raylm serve rollback APP``."""
+    from raylm.serve import deploy, versions
+
+    if action == "rollback" and len(names) == 1:
+        new = deploy.change_traffic(names[0], versions.rollback, address)
+    elif action == "promote" and len(names) in (2, 3):
+        percent = float(names[2]) if len(names) == 3 else 100.0
+        change = partial(versions.promote, version=names[1], percent=percent)
+        new = deploy.change_traffic(names[0], change, address)
+    else:
+        raise ConfigError(
+            "usage: raylm serve promote APP VERSION [PERCENT] | raylm serve rollback APP"
+        )
+    print(json.dumps({"app": names[0], "traffic": new["weights"]}))
+    return 0
 
 
 def config_command(args: argparse.Namespace) -> int:
@@ -169,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for job in config.job_names():
-        extra = " (or: serve status | serve down APP)" if job == "serve" else ""
+        extra = (
+            " (or: serve status | down APP | promote APP VERSION [PERCENT] | rollback APP)"
+            if job == "serve"
+            else ""
+        )
         p = sub.add_parser(job, help=f"run the {job} job on the current cluster{extra}")
         p.add_argument("rest", nargs="*", metavar="CONFIG.yaml | key=value")
         p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS or the local one)")
@@ -251,7 +280,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(describe(args.run_dir))
         return 0
-    if args.command == "serve" and args.rest[:1] in (["status"], ["down"]):
+    if args.command == "serve" and args.rest[:1] and args.rest[0] in SERVE_ACTIONS:
         return serve_command(args)
     if args.command == "tiny-model":
         from raylm.models.tiny import build

@@ -144,6 +144,14 @@ class ServiceOutput(StageOutput):
     adapters: dict[str, str] = dataclasses.field(default_factory=dict)
     """LoRA name -> adapter directory served beside the base model."""
 
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Version name -> model directory, when the app serves several (``model`` is the
+    one ``model.version`` names); empty for a one-version app."""
+
+    traffic: dict[str, float] = dataclasses.field(default_factory=dict)
+    """The deployed split between ``versions`` (``raylm serve promote`` changes the
+    running app's, not this record)."""
+
 
 def read_output(cls: type[Out], out_dir: str | Path) -> Out:
     """The typed output recorded in the manifest of a finished job's directory."""

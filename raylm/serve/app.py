@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import replace
 from typing import Any
 
 from raylm import storage
 from raylm.config import ConfigError, resolve_path
 from raylm.engine import LoraSlots, engine_env, engine_kwargs
-from raylm.serve import lora
+from raylm.serve import lora, versions
 from raylm.serve.config import ServeJobConfig
 from raylm.serve.validation import hash_key
 
@@ -230,19 +231,40 @@ def without_credentials(config: dict[str, Any]) -> dict[str, Any]:
     """
     out = copy.deepcopy(config)
     for application in out.get("applications", []):
-        env = application["args"]["llm_config"].get("runtime_env", {}).get("env_vars", {})
-        for name in [n for n in env if any(w in n.upper() for w in SECRET_ENV_WORDS)]:
-            del env[name]
+        args = application["args"]
+        for model in args["versions"].values() if "versions" in args else [args]:
+            env = model["llm_config"].get("runtime_env", {}).get("env_vars", {})
+            for name in [n for n in env if any(w in n.upper() for w in SECRET_ENV_WORDS)]:
+                del env[name]
     return out
 
 
 def app_config(cfg: ServeJobConfig, key_hashes: list[str]) -> dict[str, Any]:
     """One entry of a Serve config's ``applications`` list."""
-    return {
+    out = {
         "name": cfg.app_name,
         "route_prefix": cfg.route_prefix,
         "import_path": BUILDER,
         "args": serving_args(cfg, key_hashes),
+    }
+    if cfg.versions:
+        out["args"] = versions_args(cfg, key_hashes)
+        weights = {"weights": out["args"]["weights"]}
+        out["deployments"] = [{"name": versions.ROUTER, "user_config": weights}]
+    return out
+
+
+def versions_args(cfg: ServeJobConfig, key_hashes: list[str]) -> dict[str, Any]:
+    """The builder's args for several versions: each one's model args, and the weights
+    (the router's ``user_config`` too: promote and rollback change only that)."""
+    paths = {cfg.model.version: cfg.model.path, **cfg.versions}
+    each = {
+        name: serving_args(replace(cfg, model=replace(cfg.model, path=path)), key_hashes)
+        for name, path in paths.items()
+    }
+    return {
+        "versions": each,
+        "weights": versions.weights_of(cfg.model.version, cfg.versions, cfg.traffic),
     }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from raylm import storage
 from raylm.config import ConfigError, resolve_model, resolve_path
 from raylm.engine import LoraSlots, engine_env, engine_kwargs
-from raylm.serve.config import GenerateJobConfig
+from raylm.serve.config_generate import GenerateJobConfig
 
 ERROR_COLUMN = "__inference_error__"
 OUTPUT_COLUMNS = ["row_id", "prompt", "completion", "prompt_tokens", "completion_tokens"]

@@ -13,8 +13,19 @@ from typing import Any
 
 
 def build_app(args: dict[str, Any]) -> Any:
-    """The Serve application for ``args``: ``llm_config`` (ray.serve.llm's ``LLMConfig``)
-    and ``raylm`` (``raylm.serve.server.ServerSettings``), as ``raylm.serve.app`` writes them.
+    """The Serve application for ``args`` as ``raylm.serve.app`` writes them: one model
+    (``llm_config`` and ``raylm``), or ``versions`` of one (each such a pair) and their
+    ``weights``, behind the version router (``raylm.serve.router``)."""
+    if "versions" not in args:
+        return model_app(args)
+    from raylm.serve.router import build_router
+
+    models = {name: model_app(a, name) for name, a in args["versions"].items()}
+    return build_router(models, args["weights"])
+
+
+def model_app(args: dict[str, Any], version: str | None = None) -> Any:
+    """One model's deployment; the app's ingress unless it is one of several versions.
 
     ray.serve.llm's own direct streaming also puts a request-router deployment in front
     (HAProxy asks it, per request, which replica to use, so that LoRA requests go to a
@@ -29,8 +40,15 @@ def build_app(args: dict[str, Any]) -> Any:
 
     from raylm.serve.server import RaylmLLMServer
 
-    return build_llm_deployment(
+    if version is None:
+        return build_llm_deployment(
+            LLMConfig.model_validate(args["llm_config"]),
+            bind_kwargs={"raylm": args.get("raylm", {})},
+            deployment_cls=serve.ingress()(RaylmLLMServer),
+        )
+    return build_llm_deployment(  # the router is the ingress; Serve allows one
         LLMConfig.model_validate(args["llm_config"]),
-        bind_kwargs={"raylm": args.get("raylm", {})},
-        deployment_cls=serve.ingress()(RaylmLLMServer),
+        name_prefix=f"RaylmLLMServer@{version}:",
+        bind_kwargs={"raylm": {**args.get("raylm", {}), "routed": True}},
+        deployment_cls=RaylmLLMServer,
     )

@@ -10,10 +10,12 @@ leaving everyone else's apps alone.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from raylm.cluster import ClusterError, free_port, resolve_dashboard
 from raylm.config import ConfigError
+from raylm.serve import versions
 
 
 def _client(address: str | None) -> Any:
@@ -116,6 +118,27 @@ def down(name: str, address: str | None = None, wait_s: float = 180.0) -> bool:
     return True
 
 
+def change_traffic(
+    name: str, change: Callable[[dict[str, Any]], dict[str, Any]], address: str | None = None
+) -> dict[str, Any]:
+    """Apply ``change`` (``versions.promote`` / ``rollback``) to app ``name``'s split.
+
+    Only the router's ``user_config`` differs from the running app's declared config, so
+    Serve takes the lightweight path: the router reconfigures in place, no replica
+    restarts, and requests in flight finish on the version they started on.
+    """
+    info = details(address)
+    app = next((a for a in _declared_apps(info) if a["name"] == name), None)
+    if app is None:
+        raise ConfigError(f"no serve app named {name!r} (see `raylm serve status`)")
+    new = change(versions.router_config(app))
+    http = {k: v for k, v in (info.get("http_options") or {}).items() if k in ("host", "port")}
+    config = {"http_options": http, "applications": [versions.with_router_config(app, new)]}
+    config["proxy_location"] = info.get("proxy_location") or "HeadOnly"
+    deploy(config, address)
+    return new
+
+
 def status(address: str | None = None) -> dict[str, Any]:
     """Per app: status, message, URL and each deployment's status and RUNNING replicas."""
     return summarize(details(address))
@@ -134,12 +157,16 @@ def summarize(info: dict[str, Any]) -> dict[str, Any]:
                 "message": d.get("message", ""),
             }
         prefix = (app.get("route_prefix") or "/").rstrip("/")
+        declared = app.get("deployed_app_config") or {}
+        traffic = [d.get("user_config") for d in declared.get("deployments") or []
+                   if d.get("name") == versions.ROUTER]  # fmt: skip
         apps[name] = {
             "status": app.get("status"),
             "message": app.get("message", ""),
             "route_prefix": prefix or "/",
             "url": f"http://{http.get('host', '127.0.0.1')}:{http.get('port')}{prefix}/v1",
             "deployments": deps,
+            **({"traffic": (traffic[0] or {}).get("weights")} if traffic else {}),
         }
     return {"http": {"host": http.get("host"), "port": http.get("port")}, "applications": apps}
 

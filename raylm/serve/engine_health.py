@@ -324,21 +324,34 @@ def with_header(send: Send, name: bytes, value: bytes) -> Send:
     return wrapped
 
 
-def retry_fields(scope: dict[str, Any]) -> dict[str, Any]:
-    """What of an HTTP scope another replica needs to run the request again (picklable)."""
+def scope_fields(scope: dict[str, Any]) -> dict[str, Any]:
+    """What of an HTTP scope another replica needs to run the request (picklable): for
+    a retry here, and for the version router (``raylm.serve.router``)."""
     keep = ("type", "http_version", "method", "scheme", "path", "raw_path", "root_path")
     fields = {k: scope[k] for k in keep if k in scope}
     fields["query_string"] = scope.get("query_string", b"")
     fields["headers"] = [(k, v) for k, v in scope.get("headers", []) if k != RETRIED_HEADER]
+    return fields
+
+
+def retry_fields(scope: dict[str, Any]) -> dict[str, Any]:
+    """``scope_fields`` marked as a re-sent request."""
+    fields = scope_fields(scope)
     fields["headers"].append((RETRIED_HEADER, b"1"))
     return fields
 
 
+def forwarded_scope(fields: dict[str, Any], retried: bool = False) -> dict[str, Any]:
+    """The scope a replica runs a request another deployment handed it with: a re-sent
+    one (``raylm_retry``, which bounces rather than retries again) or a routed one."""
+    scope = {"asgi": {"version": "3.0"}, "client": None, "server": None, **fields}
+    scope["extensions"] = {RETRY_SCOPE_KEY: True} if retried else {}
+    return scope
+
+
 def retried_scope(fields: dict[str, Any]) -> dict[str, Any]:
     """The scope a replica runs a re-sent request with (``raylm_retry``)."""
-    scope = {"asgi": {"version": "3.0"}, "client": None, "server": None, **fields}
-    scope["extensions"] = {RETRY_SCOPE_KEY: True}
-    return scope
+    return forwarded_scope(fields, retried=True)
 
 
 async def run_collected(

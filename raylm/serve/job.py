@@ -16,7 +16,8 @@ from raylm import storage
 from raylm.config import ConfigError, resolve_path
 from raylm.job import Job, Result
 from raylm.outputs import ServiceOutput
-from raylm.serve.config import GenerateJobConfig, ServeJobConfig
+from raylm.serve.config import ServeJobConfig
+from raylm.serve.config_generate import GenerateJobConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +50,27 @@ class ServeJob(Job[ServeJobConfig]):
         """Relative paths mean the workspace (URIs stay); the model dir and named adapters
         must exist now, locally or in a bucket, before anything is written or deployed."""
         from raylm.serve.app import check_model_dir, lora_locations
+        from raylm.serve.versions import version_model
 
         adapters = {name: resolve_path(p) for name, p in cfg.lora.adapters.items()}
         adapters_dir = resolve_path(cfg.lora.adapters_dir) if cfg.lora.adapters_dir else None
         lora = dataclasses.replace(cfg.lora, adapters=adapters, adapters_dir=adapters_dir)
         model = dataclasses.replace(cfg.model, path=resolve_path(cfg.model.path))
-        cfg = dataclasses.replace(cfg, model=model, lora=lora)
-        check_model_dir(cfg.model.path)
-        lora_locations(cfg)
-        if not cfg.resources.use_gpu:  # CPU vLLM runs some quantized formats in bf16 only
-            from raylm.export.llmc import cpu_serving_refusal
+        versions = {n: version_model(n, p) for n, p in cfg.versions.items()}
+        cfg = dataclasses.replace(cfg, model=model, lora=lora, versions=versions)
+        for path in [cfg.model.path, *versions.values()]:
+            check_model_dir(path)
+            if not cfg.resources.use_gpu:  # CPU vLLM runs some quantized formats in bf16 only
+                from raylm.export.llmc import cpu_serving_refusal
 
-            refusal = cpu_serving_refusal(cfg.model.path, cfg.engine.dtype)
-            if refusal:
-                raise ConfigError(refusal)
+                refusal = cpu_serving_refusal(path, cfg.engine.dtype)
+                if refusal:
+                    raise ConfigError(refusal)
+        lora_locations(cfg)
         return with_adapters_template(cfg)
 
     def inputs(self, cfg: ServeJobConfig) -> list[str]:
-        return [cfg.model.path, *cfg.lora.adapters.values()]
+        return [cfg.model.path, *cfg.versions.values(), *cfg.lora.adapters.values()]
 
     def recorded(self, cfg: ServeJobConfig) -> ServeJobConfig:
         """API keys replaced, so no file holds a secret."""
@@ -78,6 +82,7 @@ class ServeJob(Job[ServeJobConfig]):
 
         from raylm.serve.app import api_key_hashes, serve_config, without_credentials
         from raylm.serve.deploy import choose_port, deploy, wait_running
+        from raylm.serve.versions import weights_of
 
         port = choose_port(cfg.http.port, cfg.dashboard_address)
         config = serve_config(cfg, api_key_hashes(cfg), port)
@@ -93,6 +98,9 @@ class ServeJob(Job[ServeJobConfig]):
         status = state.get("status", "DEPLOYING")
         print(f"serve: {cfg.app_name} {status} at {url}")
         service = ServiceOutput(url, cfg.app_name, cfg.model.path, dict(cfg.lora.adapters))
+        if cfg.versions:
+            service.versions = {cfg.model.version: cfg.model.path, **cfg.versions}
+            service.traffic = weights_of(cfg.model.version, cfg.versions, cfg.traffic)
         return Result(
             {"serve_config": config_path, "url": url},
             {"status": status, "port": port},

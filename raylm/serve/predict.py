@@ -18,7 +18,7 @@ from typing import Any
 
 from raylm import storage
 from raylm.config import ConfigError, resolve_path
-from raylm.serve.config import GenerateJobConfig
+from raylm.serve.config_generate import GenerateJobConfig
 
 PROMPTS = "prompts.jsonl"
 PREDICTIONS = "generated_predictions.jsonl"

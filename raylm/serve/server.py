@@ -63,6 +63,11 @@ class ServerSettings:
     adapters: dict[str, str] = field(default_factory=dict)
     """Adapters by explicit name -> directory."""
 
+    routed: bool = False
+    """One of several versions (``versions``): the version router is the app's HTTP
+    ingress (Serve allows one), so this replica builds its own app to run what the router
+    forwards (``raylm_forward``)."""
+
     sessions: dict[str, Any] = field(default_factory=dict)
     """The Responses API's store: ``store`` (URL), ``retention_s`` and ``namespace``, as
     ``raylm.serve.app.sessions_settings`` writes them; empty: SQLite on the node."""
@@ -137,6 +142,19 @@ def warm_up_generation(client: Any) -> Any:
     return client.generate("Hello", params, request_id=f"raylm-warmup-{uuid4().hex}")
 
 
+async def start_app(app: Any) -> Any:
+    """Run an ASGI app's lifespan start-up as Serve does for an ingress's app (uvicorn's
+    handler); the handler, whose ``shutdown`` ends it."""
+    from uvicorn.config import Config
+    from uvicorn.lifespan.on import LifespanOn
+
+    lifespan = LifespanOn(Config(app, lifespan="on", log_level=None, log_config=None))
+    await lifespan.startup()
+    if lifespan.should_exit:
+        raise RuntimeError("raylm: the version's app failed its start-up (see the log)")
+    return lifespan
+
+
 def replica_id() -> str:
     """This Serve replica's id (the ``x-raylm-replica`` header), "" outside Serve."""
     try:
@@ -167,6 +185,8 @@ def _server_cls() -> type:
             kwargs.setdefault("model_downloader", ray_llm.lora_loader_cls(find))
             await super().__init__(llm_config, **kwargs)
             await self._raylm_engine_checks(llm_config.model_id)
+            if self.settings.routed:  # Serve builds the ingress's app only
+                self._raylm_lifespan = await start_app(await self.__serve_build_asgi_app__())
 
         async def _raylm_engine_checks(self, model: str) -> None:
             """Warm the engine up (or fail), then watch it (``raylm.serve.engine_health``)."""
@@ -195,6 +215,15 @@ def _server_cls() -> type:
             from raylm.serve import engine_health as eh
 
             async for message in eh.run_collected(self._raylm_app, eh.retried_scope(fields), raw):
+                yield message
+
+        async def raylm_forward(self, fields: dict[str, Any], raw: bytes) -> Any:
+            """Run a request the version router (``raylm.serve.router``) picked this
+            version for; yields its ASGI messages, and may still retry it elsewhere."""
+            from raylm.serve import engine_health as eh
+
+            scope = eh.forwarded_scope(fields)
+            async for message in eh.run_collected(self._raylm_app, scope, raw):
                 yield message
 
         async def _raylm_elsewhere(self, fields: dict[str, Any], raw: bytes) -> Any:

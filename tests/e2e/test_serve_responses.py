@@ -46,7 +46,7 @@ KEYS = ("sk-e2e-conv-a1", "sk-e2e-conv-b2")  # test-only keys
 TURN = {"model": "tiny", "max_output_tokens": 4, "temperature": 0}
 
 
-def serve(tiny_model: Path, out: Path, store: str, replicas: int) -> str:
+def serve(tiny_model: Path, out: Path, store: str, replicas: int, *extra: str) -> str:
     """Deploy the app through the real CLI; its OpenAI base URL."""
     cmd = [sys.executable, "-m", "raylm.cli", "serve", str(ROOT / "conf/serve/tiny.yaml")]
     cmd += [
@@ -60,6 +60,7 @@ def serve(tiny_model: Path, out: Path, store: str, replicas: int) -> str:
         f"sessions.store={store}",
         "http.port=0",
         "wait_ready_s=420",
+        *extra,
     ]
     env = os.environ | {"RAYLM_API_KEY": ",".join(KEYS)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
@@ -116,11 +117,13 @@ def test_conversation_across_replicas_and_a_redeploy(
         first = chaos(url, c, first, ray_cluster.temp_dir)
 
         assert deploy.down(APP)  # every replica gone; the store keeps the conversation
-        url = serve(tiny_model, tmp_path / "second", store, replicas=1)
+        # deployed again as two versions of the model behind the version router (canary)
+        canary = [f"versions={{v2: {tiny_model}}}", "traffic={v1: 90, v2: 10}"]
+        url = serve(tiny_model, tmp_path / "second", store, 1, *canary)
         c = client(url)
         assert c.responses.retrieve(first.id).id == first.id
-        last, later_replicas = converse(c, first, replicas=1, max_turns=2)
-        assert not later_replicas & first_replicas  # new replicas continued it
+        last, later_replicas = converse(c, first, replicas=2)
+        assert not later_replicas & first_replicas  # new replicas (both versions) went on
         streamed = list(
             c.responses.create(
                 input="and streamed", previous_response_id=last.id, stream=True, **TURN
@@ -133,8 +136,67 @@ def test_conversation_across_replicas_and_a_redeploy(
         c.responses.delete(last.id)
         with pytest.raises(openai.NotFoundError):
             c.responses.retrieve(last.id)
+        promote_and_roll_back(url, tmp_path / "second")
     finally:
         deploy.down(APP)
+
+
+def versions_of(url: str, n: int) -> list[str]:
+    """The version (``x-raylm-version``) that answered each of ``n`` 1-token requests."""
+    headers = {"Authorization": f"Bearer {KEYS[0]}"}
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
+    out = []
+    with httpx.Client(timeout=60, headers=headers) as h:
+        for _ in range(n):
+            r = h.post(f"{url}/completions", json=body)
+            assert r.status_code == 200, r.text
+            out.append(r.headers["x-raylm-version"])
+    return out
+
+
+def raylm_serve(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "raylm.cli", "serve", *args],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(proc.stdout[proc.stdout.index("{") :])
+
+
+def promote_and_roll_back(url: str, out: Path) -> None:
+    """The 90/10 split is exact (smooth weighted round robin); ``raylm serve promote``
+    sends everything to v2 without cutting a stream in flight; ``rollback`` restores
+    90/10. How long each change took to reach requests is printed (docs/benchmarks.md)."""
+    recorded = json.loads((out / "manifest.json").read_text())["output"]
+    assert recorded["traffic"] == {"v1": 90.0, "v2": 10.0} and set(recorded["versions"]) == {
+        "v1", "v2"}  # fmt: skip
+    picks = versions_of(url, 40)
+    assert picks.count("v2") == 4 and picks.count("v1") == 36, picks
+    results: list[dict] = []
+    lock, first = threading.Lock(), threading.Event()
+    long = threading.Thread(target=stream_once, args=(url, results, lock, 256),
+                            kwargs={"on_first": lambda o: first.set()})  # fmt: skip
+    long.start()
+    assert first.wait(60)
+    t0 = time.monotonic()
+    assert raylm_serve("promote", APP, "v2")["traffic"] == {"v1": 0.0, "v2": 100.0}
+    returned = time.monotonic()
+    while versions_of(url, 1) != ["v2"] or versions_of(url, 10) != ["v2"] * 10:
+        assert time.monotonic() - returned < 30, "promote did not reach requests in 30 s"
+    print(f"\n[canary] promote: command {returned - t0:.2f} s, in effect "
+          f"{time.monotonic() - returned:.2f} s after it returned (10 requests included)")  # fmt: skip
+    long.join(timeout=120)
+    (stream,) = results
+    assert stream["end"] == "done" and stream["tokens"] == 256, stream  # not cut
+    status = deploy.status()["applications"][APP]
+    assert status["traffic"] == {"v1": 0.0, "v2": 100.0}
+    t0 = time.monotonic()
+    assert raylm_serve("rollback", APP)["traffic"] == {"v1": 90.0, "v2": 10.0}
+    returned = time.monotonic()
+    while versions_of(url, 1) != ["v1"]:
+        assert time.monotonic() - returned < 30, "rollback did not reach requests in 30 s"
+    print(f"[canary] rollback: command {returned - t0:.2f} s, in effect "
+          f"{time.monotonic() - returned:.2f} s after it returned")  # fmt: skip
+    picks = versions_of(url, 20)  # the new split from its first pick: exactly 18/2
+    assert picks.count("v2") == 2, picks
 
 
 def measure_latency(c: openai.OpenAI, previous: str, backend: str, n: int = 5) -> None:

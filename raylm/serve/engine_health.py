@@ -31,13 +31,15 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+from raylm.serve.guards import RETRIED
+
 logger = logging.getLogger("raylm.serve.engine")
 
 Message = dict[str, Any]
 Send = Callable[[Message], Awaitable[None]]
 Receive = Callable[[], Awaitable[Message]]
 
-RETRIED_HEADER = b"x-raylm-retried"
+RETRIED_HEADER = RETRIED
 REPLICA_HEADER = b"x-raylm-replica"
 RETRY_SCOPE_KEY = "raylm.retry"
 """Key in a scope's ``extensions`` marking a request re-sent by another replica (set by

@@ -31,6 +31,9 @@ from typing import Any, Protocol
 
 from raylm.serve.validation import ApiError
 
+RETRIED = b"x-raylm-retried"
+"""The header ``raylm.serve.engine_health`` marks a re-sent request's answer with."""
+
 ACCESS_LOGGER = "raylm.serve.access"
 """Logger of the one-JSON-line-per-request access log (its own stderr handler)."""
 
@@ -185,6 +188,9 @@ class AccessRecord:
     ``stream_options.include_usage`` while no token budget is set)."""
     completion_tokens: int | None = None
     stream: bool = False
+    retried: bool = False
+    """The engine this replica sent it to died before its first token and another replica
+    answered it (``raylm.serve.engine_health``; the answer's ``x-raylm-retried``)."""
     prompt: Any = None
 
     def line(self, now: float | None = None) -> str:
@@ -202,6 +208,7 @@ class AccessRecord:
             "completion_tokens": self.completion_tokens,
             "latency_ms": round((now - self.start) * 1000, 1),
             "replica": self.replica,
+            "retried": self.retried,
         }
         if self.prompt is not None:
             out["prompt"] = self.prompt
@@ -246,6 +253,7 @@ class Exchange:
             self.status = message["status"]
             if self.record is not None:
                 self.record.status = self.status
+                self.record.retried = (RETRIED, b"1") in message.get("headers", [])
             if self._buffer:
                 self._start = message
                 return

@@ -43,7 +43,9 @@ class Engine:
         if not body.get("stream"):
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "finish_reason": "stop"}  # fmt: skip
-            return JSONResponse({**base, "choices": [choice], "usage": usage})
+            # "retry me": answered as the engine guard answers a re-sent request
+            marked = {"x-raylm-retried": "1"} if text == "retry me" else {}
+            return JSONResponse({**base, "choices": [choice], "usage": usage}, headers=marked)
 
         async def events():
             chunk = {**base, "object": "chat.completion.chunk"}
@@ -233,6 +235,9 @@ def test_access_log_has_one_json_line_per_request_without_prompts(access: Lines)
     assert ok["key"] == hash_key(KEYS[0])[:12] and ok["replica"] == "r1"
     assert 0 <= ok["latency_ms"] < 10_000 and abs(ok["time"] - time.time()) < 60
     assert limited["status"] == 429 and denied["status"] == 401
+    assert not ok["retried"]
+    chat(served(Engine()), "retry me")
+    assert access.lines[-1]["retried"] is True and access.lines[-1]["status"] == 200
     assert "secret" not in json.dumps(access.lines) and KEYS[0] not in json.dumps(access.lines)
 
 

@@ -1,0 +1,115 @@
+"""Adapter affinity benchmark: ``lora.affinity`` on vs off, two replicas, more adapters than
+one replica keeps.
+
+    .venv/bin/python bench/serve_affinity.py [--adapters 4] [--per-replica 2] [--requests 80]
+
+The tiny model with ``--adapters`` random PEFT LoRAs, served by two replicas that keep
+``--per-replica`` adapters each (``lora.max_adapters_per_replica``), on a private 2-CPU
+local Ray cluster. Off: the HTTP front end picks any replica, which loads the adapter
+asked for and evicts its least recently used one. On: the version router sends each
+adapter request with Serve's ``multiplexed_model_id``, so it goes to a replica holding
+that adapter. The same sequence of 1-token requests, cycling through the adapters, goes
+to each: per setting, how many (adapter, replica) pairs answered (on: each adapter stays
+on one replica), the mean and p90 latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve import APP, ROOT, deploy_raylm, pct
+
+from raylm.cluster import LocalCluster
+from raylm.serve import deploy
+from raylm.serve.cluster_env import cluster_env
+
+
+def make_adapters(base: str, out: Path, n: int) -> Path:
+    """``n`` PEFT LoRAs with random nonzero B (outputs differ from the base)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    for i in range(n):
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(base),
+            LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        )
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, weight in model.named_parameters():
+                if "lora_" in name:
+                    weight.copy_(torch.randn(weight.shape, generator=gen) * 0.5)
+        model.save_pretrained(out / f"a{i}")
+    return out
+
+
+def run(url: str, adapters: int, requests: int) -> dict:
+    headers = {"Authorization": "Bearer sk-bench"}
+    seen, lat = set(), []
+    with httpx.Client(headers=headers, timeout=120) as h:
+        for i in range(requests):
+            body = {"model": f"tiny:a{i % adapters}", "prompt": "hi", "max_tokens": 1}
+            t = time.perf_counter()
+            r = h.post(f"{url}/completions", json=body)
+            lat.append(time.perf_counter() - t)
+            r.raise_for_status()
+            seen.add((body["model"], r.headers["x-raylm-replica"]))
+    warm = lat[adapters * 2 :]  # after every adapter was asked for twice
+    return {
+        "adapter_replica_pairs": len(seen),
+        "mean_ms": round(1000 * statistics.fmean(warm), 1),
+        "p90_ms": round(1000 * pct(warm, 0.9), 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument("--per-replica", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=80)
+    parser.add_argument("--out", default="outputs/bench/serve_affinity.json")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="raylm-bench-affinity-"))
+    from raylm.models.tiny import build
+
+    model = str(build(work / "tiny"))
+    adapters = make_adapters(model, work / "adapters", args.adapters)
+    cluster = LocalCluster(work / "home" / "cluster")
+    info = cluster.up(num_cpus=2, env=cluster_env)
+    env = os.environ | {"RAYLM_HOME": str(work / "home"), "RAY_ADDRESS": info.gcs_address}
+    os.environ.update(env)
+    result: dict = {"args": vars(args)}
+    common = ["engine.dtype=float32", f"lora.adapters_dir={adapters}",
+              f"lora.max_adapters_per_replica={args.per_replica}",
+              "autoscaling.min_replicas=2", "autoscaling.max_replicas=2"]  # fmt: skip
+    try:
+        for setting in ("false", "true"):
+            url = deploy_raylm(model, env, work, *common, f"lora.affinity={setting}")
+            result[f"affinity_{setting}"] = run(url, args.adapters, args.requests)
+            print(f"affinity={setting}: {result[f'affinity_{setting}']}", flush=True)
+            deploy.down(APP, info.dashboard_url)
+    finally:
+        try:
+            deploy.down(APP, info.dashboard_url)
+        finally:
+            cluster.down()
+    out = ROOT / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -247,7 +247,7 @@ def app_config(cfg: ServeJobConfig, key_hashes: list[str]) -> dict[str, Any]:
         "import_path": BUILDER,
         "args": serving_args(cfg, key_hashes),
     }
-    if cfg.versions:
+    if cfg.versions or (cfg.lora.enabled and cfg.lora.affinity):  # the router in front
         out["args"] = versions_args(cfg, key_hashes)
         weights = {"weights": out["args"]["weights"]}
         out["deployments"] = [{"name": versions.ROUTER, "user_config": weights}]
@@ -262,10 +262,8 @@ def versions_args(cfg: ServeJobConfig, key_hashes: list[str]) -> dict[str, Any]:
         name: serving_args(replace(cfg, model=replace(cfg.model, path=path)), key_hashes)
         for name, path in paths.items()
     }
-    return {
-        "versions": each,
-        "weights": versions.weights_of(cfg.model.version, cfg.versions, cfg.traffic),
-    }
+    weights = versions.weights_of(cfg.model.version, cfg.versions, cfg.traffic)
+    return {"versions": each, "weights": weights, "affinity": cfg.lora.affinity}
 
 
 def serve_config(cfg: ServeJobConfig, key_hashes: list[str], port: int) -> dict[str, Any]:

@@ -14,14 +14,14 @@ from typing import Any
 
 def build_app(args: dict[str, Any]) -> Any:
     """The Serve application for ``args`` as ``raylm.serve.app`` writes them: one model
-    (``llm_config`` and ``raylm``), or ``versions`` of one (each such a pair) and their
-    ``weights``, behind the version router (``raylm.serve.router``)."""
+    (``llm_config`` and ``raylm``), or ``versions`` of one (each such a pair), their
+    ``weights`` and ``affinity``, behind the version router (``raylm.serve.router``)."""
     if "versions" not in args:
         return model_app(args)
     from raylm.serve.router import build_router
 
     models = {name: model_app(a, name) for name, a in args["versions"].items()}
-    return build_router(models, args["weights"])
+    return build_router(models, args["weights"], args.get("affinity", False))
 
 
 def model_app(args: dict[str, Any], version: str | None = None) -> Any:

@@ -59,6 +59,12 @@ class LoraServeConfig:
     max_lora_rank: int = 16
     """Largest adapter rank vLLM reserves memory for (a larger rank fails to load)."""
 
+    affinity: bool = False
+    """Send a request for an adapter to a replica that has it loaded (Serve's multiplexed
+    routing, through the version router put in front), rather than to any replica, which
+    then loads it and may evict another. Worth it with several replicas and more adapters
+    than one replica keeps; the router is one more process on every request's path."""
+
     @property
     def enabled(self) -> bool:
         return bool(self.adapters_dir or self.adapters)

@@ -8,10 +8,16 @@ where raylm's request checks, the engine guard and vLLM's app run exactly as the
 a one-version app. The answer's ASGI messages come back as they are produced (streams
 stay streams) with ``x-raylm-version`` added. Weights are the ``user_config``: a promote
 or rollback reconfigures the router in place while its requests continue.
+
+With ``lora.affinity`` (also for one version) a request for an adapter is sent with
+Serve's ``multiplexed_model_id``: each replica loads adapters through ray.serve.llm's
+``serve.multiplexed`` loader, which reports what it holds, and Serve's router prefers a
+replica holding the requested one (else the one holding fewest).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -54,7 +60,10 @@ class Forwarded(Response):
 class VersionRouter:
     """Splits one public model name's requests between its versions."""
 
-    def __init__(self, models: dict[str, DeploymentHandle], weights: dict[str, float]) -> None:
+    def __init__(
+        self, models: dict[str, DeploymentHandle], weights: dict[str, float], affinity: bool
+    ) -> None:
+        self.affinity = affinity
         self.handles = {
             name: handle.options(stream=True, method_name="raylm_forward")
             for name, handle in models.items()
@@ -80,10 +89,26 @@ class VersionRouter:
         self.requests.inc(tags={"version": version})
         raw = await request.body()
         fields = eh.scope_fields(request.scope)
-        stream = self.handles[version].remote(fields, raw)
+        handle = self.handles[version]
+        adapter = requested_adapter(raw) if self.affinity else None
+        if adapter:  # Serve prefers a replica whose multiplexed models include it
+            handle = handle.options(multiplexed_model_id=adapter)
+        stream = handle.remote(fields, raw)
         return Forwarded(stream, version, request.url.path.rstrip("/").endswith("responses"))
 
 
-def build_router(models: dict[str, Any], weights: dict[str, float]) -> Any:
+def requested_adapter(raw: bytes) -> str | None:
+    """The ``BASE:ADAPTER`` a request body asks for, or None (the base model, or a body
+    the replica's checks will refuse with the reason)."""
+    if b":" not in raw:
+        return None
+    try:
+        model = json.loads(raw).get("model")
+    except (ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) and ":" in model else None
+
+
+def build_router(models: dict[str, Any], weights: dict[str, float], affinity: bool) -> Any:
     """The app: the router bound to each version's model deployment."""
-    return VersionRouter.bind(models, weights)
+    return VersionRouter.bind(models, weights, affinity)

@@ -144,3 +144,23 @@ def test_change_traffic_writes_only_the_router_config(monkeypatch: pytest.Monkey
     assert summary["applications"]["m"]["traffic"] == {"a": 1, "b": 0}
     with pytest.raises(ConfigError, match="no serve app named 'nope'"):
         deploy.change_traffic("nope", versions.rollback)
+
+
+def test_adapter_affinity_puts_the_router_in_front_of_one_version(tmp_path: Path) -> None:
+    (tmp_path / "adapters").mkdir()
+    on = _cfg(tmp_path, f"lora.adapters_dir={tmp_path / 'adapters'}", "lora.affinity=true")
+    entry = app.serve_config(on, [], port=1)["applications"][0]
+    assert list(entry["args"]["versions"]) == ["v1"] and entry["args"]["affinity"] is True
+    assert entry["deployments"][0]["user_config"] == {"weights": {"v1": 100.0}}
+    off = _cfg(tmp_path / "o", f"lora.adapters_dir={tmp_path / 'adapters'}")
+    assert "versions" not in app.serve_config(off, [], port=1)["applications"][0]["args"]
+
+
+def test_the_router_reads_which_adapter_a_body_asks_for() -> None:
+    from raylm.serve.router import requested_adapter
+
+    assert requested_adapter(b'{"model": "tiny:a1", "prompt": "x"}') == "tiny:a1"
+    assert requested_adapter(b'{"model": "tiny", "prompt": "a:b"}') is None
+    assert requested_adapter(b'{"model": 3, "prompt": "a:b"}') is None
+    assert requested_adapter(b"not json: x") is None
+    assert requested_adapter(b'["tiny:a1"]') is None

@@ -159,10 +159,10 @@ def test_grpo_resumed_after_sigkill_matches_the_uninterrupted_run(
     test waits until none of that job's actors or actor processes is alive and its
     placement groups are removed, before it reads the last COMPLETE checkpoint and resumes.
 
-    ``train.max_steps=30``: the example's ``lr_scheduler: constant`` ignores the schedule's
+    ``train.max_steps=16``: the example's ``lr_scheduler: constant`` ignores the schedule's
     length, and nothing else reads it (prompts are a function of the step, sampling seeds
-    of seed/step/prompt/k), so steps 1-30 are the 60-step reference's steps 1-30.
-    ``checkpoint.save_steps=10`` (checkpointing reads the RNG states, it draws none).
+    of seed/step/prompt/k), so steps 1-16 are the 60-step reference's steps 1-16.
+    ``checkpoint.save_steps=5`` (checkpointing reads the RNG states, it draws none).
     """
     import psutil
 
@@ -170,7 +170,7 @@ def test_grpo_resumed_after_sigkill_matches_the_uninterrupted_run(
 
     reference = {r["step"]: r for r in _logged(grpo_run)}
     run_dir = tmp_path / "grpo-killed"
-    overrides = ("train.max_steps=30", "checkpoint.save_steps=10")
+    overrides = ("train.max_steps=16", "checkpoint.save_steps=5")
     cmd = _train_cmd(tiny_model, tmp_path, "grpo-killed", *overrides)
     env, log = _train_env(ray_cluster), tmp_path / "killed.log"
     with log.open("wb") as out:
@@ -211,7 +211,7 @@ def test_grpo_resumed_after_sigkill_matches_the_uninterrupted_run(
     resumes = [e for e in events if e["event"] == "resume"]
     assert [e["from_step"] for e in resumes] == [latest[0]], resumes
     rows = _logged(run_dir)
-    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert [r["step"] for r in rows] == list(range(1, 17))
     assert rows[: latest[0]] == killed[: latest[0]]  # kept as logged before the kill
     assert _mismatches(rows, reference) == []
     compared = sorted(k for k in rows[-1] if k not in TIMINGS)

@@ -209,13 +209,6 @@ def ngram_counts(
     return first, np.bincount(codes)[codes]
 
 
-def nfkc_safe(batch: Batch) -> np.ndarray:
-    """Texts with no code point Python's Unicode leaves unassigned: for those, NFKC by
-    another engine of a later Unicode version gives Python's result (Unicode's
-    normalization stability policy)."""
-    return batch.count(UNASSIGNED) == 0
-
-
 def nfkc(texts: list[str]) -> list[str]:
     """``unicodedata.normalize("NFKC", t)`` of every text, by utf8proc over the block
     (pyarrow's ``utf8_normalize``, 3-4x faster on CJK text, whose full-width

@@ -163,11 +163,18 @@ async def chaos(url: str, dashboard: str, args: argparse.Namespace) -> dict:
         "victim_gone_s": round(gone_at - killed_at, 1) if gone_at else None,
         "two_running_s": round(replaced_at - killed_at, 1) if replaced_at else None,
         "kill_at_s": round(killed_at - start, 1),
-        "load_s": round(stopped - start, 1),
+        "watched_s": round(stopped - start, 1),  # load end, or the replacement if later
         "tok_s_before_kill": round(rate(max(start, killed_at - 10), killed_at), 1),
         "tok_s_last_10s": round(rate(end - 10, end), 1),
         "replaced_before_load_end": bool(replaced_at and replaced_at < end - 10),
-        "failed_examples": failed_before_first[:5],
+        "failed_examples": [  # times from the kill, as in the e2e test's printout
+            {
+                **r,
+                **{k: round(r[k] - killed_at, 2) for k in ("start", "stop")},
+                "first": None,
+            }
+            for r in failed_before_first[:5]
+        ],
     }
 
 

@@ -115,8 +115,9 @@ class LocalCluster:
         num_cpus: int | None = None,
         timeout: float = 300.0,
         env: Callable[[str], dict[str, str]] | None = None,
+        retry: bool = True,
     ) -> ClusterInfo:
-        """Start the cluster (or return the running one) and wait for its dashboard.
+        """Start the cluster (or return the running one) and wait for its head node.
 
         ``env(temp_dir)`` gives extra environment for every node, e.g. what a cluster that
         serves needs (``raylm.serve.cluster_env``); the caller's own environment wins.
@@ -156,6 +157,8 @@ class LocalCluster:
             _wait_ready(info, proc, timeout, self.state_dir / "ray-start.log")
         except ClusterError:
             self.down()
+            if proc.poll() is not None and retry:  # start-up lost a race with load: again
+                return self.up(num_cpus, timeout, env, retry=False)
             raise
         return info
 
@@ -332,8 +335,14 @@ def _wait_ready(info: ClusterInfo, proc: subprocess.Popen, timeout: float, log: 
         if proc.poll() is not None:
             tail = log.read_text(errors="replace")[-2000:]
             raise ClusterError(f"ray start exited with {proc.returncode}:\n{tail}")
-        with contextlib.suppress(OSError), _get(f"{info.dashboard_url}/api/jobs/", 2) as r:
-            if r.status == 200:
+        # Serving jobs is not enough: on a loaded machine the head's raylet can miss
+        # Ray's fixed registration window after the dashboard is up, and `ray start` then
+        # exits. Ready means the head node counts as alive too.
+        with (
+            contextlib.suppress(OSError, KeyError, ValueError),
+            _get(f"{info.dashboard_url}/api/jobs/", 2) as r,
+        ):
+            if r.status == 200 and alive_nodes(info):
                 return
         time.sleep(0.5)
     raise ClusterError(f"local Ray cluster not ready after {timeout:.0f}s; see {log}")

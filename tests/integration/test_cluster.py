@@ -18,25 +18,29 @@ def test_second_cluster_starts_and_stops_without_touching_the_first(
 
     from raylm import cluster
 
+    # The head's and a worker node's first `ray start` fail, as a raylet that misses
+    # Ray's 30 s registration window on a busy machine makes it exit: both start again.
+    flaky = tmp_path / "flaky-ray"
+    flaky.write_text(
+        f'#!/bin/sh\ncase "$*" in *start*--head*) m={tmp_path}/head-failed;; '
+        f"*start*) m={tmp_path}/node-failed;; *) m=/dev/null;; esac\n"
+        'if [ ! -e "$m" ]; then touch "$m"; echo simulated start-up failure; exit 1; fi\n'
+        f'exec {cluster._ray_cli()} "$@"\n'
+    )
+    flaky.chmod(0o755)
+    monkeypatch.setattr(cluster, "_ray_cli", lambda: str(flaky))
     other = LocalCluster(tmp_path / "other")
     info = other.up(num_cpus=1)
     try:
+        assert (tmp_path / "head-failed").exists()  # the first head start failed
+        start_log = (tmp_path / "other" / "ray-start.log").read_text()
+        assert start_log.count("simulated start-up failure") == 1, start_log
         assert info.gcs_address != ray_cluster.gcs_address
         assert other.up() == info  # idempotent: the running cluster is returned
         status = other.status()
         assert status is not None and status["cluster"]["pid"] == info.pid
-        # A worker node (its own ray start process group) whose first start fails, as a
-        # raylet that misses Ray's 30 s registration window on a busy machine does.
-        failed_once = tmp_path / "failed-once"
-        flaky = tmp_path / "flaky-ray"
-        flaky.write_text(
-            f"#!/bin/sh\nif [ ! -e {failed_once} ]; then touch {failed_once}; "
-            f'echo simulated start-up failure; exit 1; fi\nexec {cluster._ray_cli()} "$@"\n'
-        )
-        flaky.chmod(0o755)
-        monkeypatch.setattr(cluster, "_ray_cli", lambda: str(flaky))
         node = other.add_node(num_cpus=1)
-        assert failed_once.exists()  # the first start failed; the second joined
+        assert (tmp_path / "node-failed").exists()  # the first start failed; the second joined
         assert [n.pid for n in other.info().nodes] == [node.pid]
         logs = [p.read_text() for p in (tmp_path / "other").glob("node*.log")]
         assert sum("simulated start-up failure" in x for x in logs) == 1, logs

@@ -1,7 +1,10 @@
 """Conversations kept on the server, end to end: the real `openai` client holds a
 multi-turn conversation through ``previous_response_id`` across the two replicas of a
-deployment and across a redeploy (the app deleted, then deployed again with one replica:
-every replica new), with the session's real redis-server. The embedded SQLite store (the
+deployment and across a redeploy (the app deleted, then deployed again as two versions of
+the model behind the version router, 90/10: every replica new), with the session's real
+redis-server. The redeployed app then takes the canary checks (``promote_and_roll_back``):
+the split is exact, ``raylm serve promote`` moves all traffic without cutting a stream
+in flight, ``raylm serve rollback`` restores the split. The embedded SQLite store (the
 default) is shown across a redeploy on the README's own plain deployment in
 tests/e2e/test_serve_job.py (two replicas on one node share the file as two processes
 do, which tests/unit/test_serve_store.py shows without the minute each replica of the
@@ -10,7 +13,7 @@ tiny model takes to start here).
 Which replica answered each turn is read from the ``x-raylm-replica`` header; that the
 model saw the history is read from ``usage.input_tokens``, which must grow by more than
 the previous turn's input plus output. One app, deployed twice (a replica of the tiny
-model starts in about a minute on 2 CPUs: three replica starts, and the chaos check's
+model starts in about a minute on 2 CPUs: four replica starts, and the chaos check's
 replacement).
 
 The two-replica deployment also takes the engine-death chaos check before it is removed
@@ -161,19 +164,44 @@ def raylm_serve(*args: str) -> dict:
     return json.loads(proc.stdout[proc.stdout.index("{") :])
 
 
+def held_stream(url: str, out: dict, first: threading.Event, go: threading.Event) -> None:
+    """A 256-token chat stream whose reading stops after its first chunk until ``go``:
+    it is in flight (not yet delivered) for as long as the caller wants. ``out`` gets
+    the version that answered, the completion tokens ``usage`` reports and whether it
+    ended with ``[DONE]``."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "count"}],
+            "max_tokens": 256, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    headers = {"Authorization": f"Bearer {KEYS[0]}"}
+    with httpx.stream("POST", f"{url}/chat/completions", json=body, headers=headers,
+                      timeout=120) as r:  # fmt: skip
+        out["version"] = r.headers.get("x-raylm-version")
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                out["done"] = True
+            elif line.startswith("data: "):
+                usage = json.loads(line[6:]).get("usage")
+                if usage:
+                    out["completion_tokens"] = usage["completion_tokens"]
+                if not first.is_set():
+                    first.set()
+                    go.wait(120)
+
+
 def promote_and_roll_back(url: str, out: Path) -> None:
     """The 90/10 split is exact (smooth weighted round robin); ``raylm serve promote``
-    sends everything to v2 without cutting a stream in flight; ``rollback`` restores
+    sends everything to v2 without cutting a v1 stream in flight; ``rollback`` restores
     90/10. How long each change took to reach requests is printed (docs/benchmarks.md)."""
     recorded = json.loads((out / "manifest.json").read_text())["output"]
     assert recorded["traffic"] == {"v1": 90.0, "v2": 10.0} and set(recorded["versions"]) == {
         "v1", "v2"}  # fmt: skip
     picks = versions_of(url, 40)
     assert picks.count("v2") == 4 and picks.count("v1") == 36, picks
-    results: list[dict] = []
-    lock, first = threading.Lock(), threading.Event()
-    long = threading.Thread(target=stream_once, args=(url, results, lock, 256),
-                            kwargs={"on_first": lambda o: first.set()})  # fmt: skip
+    if picks[-10] == "v2":  # the split repeats every 10: make the next pick v1's
+        versions_of(url, 1)
+    held: dict = {}
+    first, go = threading.Event(), threading.Event()
+    long = threading.Thread(target=held_stream, args=(url, held, first, go))
     long.start()
     assert first.wait(60)
     t0 = time.monotonic()
@@ -183,9 +211,9 @@ def promote_and_roll_back(url: str, out: Path) -> None:
         assert time.monotonic() - returned < 30, "promote did not reach requests in 30 s"
     print(f"\n[canary] promote: command {returned - t0:.2f} s, in effect "
           f"{time.monotonic() - returned:.2f} s after it returned (10 requests included)")  # fmt: skip
+    go.set()  # the stream begun before the promote, read to its end only now
     long.join(timeout=120)
-    (stream,) = results
-    assert stream["end"] == "done" and stream["tokens"] == 256, stream  # not cut
+    assert held == {"version": "v1", "completion_tokens": 256, "done": True}, held
     status = deploy.status()["applications"][APP]
     assert status["traffic"] == {"v1": 0.0, "v2": 100.0}
     t0 = time.monotonic()

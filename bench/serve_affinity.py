@@ -9,8 +9,10 @@ local Ray cluster. Off: the HTTP front end picks any replica, which loads the ad
 asked for and evicts its least recently used one. On: the version router sends each
 adapter request with Serve's ``multiplexed_model_id``, so it goes to a replica holding
 that adapter. The same sequence of 1-token requests, cycling through the adapters, goes
-to each: per setting, how many (adapter, replica) pairs answered (on: each adapter stays
-on one replica), the mean and p90 latency.
+to each (a seeded random choice of adapter per request: a fixed cycle can line up with a
+round-robin front end and give affinity by accident): per setting, how many (adapter,
+replica) pairs answered (on: each adapter stays on one replica), the mean and p90 latency
+after a warm-up of twice the adapter count.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -58,14 +61,15 @@ def run(url: str, adapters: int, requests: int) -> dict:
     headers = {"Authorization": "Bearer sk-bench"}
     seen, lat = set(), []
     with httpx.Client(headers=headers, timeout=120) as h:
-        for i in range(requests):
-            body = {"model": f"tiny:a{i % adapters}", "prompt": "hi", "max_tokens": 1}
+        rng = random.Random(0)  # not a cycle, which a round-robin front end could mirror
+        for _ in range(requests):
+            body = {"model": f"tiny:a{rng.randrange(adapters)}", "prompt": "hi", "max_tokens": 1}
             t = time.perf_counter()
             r = h.post(f"{url}/completions", json=body)
             lat.append(time.perf_counter() - t)
             r.raise_for_status()
             seen.add((body["model"], r.headers["x-raylm-replica"]))
-    warm = lat[adapters * 2 :]  # after every adapter was asked for twice
+    warm = lat[adapters * 2 :]
     return {
         "adapter_replica_pairs": len(seen),
         "mean_ms": round(1000 * statistics.fmean(warm), 1),

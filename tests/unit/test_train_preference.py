@@ -136,7 +136,9 @@ def test_reference_losses_equal_trl_dpo(setup, loss_type: str, beta: float) -> N
     theirs, their_metrics = trl_dpo(
         setup, setup[1], (REF_CHOSEN, REF_REJECTED), beta=beta, loss_types=[loss_type]
     )
-    assert float(loss) == pytest.approx(theirs, abs=1e-6)
+    # float32: IPO's loss at beta 0.1 is ~8.5, where one ulp is 9.5e-7; the two sums
+    # may round differently by a few ulps (2 seen), so the bound is relative there.
+    assert float(loss) == pytest.approx(theirs, rel=1e-6, abs=1e-6)
     for key in METRICS:
         assert metrics[key] == pytest.approx(their_metrics[key], abs=1e-5), key
 

@@ -12,22 +12,9 @@ from collections import Counter
 
 from raylm.data import guide_filters
 from raylm.data.config import FilterConfig
+from raylm.data.scripts import SCRIPT_RANGES
 
 _WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]|\w+")
-
-_SCRIPT_RANGES: dict[str, tuple[tuple[int, int], ...]] = {
-    "latin": ((0x41, 0x5A), (0x61, 0x7A), (0xC0, 0x24F), (0x1E00, 0x1EFF)),
-    "cjk": (
-        (0x3040, 0x30FF),
-        (0x3400, 0x4DBF),
-        (0x4E00, 0x9FFF),
-        (0xF900, 0xFAFF),
-        (0xAC00, 0xD7AF),
-        (0x20000, 0x2FA1F),
-    ),
-    "cyrillic": ((0x400, 0x52F),),
-    "arabic": ((0x600, 0x6FF), (0x750, 0x77F)),
-}
 
 
 def nfkc(text: str) -> str:
@@ -52,7 +39,7 @@ def script_ratio(text: str, script: str) -> float:
     letters = [ord(c) for c in text if c.isalpha()]
     if not letters:
         return 0.0
-    ranges = _SCRIPT_RANGES[script]
+    ranges = SCRIPT_RANGES[script]
     hits = sum(1 for c in letters if any(lo <= c <= hi for lo, hi in ranges))
     return hits / len(letters)
 

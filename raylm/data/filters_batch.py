@@ -14,7 +14,7 @@ import numpy as np
 
 from raylm.data import guide_filters
 from raylm.data.config import FilterConfig
-from raylm.data.filters import _SCRIPT_RANGES
+from raylm.data.scripts import SCRIPT_RANGES
 from raylm.data.text_batch import ALPHA, BREAK, CONTROL, SPACE, SYMBOL, Batch, Words, ngram_counts
 
 ORDER = (
@@ -126,7 +126,7 @@ def first_failures(texts: list[str], cfg: FilterConfig) -> list[str | None]:
         fail("max_words", nw > cfg.max_words)
     if cfg.script is not None:
         letters = batch.count(ALPHA)
-        hits = batch.count_ranges(_SCRIPT_RANGES[cfg.script], ALPHA)
+        hits = batch.count_ranges(SCRIPT_RANGES[cfg.script], ALPHA)
         fail("script_ratio", _ratio(hits, letters) < cfg.min_script_ratio)
     solid = n - batch.count(SPACE)
     fail("symbol_ratio", _ratio(batch.count(SYMBOL), solid) > cfg.max_symbol_ratio)

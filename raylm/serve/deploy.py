@@ -180,7 +180,11 @@ def wait_running(name: str, timeout: float, address: str | None = None) -> dict[
         if last.get("status") == "RUNNING":
             return last
         if last.get("status") in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise ClusterError(f"serve app {name!r} {last['status']}: {last.get('message')}")
+            why = [f"{d}: {v['message']}" for d, v in last["deployments"].items() if v["message"]]
+            raise ClusterError(
+                f"serve app {name!r} {last['status']}: {last.get('message')}"
+                + "".join(f"\n  {w}" for w in why)  # the replica's own error, e.g. a traceback
+            )
         time.sleep(1.0)
     raise ClusterError(f"serve app {name!r} not RUNNING after {timeout:.0f}s: {last}")
 

@@ -89,31 +89,41 @@ def cli_lineage() -> str:
 
 
 @pytest.mark.timeout(1200)
-def test_rerun_with_a_gated_gptq_export_serves_the_quantized_model(notebook_run: dict) -> None:
+def test_rerun_with_a_gated_gptq_export_serves_the_quantized_model(
+    notebook_run: dict, capfd: pytest.CaptureFixture[str]
+) -> None:
     """The notebook's run again with export (merge, check, GPTQ 4-bit) and export_eval
     (non-inferior to the merged model) added, as conf/pipeline/quantized.yaml has them:
     data, train and eval are skipped, and serve deploys the quantized copy (bfloat16 on
-    this CPU), which the `openai` client talks to; the lineage shows each link."""
+    this CPU), which the `openai` client talks to; the lineage shows each link. On a CPU
+    whose vLLM build lacks the int4 kernel (its AVX2 build), the serve stage must refuse
+    the copy by that kernel's name before deploying (the engine would die on a request)."""
     import openai
 
+    from raylm.export.llmc import cpu_kernel_present
     from raylm.serve import deploy
 
     app = "quickstart-gptq"
+    servable = cpu_kernel_present("cpu_gemm_wna16")
     try:
         code = cli.main(
             ["pipeline", "conf/pipeline/demo.yaml", f"name={RUN}",
              "export.config=conf/export/gptq.yaml", "export_eval.config=conf/eval/quantized.yaml",
              f"serve.overrides=[auth.required=false,app_name={app},route_prefix=/{app},http.port=0]"]
         )  # fmt: skip
-        assert code == 0
-        summary = json.loads((RUN_DIR / "manifest.json").read_text())["metrics"]
-        assert summary["stages"] == {"data": "skipped", "train": "skipped", "eval": "skipped",
-                                     "export": "ran", "export_eval": "ran", "serve": "ran"}  # fmt: skip
         quant = json.loads((RUN_DIR / "export" / "export_check.json").read_text())["quantize"]
         assert quant["hf_model_dir"] and quant["perplexity"] <= quant["merged_perplexity"] * 1.05
         quantized = str(RUN_DIR / "export" / "quantized")
         config = json.loads((RUN_DIR / "export" / "quantized" / "config.json").read_text())
         assert config["quantization_config"]["format"] == "pack-quantized"  # GPTQ int4
+        if not servable:
+            assert code != 0 and "lacks" in capfd.readouterr().out.split("cpu_gemm_wna16")[1]
+            assert app not in deploy.status()["applications"]
+            return
+        assert code == 0
+        summary = json.loads((RUN_DIR / "manifest.json").read_text())["metrics"]
+        assert summary["stages"] == {"data": "skipped", "train": "skipped", "eval": "skipped",
+                                     "export": "ran", "export_eval": "ran", "serve": "ran"}  # fmt: skip
 
         served = json.loads((RUN_DIR / "serve" / "manifest.json").read_text())
         assert quantized in served["inputs"]

@@ -111,7 +111,8 @@ def test_worker_imports_no_raylm() -> None:
     assert sys.executable  # the worker runs with the child's python, not this one
 
 
-def test_cpu_serving_refusal_names_the_format(tmp_path: Path) -> None:
+def test_cpu_serving_refusal_names_the_format(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(llmc, "cpu_kernel_present", lambda name: True)  # an AVX512 build
     quant = {"quant_method": "compressed-tensors", "format": "pack-quantized"}
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": quant}))
     refusal = llmc.cpu_serving_refusal(tmp_path, "float32")
@@ -120,3 +121,16 @@ def test_cpu_serving_refusal_names_the_format(tmp_path: Path) -> None:
     assert llmc.cpu_serving_refusal(tmp_path, "auto") is None
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
     assert llmc.cpu_serving_refusal(tmp_path, "float32") is None  # not quantized
+
+
+def test_cpu_serving_refusal_names_a_kernel_this_build_lacks(tmp_path: Path, monkeypatch) -> None:
+    """vLLM's AVX2 CPU build has no int4 / int8 GEMM: refused at any dtype, by kernel."""
+    asked = []
+    monkeypatch.setattr(llmc, "cpu_kernel_present", lambda name: asked.append(name) or False)
+    for fmt, kernel in [("pack-quantized", "cpu_gemm_wna16"),
+                        ("int-quantized", "int8_scaled_mm_with_quant")]:  # fmt: skip
+        quant = {"quant_method": "compressed-tensors", "format": fmt}
+        (tmp_path / "config.json").write_text(json.dumps({"quantization_config": quant}))
+        refusal = llmc.cpu_serving_refusal(tmp_path, "bfloat16")
+        assert refusal and kernel in refusal and fmt in refusal and "AVX512" in refusal
+    assert asked == ["cpu_gemm_wna16", "int8_scaled_mm_with_quant"]

@@ -140,6 +140,10 @@ def test_conversation_across_replicas_and_a_redeploy(
         with pytest.raises(openai.NotFoundError):
             c.responses.retrieve(last.id)
         promote_and_roll_back(url, tmp_path / "second")
+        # the router's per-version counter, as Prometheus scrapes it: at least the picks
+        # counted above (36 + 18 to v1; 4 + 2 + the promoted 10 to v2)
+        least = {"v1": 54.0, "v2": 16.0}
+        assert version_requests(ray_cluster.temp_dir, least) == least
     finally:
         deploy.down(APP)
 
@@ -186,6 +190,34 @@ def held_stream(url: str, out: dict, first: threading.Event, go: threading.Event
                 if not first.is_set():
                     first.set()
                     go.wait(120)
+
+
+def version_requests(temp_dir: str, least: dict[str, float]) -> dict[str, float]:
+    """``raylm_version_requests`` per version, summed over the nodes' metrics endpoints,
+    read until each reaches ``least`` (Ray exports metrics every few seconds) or 60 s;
+    returns ``least`` where reached, else what was read."""
+    import re
+
+    sd = Path(temp_dir) / "session_latest" / "prom_metrics_service_discovery.json"
+    seen: dict[str, float] = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        seen = {}
+        for target in [t for group in json.loads(sd.read_text()) for t in group["targets"]]:
+            try:
+                text = httpx.get(f"http://{target}/metrics", timeout=10).text
+            except httpx.HTTPError:
+                continue
+            for line in text.splitlines():
+                found = re.match(
+                    r'ray_raylm_version_requests_total\{.*version="(\w+)".*\} (\S+)', line
+                )
+                if found:
+                    seen[found[1]] = seen.get(found[1], 0.0) + float(found[2])
+        if all(seen.get(v, 0.0) >= n for v, n in least.items()):
+            return dict(least)
+        time.sleep(2)
+    return seen
 
 
 def promote_and_roll_back(url: str, out: Path) -> None:

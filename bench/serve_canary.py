@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 from functools import partial
@@ -35,14 +34,10 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import ROOT, deploy_raylm, run_level
+from serve import run_level
+from serve_common import APP, KEY, deploy_raylm, raylm_cluster, workdir, write_result
 
-from raylm.cluster import LocalCluster
 from raylm.serve import deploy, versions
-from raylm.serve.cluster_env import cluster_env
-
-APP = "raylm-bench"
-KEY = "sk-bench"
 
 
 def load(url: str, rounds: int, max_tokens: int) -> dict[int, dict]:
@@ -109,45 +104,30 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", default="outputs/bench/serve_canary.json")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="raylm-bench-canary-"))
-    model = args.model
-    if not model:
-        from raylm.models.tiny import build
-
-        model = str(build(work / "tiny"))
-    cluster = LocalCluster(work / "home" / "cluster")
-    info = cluster.up(num_cpus=2, env=cluster_env)
-    env = os.environ | {"RAYLM_HOME": str(work / "home"), "RAY_ADDRESS": info.gcs_address}
-    os.environ.update(env)
+    work, model = workdir("canary", args.model)
     result: dict = {"args": vars(args)}
-    try:
+    with raylm_cluster(work / "home") as (env, dashboard):
+        os.environ.update(env)
         print("one-version app (no router):", flush=True)
         url = deploy_raylm(model, env, work, "engine.dtype=float32")
         result["one_version"] = load(url, args.rounds, args.max_tokens)
-        deploy.down(APP, info.dashboard_url)
+        deploy.down(APP, dashboard)
         print("two-version app, all traffic on v1 (router in front):", flush=True)
         url = deploy_raylm(model, env, work, "engine.dtype=float32",
                            f"versions={{v2: {model}}}", "traffic={v1: 100}")  # fmt: skip
         result["routed"] = load(url, args.rounds, args.max_tokens)
         deploy.change_traffic(APP, partial(versions.promote, version="v2", percent=5),
-                              info.dashboard_url)  # fmt: skip
+                              dashboard)  # fmt: skip
         time.sleep(2)
         result["split_95_5"] = split(url, args.requests)
         print(f"split over {args.requests} requests: {result['split_95_5']}", flush=True)
         to_v2 = partial(versions.promote, version="v2", percent=100)
-        result["promote"] = time_to_effect(url, to_v2, "v2", True, info.dashboard_url)
+        result["promote"] = time_to_effect(url, to_v2, "v2", True, dashboard)
         back = versions.rollback
-        result["rollback"] = time_to_effect(url, back, "v1", False, info.dashboard_url)
+        result["rollback"] = time_to_effect(url, back, "v1", False, dashboard)
         print(f"promote: {result['promote']}, rollback: {result['rollback']}", flush=True)
-    finally:
-        try:
-            deploy.down(APP, info.dashboard_url)
-        finally:
-            cluster.down()
-    out = ROOT / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "args"}, indent=2))
+    write_result(args.out, result)
     return 0
 
 

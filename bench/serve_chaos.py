@@ -29,7 +29,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,13 +36,9 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import APP, ROOT, deploy_raylm, http_client
+from serve_common import APP, KEY, deploy_raylm, http_client, raylm_cluster, workdir, write_result
 
-from raylm.cluster import LocalCluster
 from raylm.serve import deploy
-from raylm.serve.cluster_env import cluster_env
-
-KEY = "sk-bench"
 
 
 def replicas_now(dashboard: str) -> dict[str, int]:
@@ -204,36 +199,20 @@ def main() -> int:
     args = parser.parse_args()
     if not 10 <= args.kill_at < args.seconds:
         parser.error("--kill-at must leave 10 s of load before it and some after")
-    work = Path(tempfile.mkdtemp(prefix="raylm-bench-chaos-"))
-    model = args.model
-    if not model:
-        from raylm.models.tiny import build
-
-        model = str(build(work / "tiny"))
-    cluster = LocalCluster(work / "home" / "cluster")
-    info = cluster.up(num_cpus=2, env=cluster_env)
-    env = os.environ | {"RAYLM_HOME": str(work / "home"), "RAY_ADDRESS": info.gcs_address}
-    os.environ.update(env)
+    work, model = workdir("chaos", args.model)
     load1 = os.getloadavg()[0]
-    try:
+    with raylm_cluster(work / "home") as (env, dashboard):
+        os.environ.update(env)
         t0 = time.monotonic()
         url = deploy_raylm(model, env, work, "engine.dtype=float32",
                            "autoscaling.min_replicas=2", "autoscaling.max_replicas=2")  # fmt: skip
         print(f"2 replicas RUNNING in {time.monotonic() - t0:.0f} s at {url}", flush=True)
-        result = asyncio.run(chaos(url, info.dashboard_url, args))
-    finally:
-        try:
-            deploy.down(APP, info.dashboard_url)
-        finally:
-            cluster.down()
+        result = asyncio.run(chaos(url, dashboard, args))
     result["load_avg_1m"] = [round(load1, 1), round(os.getloadavg()[0], 1)]
     result["args"] = vars(args)
-    out = ROOT / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "failed_examples"}, indent=2))
     print(row(result, args.clients, f", {args.seconds:.0f} s, kill at {args.kill_at:.0f} s"))
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return 0
 
 

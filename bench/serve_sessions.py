@@ -37,7 +37,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,13 +44,17 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import APP, ROOT, deploy_raylm, http_client, pct, vllm_server
+from serve_common import (
+    KEY,
+    deploy_raylm,
+    http_client,
+    pct,
+    raylm_cluster,
+    vllm_server,
+    workdir,
+    write_result,
+)
 
-from raylm.cluster import LocalCluster
-from raylm.serve import deploy
-from raylm.serve.cluster_env import cluster_env
-
-KEY = "sk-bench"
 LEVELS = (1, 8, 32)
 TURN = {"model": "tiny", "max_output_tokens": 32, "temperature": 0, "stream": True}
 OPENING = [
@@ -191,10 +194,7 @@ async def setup_sessions(url: str, clients: int) -> tuple[list[str], list[dict]]
 
 
 def raylm_phase(model: str, work: Path, args: argparse.Namespace) -> tuple[dict, list[dict]]:
-    cluster = LocalCluster(work / "home" / "cluster")
-    info = cluster.up(num_cpus=2, env=cluster_env)
-    env = os.environ | {"RAYLM_HOME": str(work / "home"), "RAY_ADDRESS": info.gcs_address}
-    try:
+    with raylm_cluster(work / "home") as (env, _dashboard):
         t0 = time.monotonic()
         url = deploy_raylm(model, env, work, "autoscaling.max_replicas=1",
                            f"sessions.store=sqlite://{work / 'sessions.sqlite'}")  # fmt: skip
@@ -202,11 +202,6 @@ def raylm_phase(model: str, work: Path, args: argparse.Namespace) -> tuple[dict,
         ids, history = asyncio.run(setup_sessions(url, max(LEVELS)))
         modes = {"raylm stateless": stateless(history), "raylm sessions": sessions(ids)}
         return measure(url, KEY, modes, args), history
-    finally:
-        try:
-            deploy.down(APP, info.dashboard_url)
-        finally:
-            cluster.down()
 
 
 async def probe_once(url: str, key: str, body: dict) -> dict:
@@ -263,12 +258,7 @@ def main() -> int:
     )
     parser.add_argument("--out", default="outputs/bench/serve_sessions.json")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="raylm-bench-sessions-"))
-    model = args.model
-    if not model:
-        from raylm.models.tiny import build
-
-        model = str(build(work / "tiny"))
+    work, model = workdir("sessions", args.model)
     loads = [os.getloadavg()[0]]
     raylm, history = raylm_phase(model, work, args)
     loads.append(os.getloadavg()[0])
@@ -276,12 +266,9 @@ def main() -> int:
     loads.append(os.getloadavg()[0])
     result = {"raylm": raylm, "vllm": vllm, "history": history,
               "load_avg_1m": [round(x, 1) for x in loads], "args": vars(args)}  # fmt: skip
-    out = ROOT / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
     print(table(result))
     print(f"load average (1 min) at start, between phases, at end: {result['load_avg_1m']}")
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -104,12 +104,25 @@ def jobs_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_gb(value: str) -> float:
+    """An argparse type: Ray would take 0 or a negative size and fail later, less clearly."""
+    try:
+        gb = float(value)
+    except ValueError:
+        gb = 0.0
+    if not gb > 0:
+        raise argparse.ArgumentTypeError(f"expected a size in GB above 0, got {value!r}")
+    return gb
+
+
 def cluster_command(args: argparse.Namespace) -> int:
     cluster = LocalCluster()
     if args.action == "up":
         from raylm.serve.cluster_env import cluster_env  # the cluster `raylm serve` uses
 
-        info = cluster.up(num_cpus=args.num_cpus, env=cluster_env)
+        info = cluster.up(
+            num_cpus=args.num_cpus, env=cluster_env, object_store_gb=args.object_store_gb
+        )
         for _ in range(args.worker_nodes - len(info.nodes)):
             node = cluster.add_node(num_cpus=args.cpus_per_node)
             print(f"  worker node {node.name} ({node.num_cpus} CPU) joined")
@@ -223,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
         "spreading, losing a node)",
     )  # fmt: skip
     p.add_argument("--cpus-per-node", type=int, default=1, help="CPUs per worker node")
+    p.add_argument(
+        "--object-store-gb", type=_positive_gb,
+        help="cap the head's object store (default: 30%% of memory); objects beyond it "
+        "spill to disk, which bounds a data job's memory",
+    )  # fmt: skip
     p = sub.add_parser("config", help="print a resolved config, or every key of a job")
     p.add_argument("action", choices=["show", "keys"])
     p.add_argument("job", choices=config.job_names())

@@ -116,11 +116,15 @@ class LocalCluster:
         timeout: float = 300.0,
         env: Callable[[str], dict[str, str]] | None = None,
         retry: bool = True,
+        object_store_gb: float | None = None,
     ) -> ClusterInfo:
         """Start the cluster (or return the running one) and wait for its head node.
 
         ``env(temp_dir)`` gives extra environment for every node, e.g. what a cluster that
         serves needs (``raylm.serve.cluster_env``); the caller's own environment wins.
+        ``object_store_gb`` caps Ray's shared-memory object store (default: 30 % of
+        memory); objects beyond it spill to disk, which is what keeps a data job's memory
+        within a budget (docs/data.md, "Memory").
         """
         running = self.info()
         if running is not None:
@@ -134,6 +138,8 @@ class LocalCluster:
         cmd += [f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats"]
         cmd += ["--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1"]
         cmd += [f"--{flag}={port}" for flag, port in ports.items()]
+        if object_store_gb:
+            cmd.append(f"--object-store-memory={int(object_store_gb * 2**30)}")
         extra = env(temp_dir) if env else {}
         log = open(self.state_dir / "ray-start.log", "ab")  # noqa: SIM115 (the child owns it)
         proc = subprocess.Popen(
@@ -158,7 +164,7 @@ class LocalCluster:
         except ClusterError:
             self.down()
             if proc.poll() is not None and retry:  # start-up lost a race with load: again
-                return self.up(num_cpus, timeout, env, retry=False)
+                return self.up(num_cpus, timeout, env, False, object_store_gb)
             raise
         return info
 

@@ -30,7 +30,7 @@ def test_second_cluster_starts_and_stops_without_touching_the_first(
     flaky.chmod(0o755)
     monkeypatch.setattr(cluster, "_ray_cli", lambda: str(flaky))
     other = LocalCluster(tmp_path / "other")
-    info = other.up(num_cpus=1)
+    info = other.up(num_cpus=1, object_store_gb=0.25)
     try:
         assert (tmp_path / "head-failed").exists()  # the first head start failed
         start_log = (tmp_path / "other" / "ray-start.log").read_text()
@@ -47,6 +47,9 @@ def test_second_cluster_starts_and_stops_without_touching_the_first(
         ray.shutdown()  # an earlier test's library call may have left this process connected
         ray.init(address=info.gcs_address)
         assert ray.cluster_resources()["CPU"] == 2.0
+        # the cap reached the head through its second start too
+        head = next(n for n in ray.nodes() if "node:__internal_head__" in n["Resources"])
+        assert head["Resources"]["object_store_memory"] == pytest.approx(0.25 * 2**30, rel=0.01)
     finally:
         ray.shutdown()
         assert other.down() is True

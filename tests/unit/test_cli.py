@@ -17,6 +17,16 @@ def test_bad_config_exits_2_with_the_message(capsys: pytest.CaptureFixture[str])
     assert "unknown key 'num_taks'" in err and "did you mean 'num_tasks'" in err
 
 
+@pytest.mark.parametrize("size", ["0", "-1", "lots"])
+def test_cluster_up_refuses_a_bad_object_store_size(
+    size: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["cluster", "up", "--object-store-gb", size])
+    assert exit_info.value.code == 2
+    assert f"expected a size in GB above 0, got '{size}'" in capsys.readouterr().err
+
+
 def test_config_show_prints_the_resolved_yaml(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["config", "show", "check", "num_tasks=7"]) == 0
     assert "num_tasks: 7" in capsys.readouterr().out

@@ -164,7 +164,7 @@ class LocalCluster:
         except ClusterError:
             self.down()
             if proc.poll() is not None and retry:  # start-up lost a race with load: again
-                return self.up(num_cpus, timeout, env, False, object_store_gb)
+                return self.up(num_cpus, timeout, env, retry=False, object_store_gb=object_store_gb)
             raise
         return info
 

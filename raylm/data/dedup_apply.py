@@ -1,8 +1,11 @@
 """Applying dedup's verdicts: the kept documents and one removal record per removed id.
 
-``raylm.data.dedup`` finds duplicates; this module joins its removal records back onto
-the documents (one shuffle by id) and fails on repeated ids, which the join cannot
-tell apart. Ids are made sortable first (``sort_key``), so a cluster's representative,
+``raylm.data.dedup`` finds duplicates from ids, hashes and signatures only: no text
+travels through its shuffles. Applying the verdicts shuffles only the removal records
+(one per removed id is kept); each processed block then drops its removed ids where it
+lies, so the corpus's text is never moved or held by a reduce task, and the job's peak
+memory no longer grows with the text a shuffle partition gathers (docs/data.md,
+"Memory"). Ids are made sortable first (``sort_key``), so a cluster's representative,
 its smallest id, is its first occurrence in the input (line 9 before line 10).
 """
 
@@ -20,29 +23,12 @@ from raylm.data import dedup, simhash
 from raylm.data.blocks import map_blocks, shuffle_blocks
 from raylm.data.config import DataJobConfig
 
-_FINAL_SCHEMA = pa.schema(
-    [("id", pa.string()), ("doc", pa.string()), ("dup_of", pa.string()), ("method", pa.string())]
-)
+REMOVAL_SCHEMA = pa.schema([("id", pa.string()), ("dup_of", pa.string()), ("method", pa.string())])
 
 
-def _resolve(df: pd.DataFrame) -> pd.DataFrame:
-    """At each id: drop a doc that has a removal record; keep one record per removed id."""
-    removal = df[df["method"].notna()].sort_values(["id", "method"])  # exact < fuzzy
-    removal = removal.drop_duplicates("id")
-    docs = df[df["method"].isna() & ~df["id"].isin(removal["id"])]
-    return pd.concat([docs, removal], ignore_index=True)
-
-
-def _as_final(columns: tuple[str, ...]):
-    def fn(batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
-        cols = {
-            name: batch.column(name) if name in columns else pa.nulls(n, pa.string())
-            for name in _FINAL_SCHEMA.names
-        }
-        return pa.table(cols, schema=_FINAL_SCHEMA)
-
-    return fn
+def _one_per_id(df: pd.DataFrame) -> pd.DataFrame:
+    """A document found by both passes keeps one record: exact before fuzzy."""
+    return df.sort_values(["id", "method"]).drop_duplicates("id")
 
 
 _SEP = "\x00"
@@ -69,48 +55,49 @@ def _strip_sort_keys(batch: pa.Table) -> pa.Table:
 
 
 def _dedup_input(table: pa.Table) -> pa.Table:
-    """Kept rows only, with the columns dedup needs and ids made sortable."""
+    """Kept rows only, with what dedup needs (never the text) and ids made sortable."""
     kept = table.filter(pa.compute.equal(table.column("status"), ""))
-    return _with_sort_keys(kept.select(["id", "doc", "exact_hash", "sig", "shingles"]))
+    return _with_sort_keys(kept.select(["id", "exact_hash", "sig", "shingles"]))
 
 
-def _final_rows(removed: bool):
-    """After the merge: documents (method is null) or removal records, original ids."""
+def _removal_records(table: pa.Table) -> pa.Table:
+    """Resolved removal records with original ids, typed (an empty partition has none)."""
+    if table.num_rows == 0:
+        return REMOVAL_SCHEMA.empty_table()
+    return _strip_sort_keys(table.select(REMOVAL_SCHEMA.names)).cast(REMOVAL_SCHEMA)
 
-    def fn(table: pa.Table) -> pa.Table:
-        if "method" not in table.column_names:  # no removals at all: plain documents
-            return _strip_sort_keys(table.select(["id", "doc"]))
-        is_removal = pa.compute.is_valid(table.column("method"))
-        mask = is_removal if removed else pa.compute.invert(is_removal)
-        cols = ["id", "dup_of", "method"] if removed else ["id", "doc"]
-        return _strip_sort_keys(table.filter(mask).select(cols))
 
-    return fn
+def _kept_docs(table: pa.Table, *removals: pa.Table) -> pa.Table:
+    """This block's documents that passed every step and were not removed by dedup."""
+    kept = table.filter(pa.compute.equal(table.column("status"), "")).select(["id", "doc"])
+    removed = [t.column("id").combine_chunks() for t in removals if t.num_rows]
+    if removed and kept.num_rows:
+        gone = pa.compute.is_in(kept.column("id"), value_set=pa.concat_arrays(removed))
+        kept = kept.filter(pa.compute.invert(gone))
+    return kept
 
 
 def apply_dedup(
     processed: Any, cfg: DataJobConfig, cache: Any = None
 ) -> tuple[Any, Any | None, dict[str, Any]]:
-    """(kept docs, removal records or None, dedup info) as materialised Datasets.
+    """(kept docs, removal records or None, dedup info) as Datasets.
 
     The representative of a cluster is its smallest id in natural order (line 9 before
     line 10), so the first occurrence in the input is the one kept. Every step is a
     plain Ray task over block refs: a Ray Data execution costs ~0.5 s of start-up on a
     small cluster, and dedup has a dozen steps. ``cache`` (``raylm.data.resume``) hands
-    back the removal records of a killed run of the same job, or saves them.
+    back the removal records of a killed run of the same job, or saves them. The kept
+    documents stay in the processed blocks they were read into, in input order.
     """
     import ray
 
-    refs = map_blocks(processed.to_arrow_refs(), _dedup_input)
-    removals, info = _cached_removals(refs, cfg, cache)
+    blocks = processed.to_arrow_refs()
+    removals, info = _cached_removals(map_blocks(blocks, _dedup_input), cfg, cache)
     if not removals:
-        return ray.data.from_arrow_refs(map_blocks(refs, _final_rows(False))), None, info
-    parts = map_blocks(refs, _as_final(("id", "doc")))
-    parts += map_blocks(removals, _as_final(("id", "dup_of", "method")))
-    merged = shuffle_blocks(parts, "id", _resolve)
-    docs = ray.data.from_arrow_refs(map_blocks(merged, _final_rows(False)))
-    removed = ray.data.from_arrow_refs(map_blocks(merged, _final_rows(True)))
-    return docs, removed, info
+        return ray.data.from_arrow_refs(map_blocks(blocks, _kept_docs)), None, info
+    records = map_blocks(shuffle_blocks(removals, "id", _one_per_id), _removal_records)
+    docs = ray.data.from_arrow_refs(map_blocks(blocks, _kept_docs, *records))
+    return docs, ray.data.from_arrow_refs(records), info
 
 
 def _cached_removals(refs: list, cfg: DataJobConfig, cache: Any) -> tuple[list, dict[str, Any]]:

@@ -83,7 +83,7 @@ def _doc_rows(k: int | None):
     """Documents as verification rows: id, and their sketch (or whole set if k is None)."""
 
     def fn(table: pa.Table, *wanted: pa.Table) -> pa.Table:
-        if wanted:  # second pass: only the documents of undecided pairs
+        if wanted:  # only the documents of candidate (first pass) or undecided pairs
             ids = pa.concat_arrays(
                 [
                     c.combine_chunks().cast(table["id"].type)
@@ -195,7 +195,7 @@ def _round(docs: list, edges: list, threshold: float, k: int | None) -> list:
 
 def verify_edges(edges: list, refs: list, threshold: float, k: int = SKETCH_SIZE) -> list:
     """Blocks of the candidate pairs (src, dst) whose exact Jaccard reaches ``threshold``."""
-    checked = _round(map_blocks(refs, _doc_rows(k)), edges, threshold, k)
+    checked = _round(map_blocks(refs, _doc_rows(k), *edges), edges, threshold, k)
     sure = map_blocks(checked, _with_verdict(_SURE))
     unsure = map_blocks(checked, _with_verdict(_UNSURE))
     if num_rows(unsure) == 0:

@@ -37,14 +37,15 @@ def examples(processed: Any, status: str, k: int) -> list[dict[str, Any]]:
     from ray.data.expressions import col
 
     chosen = processed.filter(expr=col("status") == status)
-    rows = chosen.select_columns(["id", "raw", "perplexity"]).take(k)
+    rows = chosen.select_columns(["id", "raw", "doc", "perplexity"]).take(k)
     return [_example(r) for r in rows]
 
 
 def _example(row: dict[str, Any]) -> dict[str, Any]:
     """id and truncated text, and the perplexity where it was scored (what the
-    perplexity filter judged it by)."""
-    shown = {"id": row["id"], "text": row["raw"][:300]}
+    perplexity filter judged it by). A row removed after the per-record steps (line
+    dedup, the perplexity cut) kept only its canonical ``doc``, not its raw line."""
+    shown = {"id": row["id"], "text": (row["raw"] or row["doc"])[:300]}
     return shown if row["perplexity"] is None else shown | {"perplexity": row["perplexity"]}
 
 

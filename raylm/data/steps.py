@@ -392,6 +392,8 @@ def process_rows(
     sign, scored = Sign(cfg), Score(cfg)
     sign.run(kept)
     scored.run(kept)
+    for row in kept:  # ``doc`` holds it now; a second copy of the corpus would sit in
+        row["raw"] = ""  # the object store until the job ends (docs/data.md, "Memory")
     return out, {s.name: dict(s.stats) for s in (*steps, sign, scored)}
 
 

@@ -107,6 +107,7 @@ def test_perplexity_filter_cuts_at_the_corpus_percentile(
 
     kept = set(_parquet(tmp_path / "out" / "shards").column("text").to_pylist())
     text = {d["id"]: d["text"] for d in docs}
+    assert all(text[e["id"]][:20] in e["text"] for e in examples)  # shown, though not raw
     assert near_miss not in expected and text[near_miss] in kept
     assert not {text[i] for i in expected} & kept
     assert stats["removed"]["filter:min_words"] == 1 and stats["quarantined"] == 1

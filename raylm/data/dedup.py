@@ -269,19 +269,30 @@ def exact_duplicates(refs: list) -> list:
     return shuffle_blocks(refs, "exact_hash", _exact_dups, ["id", "exact_hash"])
 
 
+def id_hashes(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """uint64 hashes of ids (pandas' hash, seeded with a constant: the same on every node).
+
+    The LSH bucket shuffle carries these instead of the id strings: its rows are bands x
+    documents, and at 8 bytes a row instead of a string's ~100 in a pandas frame, its
+    reduce tasks no longer hold gigabytes at a few GB of text (docs/data.md, "Memory").
+    """
+    return pd.util.hash_array(np.asarray(ids.to_numpy(zero_copy_only=False), dtype=object))
+
+
 def _explode_bands(bands: int, rows: int):
     def fn(batch: pa.Table) -> pa.Table:
         sig_bytes = batch.column("sig").to_pylist()
         sigs = np.frombuffer(b"".join(sig_bytes), dtype=np.uint32).reshape(len(sig_bytes), -1)
         keys = band_keys(sigs, bands, rows)
-        ids = np.repeat(np.array(batch.column("id").to_pylist(), dtype=object), bands)
-        return pa.table({"bucket": keys.reshape(-1), "id": pa.array(ids, type=pa.string())})
+        ids = np.repeat(id_hashes(batch.column("id")), bands)
+        return pa.table({"bucket": keys.reshape(-1), "id": pa.array(ids, pa.uint64())})
 
     return fn
 
 
 PAIRS_MAX_BUCKET = 32
-"""Buckets up to this size propose every pair; larger ones a star around their smallest id."""
+"""Buckets up to this size propose every pair; larger ones a star around their smallest id
+(its smallest id hash, in the MinHash pass)."""
 
 
 def _bucket_edges(df: pd.DataFrame) -> pd.DataFrame:
@@ -310,8 +321,44 @@ def _bucket_edges(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def candidate_edges(refs: list, bands: int, rows: int) -> list:
-    """Candidate pairs from every LSH bucket with > 1 document (see ``_bucket_edges``)."""
-    return shuffle_blocks(map_blocks(refs, _explode_bands(bands, rows)), "bucket", _bucket_edges)
+    """Candidate pairs (ids) from every LSH bucket with > 1 document (see
+    ``_bucket_edges``), found on id hashes (``id_hashes``) and named afterwards."""
+    hashed = shuffle_blocks(map_blocks(refs, _explode_bands(bands, rows)), "bucket", _bucket_edges)
+    ends = map_blocks(hashed, _edge_ends)
+    names = map_blocks(refs, _named_ends, *ends)
+    return map_blocks(hashed, _named_edges, *names)
+
+
+def _edge_ends(edges: pa.Table) -> pa.Array:
+    if edges.num_rows == 0:
+        return pa.array([], pa.uint64())
+    ends = pa.concat_arrays([edges[c].combine_chunks().cast(pa.uint64()) for c in ("src", "dst")])
+    return ends.unique()
+
+
+def _named_ends(docs: pa.Table, *ends: pa.Array) -> pa.Table:
+    """(hash, id) of this block's documents whose hash ends a candidate edge: only
+    candidates travel back, so this scales with the duplicates, not the corpus."""
+    hashes = pa.array(id_hashes(docs["id"]), pa.uint64())
+    wanted = pa.concat_arrays([e for e in ends if len(e)] or [pa.array([], pa.uint64())])
+    keep = pa.compute.is_in(hashes, value_set=wanted)
+    return pa.table({"hash": hashes.filter(keep), "id": docs["id"].filter(keep)})
+
+
+def _named_edges(edges: pa.Table, *names: pa.Table) -> pa.Table:
+    """Hash edges as id edges. Two ids sharing a 64-bit hash (about 1 in 10^7 pairs at a
+    billion documents) each get the edge: a candidate more, which verification (or the
+    LSH false-positive rate it is part of) accounts for; no candidate is lost."""
+    empty = pa.table({"src": pa.array([], pa.string()), "dst": pa.array([], pa.string())})
+    if edges.num_rows == 0:
+        return empty
+    lookup = pa.concat_tables(names, promote_options="permissive").to_pandas()
+    df = edges.to_pandas().astype("uint64")
+    for end in ("src", "dst"):
+        df = df.merge(lookup.rename(columns={"hash": end, "id": f"{end}_id"}), on=end)
+    df = df[df["src_id"] != df["dst_id"]]
+    out = pd.DataFrame({"src": df["src_id"], "dst": df["dst_id"]}).drop_duplicates()
+    return pa.Table.from_pandas(out, preserve_index=False).cast(empty.schema) if len(out) else empty
 
 
 def fuzzy_duplicates(

@@ -79,3 +79,22 @@ def test_huge_buckets_fall_back_to_a_star() -> None:
     ids = [f"{i:03d}" for i in range(n)]
     edges = dedup._bucket_edges(pd.DataFrame({"bucket": [1] * n, "id": ids}))
     assert len(edges) == n - 1 and set(edges["src"]) == {"000"}
+
+
+def test_hash_edges_are_named_back_to_ids_and_a_collision_loses_none() -> None:
+    import pyarrow as pa
+
+    docs = pa.table({"id": ["f:1", "f:2", "f:3", "f:4", "f:5"]})
+    h = dict(zip(docs["id"].to_pylist(), dedup.id_hashes(docs["id"]).tolist(), strict=True))
+    assert len(set(h.values())) == 5  # distinct ids, distinct hashes
+    edges = pa.table({"src": pa.array([h["f:1"], h["f:4"]], pa.uint64()),
+                      "dst": pa.array([h["f:2"], h["f:3"]], pa.uint64())})  # fmt: skip
+    names = dedup._named_ends(docs, dedup._edge_ends(edges))
+    assert sorted(names["id"].to_pylist()) == ["f:1", "f:2", "f:3", "f:4"]  # f:5: no edge
+    named = dedup._named_edges(edges, names).to_pylist()
+    assert sorted((e["src"], e["dst"]) for e in named) == [("f:1", "f:2"), ("f:4", "f:3")]
+    # another document with f:1's hash (a 64-bit collision) gets f:1's edges as well
+    twin = pa.table({"hash": pa.array([h["f:1"]], pa.uint64()), "id": ["g:9"]})
+    named = dedup._named_edges(edges, names, twin).to_pylist()
+    assert {(e["src"], e["dst"]) for e in named} >= {("f:1", "f:2"), ("g:9", "f:2")}
+    assert dedup._named_edges(edges.slice(0, 0), names).schema.field("src").type == pa.string()

@@ -59,6 +59,14 @@ def map_blocks(refs: list, fn: Any, *args: Any, num_returns: int = 1) -> list:
     return [task.remote(ref, *args) for ref in refs]
 
 
+def combine(refs: list, fn: Any) -> Any:
+    """``fn(*blocks)`` once, as one task (a ref): what every block then needs (the ids of
+    all candidate pairs) is built once, not once per block from every block."""
+    import ray
+
+    return ray.remote(fn).remote(*refs)
+
+
 def apply_pandas(table: pa.Table, fn: Any) -> pa.Table:
     return pa.Table.from_pandas(fn(table.to_pandas()), preserve_index=False)
 

@@ -25,7 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute
 
-from raylm.data.blocks import map_blocks, num_rows, shuffle_blocks
+from raylm.data.blocks import combine, map_blocks, num_rows, shuffle_blocks
 
 SKETCH_SIZE = 1024
 """Shingle hashes kept per document for the first pass (8 KB)."""
@@ -82,17 +82,10 @@ def _sketch_blobs(column: pa.ChunkedArray, k: int) -> pa.Array:
 def _doc_rows(k: int | None):
     """Documents as verification rows: id, and their sketch (or whole set if k is None)."""
 
-    def fn(table: pa.Table, *wanted: pa.Table) -> pa.Table:
-        if wanted:  # only the documents of candidate (first pass) or undecided pairs
-            ids = pa.concat_arrays(
-                [
-                    c.combine_chunks().cast(table["id"].type)
-                    for t in wanted
-                    if t.num_rows
-                    for c in (t["src"], t["dst"])
-                ]
-            )
-            table = table.filter(pa.compute.is_in(table["id"], value_set=ids.unique()))
+    def fn(table: pa.Table, wanted: pa.Array | None = None) -> pa.Table:
+        if wanted is not None:  # only the documents of candidate or undecided pairs
+            wanted = wanted.cast(table["id"].type)
+            table = table.filter(pa.compute.is_in(table["id"], value_set=wanted))
         blobs = table["shingles"] if k is None else _sketch_blobs(table["shingles"], k)
         n = table.num_rows
         return pa.table(
@@ -193,13 +186,21 @@ def _round(docs: list, edges: list, threshold: float, k: int | None) -> list:
     return shuffle_blocks(attached, "key", _check(threshold, k))
 
 
+def pair_ids(*edges: pa.Table) -> pa.Array:
+    """Every id that ends a pair of the blocks ``edges``, once."""
+    ends = [c.combine_chunks().cast(pa.string()) for t in edges if t.num_rows
+            for c in (t["src"], t["dst"])]  # fmt: skip
+    return pa.concat_arrays(ends).unique() if ends else pa.array([], pa.string())
+
+
 def verify_edges(edges: list, refs: list, threshold: float, k: int = SKETCH_SIZE) -> list:
     """Blocks of the candidate pairs (src, dst) whose exact Jaccard reaches ``threshold``."""
-    checked = _round(map_blocks(refs, _doc_rows(k), *edges), edges, threshold, k)
+    docs = map_blocks(refs, _doc_rows(k), combine(edges, pair_ids))
+    checked = _round(docs, edges, threshold, k)
     sure = map_blocks(checked, _with_verdict(_SURE))
     unsure = map_blocks(checked, _with_verdict(_UNSURE))
     if num_rows(unsure) == 0:
         return sure
-    docs = map_blocks(refs, _doc_rows(None), *unsure)
+    docs = map_blocks(refs, _doc_rows(None), combine(unsure, pair_ids))
     exact = _round(docs, unsure, threshold, None)
     return sure + map_blocks(exact, _with_verdict(_SURE))

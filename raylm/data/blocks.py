@@ -67,6 +67,19 @@ def combine(refs: list, fn: Any) -> Any:
     return ray.remote(fn).remote(*refs)
 
 
+def unique_values(*columns: str) -> Any:
+    """A ``combine`` function: the distinct values of ``columns`` over all blocks (the
+    ends of every pair, the removed ids); null-typed when every block is empty."""
+
+    def fn(*tables: pa.Table) -> pa.Array:
+        arrays = [t[c].combine_chunks() for t in tables if t.num_rows for c in columns]
+        if not arrays:
+            return pa.array([], pa.null())
+        return pa.concat_arrays([a.cast(arrays[0].type) for a in arrays]).unique()
+
+    return fn
+
+
 def apply_pandas(table: pa.Table, fn: Any) -> pa.Table:
     return pa.Table.from_pandas(fn(table.to_pandas()), preserve_index=False)
 

@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute
 
-from raylm.data.blocks import combine, map_blocks, num_rows, shuffle_blocks
+from raylm.data.blocks import combine, map_blocks, num_rows, shuffle_blocks, unique_values
 
 # simhash's verification reuses the shuffle rows' kinds, inputs and attach step from here
 from raylm.data.components import _EDGE, connected_components  # noqa: F401
@@ -324,22 +324,15 @@ def candidate_edges(refs: list, bands: int, rows: int) -> list:
     """Candidate pairs (ids) from every LSH bucket with > 1 document (see
     ``_bucket_edges``), found on id hashes (``id_hashes``) and named afterwards."""
     hashed = shuffle_blocks(map_blocks(refs, _explode_bands(bands, rows)), "bucket", _bucket_edges)
-    names = map_blocks(refs, _named_ends, combine(hashed, _edge_ends))
+    names = map_blocks(refs, _named_ends, combine(hashed, unique_values("src", "dst")))
     return map_blocks(hashed, _named_edges, *names)
-
-
-def _edge_ends(*edges: pa.Table) -> pa.Array:
-    """Every hash that ends a candidate edge of the blocks ``edges``, once."""
-    ends = [t[c].combine_chunks().cast(pa.uint64()) for t in edges if t.num_rows
-            for c in ("src", "dst")]  # fmt: skip
-    return pa.concat_arrays(ends).unique() if ends else pa.array([], pa.uint64())
 
 
 def _named_ends(docs: pa.Table, ends: pa.Array) -> pa.Table:
     """(hash, id) of this block's documents whose hash ends a candidate edge: only
     candidates travel back, so this scales with the duplicates, not the corpus."""
     hashes = pa.array(id_hashes(docs["id"]), pa.uint64())
-    keep = pa.compute.is_in(hashes, value_set=ends)
+    keep = pa.compute.is_in(hashes, value_set=ends.cast(pa.uint64()))
     return pa.table({"hash": hashes.filter(keep), "id": docs["id"].filter(keep)})
 
 

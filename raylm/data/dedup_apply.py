@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute
 
 from raylm.data import dedup, simhash
-from raylm.data.blocks import map_blocks, shuffle_blocks
+from raylm.data.blocks import combine, map_blocks, shuffle_blocks, unique_values
 from raylm.data.config import DataJobConfig
 
 REMOVAL_SCHEMA = pa.schema([("id", pa.string()), ("dup_of", pa.string()), ("method", pa.string())])
@@ -67,12 +67,12 @@ def _removal_records(table: pa.Table) -> pa.Table:
     return _strip_sort_keys(table.select(REMOVAL_SCHEMA.names)).cast(REMOVAL_SCHEMA)
 
 
-def _kept_docs(table: pa.Table, *removals: pa.Table) -> pa.Table:
-    """This block's documents that passed every step and were not removed by dedup."""
+def _kept_docs(table: pa.Table, removed: pa.Array | None = None) -> pa.Table:
+    """This block's documents that passed every step and whose id is not ``removed``."""
     kept = table.filter(pa.compute.equal(table.column("status"), "")).select(["id", "doc"])
-    removed = [t.column("id").combine_chunks() for t in removals if t.num_rows]
-    if removed and kept.num_rows:
-        gone = pa.compute.is_in(kept.column("id"), value_set=pa.concat_arrays(removed))
+    if removed is not None and len(removed) and kept.num_rows:
+        ids = kept.column("id")
+        gone = pa.compute.is_in(ids, value_set=removed.cast(ids.type))
         kept = kept.filter(pa.compute.invert(gone))
     return kept
 
@@ -96,7 +96,8 @@ def apply_dedup(
     if not removals:
         return ray.data.from_arrow_refs(map_blocks(blocks, _kept_docs)), None, info
     records = map_blocks(shuffle_blocks(removals, "id", _one_per_id), _removal_records)
-    docs = ray.data.from_arrow_refs(map_blocks(blocks, _kept_docs, *records))
+    removed = combine(records, unique_values("id"))
+    docs = ray.data.from_arrow_refs(map_blocks(blocks, _kept_docs, removed))
     return docs, ray.data.from_arrow_refs(records), info
 
 

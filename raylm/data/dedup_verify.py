@@ -25,7 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute
 
-from raylm.data.blocks import combine, map_blocks, num_rows, shuffle_blocks
+from raylm.data.blocks import combine, map_blocks, num_rows, shuffle_blocks, unique_values
 
 SKETCH_SIZE = 1024
 """Shingle hashes kept per document for the first pass (8 KB)."""
@@ -186,21 +186,14 @@ def _round(docs: list, edges: list, threshold: float, k: int | None) -> list:
     return shuffle_blocks(attached, "key", _check(threshold, k))
 
 
-def pair_ids(*edges: pa.Table) -> pa.Array:
-    """Every id that ends a pair of the blocks ``edges``, once."""
-    ends = [c.combine_chunks().cast(pa.string()) for t in edges if t.num_rows
-            for c in (t["src"], t["dst"])]  # fmt: skip
-    return pa.concat_arrays(ends).unique() if ends else pa.array([], pa.string())
-
-
 def verify_edges(edges: list, refs: list, threshold: float, k: int = SKETCH_SIZE) -> list:
     """Blocks of the candidate pairs (src, dst) whose exact Jaccard reaches ``threshold``."""
-    docs = map_blocks(refs, _doc_rows(k), combine(edges, pair_ids))
+    docs = map_blocks(refs, _doc_rows(k), combine(edges, unique_values("src", "dst")))
     checked = _round(docs, edges, threshold, k)
     sure = map_blocks(checked, _with_verdict(_SURE))
     unsure = map_blocks(checked, _with_verdict(_UNSURE))
     if num_rows(unsure) == 0:
         return sure
-    docs = map_blocks(refs, _doc_rows(None), combine(unsure, pair_ids))
+    docs = map_blocks(refs, _doc_rows(None), combine(unsure, unique_values("src", "dst")))
     exact = _round(docs, unsure, threshold, None)
     return sure + map_blocks(exact, _with_verdict(_SURE))

@@ -7,6 +7,7 @@ import random
 import numpy as np
 
 from raylm.data import dedup
+from raylm.data.blocks import unique_values
 from raylm.data.corpus import edit, paragraphs
 
 
@@ -89,7 +90,7 @@ def test_hash_edges_are_named_back_to_ids_and_a_collision_loses_none() -> None:
     assert len(set(h.values())) == 5  # distinct ids, distinct hashes
     edges = pa.table({"src": pa.array([h["f:1"], h["f:4"]], pa.uint64()),
                       "dst": pa.array([h["f:2"], h["f:3"]], pa.uint64())})  # fmt: skip
-    names = dedup._named_ends(docs, dedup._edge_ends(edges, edges.slice(0, 0)))
+    names = dedup._named_ends(docs, unique_values("src", "dst")(edges, edges.slice(0, 0)))
     assert sorted(names["id"].to_pylist()) == ["f:1", "f:2", "f:3", "f:4"]  # f:5: no edge
     named = dedup._named_edges(edges, names).to_pylist()
     assert sorted((e["src"], e["dst"]) for e in named) == [("f:1", "f:2"), ("f:4", "f:3")]

@@ -7,6 +7,7 @@ import pandas as pd
 import pyarrow as pa
 
 from raylm.data import dedup_apply
+from raylm.data.blocks import unique_values
 from raylm.data.steps import PROCESSED_SCHEMA
 
 
@@ -35,7 +36,7 @@ def test_kept_docs_drops_exactly_the_removed_ids_in_input_order() -> None:
         dedup_apply.REMOVAL_SCHEMA.empty_table(),
         pa.table({"id": ["f:10", "g:7"], "dup_of": ["f:4", "g:1"], "method": ["fuzzy"] * 2}),
     ]
-    kept = dedup_apply._kept_docs(block, *removals)
+    kept = dedup_apply._kept_docs(block, unique_values("id")(*removals))
     assert kept.to_pydict() == {"id": ["f:1", "f:4"], "doc": ["one", "four"]}
     assert dedup_apply._kept_docs(block).column("id").to_pylist() == ["f:1", "f:2", "f:4", "f:10"]
 

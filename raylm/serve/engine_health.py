@@ -64,6 +64,9 @@ class EngineState:
         self._is_dead = is_dead
         self.in_flight = 0
         self.dead_since: float | None = None
+        self.reported_since: float | None = None
+        """When Serve's health check first saw the engine dead: from then on the replica's
+        ``/-/healthz`` answers 503, which is what HAProxy's own check reads."""
         self.counts = {"retried": 0, "retry_failed": 0, "stream_errors": 0, "bounced": 0}
         self._counter: Any = None
 

@@ -11,7 +11,12 @@
    (``REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD``); the front end stops sending to it (a
    closed port is a connection failure, which HAProxy re-sends to another replica).
    Exiting is chosen over failing the health check because it is the one signal Serve
-   acts on at the first observation.
+   acts on at the first observation. It first stays until HAProxy's own health check
+   has marked it down (``linger_s``, ``front_end_markdown_s``, counted from Serve's
+   health check seeing the engine dead, which turns the replica's ``/-/healthz`` to
+   503): HAProxy keeps connections to a replica alive and reuses them, and a request it
+   sends on one that the exit closes is cut with no answer (HAProxy then closes the
+   client's connection too, so that the client may retry).
 
 What happens to the requests themselves: ``raylm.serve.engine_health``.
 """
@@ -23,7 +28,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from raylm.serve.engine_health import EngineState
@@ -42,11 +47,16 @@ class EngineWatchdog:
         poll_s: float = 0.5,
         drain_s: float = 30.0,
         settle_s: float = 0.25,
+        linger_s: float = 0.0,
     ) -> None:
         self.state, self.leave, self.cleanup = state, leave, cleanup
         self.poll_s, self.drain_s, self.settle_s = poll_s, drain_s, settle_s
         """``settle_s``: how long no request may be in flight before the replica leaves
         (one the HTTP server accepted is in raylm's count within milliseconds)."""
+        self.linger_s = linger_s
+        """Least time from Serve's health check seeing the death (``reported_since``) to
+        leaving: until the front end stops sending here (``front_end_markdown_s``); what
+        arrives meanwhile is re-sent unrun. ``drain_s`` still bounds the whole wait."""
 
     async def run(self) -> None:
         while not self.state.dead():
@@ -62,7 +72,7 @@ class EngineWatchdog:
         deadline = self.state.dead_since + self.drain_s
         idle_since = None
         while time.monotonic() < deadline:
-            if self.state.in_flight > 0:
+            if self.state.in_flight > 0 or not self._marked_down():
                 idle_since = None
             elif idle_since is None:
                 idle_since = time.monotonic()
@@ -73,6 +83,37 @@ class EngineWatchdog:
             logger.error("raylm: leaving with %d requests still in flight", self.state.in_flight)
         # No await between the count and leaving: no request starts in between.
         self.leave()
+
+    def _marked_down(self) -> bool:
+        """Whether the front end has had time to stop sending here."""
+        if not self.linger_s:
+            return True
+        reported = self.state.reported_since
+        return reported is not None and time.monotonic() >= reported + self.linger_s
+
+
+def front_end_markdown_s(env: Mapping[str, str] = os.environ) -> float:
+    """Seconds HAProxy takes at most to mark a replica down whose health check fails:
+    one check interval, then ``fall`` checks at ``fastinter``, read from Serve's settings
+    (its defaults: 5 s, 2, 250 ms). 0 without HAProxy (Serve's Python proxy)."""
+    if env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        return 0.0
+    inter = haproxy_seconds(env.get("RAY_SERVE_HAPROXY_HEALTH_CHECK_INTER", "5s"))
+    fast = haproxy_seconds(env.get("RAY_SERVE_HAPROXY_HEALTH_CHECK_FASTINTER", "250ms"))
+    return inter + int(env.get("RAY_SERVE_HAPROXY_HEALTH_CHECK_FALL", "2")) * fast
+
+
+def haproxy_seconds(value: str) -> float:
+    """An HAProxy time ("5s", "250ms", "1m"; a bare number is milliseconds) in seconds."""
+    units = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    number = value.strip().rstrip("usmhd")
+    unit = value.strip()[len(number) :] or "ms"
+    try:
+        return float(number) * units[unit]
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"{value!r} is not an HAProxy time: a number, then us, ms, s, m, h or d"
+        ) from None
 
 
 def shut_down(shutdown: Callable[[], Any]) -> Callable[[], Awaitable[None]]:

@@ -39,6 +39,7 @@ raylm wants of it. raylm's settings reach each replica as arguments of the deplo
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -200,12 +201,18 @@ def _server_cls() -> type:
                 self.raylm_engine, retry=self._raylm_elsewhere, replica=replica_id()
             )
             watchdog = ew.EngineWatchdog(
-                self.raylm_engine, ew.exit_replica, cleanup=ew.shut_down(client.shutdown)
+                self.raylm_engine,
+                ew.exit_replica,
+                cleanup=ew.shut_down(client.shutdown),
+                linger_s=ew.front_end_markdown_s(),
             )
             self._raylm_watchdog = asyncio.get_running_loop().create_task(watchdog.run())
 
         async def check_health(self) -> None:
             if self.raylm_engine.dead():
+                self.raylm_engine.reported_since = self.raylm_engine.reported_since or (
+                    time.monotonic()
+                )
                 raise RuntimeError("raylm: this replica's vLLM engine is dead")
             await super().check_health()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 from starlette.applications import Starlette
@@ -299,3 +300,35 @@ def test_a_dead_replica_leaves_itself_out_of_its_handles_next_pick() -> None:
         request_router=request_router)))  # fmt: skip
     assert ray_llm.exclude_replica(handle, "me") and died == ["me"]
     assert not ray_llm.exclude_replica(SimpleNamespace(_router=None), "me")  # no router yet
+
+
+def test_the_watchdog_stays_until_the_front_end_has_marked_it_down() -> None:
+    """Idle at once, it still waits for Serve's health check to see the death, then
+    ``linger_s``: leaving earlier closes kept-alive connections HAProxy may be sending a
+    request on."""
+    state, left = eh.EngineState(lambda: True), []
+    watchdog = ew.EngineWatchdog(state, lambda: left.append(time.monotonic()), poll_s=0.01,
+                                 settle_s=0.01, linger_s=0.3)  # fmt: skip
+
+    async def run() -> float:
+        task = asyncio.create_task(watchdog.run())
+        await asyncio.sleep(0.3)
+        assert not left  # dead and idle, but no health check has reported it yet
+        state.reported_since = reported = time.monotonic()
+        await asyncio.wait_for(task, 2)
+        return reported
+
+    reported = asyncio.run(run())
+    assert left and left[0] - reported >= 0.3
+
+
+def test_the_front_end_markdown_time_follows_serves_haproxy_settings() -> None:
+    on = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    assert ew.front_end_markdown_s(on) == pytest.approx(5.5)  # Serve's defaults: 5 s + 2 x 250 ms
+    tuned = on | {"RAY_SERVE_HAPROXY_HEALTH_CHECK_INTER": "2s",
+                  "RAY_SERVE_HAPROXY_HEALTH_CHECK_FALL": "3",
+                  "RAY_SERVE_HAPROXY_HEALTH_CHECK_FASTINTER": "100"}  # fmt: skip
+    assert ew.front_end_markdown_s(tuned) == pytest.approx(2.3)  # a bare number is ms
+    assert ew.front_end_markdown_s({}) == 0.0  # Serve's Python proxy: nothing to wait for
+    with pytest.raises(ValueError, match=r"'5 sec' is not an HAProxy time"):
+        ew.front_end_markdown_s(on | {"RAY_SERVE_HAPROXY_HEALTH_CHECK_INTER": "5 sec"})

@@ -10,23 +10,30 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 
-def _partitions() -> int:
+def partitions() -> int:
+    """How many partitions a shuffle makes: one per cluster CPU, two at least."""
     import ray
 
     return max(2, int(ray.cluster_resources().get("CPU", 2)))
 
 
+def partition_of(keys: np.ndarray, parts: int) -> np.ndarray:
+    """The partition of each key in a shuffle of ``parts``: pandas' hash is seeded with a
+    constant, so stable across nodes, and a task can tell where a key will land."""
+    return pd.util.hash_array(keys) % parts
+
+
 def _split(table: pa.Table, key: str, parts: int, columns: list[str] | None) -> list[pa.Table]:
-    """Hash-partition one block; pandas' hash is seeded with a constant, so stable across nodes."""
     if columns is not None and table.num_rows:
         table = table.select(columns)
     if table.num_rows == 0:
         return [table] * parts
-    codes = pd.util.hash_array(table.column(key).to_numpy(zero_copy_only=False)) % parts
+    codes = partition_of(table.column(key).to_numpy(zero_copy_only=False), parts)
     return [table.filter(pa.array(codes == p)) for p in range(parts)]
 
 
@@ -36,15 +43,18 @@ def _reduce(fn: Any, *tables: pa.Table) -> pa.Table:
     return pa.Table.from_pandas(fn(df), preserve_index=False)
 
 
-def shuffle_blocks(refs: list, key: str, fn: Any, columns: list[str] | None = None) -> list:
+def shuffle_blocks(
+    refs: list, key: str, fn: Any, columns: list[str] | None = None, parts: int | None = None
+) -> list:
     """Run ``fn`` on hash partitions of the blocks ``refs``: all rows of a key meet in one call.
 
-    A map-reduce of plain tasks: each block is split by the hash of ``key`` into one
-    piece per cluster CPU, and each partition's pieces meet in one pandas call.
+    A map-reduce of plain tasks: each block is split by the hash of ``key`` into
+    ``parts`` pieces (``partitions()`` by default), and each partition's pieces meet in
+    one pandas call.
     """
     import ray
 
-    parts = _partitions()
+    parts = parts or partitions()
     split = ray.remote(_split).options(num_returns=parts)
     reduce = ray.remote(_reduce)
     pieces = [split.remote(ref, key, parts, columns) for ref in refs]

@@ -13,6 +13,11 @@ its whole set when that is no larger), and a pair is decided in two passes:
 2. The few pairs within ``MARGIN`` are decided exactly from the whole sets of just
    their documents (a second, much smaller round of the same two shuffles).
 
+Each round is two shuffles (``meet``): documents meet their edges at the source id, then
+the source's sketch travels to the target's partition once per partition, not once per
+edge (a document in a bucket of 32 has 31 edges, and its 8 KB sketch on each was most of
+the 3 GB benchmark's peak), and each pair is decided where its target lies.
+
 Short documents (up to ``SKETCH_SIZE`` shingles, ~1,000 words) are always exact in the
 first pass. Every step is keyed by document id and deterministic, so the verdicts do
 not depend on partitioning.
@@ -20,12 +25,22 @@ not depend on partitioning.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute
 
-from raylm.data.blocks import combine, map_blocks, num_rows, shuffle_blocks, unique_values
+from raylm.data.blocks import (
+    combine,
+    map_blocks,
+    num_rows,
+    partition_of,
+    partitions,
+    shuffle_blocks,
+    unique_values,
+)
 
 SKETCH_SIZE = 1024
 """Shingle hashes kept per document for the first pass (8 KB)."""
@@ -33,7 +48,7 @@ SKETCH_SIZE = 1024
 MARGIN = 0.05
 """Estimates this close to the threshold are checked exactly (4 standard errors at 0.8)."""
 
-_DOC, _EDGE = 3, 1
+_DOC, _EDGE, _COPY = 3, 1, 2
 _SURE, _UNSURE = 1, 0
 
 
@@ -118,37 +133,60 @@ def _verify_inputs(kind: int, key: str, other: str | None, blob: str | None):
     return fn
 
 
-def _verify_attach(df: pd.DataFrame) -> pd.DataFrame:
-    """At each edge's source: copy the source's sketch onto the edge, re-key it by target."""
-    docs = df[df["kind"] == _DOC]
-    blobs = dict(zip(docs["key"], docs["blob"], strict=True))
-    edges = df[df["kind"] == _EDGE]
-    moved = pd.DataFrame(
-        {
-            "key": edges["other"].to_numpy(),
-            "kind": _EDGE,
-            "other": edges["key"].to_numpy(),
-            "blob": [blobs.get(k, b"") for k in edges["key"]],
-        }
-    )
-    return pd.concat([docs, moved], ignore_index=True)
+def _verify_attach(parts: int):
+    """At each edge's source: re-key the edge by its target, and send the source's blob
+    once to each partition (of ``parts``) its targets lie in, keyed by one of them."""
+
+    def fn(df: pd.DataFrame) -> pd.DataFrame:
+        docs = df[df["kind"] == _DOC]
+        blobs = dict(zip(docs["key"], docs["blob"], strict=True))
+        edges = df[df["kind"] == _EDGE]
+        targets, sources = edges["other"].to_numpy(), edges["key"].to_numpy()
+        moved = pd.DataFrame({"key": targets, "kind": _EDGE, "other": sources, "blob": b""})
+        where = pd.DataFrame({"src": sources, "part": partition_of(targets, parts),
+                              "dst": targets}).drop_duplicates(["src", "part"])  # fmt: skip
+        copies = pd.DataFrame(
+            {
+                "key": where["dst"].to_numpy(),
+                "kind": _COPY,
+                "other": where["src"].to_numpy(),
+                "blob": [blobs.get(k, b"") for k in where["src"]],
+            }
+        )
+        return pd.concat([docs, moved, copies], ignore_index=True)
+
+    return fn
+
+
+def pair_blobs(df: pd.DataFrame) -> tuple[pd.DataFrame, dict, dict]:
+    """A target partition's edges (``key`` the target, ``other`` the source), and the
+    blobs of its own documents and of the sources sent to it."""
+    docs, copies = df[df["kind"] == _DOC], df[df["kind"] == _COPY]
+    mine = dict(zip(docs["key"], docs["blob"], strict=True))
+    theirs = dict(zip(copies["other"], copies["blob"], strict=False))
+    return df.loc[df["kind"] == _EDGE, ["key", "other"]], mine, theirs
+
+
+def meet(docs: list, edges: list, check: Callable[[pd.DataFrame], pd.DataFrame]) -> list:
+    """Two shuffles, no driver: ``docs`` (``_verify_inputs`` rows) meet the ``edges``
+    (src, dst) at each source, then ``check`` decides each pair at its target
+    (``pair_blobs`` gives it the pair's two blobs)."""
+    parts = partitions()
+    tagged = map_blocks(edges, _verify_inputs(_EDGE, "src", "dst", None))
+    attached = shuffle_blocks(docs + tagged, "key", _verify_attach(parts), parts=parts)
+    return shuffle_blocks(attached, "key", check, parts=parts)
 
 
 def _check(threshold: float, k: int | None):
     """At each edge's target: (src, dst, verdict) of pairs that pass or are undecided."""
 
     def fn(df: pd.DataFrame) -> pd.DataFrame:
-        docs = df[df["kind"] == _DOC]
-        blobs = dict(zip(docs["key"], docs["blob"], strict=True))
+        edges, mine, theirs = pair_blobs(df)
         src, dst, verdict = [], [], []
-        edges = df.loc[df["kind"] == _EDGE, ["key", "other", "blob"]]
-        for key, other, blob in edges.itertuples(index=False):
-            a = np.frombuffer(blob, dtype=np.uint64)
-            b = np.frombuffer(blobs.get(key, b""), dtype=np.uint64)
-            if k is None:
-                sim, exact = sketch_jaccard(a, b, max(len(a), len(b)))
-            else:
-                sim, exact = sketch_jaccard(a, b, k)
+        for key, other in edges.itertuples(index=False):
+            a = np.frombuffer(theirs.get(other, b""), dtype=np.uint64)
+            b = np.frombuffer(mine.get(key, b""), dtype=np.uint64)
+            sim, exact = sketch_jaccard(a, b, max(len(a), len(b)) if k is None else k)
             if exact or abs(sim - threshold) >= MARGIN:
                 if sim < threshold:
                     continue
@@ -178,22 +216,14 @@ def _with_verdict(verdict: int):
     return fn
 
 
-def _round(docs: list, edges: list, threshold: float, k: int | None) -> list:
-    """Two shuffles, no driver: documents meet their edges at the source id, then travel
-    with the edge to the target id, where the pair is decided."""
-    tagged = map_blocks(edges, _verify_inputs(_EDGE, "src", "dst", None))
-    attached = shuffle_blocks(docs + tagged, "key", _verify_attach)
-    return shuffle_blocks(attached, "key", _check(threshold, k))
-
-
 def verify_edges(edges: list, refs: list, threshold: float, k: int = SKETCH_SIZE) -> list:
     """Blocks of the candidate pairs (src, dst) whose exact Jaccard reaches ``threshold``."""
     docs = map_blocks(refs, _doc_rows(k), combine(edges, unique_values("src", "dst")))
-    checked = _round(docs, edges, threshold, k)
+    checked = meet(docs, edges, _check(threshold, k))
     sure = map_blocks(checked, _with_verdict(_SURE))
     unsure = map_blocks(checked, _with_verdict(_UNSURE))
     if num_rows(unsure) == 0:
         return sure
     docs = map_blocks(refs, _doc_rows(None), combine(unsure, unique_values("src", "dst")))
-    exact = _round(docs, unsure, threshold, None)
+    exact = meet(docs, unsure, _check(threshold, None))
     return sure + map_blocks(exact, _with_verdict(_SURE))

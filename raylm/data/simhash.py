@@ -117,14 +117,12 @@ def _hamming_check(max_distance: int):
     """At each edge's target: keep the edge if the fingerprints are close enough."""
 
     def fn(df: pd.DataFrame) -> pd.DataFrame:
-        docs = df[df["kind"] == dedup._DOC]
-        fps = dict(zip(docs["key"], docs["blob"], strict=True))
+        edges, mine, theirs = dedup.pair_blobs(df)
         src, dst = [], []
-        edges = df.loc[df["kind"] == dedup._EDGE, ["key", "other", "blob"]]
-        for key, other, blob in edges.itertuples(index=False):
-            mine = fps.get(key, b"")
-            if len(blob) == 8 and len(mine) == 8:
-                a, b = int.from_bytes(blob, "little"), int.from_bytes(mine, "little")
+        for key, other in edges.itertuples(index=False):
+            blob, own = theirs.get(other, b""), mine.get(key, b"")
+            if len(blob) == 8 and len(own) == 8:
+                a, b = int.from_bytes(blob, "little"), int.from_bytes(own, "little")
                 if hamming(a, b) <= max_distance:
                     src.append(other)
                     dst.append(key)
@@ -145,9 +143,7 @@ def simhash_duplicates(
                            dedup._bucket_edges)  # fmt: skip
     if num_rows(edges):
         docs = map_blocks(refs, dedup._verify_inputs(dedup._DOC, "id", None, "sig"))
-        tagged = map_blocks(edges, dedup._verify_inputs(dedup._EDGE, "src", "dst", None))
-        attached = shuffle_blocks(docs + tagged, "key", dedup._verify_attach)
-        edges = shuffle_blocks(attached, "key", _hamming_check(max_distance))
+        edges = dedup.meet(docs, edges, _hamming_check(max_distance))
     if num_rows(edges) == 0:
         return [], 0
     return dedup.connected_components(edges, max_rounds)

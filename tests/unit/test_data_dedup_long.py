@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 
 from raylm.data import components, dedup, dedup_verify
+from raylm.data.blocks import partition_of
 from raylm.data.corpus import edit, paragraphs
 
 TRICKY = [
@@ -100,13 +101,36 @@ def test_sketch_jaccard_is_exact_for_small_sets_and_close_for_large_ones() -> No
 def _verdicts(a: np.ndarray, b: np.ndarray, threshold: float, k: int | None) -> list[int]:
     df = pd.DataFrame(
         {
-            "key": ["y", "y"],
-            "kind": [dedup_verify._DOC, dedup_verify._EDGE],
-            "other": ["", "x"],
-            "blob": [b.tobytes(), a.tobytes()],
+            "key": ["y", "y", "y"],
+            "kind": [dedup_verify._DOC, dedup_verify._EDGE, dedup_verify._COPY],
+            "other": ["", "x", "x"],
+            "blob": [b.tobytes(), b"", a.tobytes()],
         }
     )
     return dedup_verify._check(threshold, k)(df)["verdict"].tolist()
+
+
+def test_a_source_sketch_travels_once_to_each_partition_of_its_targets() -> None:
+    """Not once per edge: the copies are what verification's memory grows with."""
+    targets = [f"t{i}" for i in range(9)]
+    df = pd.DataFrame(
+        {
+            "key": ["s"] * 10,
+            "kind": [dedup_verify._DOC] + [dedup_verify._EDGE] * 9,
+            "other": ["", *targets],
+            "blob": [b"sketch"] + [b""] * 9,
+        }
+    )
+    out = dedup_verify._verify_attach(parts=3)(df)
+    parts = dict(zip(targets, partition_of(np.array(targets, dtype=object), 3), strict=True))
+    copies = out[out["kind"] == dedup_verify._COPY]
+    assert sorted(parts[k] for k in copies["key"]) == sorted(set(parts.values()))
+    assert set(copies["other"]) == {"s"} and set(copies["blob"]) == {b"sketch"}
+    edges = out[out["kind"] == dedup_verify._EDGE]
+    assert sorted(edges["key"]) == targets and set(edges["blob"]) == {b""}
+    # each target's partition receives the source's sketch
+    for t in targets:
+        assert parts[t] in {parts[k] for k in copies["key"]}
 
 
 def test_check_decides_far_pairs_and_defers_close_ones() -> None:

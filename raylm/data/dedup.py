@@ -21,10 +21,8 @@ import pyarrow as pa
 import pyarrow.compute
 
 from raylm.data.blocks import combine, map_blocks, num_rows, shuffle_blocks, unique_values
-
-# simhash's verification reuses the shuffle rows' kinds, inputs and meeting step from here
-from raylm.data.components import _EDGE, connected_components  # noqa: F401
-from raylm.data.dedup_verify import _DOC, _verify_inputs, meet, pair_blobs, verify_edges  # noqa: F401
+from raylm.data.components import connected_components
+from raylm.data.dedup_verify import verify_edges
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 

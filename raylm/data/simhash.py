@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from raylm.data import dedup
 from raylm.data.blocks import map_blocks, num_rows, shuffle_blocks
+from raylm.data.dedup_verify import _DOC, _verify_inputs, meet, pair_blobs
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
@@ -117,7 +118,7 @@ def _hamming_check(max_distance: int):
     """At each edge's target: keep the edge if the fingerprints are close enough."""
 
     def fn(df: pd.DataFrame) -> pd.DataFrame:
-        edges, mine, theirs = dedup.pair_blobs(df)
+        edges, mine, theirs = pair_blobs(df)
         src, dst = [], []
         for key, other in edges.itertuples(index=False):
             blob, own = theirs.get(other, b""), mine.get(key, b"")
@@ -142,8 +143,8 @@ def simhash_duplicates(
     edges = shuffle_blocks(map_blocks(refs, _explode(max_distance, blocks)), "bucket",
                            dedup._bucket_edges)  # fmt: skip
     if num_rows(edges):
-        docs = map_blocks(refs, dedup._verify_inputs(dedup._DOC, "id", None, "sig"))
-        edges = dedup.meet(docs, edges, _hamming_check(max_distance))
+        docs = map_blocks(refs, _verify_inputs(_DOC, "id", None, "sig"))
+        edges = meet(docs, edges, _hamming_check(max_distance))
     if num_rows(edges) == 0:
         return [], 0
     return dedup.connected_components(edges, max_rounds)

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -69,6 +70,10 @@ class EngineState:
         ``/-/healthz`` answers 503, which is what HAProxy's own check reads."""
         self.counts = {"retried": 0, "retry_failed": 0, "stream_errors": 0, "bounced": 0}
         self._counter: Any = None
+
+    def report_dead(self) -> None:
+        """Serve's health check saw the dead engine (the first time counts)."""
+        self.reported_since = self.reported_since or time.monotonic()
 
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:

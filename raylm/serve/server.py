@@ -39,7 +39,6 @@ raylm wants of it. raylm's settings reach each replica as arguments of the deplo
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -210,9 +209,7 @@ def _server_cls() -> type:
 
         async def check_health(self) -> None:
             if self.raylm_engine.dead():
-                self.raylm_engine.reported_since = self.raylm_engine.reported_since or (
-                    time.monotonic()
-                )
+                self.raylm_engine.report_dead()
                 raise RuntimeError("raylm: this replica's vLLM engine is dead")
             await super().check_health()
 

@@ -314,7 +314,8 @@ def test_the_watchdog_stays_until_the_front_end_has_marked_it_down() -> None:
         task = asyncio.create_task(watchdog.run())
         await asyncio.sleep(0.3)
         assert not left  # dead and idle, but no health check has reported it yet
-        state.reported_since = reported = time.monotonic()
+        reported = time.monotonic()
+        state.report_dead()
         await asyncio.wait_for(task, 2)
         return reported
 

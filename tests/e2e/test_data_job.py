@@ -109,10 +109,10 @@ def test_bad_config_key_exits_2_naming_the_key(tmp_path: Path) -> None:
 @pytest.mark.timeout(600)
 def test_pt_job_reads_and_writes_a_bucket(ray_cluster, tiny_model, s3_bucket: str) -> None:
     """Inputs (a glob) and output_dir on a real S3-compatible server: shards, stats,
-    quarantine and manifest land in the bucket. A train stage streaming shards from a
-    bucket, resumed there after a preemption, is tests/e2e/test_pipeline.py's
-    ``test_interrupted_training_resumes_on_rerun``; that it sees each example once per
-    epoch across a resume, tests/integration/test_train_resume.py."""
+    quarantine and manifest land in the bucket. A train job reading its data from a
+    bucket, killed and resumed there, is tests/integration/test_train_resume.py's
+    ``test_killed_job_resubmitted_with_same_run_name_continues_exactly``; that a bucket's
+    path is read as shards or a raw file, tests/unit/test_train_data_stream.py."""
     from raylm import storage
     from raylm.data.corpus import SAMPLE_DIR
     from raylm.data.shards import ROW_GROUP_ROWS

@@ -1,20 +1,25 @@
 """The whole pipeline on the tiny model: notebook run, re-run with a quantized export,
-re-run with a failing gate, resume.
+re-run with a failing gate.
 
 The tests share one pipeline run (the notebook's), in order: re-running it must skip
 the unchanged stages; added export stages serve the gated quantized model; a stricter
 gate must block deployment.
+
+A pipeline preempted in its train stage resumes training when re-run, from these parts:
+the stage has no record, so it runs again (tests/integration/test_pipeline_skip.py);
+its run is the same ``storage_path``/``run_name`` every time (tests/unit/
+test_pipeline_plan.py); and a train job killed and started again under that name
+continues exactly from its newest checkpoint in a bucket
+(tests/integration/test_train_resume.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
-from ray.job_submission import JobSubmissionClient
 
 from raylm import cli
 from raylm.cluster import ClusterInfo
@@ -163,59 +168,3 @@ def test_rerun_skips_done_stages_and_gate_blocks_deploy(notebook_run: dict) -> N
     assert summary["gate"]["passed"] is False
     assert any("perplexity" in r for r in summary["gate"]["reasons"])
     assert "quickstart" not in deploy.status()["applications"]
-
-
-@pytest.mark.timeout(1200)
-def test_interrupted_training_resumes_on_rerun(ray_cluster: ClusterInfo, s3_bucket: str) -> None:
-    """The pipeline's workspace in a bucket: the data stage writes its shards there, the
-    train stage its checkpoints; preempted and re-run, training resumes from the bucket."""
-    from raylm import storage
-
-    name = "e2e-interrupt"
-    run_dir = storage.join(s3_bucket, "pipelines", name)
-    storage.delete_dir(run_dir)
-    args = ["conf/pipeline/demo.yaml", f"name={name}", f"workspace={s3_bucket}/pipelines",
-            "eval.config=null", "serve.config=null",
-            "gate=false", "train.overrides=[model.name_or_path=outputs/models/tiny,data.cutoff_len=512,"
-            "checkpoint.save_steps=2,train.epochs=2]"]  # fmt: skip
-    client = JobSubmissionClient(ray_cluster.dashboard_url)
-    assert (
-        cli.main(["submit", "pipeline", *args, "--no-wait", "--address", ray_cluster.dashboard_url])
-        == 0
-    )
-    _wait_for_checkpoint(storage.join(run_dir, "train"), timeout=900)
-    for job in client.list_jobs():  # preempt everything: the pipeline and its train stage
-        meta = job.metadata or {}
-        if job.status.value == "RUNNING" and (
-            meta.get("raylm_pipeline") == name or name in job.entrypoint
-        ):
-            client.stop_job(job.submission_id)
-    time.sleep(5)
-    assert cli.main(["pipeline", *args]) == 0
-    summary = json.loads(storage.read_text(storage.join(run_dir, "manifest.json")))["metrics"]
-    assert summary["stages"] == {"data": "skipped", "train": "ran"}
-    train_manifest = storage.read_text(storage.join(run_dir, "train", "manifest.json"))
-    train = json.loads(train_manifest)["metrics"]
-    assert train["resumes"] >= 1, "training restarted from scratch instead of resuming"
-    assert json.loads(train_manifest)["outputs"]["final"].startswith(s3_bucket)
-
-
-def _wait_for_checkpoint(train_dir: str, timeout: float) -> None:
-    import pyarrow.fs as pafs
-
-    from raylm import storage
-
-    fs, root = storage.filesystem(train_dir)
-    manifest = storage.join(train_dir, "manifest.json")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-        if any(info.base_name == "COMPLETE" for info in found):
-            return
-        if (
-            storage.exists(manifest)
-            and json.loads(storage.read_text(manifest))["status"] == "failed"
-        ):
-            raise AssertionError(f"the train stage failed: {storage.read_text(manifest)[-2000:]}")
-        time.sleep(2)
-    raise AssertionError(f"no complete checkpoint under {train_dir} after {timeout}s")

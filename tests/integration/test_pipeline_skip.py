@@ -32,6 +32,9 @@ def test_recorded_stage_is_skipped_but_a_lost_deployment_is_not(
     data, fp = _done(tmp_path, "data", ["conf/data/sample_sft.yaml"])
     assert _already_done(data, tmp_path, fp, url)
     assert not _already_done(data, tmp_path, "other-fingerprint", url)
+    # A stage stopped part-way (preempted) wrote no record: it runs again.
+    train = Stage("train", ["conf/train/sft_lora.yaml"], tmp_path / "train", [])
+    assert not _already_done(train, tmp_path, train.fingerprint(), url)
     serve, fp = _done(
         tmp_path, "serve", ["conf/serve/tiny.yaml", "model.path=/m", "app_name=never-deployed"]
     )

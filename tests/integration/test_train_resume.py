@@ -200,8 +200,9 @@ def test_killed_job_resubmitted_with_same_run_name_continues_exactly(
 ) -> None:
     """SIGKILL the whole job (driver, controller, workers) after its first checkpoint,
     then run the same command again: it continues from that checkpoint and matches.
-    The base model, checkpoints, markers, metrics, final/ and the manifest all live in a
-    bucket on a real S3-compatible server, and the resume reads them back from there.
+    The base model, the training data, checkpoints, markers, metrics, final/ and the
+    manifest all live in a bucket on a real S3-compatible server, and the resume reads
+    them back from there.
     (Resuming from a local directory is what the worker-kill test above does.)"""
     import signal
     import subprocess
@@ -213,9 +214,11 @@ def test_killed_job_resubmitted_with_same_run_name_continues_exactly(
     root = s3_bucket + "/runs"
     model = storage.join(s3_bucket, "models", "tiny")  # the workers load it from the bucket
     storage.copy_dir(str(tiny_model), model)
+    data = storage.join(s3_bucket, "data", "pt_demo.jsonl")  # the reference's rows
+    storage.write_bytes(data, (ROOT / "conf/train/data/pt_demo.jsonl").read_bytes())
     argv = [
         sys.executable, str(ROOT / "jobs/train.py"), str(ROOT / "conf/train/pt_full.yaml"),
-        f"model.name_or_path={model}", f"data.path={ROOT / 'conf/train/data/pt_demo.jsonl'}",
+        f"model.name_or_path={model}", f"data.path={data}",
         f"storage_path={root}", "run_name=preempted", f"train.max_steps={STEPS}",
         "train.micro_batch_size=2", "checkpoint.save_steps=2", "checkpoint.keep=2",
         "checkpoint.max_failures=2", "checkpoint.log_sample_ids=true",

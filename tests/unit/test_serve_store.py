@@ -89,6 +89,22 @@ def test_namespaces_and_stores_are_shared(store_url: str) -> None:
     asyncio.run(run())
 
 
+def test_a_redeploy_finds_the_conversations_again(store_url: str) -> None:
+    """Every replica of an app closed (the app deleted), then new ones opened on the same
+    URL and namespace (the app deployed again): the responses are still there."""
+
+    async def run() -> None:
+        old = open_store(store_url, 60, "app-redeployed")
+        r = record()
+        await old.put(r)
+        await old.close()
+        new = open_store(store_url, 60, "app-redeployed")
+        assert await new.get(r.id, "alice") == r
+        await new.close()
+
+    asyncio.run(run())
+
+
 def test_sqlite_purges_expired_rows(tmp_path: Path) -> None:
     import sqlite3
 

@@ -105,8 +105,13 @@ def build_corpus(seed: int, dup_share: float) -> list[str]:
 LONG_MIN_BYTES, LONG_MAX_BYTES = 8_000, 60_000
 
 
-def long_documents(min_bytes: int = LONG_MIN_BYTES, max_bytes: int = LONG_MAX_BYTES) -> list[str]:
-    """Whole files of tens of KB: licences, packages' copyright files, stdlib modules.
+def long_documents(
+    min_bytes: int = LONG_MIN_BYTES, max_bytes: int = LONG_MAX_BYTES, packages: bool = False
+) -> list[str]:
+    """Whole files of tens of KB: licences, packages' copyright files, stdlib modules,
+    and with ``packages`` the installed packages' modules (site-packages: about 12 MB of
+    long files on this machine without them, hundreds with them, vendored copies and
+    versioned twins among them as natural near-duplicates).
 
     Long documents stress what short paragraphs hide: the per-shingle cost of MinHash
     and the size of the shingle sets that verification moves. Files over ``max_bytes``
@@ -121,6 +126,11 @@ def long_documents(min_bytes: int = LONG_MIN_BYTES, max_bytes: int = LONG_MAX_BY
         for p in stdlib.rglob("*.py")
         if "test" not in p.parts and "tests" not in p.parts and "site-packages" not in p.parts
     )
+    if packages:
+        site = Path(sysconfig.get_paths()["purelib"])
+        files += sorted(
+            p for p in site.rglob("*.py") if "test" not in p.parts and "tests" not in p.parts
+        )
     out: dict[str, None] = {}
     for path in files:
         try:
@@ -134,11 +144,13 @@ def long_documents(min_bytes: int = LONG_MIN_BYTES, max_bytes: int = LONG_MAX_BY
     return list(out)
 
 
-def build_long_corpus(seed: int, dup_share: float, target_mb: float) -> list[str]:
+def build_long_corpus(
+    seed: int, dup_share: float, target_mb: float, packages: bool = False
+) -> list[str]:
     """About ``target_mb`` of long documents: distinct files plus controlled copies of
     ``dup_share`` of them (15 % verbatim, 85 % with 1-12 % of words edited), shuffled."""
     rng = random.Random(seed)
-    base = long_documents()
+    base = long_documents(packages=packages)
     rng.shuffle(base)
     budget, picked = target_mb * 1e6 / (1 + dup_share), []
     for text in base:
@@ -305,6 +317,11 @@ def main() -> None:
         help="short: paragraphs (default); long: whole files of tens of KB",
     )
     parser.add_argument("--long-mb", type=float, default=10.0, help="size of the long corpus")
+    parser.add_argument(
+        "--long-packages",
+        action="store_true",
+        help="long corpus: add the installed packages' modules (for more than ~12 MB)",
+    )
     parser.add_argument("--systems", default="raylm,datasketch,rensa")
     args = parser.parse_args()
 
@@ -312,7 +329,7 @@ def main() -> None:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if args.corpus == "long":
-        corpus = build_long_corpus(seed=0, dup_share=args.dup_share, target_mb=args.long_mb)
+        corpus = build_long_corpus(0, args.dup_share, args.long_mb, args.long_packages)
     else:
         corpus = build_corpus(seed=0, dup_share=args.dup_share)
     if args.max_docs:

@@ -225,6 +225,9 @@ def _row_by_row(block: Any, cfg: Any) -> Any:
         row["doc"] = json.dumps(row["_payload"], ensure_ascii=False)
         row["_text"] = steps.dedup_text(row["_payload"])
     steps.Sign(cfg).run(kept)
+    steps.Score(cfg).run(kept)
+    for row in kept:  # as the job does since 40e38e2: ``doc`` holds a kept row's text
+        row["raw"] = ""
     return pa.Table.from_pylist(out, schema=steps.PROCESSED_SCHEMA)
 
 

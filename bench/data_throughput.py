@@ -256,8 +256,9 @@ def _filter_probes(cfg: Any) -> dict[str, Callable[[str], Any]]:
 # ---- the whole job, and datatrove ------------------------------------------------------
 
 
-def job_rate(files: dict[str, Path], out: Path) -> dict[str, float]:
-    """The data job (default filters and PII, dedup off) on a 2-CPU local Ray."""
+def job_rate(files: dict[str, Path], out: Path, dedup: bool = False) -> dict[str, float]:
+    """The data job (default filters and PII; dedup off unless ``dedup``: then its
+    defaults, exact and MinHash signing in the record stage) on a 2-CPU local Ray."""
     import ray
 
     from raylm.data.config import DataJobConfig, DedupConfig
@@ -268,7 +269,7 @@ def job_rate(files: dict[str, Path], out: Path) -> dict[str, float]:
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = DataJobConfig(
         inputs=[str(p) for p in files.values()],
-        dedup=DedupConfig(exact=False, fuzzy=False),
+        dedup=DedupConfig() if dedup else DedupConfig(exact=False, fuzzy=False),
         output_dir=str(out / "job"),
     )
     start = time.perf_counter()
@@ -325,6 +326,9 @@ def main() -> None:
     parser.add_argument("--skip-datatrove", action="store_true")
     parser.add_argument("--job-only", action="store_true", help="only the whole data job")
     parser.add_argument(
+        "--job-dedup", action="store_true", help="the whole job with dedup's defaults on"
+    )
+    parser.add_argument(
         "--no-probes", action="store_true", help="skip timing each per-document filter alone"
     )
     parser.add_argument("--datatrove-python", default="/tmp/dtvenv/bin/python")
@@ -333,7 +337,7 @@ def main() -> None:
     files = build_corpus(out / "corpus", args.mb)
     total_mb = sum(p.stat().st_size for p in files.values()) / 1e6
     if args.job_only:
-        return _print_job(job_rate(files, out), total_mb)
+        return _print_job(job_rate(files, out, args.job_dedup), total_mb)
     table = stage_rates(files, args.repeat, probes=not args.no_probes)
     stages = [k for k in table[SLICES[0]] if k not in ("MB", "docs")]
     table["all"] = {k: total_mb / sum(t["MB"] / t[k] for t in table.values()) for k in stages}
@@ -344,7 +348,7 @@ def main() -> None:
         dt = datatrove_rates(files, args.datatrove_python)
         print("datatrove Gopher + PII | " + " | ".join(f"{dt[s]:.2f}" for s in (*SLICES, "all")))
     if not args.skip_job:
-        _print_job(job_rate(files, out), total_mb)
+        _print_job(job_rate(files, out, args.job_dedup), total_mb)
 
 
 def _print_job(job: dict[str, float], total_mb: float) -> None:

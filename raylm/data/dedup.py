@@ -293,7 +293,7 @@ PAIRS_MAX_BUCKET = 32
 (its smallest id hash, in the MinHash pass)."""
 
 
-def _bucket_edges(df: pd.DataFrame) -> pd.DataFrame:
+def bucket_edges(df: pd.DataFrame) -> pd.DataFrame:
     """Candidate pairs (src < dst) of every bucket with more than one document.
 
     With exact verification a star is not enough: the bucket's smallest id may be below
@@ -320,8 +320,8 @@ def _bucket_edges(df: pd.DataFrame) -> pd.DataFrame:
 
 def candidate_edges(refs: list, bands: int, rows: int) -> list:
     """Candidate pairs (ids) from every LSH bucket with > 1 document (see
-    ``_bucket_edges``), found on id hashes (``id_hashes``) and named afterwards."""
-    hashed = shuffle_blocks(map_blocks(refs, _explode_bands(bands, rows)), "bucket", _bucket_edges)
+    ``bucket_edges``), found on id hashes (``id_hashes``) and named afterwards."""
+    hashed = shuffle_blocks(map_blocks(refs, _explode_bands(bands, rows)), "bucket", bucket_edges)
     names = map_blocks(refs, _named_ends, combine(hashed, unique_values("src", "dst")))
     return map_blocks(hashed, _named_edges, *names)
 

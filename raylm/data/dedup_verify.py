@@ -116,8 +116,7 @@ def _doc_rows(k: int | None):
 
 
 def _verify_inputs(kind: int, key: str, other: str | None, blob: str | None):
-    """Rows of the two verification shuffles from a block of documents or of edges
-    (simhash's Hamming check moves its fingerprints the same way)."""
+    """Rows of the two verification shuffles from a block of documents or of edges."""
 
     def fn(table: pa.Table) -> pa.Table:
         n = table.num_rows
@@ -131,6 +130,12 @@ def _verify_inputs(kind: int, key: str, other: str | None, blob: str | None):
         )
 
     return fn
+
+
+def document_rows(key: str, blob: str):
+    """A block of documents as :func:`meet`'s document rows: the ``key`` column names
+    each one, the ``blob`` column is what ``check`` compares (simhash's fingerprints)."""
+    return _verify_inputs(_DOC, key, None, blob)
 
 
 def _verify_attach(parts: int):
@@ -168,7 +173,7 @@ def pair_blobs(df: pd.DataFrame) -> tuple[pd.DataFrame, dict, dict]:
 
 
 def meet(docs: list, edges: list, check: Callable[[pd.DataFrame], pd.DataFrame]) -> list:
-    """Two shuffles, no driver: ``docs`` (``_verify_inputs`` rows) meet the ``edges``
+    """Two shuffles, no driver: ``docs`` (:func:`document_rows`) meet the ``edges``
     (src, dst) at each source, then ``check`` decides each pair at its target
     (``pair_blobs`` gives it the pair's two blobs)."""
     parts = partitions()

@@ -24,9 +24,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from raylm.data import dedup
 from raylm.data.blocks import map_blocks, num_rows, shuffle_blocks
-from raylm.data.dedup_verify import _DOC, _verify_inputs, meet, pair_blobs
+from raylm.data.components import connected_components
+from raylm.data.dedup import bucket_edges
+from raylm.data.dedup_verify import document_rows, meet, pair_blobs
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
@@ -141,10 +142,10 @@ def simhash_duplicates(
     and the connected-component rounds, from document blocks whose ``sig`` is the
     fingerprint: candidates from the tables, checked on Hamming distance, then merged."""
     edges = shuffle_blocks(map_blocks(refs, _explode(max_distance, blocks)), "bucket",
-                           dedup._bucket_edges)  # fmt: skip
+                           bucket_edges)  # fmt: skip
     if num_rows(edges):
-        docs = map_blocks(refs, _verify_inputs(_DOC, "id", None, "sig"))
+        docs = map_blocks(refs, document_rows("id", "sig"))
         edges = meet(docs, edges, _hamming_check(max_distance))
     if num_rows(edges) == 0:
         return [], 0
-    return dedup.connected_components(edges, max_rounds)
+    return connected_components(edges, max_rounds)

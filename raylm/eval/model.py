@@ -47,7 +47,7 @@ def describe_model(
             )
         return ModelInfo(p, "adapter", str(base))
     if storage.is_file(storage.join(p, "config.json")):
-        from raylm.train.mod import refuse_mod_model
+        from raylm.models.mod_marker import refuse_mod_model
 
         refuse_mod_model(p, key, "eval")  # vLLM and a plain load drop the MoD routers
         return ModelInfo(p, "full", None)

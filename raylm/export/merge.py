@@ -121,7 +121,7 @@ def base_shards(base: Path) -> list[str]:
 
 def merge_shards(base: Path, adapters: list[Path], out: Path) -> dict[str, Any]:
     """Write ``out`` = base + every adapter, shard by shard; returns what was merged."""
-    from raylm.train.mod import refuse_mod_model
+    from raylm.models.mod_marker import refuse_mod_model
 
     refuse_mod_model(str(base), "model", "export")  # routers no engine or quantizer knows
     plans = [(a, *adapter_deltas(a)) for a in adapters]

@@ -88,7 +88,7 @@ def check_model_dir(model_dir: str) -> None:
         raise ConfigError(
             f"model.path={model_dir!r} is not a Hugging Face model dir (no config.json)"
         )
-    from raylm.train.mod import refuse_mod_model
+    from raylm.models.mod_marker import refuse_mod_model
 
     refuse_mod_model(model_dir, "model.path", "serve")  # vLLM has no MoD routers
 

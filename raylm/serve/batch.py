@@ -33,7 +33,7 @@ def check_inputs(cfg: GenerateJobConfig) -> None:
     for key, path, marker, what in checks:
         if path and not _readable(key, storage.join(path, marker)):
             raise ConfigError(f"{key}={path!r} is not {what} (no {marker})")
-    from raylm.train.mod import refuse_mod_model
+    from raylm.models.mod_marker import refuse_mod_model
 
     refuse_mod_model(resolve_model(cfg.model), "model", "generate")  # vLLM: no MoD routers
     if not _readable("input.path", cfg.input.path, exists=True):

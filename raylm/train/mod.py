@@ -31,7 +31,7 @@ the capacity schedule instead of restarting it at 1.0.
 Routing is not causal (top-k over the whole sequence), as in the package, so there is no
 incremental decoding with a KV cache: a forward over a cache that already holds tokens is
 refused (generate with ``use_cache=False``). vLLM has no MoD layers, so serve, generate,
-eval and export refuse a MoD model (:func:`refuse_mod_model`).
+eval and export refuse a MoD model (:func:`raylm.models.mod_marker.refuse_mod_model`).
 """
 
 from __future__ import annotations
@@ -41,14 +41,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from raylm import storage
 from raylm.config import ConfigError
+from raylm.models.mod_marker import MARKER, is_mod_config
 
 MODES = ("convert", "load")
 CAPACITY = 0.125
 """The share of a sequence's tokens a routed layer keeps once the schedule has decayed."""
-MARKER = "mixture_of_depths"
-"""config.json key of a MoD model: ``{"routed_layers": [...], "capacity": 0.125}``."""
 ROUTER = ".router.weight_predictor."
 BLOCK_KEYS = {r"^model\.layers\.(\d+)\.block\.": r"model.layers.\1."}
 """``from_pretrained``'s key_mapping that loads a routed layer's weights into the plain
@@ -67,32 +65,6 @@ def capacity_at(step: int, floor: float = CAPACITY) -> float:
 
 def top_k(capacity: float, seq_len: int) -> int:
     return max(1, min(seq_len, int(capacity * seq_len)))
-
-
-def is_mod_config(config: dict[str, Any]) -> bool:
-    """A config.json of a MoD model: raylm's marker, or the package's renamed architecture."""
-    archs = config.get("architectures") or []
-    return MARKER in config or any("MoDFor" in str(a) for a in archs)
-
-
-def refuse_mod_model(model_dir: str, key: str, job: str) -> None:
-    """ConfigError when ``model_dir`` (local or a bucket prefix) holds a MoD model: vLLM
-    (serve, generate, eval) and the merge/quantize export have no routed layers, and a
-    plain transformers load would drop the routers. A missing config.json passes (the
-    caller's own check names it)."""
-    path = storage.join(model_dir, "config.json")
-    try:
-        config = json.loads(storage.read_text(path)) if storage.is_file(path) else {}
-    except (OSError, ValueError):
-        return
-    if isinstance(config, dict) and is_mod_config(config):
-        raise ConfigError(
-            f"{key}={model_dir!r} is a mixture-of-depths model (its config.json records "
-            f"{MARKER} / a MoDForCausalLM architecture): {job} cannot run it, since vLLM "
-            "and plain transformers loading have no routed layers (its routers would be "
-            "dropped). Keep training it with model.mixture_of_depths=load, or train "
-            "without mixture_of_depths for a servable model"
-        )
 
 
 @functools.cache

@@ -69,7 +69,7 @@ def test_small_buckets_propose_every_pair_not_just_a_star() -> None:
     import pandas as pd
 
     df = pd.DataFrame({"bucket": [7, 7, 7, 9], "id": ["a", "b", "c", "d"]})
-    edges = set(map(tuple, dedup._bucket_edges(df)[["src", "dst"]].to_numpy().tolist()))
+    edges = set(map(tuple, dedup.bucket_edges(df)[["src", "dst"]].to_numpy().tolist()))
     assert edges == {("a", "b"), ("a", "c"), ("b", "c")}
 
 
@@ -78,7 +78,7 @@ def test_huge_buckets_fall_back_to_a_star() -> None:
 
     n = dedup.PAIRS_MAX_BUCKET + 5
     ids = [f"{i:03d}" for i in range(n)]
-    edges = dedup._bucket_edges(pd.DataFrame({"bucket": [1] * n, "id": ids}))
+    edges = dedup.bucket_edges(pd.DataFrame({"bucket": [1] * n, "id": ids}))
     assert len(edges) == n - 1 and set(edges["src"]) == {"000"}
 
 

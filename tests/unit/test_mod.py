@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from raylm.config import ConfigError, load
+from raylm.models.mod_marker import refuse_mod_model
 from raylm.train import mod
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,8 +138,8 @@ def test_final_keeps_the_routers_and_load_restores_them(tiny_model: Path, tmp_pa
         load_model(cfg(tiny_model, "load"))
     for job in ("serve", "eval", "export"):
         with pytest.raises(ConfigError, match=f"mixture-of-depths model.*{job} cannot"):
-            mod.refuse_mod_model(str(out), "model.path", job)
-    mod.refuse_mod_model(str(tiny_model), "model.path", "serve")  # a plain model passes
+            refuse_mod_model(str(out), "model.path", job)
+    refuse_mod_model(str(tiny_model), "model.path", "serve")  # a plain model passes
 
 
 @pytest.mark.parametrize(

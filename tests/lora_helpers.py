@@ -1,9 +1,12 @@
-"""A LoRA adapter to export, shared by the unit and integration tiers (importable by
-name: pytest puts tests/, the conftest's dir, on sys.path)."""
+"""A LoRA adapter to export, and the perplexity an export's figures are checked against;
+shared by the unit and integration tiers (importable by name: pytest puts tests/, the
+conftest's dir, on sys.path)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,3 +28,22 @@ def lora_adapter(base: Path, out: Path, seed: int, zero: bool = False, **kw: obj
     peft.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)  # as a raylm train run saves it
     return out
+
+
+def reference_perplexity(model: Any, tokenizer: Any, docs: list[str], max_length: int) -> float:
+    """Perplexity from the model's own shifted loss, one window at a time (no batching,
+    no padding): the figure raylm's batched ``perplexity`` must reproduce."""
+    from raylm.eval.model import doc_token_ids
+
+    nll, scored = 0.0, 0
+    for doc in docs:
+        ids = doc_token_ids(tokenizer, doc)
+        for i in range(0, len(ids), max_length):
+            window = torch.tensor([ids[i : i + max_length]])
+            if window.shape[1] < 2:
+                continue  # a lone token has nothing to predict
+            with torch.inference_mode():
+                loss = model(input_ids=window, labels=window).loss
+            nll += float(loss) * (window.shape[1] - 1)
+            scored += window.shape[1] - 1
+    return math.exp(nll / scored)

@@ -251,3 +251,7 @@ def test_killed_job_resubmitted_with_same_run_name_continues_exactly(
     assert manifest["status"] == "succeeded" and manifest["metrics"]["resumes"] == 1
     assert manifest["output"]["path"] == storage.join(run_dir, "final")
     assert "model.safetensors" in storage.listdir(storage.join(run_dir, "final"))
+    # the run's inputs name the bucket objects themselves (not ``s3:/...``, not dropped)
+    assert set(manifest["inputs"]) == {data, model} and manifest["inputs"][data].startswith(
+        "listing:"
+    )

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from gguf import LlamaFileType
-from lora_helpers import lora_adapter
+from lora_helpers import lora_adapter, reference_perplexity
 
 from raylm import config
 from raylm.config import ConfigError
-from raylm.export.gguf import convert, load_gguf
+from raylm.export.gguf import convert, held_out_docs, load_gguf
 from raylm.export.job import CHECK_FILE, export_model, resolve_sources
 from raylm.export.ollama import modelfile
 
@@ -48,6 +48,9 @@ def source_logits(tiny_model: Path) -> list[torch.Tensor]:
 
 
 def test_export_job_writes_gguf_files_modelfile_and_figures(tiny_model: Path, tmp_path: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     adapter = lora_adapter(tiny_model, tmp_path / "a", seed=5)
     out = tmp_path / "export"
     over = [f"model={tiny_model}", f"adapters=[{adapter}]", f"output_dir={out}",
@@ -72,8 +75,18 @@ def test_export_job_writes_gguf_files_modelfile_and_figures(tiny_model: Path, tm
     # sizes against float32: q4_0 (output.weight kept q8_0) and q4_k_m under 22%
     assert files["q4_0"]["bytes"] < 0.22 * figures["merged_bytes"]
     assert files["q4_k_m"]["bytes"] < 0.22 * figures["merged_bytes"]
-    base = figures["merged_perplexity"]
-    assert 1 < base < 1e4 and figures["eval_docs"] > 5
+    # the merged figure is the perplexity of the base with the adapter merged
+    merged = (
+        PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), adapter
+        )
+        .merge_and_unload()
+        .eval()
+    )
+    docs = held_out_docs(None)
+    want = reference_perplexity(merged, AutoTokenizer.from_pretrained(tiny_model), docs, 1024)
+    assert figures["merged_perplexity"] == pytest.approx(want, rel=1e-4)
+    assert figures["eval_docs"] == len(docs) > 5
     # written by llama-quantize: its file type; the tiny model's rows (128 and 384 wide)
     # do not split into k-quants' 256-value super-blocks, so llama.cpp falls back per tensor
     kv, types = _gguf_summary(out / "quantized" / "model-q4_k_m.gguf")

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_helpers import reference_perplexity
 
 from raylm import config
+from raylm.export.gguf import held_out_docs
 from raylm.export.int8 import META_FILE, STATE_FILE, load_int8, quantize_model
 from raylm.export.job import CHECK_FILE, export_model, resolve_sources
 
@@ -56,7 +58,9 @@ def test_int8_loads_back_with_int8_linears_and_logits_close(exported, tiny_model
         torch.testing.assert_close(a, g, rtol=0, atol=0)
 
 
-def test_int8_figures(exported) -> None:
+def test_int8_figures(exported, tiny_model: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     out, figures = exported
     assert figures == json.loads((out / CHECK_FILE).read_text())["quantize"]
     (f,) = figures["files"]
@@ -64,5 +68,12 @@ def test_int8_figures(exported) -> None:
     assert figures["hf_model_dir"] is False
     assert f["bytes"] == (out / "quantized" / STATE_FILE).stat().st_size
     assert f["bytes"] < 0.45 * figures["merged_bytes"]  # int8 Linears; embeddings float32
-    assert 1 < figures["merged_perplexity"] < 1e4
-    assert 0.9 < f["perplexity_ratio"] < 1.1
+    # the merged figure is the source's perplexity, batched as unbatched
+    source = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    docs = held_out_docs(None)
+    want = reference_perplexity(source, AutoTokenizer.from_pretrained(tiny_model), docs, 1024)
+    assert figures["merged_perplexity"] == pytest.approx(want, rel=1e-4)
+    assert figures["eval_docs"] == len(docs)
+    assert f["perplexity_ratio"] == pytest.approx(f["perplexity"] / want, rel=1e-4)
+    assert f["perplexity"] != figures["merged_perplexity"]  # int8 moved the logits
+    assert 0.9 < f["perplexity_ratio"] < 1.1  # and by little

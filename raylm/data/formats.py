@@ -10,6 +10,7 @@ naming the field, so the data job can quarantine it with a reason.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any
@@ -95,15 +96,23 @@ def detect_format(
 
     A record can look like two formats (a pretraining record with an ``instruction`` key
     too); when the job's task ``kind`` is known, the first look-alike of that kind wins.
+    A block's records share a handful of key sets, so the answer is kept per key set.
     """
-    keys = set(record)
+    return _format_of(frozenset(record), tuple(columns.items()), text_column, kind)
+
+
+@functools.lru_cache(maxsize=4096)
+def _format_of(
+    keys: frozenset[str], columns: tuple[tuple[str, str], ...], text_column: str, kind: str | None
+) -> str:
+    named = dict(columns)
     looks = (
-        ("preference", {columns.get("chosen", "chosen"), columns.get("rejected", "rejected")}),
-        ("openai", {columns.get("messages", "messages"), "messages"}),
-        ("sharegpt", {columns.get("messages", "conversations")}),
+        ("preference", {named.get("chosen", "chosen"), named.get("rejected", "rejected")}),
+        ("openai", {named.get("messages", "messages"), "messages"}),
+        ("sharegpt", {named.get("messages", "conversations")}),
         ("sharegpt", {"conversations"}),
-        ("alpaca", {columns.get("prompt", "instruction")}),
-        ("text", {columns.get("text", text_column)}),
+        ("alpaca", {named.get("prompt", "instruction")}),
+        ("text", {named.get("text", text_column)}),
     )
     found = [fmt for fmt, needed in looks if needed <= keys]
     if not found:

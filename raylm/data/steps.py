@@ -111,6 +111,8 @@ def dedup_text(payload: dict) -> str:
     everything the model trains on agrees: the text, the tool calls (names and arguments)
     and tool schemas, and a KTO example's label (the same answer judged good and bad is
     two examples; ``Sign`` also keeps the labels apart for fuzzy dedup)."""
+    if payload.keys() == {"text"}:  # pt: the text is all there is
+        return payload["text"]
     parts = [strings_of(payload)]
     messages = payload.get("messages") or payload.get("prompt") or []
     calls = [c for m in messages for c in m.get("tool_calls") or ()]
@@ -289,6 +291,10 @@ def _map_batch(rows: list[dict[str, Any]], fn: Callable[[list[str]], list[str]])
     """``map_strings`` over a block: every string of the rows' payloads goes through
     ``fn`` as one list (in the order ``map_strings`` visits them), and comes back in
     place. Returns the row each string belongs to."""
+    if all(r[_PAYLOAD].keys() == {"text"} for r in rows):  # pt: one string a row, no walk
+        for row, text in zip(rows, fn([r[_PAYLOAD]["text"] for r in rows]), strict=True):
+            row[_PAYLOAD] = {"text": text}
+        return list(range(len(rows)))
     seen: list[str] = []
     owners: list[int] = []
     for i, row in enumerate(rows):

@@ -56,6 +56,27 @@ def classes() -> np.ndarray:
     return table
 
 
+@cache
+def _lower_table() -> np.ndarray:
+    """Each code point's ``str.lower`` where that is one character, else itself: ``İ``
+    alone lowers to two (``i`` and a combining dot) and stays. Built by lowering every
+    code point as one string (40 ms), whose neighbours never make a Greek capital
+    sigma word-final, so each maps as it does alone."""
+    table = np.arange(0x110000, dtype=np.uint32)
+    keep = (table < 0xD800) | (table > 0xDFFF)  # surrogates: no UTF-32 of their own
+    keep[0x130] = False
+    cps = table[keep]
+    lowered = cps.tobytes().decode("utf-32-le").lower().encode("utf-32-le")
+    table[keep] = np.frombuffer(lowered, dtype=np.uint32)
+    return table
+
+
+def lower_cp(cp: np.ndarray) -> np.ndarray:
+    """Code points case-folded one by one: what dedup compares, so ``Hello`` and
+    ``hello`` share their words' hashes."""
+    return _lower_table()[cp]
+
+
 def _sums(flags: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Per-segment sums of a 0/1 (or integer) array over [starts, ends)."""
     acc = np.zeros(len(flags) + 1, dtype=np.int32 if len(flags) < 1 << 31 else np.int64)
@@ -100,22 +121,6 @@ class Batch:
             hit |= (self.cp >= lo) & (self.cp <= hi)
         return _sums(hit & ((self.cls & among) != 0), self.starts, self.ends)
 
-    def owner(self, positions: np.ndarray) -> np.ndarray:
-        """The text each code-point position belongs to."""
-        return np.searchsorted(self.starts, positions, side="right") - 1
-
-    def span_ids(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-        """An exact id per span of code points: equal ids iff equal text (int64)."""
-        if not len(starts):
-            return np.empty(0, dtype=np.int64)
-        bounds = np.empty(2 * len(starts), dtype=np.int64)
-        bounds[0::2], bounds[1::2] = 4 * starts, 4 * ends  # bytes of the UTF-32 array
-        spans = pa.LargeBinaryArray.from_buffers(
-            pa.large_binary(), len(bounds) - 1, [None, pa.py_buffer(bounds), pa.py_buffer(self.cp)]
-        )
-        picked = spans.take(pa.array(np.arange(0, len(bounds), 2)))
-        return picked.dictionary_encode().indices.to_numpy().astype(np.int64)
-
 
 @dataclass
 class Words:
@@ -125,7 +130,8 @@ class Words:
     as ``re`` scans it)."""
 
     ids: np.ndarray
-    """An exact id per word (equal ids iff equal words)."""
+    """An id per word: a one-character word's code point, a longer word's 62-bit hash
+    (``text_kernels.span_hashes``; equal words, equal ids)."""
 
     lengths: np.ndarray
     """Characters per word."""
@@ -138,31 +144,11 @@ class Words:
 
     @classmethod
     def of(cls, batch: Batch) -> Words:
-        c = batch.cls
-        word, cjk = (c & WORD) != 0, (c & CJK) != 0
-        edge = np.diff(word.view(np.int8), prepend=0, append=0)
-        run_start, run_end = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
-        rest = np.flatnonzero(word & ~cjk)  # non-CJK word characters: they start long words
-        at = np.searchsorted(rest, run_start)
-        long_start = np.append(rest, len(c))[at]  # the run's first one, if inside the run
-        has_long = long_start < run_end
-        singles = np.flatnonzero(cjk)
-        if len(run_start):  # a CJK character is a word unless its run's long word began
-            run = np.searchsorted(run_start, singles, side="right") - 1
-            r = np.maximum(run, 0)
-            singles = singles[(run < 0) | (singles < long_start[r]) | (singles >= run_end[r])]
-        is_start = np.zeros(len(c) + 1, dtype=bool)
-        is_start[singles] = True
-        is_start[long_start[has_long]] = True
-        starts = np.flatnonzero(is_start)
-        long_word = np.zeros(len(c) + 1, dtype=bool)
-        long_word[long_start[has_long]] = True
-        long_word = long_word[starts]
-        ends = starts + 1
-        ends[long_word] = run_end[has_long]
+        from raylm.data.text_kernels import span_hashes, word_bounds
+
+        starts, ends, long_word, owner = word_bounds(batch.cls, batch.starts, batch.ends, WORD, CJK)
         ids = batch.cp[starts].astype(np.int64)  # one character: its code point
-        ids[long_word] = 0x110000 + batch.span_ids(starts[long_word], ends[long_word])
-        owner = batch.owner(starts)
+        ids[long_word] = span_hashes(batch.cp, starts[long_word], ends[long_word])
         per_text = np.bincount(owner, minlength=len(batch.starts))
         return cls(ids, ends - starts, owner, per_text)
 

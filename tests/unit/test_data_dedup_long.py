@@ -1,10 +1,11 @@
-"""What makes fuzzy dedup fast on long documents without changing its answers: the ASCII
-word splitter, MinHash's minimum before the shift, bottom-k verification sketches and
+"""What makes fuzzy dedup fast on long documents without changing its answers: the
+compiled word splitter, MinHash's minimum before the shift, bottom-k verification sketches and
 connected components in one task."""
 
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pandas as pd
@@ -27,20 +28,34 @@ TRICKY = [
 ]
 
 
-def _words(split, texts: list[str]) -> tuple[list[str], list[int]]:
-    words, owners = split(pa.array(texts, pa.large_string()))
-    return words.to_pylist(), owners.tolist()
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 
 
-def test_ascii_splitter_finds_the_regex_splitters_words() -> None:
-    texts = TRICKY + paragraphs()[:5] + [""]
-    assert _words(dedup._ascii_words, texts) == _words(dedup._regex_words, texts)
-    # words never run across the boundary between two texts
-    assert _words(dedup._ascii_words, ["ab", "cd"]) == (["ab", "cd"], [0, 1])
+def _reference_words(text: str) -> list[str]:
+    """Dedup's words by ``re``, one text at a time: runs of word characters other than
+    CJK ones, and each CJK word character alone, case-folded code point by code point."""
+    low = "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
+    return re.findall(rf"[^\W{_CJK}]+|\w", low)
 
 
-def test_word_hashes_agree_across_the_ascii_and_unicode_paths() -> None:
-    """A near-copy with one accented word must still share its other words' hashes."""
+def test_batch_words_are_the_reference_words() -> None:
+    texts = [*TRICKY, *paragraphs()[:5], "", "Straße İstanbul ΣΊΣΥΦΟΣ café", "中文abc中def",
+             "日本語・カナ ｶﾅ x_y 中", "한국어 텍스트", "_中_ a中b 中中a ١٢٣"]  # fmt: skip
+    flat, lengths = dedup.word_hashes(texts)
+    ends = np.cumsum(lengths)
+    for text, end, n in zip(texts, ends, lengths, strict=True):
+        want = _reference_words(text)
+        assert n == len(want), (text, want)
+        ids = flat[end - n : end].tolist()  # equal hashes exactly where the words are equal
+        assert [ids.index(x) for x in ids] == [want.index(w) for w in want], text
+    # a word never runs across the boundary between two texts
+    assert dedup.word_hashes(["ab", "cd"])[1].tolist() == [1, 1]
+    assert dedup.word_hashes(["Hello"])[0][0] == dedup.word_hashes(["hello"])[0][0]
+
+
+def test_word_hashes_do_not_depend_on_the_batch() -> None:
+    """A text's hashes alone equal its hashes in a batch; a near-copy with one accented
+    word still shares its other words' hashes."""
     texts = ["Héllo wörld, 你好 ok done", *TRICKY, "hello world ok done"]
     flat, lengths = dedup.word_hashes(texts)
     per_text = [dedup.word_hashes([t]) for t in texts]

@@ -135,6 +135,15 @@ _SALT = 0x9E3779B97F4A7C15
 _to_json = json.JSONEncoder(ensure_ascii=False).encode
 """``json.dumps(value, ensure_ascii=False)`` without building an encoder per row."""
 
+_json_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
+def _doc_json(payload: dict) -> str:
+    """``_to_json(payload)``; a pt payload's one string written directly (10x faster)."""
+    if payload.keys() == {"text"}:
+        return '{"text": ' + _json_string(payload["text"]) + "}"
+    return _to_json(payload)
+
 
 class Step(abc.ABC):
     """One per-record step: ``run`` changes a row in place; ``stats`` counts what it did."""
@@ -335,10 +344,12 @@ class Sign:
                 r["sig"], r["shingles"] = fp.tobytes(), b""
             return
         sigs = dedup.minhash_flat(flat, lengths, self.cfg.num_perm, self.cfg.seed)
-        sets = np.split(flat, np.cumsum(lengths)[:-1])
-        for r, sig, shingles in zip(kept, sigs, sets, strict=True):
-            r["sig"] = sig.tobytes()
-            r["shingles"] = shingles.tobytes() if self.cfg.verify else b""
+        width = sigs.shape[1] * sigs.itemsize
+        sig_bytes, set_bytes = sigs.tobytes(), flat.tobytes()  # sliced per row: no arrays
+        ends = (np.cumsum(lengths) * flat.itemsize).tolist()
+        for i, r in enumerate(kept):
+            r["sig"] = sig_bytes[i * width : (i + 1) * width]
+            r["shingles"] = set_bytes[ends[i - 1] if i else 0 : ends[i]] if self.cfg.verify else b""
 
 
 class Score:
@@ -393,7 +404,7 @@ def process_rows(
         step.run_batch(kept)
         kept = [r for r in kept if not r["status"]]
     for row in kept:
-        row["doc"] = _to_json(row[_PAYLOAD])
+        row["doc"] = _doc_json(row[_PAYLOAD])
         row[_TEXT] = dedup_text(row[_PAYLOAD])
     sign, scored = Sign(cfg), Score(cfg)
     sign.run(kept)

@@ -7,7 +7,6 @@ and a plausible birth date; near misses stay untouched.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import re
 from collections.abc import Callable
@@ -133,12 +132,6 @@ _MAY_HOLD = {
 }
 
 
-@functools.cache
-def _any_of(kinds: tuple[str, ...]) -> str:
-    """One RE2 pattern matching where any of ``kinds``' conditions does."""
-    return "|".join(f"(?:{_MAY_HOLD[k]})" for k in kinds)
-
-
 def scrub_batch(texts: list[str], cfg: PiiConfig) -> tuple[list[str], list[dict[str, int]]]:
     """``scrub`` of every text of a block. No match, and no lookaround that decides one,
     reaches across a newline, so each line can be scrubbed alone; RE2 (in C++, over
@@ -158,22 +151,16 @@ def scrub_batch(texts: list[str], cfg: PiiConfig) -> tuple[list[str], list[dict[
         return [p[0] for p in pairs], [p[1] for p in pairs]
     flat = lines.flatten()
     kinds = [k for k in _MAY_HOLD if getattr(cfg, k)]
+    may = np.stack(
+        [pc.match_substring_regex(flat, _MAY_HOLD[k]).to_numpy(zero_copy_only=False) for k in kinds]
+    ) if kinds else np.zeros((0, len(flat)), dtype=bool)  # fmt: skip
+    hit_lines = np.flatnonzero(may.any(axis=0))
     out, counts = list(texts), fresh
-    if not kinds:
-        return out, counts
-    # one RE2 pass over every line for any type (3x five passes), then per type on the
-    # lines it found only
-    hit_lines = np.flatnonzero(
-        pc.match_substring_regex(flat, _any_of(tuple(kinds))).to_numpy(zero_copy_only=False)
-    )
     if not len(hit_lines):
         return out, counts
-    hits = flat.take(pa.array(hit_lines))
-    may = [pc.match_substring_regex(hits, _MAY_HOLD[k]).to_numpy(zero_copy_only=False)
-           for k in kinds]  # fmt: skip
     owner = pc.list_parent_indices(lines).to_numpy()[hit_lines].tolist()
     offsets = lines.offsets.to_numpy()
-    flags = np.stack(may).T.tolist()
+    flags = may[:, hit_lines].T.tolist()
     parts: list[str] = []
     for n, (j, doc) in enumerate(zip(hit_lines.tolist(), owner, strict=True)):
         if n == 0 or doc != owner[n - 1]:

@@ -123,7 +123,8 @@ _MAY_HOLD = {
     "email": r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2}",
     "cn_id": r"[1-9]\p{Nd}{16}[\p{Nd}Xx]",
     "credit_card": r"(?:\p{Nd}[ -]?){12}\p{Nd}",
-    "ip": r"(?:\p{Nd}{1,3}\.){3}\p{Nd}|:[0-9A-Fa-f]{0,4}:",
+    # IPv6 that ``ipaddress`` accepts has "::" or all eight groups ("OBJECT:0:X" has neither)
+    "ip": r"(?:\p{Nd}{1,3}\.){3}\p{Nd}|::|(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]",
     "phone": (  # _PHONE without its lookarounds
         r"\+\p{Nd}{1,3}[ .-]?(?:\(\p{Nd}{1,4}\)[ .-]?)?\p{Nd}{1,4}(?:[ .-]?\p{Nd}{2,4}){1,4}"
         r"|1[3-9]\p{Nd}[ -]?\p{Nd}{4}[ -]?\p{Nd}{4}|0\p{Nd}{2,3}-\p{Nd}{7}"

@@ -125,8 +125,9 @@ _MAY_HOLD = {
     "credit_card": r"(?:\p{Nd}[ -]?){12}\p{Nd}",
     # IPv6 that ``ipaddress`` accepts has "::" or all eight groups ("OBJECT:0:X" has neither)
     "ip": r"(?:\p{Nd}{1,3}\.){3}\p{Nd}|::|(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]",
-    "phone": (  # _PHONE without its lookarounds
-        r"\+\p{Nd}{1,3}[ .-]?(?:\(\p{Nd}{1,4}\)[ .-]?)?\p{Nd}{1,4}(?:[ .-]?\p{Nd}{2,4}){1,4}"
+    "phone": (  # _PHONE without its lookarounds; international: the 7 digits _phone
+        # wants, at most two of " .()-" apart (not "+0200", a date's time zone)
+        r"\+\p{Nd}(?:[ .()-]{0,2}\p{Nd}){6}"
         r"|1[3-9]\p{Nd}[ -]?\p{Nd}{4}[ -]?\p{Nd}{4}|0\p{Nd}{2,3}-\p{Nd}{7}"
         r"|\p{Nd}{3}\)?[ .-]\p{Nd}{3}[ .-]\p{Nd}{4}"
     ),

@@ -112,7 +112,9 @@ def test_blocks_with_no_text_and_filters_off() -> None:
 def test_batch_pii_scrubs_as_the_per_document_code(cfg: PiiConfig) -> None:
     texts = TRICKY + _fuzz_texts(3, 600, PIECES)
     texts += ["call +44 20\n7946 0958", "mail a@b.io\nx", "a@b.co:1:2::3", "v6 ::1\n::2",
-              "at 2001:0db8:85a3:0000:0000:8a2e:0370:7334.", "OBJECT:0:CXXABI_1.3 a:b:c:d"]  # fmt: skip
+              "at 2001:0db8:85a3:0000:0000:8a2e:0370:7334.", "OBJECT:0:CXXABI_1.3 a:b:c:d",
+              "Date: Wed May 31 21:38:26 2017 +0200", "+44 (20) 7946-0958, +1 (555) 01",
+              "+86 138 0013 8000 +1-800-555-0199 +4 4 4 4 4 4 4"]  # fmt: skip
     expected = [pii.scrub(t, cfg) for t in texts]
     clean, counts = pii.scrub_batch(texts, cfg)
     assert list(zip(clean, counts, strict=True)) == expected

@@ -16,6 +16,13 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True)
+def _spans(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover
+    """Room for up to ``n`` spans (a batch has at most one per character): start, end,
+    owner; the kernels return the filled prefix."""
+    return np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+
+
+@njit(cache=True, nogil=True)
 def word_bounds(
     cls: np.ndarray, text_starts: np.ndarray, text_ends: np.ndarray, word: int, cjk: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
@@ -24,11 +31,8 @@ def word_bounds(
     characters one by one, then one long word from its first other word character to
     the run's end (CJK characters inside it included), as ``re`` scans it; a CJK
     character outside word characters (``・``) is a word of its own."""
-    n = len(cls)
-    starts = np.empty(n, np.int64)
-    ends = np.empty(n, np.int64)
-    is_long = np.empty(n, np.bool_)
-    owner = np.empty(n, np.int64)
+    starts, ends, owner = _spans(len(cls))
+    is_long = np.empty(len(cls), np.bool_)
     k = 0
     for t in range(len(text_starts)):
         i, stop = text_starts[t], text_ends[t]
@@ -60,10 +64,7 @@ def line_bounds(
     """Every non-blank line of every text, stripped, as ``str.splitlines`` and
     ``str.strip`` cut them: (start, end, owner) per line. Every break character is
     also a space, so the empty line inside ``\\r\\n`` is blank like any other."""
-    n = len(cls)
-    starts = np.empty(n, np.int64)
-    ends = np.empty(n, np.int64)
-    owner = np.empty(n, np.int64)
+    starts, ends, owner = _spans(len(cls))
     k = 0
     for t in range(len(text_starts)):
         i, stop = text_starts[t], text_ends[t]
@@ -109,10 +110,7 @@ def dedup_word_bounds(
     """The words dedup shingles: (start, end, owner) per word, in order. Each CJK word
     character is a word (those scripts put no spaces between words); any other run of
     word characters is one; everything else separates."""
-    n = len(cls)
-    starts = np.empty(n, np.int64)
-    ends = np.empty(n, np.int64)
-    owner = np.empty(n, np.int64)
+    starts, ends, owner = _spans(len(cls))
     k = 0
     for t in range(len(text_starts)):
         i, stop = text_starts[t], text_ends[t]

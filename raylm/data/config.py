@@ -65,7 +65,8 @@ class DedupConfig:
     """MinHash permutations (signature length); more is more accurate and slower."""
 
     ngram: int = 5
-    """Words per shingle (a document shorter than this is one shingle)."""
+    """Words per shingle (a document shorter than this is one shingle). A word is a run of
+    letters, digits and ``_``, or one CJK / kana / hangul character; case is folded."""
 
     bands: int | None = None
     """LSH bands (None: chosen with ``rows`` from the threshold, as datasketch does)."""

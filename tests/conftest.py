@@ -208,6 +208,28 @@ def pt_train_config(tiny_model: Path):
 
 
 @pytest.fixture(scope="session")
+def pt_reference(ray_cluster: ClusterInfo, pt_train_config, tmp_path_factory) -> Path:
+    """The uninterrupted run every fault-tolerance test holds its interrupted run against
+    (a worker killed, a job killed, a node lost): ``pt_train_config``'s run for 6 steps,
+    keeping its two newest complete checkpoints, trained once on the session cluster.
+    An interrupted run must match it loss for loss and weight for weight; what does not
+    touch the numbers (placement, failure budget, sinks, where it is stored) may differ.
+    Session-scoped, so it is set up before any module's own connection to its cluster."""
+    import ray
+
+    from raylm.train.trainer import run_training
+
+    ray.shutdown()  # whatever this process was connected to: this run is the session's
+    ray.init(address=ray_cluster.gcs_address, namespace="raylm-tests")
+    try:
+        cfg = pt_train_config(tmp_path_factory.mktemp("pt_reference"), "reference", 6,
+                              "checkpoint.keep=2")  # fmt: skip
+        return Path(run_training(cfg)["run_dir"])
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One real ``redis-server`` (the Debian package, `make setup` installs it) for the
     session, on a free loopback port in a temp dir, without persistence; yields its URL.

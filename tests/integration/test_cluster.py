@@ -1,4 +1,10 @@
-"""LocalCluster owns exactly its own processes: `down` must not touch another cluster."""
+"""LocalCluster owns exactly its own processes: `down` must not touch another cluster.
+
+Nothing here is mocked: both clusters are real `ray start` process groups. The one
+substitute is a wrapper script in front of the real `ray` command that makes its first
+head start and first worker start exit 1 before exec'ing the real one: a raylet that
+misses Ray's 30 s registration window on a busy machine cannot be produced on demand,
+and the retry it exercises is what keeps CI's cluster starts from flaking."""
 
 from __future__ import annotations
 
